@@ -1,0 +1,88 @@
+"""RequestRecord: the raw measurements of one request, as the client saw it."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class RequestRecord:
+    """One request of a level.
+
+    All times are seconds from ``time.perf_counter``. ``start_s`` is the send time relative to the level's
+    start; every other time is relative to the request's own send time. ``token_times_s`` holds the arrival
+    time of each output token (an event carrying n tokens adds n equal times), so ``ttft_s`` is its first
+    entry. ``e2e_s`` is the arrival time of the final event (of the failure, for a failed request).
+    ``output_tokens`` counts token events; ``server_output_tokens`` is the server's own count (TGI's
+    ``details.generated_tokens``) when it sent one.
+    """
+
+    index: int
+    concurrency: int
+    start_s: float = 0.0
+    ok: bool = False
+    error_kind: str | None = None
+    error_message: str | None = None
+    status: int | None = None
+    ttft_s: float | None = None
+    e2e_s: float | None = None
+    output_tokens: int = 0
+    server_output_tokens: int | None = None
+    finish_reason: str | None = None
+    token_times_s: list[float] = field(default_factory=list)
+
+    def add_tokens(self, n: int, at_s: float) -> None:
+        """Records ``n`` tokens that arrived ``at_s`` seconds after the request was sent."""
+        if n <= 0:
+            return
+        if self.ttft_s is None:
+            self.ttft_s = at_s
+        self.output_tokens += n
+        self.token_times_s.extend([at_s] * n)
+
+    def fail(self, kind: str, message: str, *, status: int | None = None, at_s: float | None = None) -> None:
+        self.ok = False
+        self.error_kind = kind
+        self.error_message = message
+        self.status = status
+        if at_s is not None:
+            self.e2e_s = at_s
+
+    @property
+    def tpot_s(self) -> float | None:
+        """Time per output token after the first: (E2E - TTFT) / (tokens - 1); None under 2 tokens."""
+        if self.output_tokens < 2 or self.e2e_s is None or self.ttft_s is None:
+            return None
+        return (self.e2e_s - self.ttft_s) / (self.output_tokens - 1)
+
+    @property
+    def itl_s(self) -> list[float]:
+        """Inter-token latencies: the gaps between consecutive token arrivals."""
+        times = self.token_times_s
+        return [b - a for a, b in itertools.pairwise(times)]
+
+    @property
+    def token_count_mismatch(self) -> bool:
+        """True when the server reported a token count different from the events counted."""
+        return self.server_output_tokens is not None and self.server_output_tokens != self.output_tokens
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form, with the derived TPOT added."""
+        return {
+            "index": self.index,
+            "concurrency": self.concurrency,
+            "start_s": self.start_s,
+            "ok": self.ok,
+            "error_kind": self.error_kind,
+            "error_message": self.error_message,
+            "status": self.status,
+            "ttft_s": self.ttft_s,
+            "tpot_s": self.tpot_s,
+            "e2e_s": self.e2e_s,
+            "output_tokens": self.output_tokens,
+            "server_output_tokens": self.server_output_tokens,
+            "finish_reason": self.finish_reason,
+            "token_times_s": self.token_times_s,
+        }

@@ -1,0 +1,163 @@
+"""Reporting: the progress line (stderr), the one-screen summary table, the JSON results file."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
+
+from benchmark.metrics import Distribution, LevelMetrics
+from benchmark.records import RequestRecord
+
+if TYPE_CHECKING:
+    from benchmark.serve import ServeResult
+
+
+class Progress:
+    """A one-line progress display: rewritten in place on a terminal, one line per level otherwise."""
+
+    def __init__(self, stream: TextIO | None = None, *, enabled: bool = True) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.enabled = enabled
+        self.live = enabled and self.stream.isatty()
+        self._concurrency = 0
+        self._errors = 0
+        self._start = time.perf_counter()
+
+    def _write(self, text: str) -> None:
+        if self.enabled:
+            self.stream.write(text)
+            self.stream.flush()
+
+    def warmup(self, count: int) -> None:
+        self._write(f"warmup: {count} request(s)\n")
+
+    def start_level(self, concurrency: int, num_requests: int) -> None:
+        self._concurrency, self._errors, self._start = concurrency, 0, time.perf_counter()
+        if self.live:
+            self._write(f"\rconcurrency {concurrency}: 0/{num_requests} requests")
+
+    def record(self, record: RequestRecord, done: int, total: int) -> None:
+        self._errors += not record.ok
+        if self.live:
+            elapsed = time.perf_counter() - self._start
+            self._write(
+                f"\rconcurrency {self._concurrency}: {done}/{total} requests, "
+                f"{self._errors} errors, {elapsed:.1f} s\x1b[K"
+            )
+
+    def end_level(self, metrics: LevelMetrics) -> None:
+        line = (
+            f"concurrency {metrics.concurrency}: {metrics.num_requests} requests in {metrics.wall_s:.1f} s, "
+            f"{metrics.output_tokens_per_s:.1f} output tokens/s, {metrics.num_errors} errors"
+        )
+        if metrics.timed_out:
+            line += " (level timeout)"
+        self._write(f"\r{line}\x1b[K\n" if self.live else f"{line}\n")
+
+
+def fmt(value: float | None) -> str:
+    """About three significant digits; ``-`` for a missing value."""
+    if value is None:
+        return "-"
+    magnitude = abs(value)
+    if magnitude >= 100:
+        return f"{value:.0f}"
+    if magnitude >= 10:
+        return f"{value:.1f}"
+    if magnitude >= 1:
+        return f"{value:.2f}"
+    return f"{value:.3f}"
+
+
+def fmt_percentiles(dist: Distribution, scale: float = 1.0) -> str:
+    """``p50/p90/p99`` of a distribution, each multiplied by ``scale`` (1000 for milliseconds)."""
+    values = (dist.p50, dist.p90, dist.p99)
+    return "/".join(fmt(None if v is None else v * scale) for v in values)
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """Plain-text table, columns right-aligned and separated by two spaces."""
+    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=True)]
+    return [
+        "  ".join(str(cell).rjust(width) for cell, width in zip(row, widths, strict=True))
+        for row in [headers, *rows]
+    ]
+
+
+def format_summary(result: ServeResult) -> str:
+    """The one-screen summary of a ``serve`` run."""
+    config = result.config
+    prompt_desc = (
+        f"synthetic prompt ~{config.input_tokens} tokens"
+        if config.input_tokens is not None
+        else f"prompt {len(result.prompt)} chars"
+    )
+    lines = [
+        f"text-generation-benchmark serve: {config.api} {config.url} | max_new_tokens "
+        f"{config.params.max_new_tokens}{' ignore_eos' if config.params.ignore_eos else ''} | {prompt_desc}",
+        "",
+    ]
+    headers = [
+        "conc",
+        "reqs",
+        "ok",
+        "err",
+        "TTFT ms p50/p90/p99",
+        "TPOT ms p50/p90/p99",
+        "ITL ms p50/p90/p99",
+        "E2E s p50/p90/p99",
+        "out tok/s",
+        "req/s",
+    ]
+    rows = []
+    for level in result.levels:
+        m = level.metrics
+        rows.append(
+            [
+                str(m.concurrency),
+                str(m.num_requests),
+                str(m.num_ok),
+                str(m.num_errors),
+                fmt_percentiles(m.ttft_s, 1000),
+                fmt_percentiles(m.tpot_s, 1000),
+                fmt_percentiles(m.itl_s, 1000),
+                fmt_percentiles(m.e2e_s),
+                fmt(m.output_tokens_per_s),
+                fmt(m.requests_per_s),
+            ]
+        )
+    lines += format_table(headers, rows)
+    lines.append("")
+    for level in result.levels:
+        m = level.metrics
+        if m.errors_by_kind:
+            kinds = ", ".join(f"{kind} x{count}" for kind, count in m.errors_by_kind.items())
+            lines.append(f"errors at concurrency {m.concurrency}: {kinds}")
+        if m.timed_out:
+            lines.append(
+                f"concurrency {m.concurrency} stopped at the level timeout ({config.level_timeout_s:g} s)"
+            )
+        if m.token_count_mismatches:
+            lines.append(
+                f"warning: at concurrency {m.concurrency}, {m.token_count_mismatches} request(s) streamed a "
+                "token count different from the server's generated_tokens"
+            )
+    decode = result.single_stream_decode_tokens_per_s
+    lines.append(
+        f"single-stream decode: {fmt(decode)} tokens/s (1 / median TPOT at concurrency 1)"
+        if decode is not None
+        else "single-stream decode: - (needs concurrency 1 with 2+ output tokens)"
+    )
+    return "\n".join(lines)
+
+
+def write_json(result: ServeResult, path: str | Path) -> Path:
+    """Writes the results file (parent folders created); returns its path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result.to_json(), indent=2) + "\n")
+    return path

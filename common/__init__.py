@@ -1,0 +1,1 @@
+"""Small pieces every process uses (logging, process helpers)."""

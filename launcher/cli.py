@@ -1,0 +1,176 @@
+"""``text-generation-launcher``: TGI v0.9.4's flags (each also read from its UPPER_SNAKE env var)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from common.logs import setup_logging
+
+from .config import ArgumentError, LauncherConfig
+
+log = logging.getLogger("launcher")
+
+app = typer.Typer(add_completion=False, rich_markup_mode=None, pretty_exceptions_enable=False)
+
+
+def _opt(env: str, help: str, **kwargs: object) -> typer.models.OptionInfo:
+    return typer.Option(envvar=env, help=help, show_envvar=True, **kwargs)
+
+
+def print_env() -> None:
+    """TGI's --env: what this launcher runs on."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    rows = {
+        "Python": sys.version.split()[0],
+        "Platform": platform.platform(),
+        "Torch": torch.__version__,
+        "CUDA available": cuda,
+        "GPUs": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else [],
+        "CPU cores": os.cpu_count(),
+    }
+    for key, value in rows.items():
+        print(f"{key + ':':16} {value}")
+
+
+@app.command()
+def launch(
+    model_id: Annotated[
+        str | None,
+        _opt(
+            "MODEL_ID", "Hub id, local directory or .gguf file; default: the embedded SmolLM2-135M-Instruct."
+        ),
+    ] = None,
+    revision: Annotated[str | None, _opt("REVISION", "Hub revision (branch, tag or commit).")] = None,
+    validation_workers: Annotated[int, _opt("VALIDATION_WORKERS", "Tokenizer threads in the router.")] = 2,
+    sharded: Annotated[
+        bool | None, _opt("SHARDED", "Force (true) or forbid (false) tensor parallelism.")
+    ] = None,
+    num_shard: Annotated[
+        int | None, _opt("NUM_SHARD", "Number of shards (default: visible GPUs, else 1).")
+    ] = None,
+    quantize: Annotated[
+        str | None, _opt("QUANTIZE", "bitsandbytes, bitsandbytes-nf4, bitsandbytes-fp4, gptq or ct2.")
+    ] = None,
+    dtype: Annotated[
+        str | None, _opt("DTYPE", "float32, float16 or bfloat16 (default: float32 on CPU, bfloat16 on GPU).")
+    ] = None,
+    trust_remote_code: Annotated[bool, _opt("TRUST_REMOTE_CODE", "Run modelling code from the hub.")] = False,
+    max_concurrent_requests: Annotated[
+        int, _opt("MAX_CONCURRENT_REQUESTS", "Requests in flight before 429.")
+    ] = 128,
+    max_best_of: Annotated[int, _opt("MAX_BEST_OF", "Largest best_of.")] = 2,
+    max_stop_sequences: Annotated[int, _opt("MAX_STOP_SEQUENCES", "Most stop sequences per request.")] = 4,
+    max_top_n_tokens: Annotated[int, _opt("MAX_TOP_N_TOKENS", "Largest top_n_tokens.")] = 5,
+    max_input_length: Annotated[int, _opt("MAX_INPUT_LENGTH", "Most prompt tokens.")] = 1024,
+    max_total_tokens: Annotated[
+        int, _opt("MAX_TOTAL_TOKENS", "Most prompt + new tokens per request.")
+    ] = 2048,
+    waiting_served_ratio: Annotated[
+        float, _opt("WAITING_SERVED_RATIO", "Queued/running ratio that makes waiting requests join.")
+    ] = 1.2,
+    max_batch_prefill_tokens: Annotated[
+        int, _opt("MAX_BATCH_PREFILL_TOKENS", "Token cap of one prefill.")
+    ] = 4096,
+    max_batch_total_tokens: Annotated[
+        int | None,
+        _opt("MAX_BATCH_TOTAL_TOKENS", "Token cap of the running batch (default: from warm-up, else 16000)."),
+    ] = None,
+    max_waiting_tokens: Annotated[
+        int, _opt("MAX_WAITING_TOKENS", "Decode steps before waiting requests are forced in.")
+    ] = 20,
+    hostname: Annotated[str, _opt("HOSTNAME", "Address to listen on.")] = "0.0.0.0",
+    port: Annotated[int, _opt("PORT", "HTTP port.", show_default=True)] = 3000,
+    shard_uds_path: Annotated[
+        str, _opt("SHARD_UDS_PATH", "Shard socket prefix (-RANK is appended).")
+    ] = "/tmp/text-generation-server",
+    master_addr: Annotated[str, _opt("MASTER_ADDR", "torch.distributed master address.")] = "localhost",
+    master_port: Annotated[int, _opt("MASTER_PORT", "torch.distributed master port.")] = 29500,
+    huggingface_hub_cache: Annotated[
+        Path | None, _opt("HUGGINGFACE_HUB_CACHE", "Hub cache directory.")
+    ] = None,
+    weights_cache_override: Annotated[
+        Path | None, _opt("WEIGHTS_CACHE_OVERRIDE", "Pre-provisioned model directory; skips the hub.")
+    ] = None,
+    json_output: Annotated[bool, _opt("JSON_OUTPUT", "Log JSON lines.")] = False,
+    cors_allow_origin: Annotated[
+        list[str] | None, _opt("CORS_ALLOW_ORIGIN", "Allowed CORS origin (repeatable; * for any).")
+    ] = None,
+    env: Annotated[bool, _opt("ENV", "Print the runtime environment first.")] = False,
+) -> None:
+    """Serve a causal language model: TGI's native API and the OpenAI API over continuous batching."""
+    setup_logging(os.environ.get("LOG_LEVEL", "INFO"), json_output)
+    config = LauncherConfig(
+        model_id=model_id,
+        revision=revision,
+        validation_workers=validation_workers,
+        sharded=sharded,
+        num_shard=num_shard,
+        quantize=quantize,
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+        max_concurrent_requests=max_concurrent_requests,
+        max_best_of=max_best_of,
+        max_stop_sequences=max_stop_sequences,
+        max_top_n_tokens=max_top_n_tokens,
+        max_input_length=max_input_length,
+        max_total_tokens=max_total_tokens,
+        waiting_served_ratio=waiting_served_ratio,
+        max_batch_prefill_tokens=max_batch_prefill_tokens,
+        max_batch_total_tokens=max_batch_total_tokens,
+        max_waiting_tokens=max_waiting_tokens,
+        hostname=hostname,
+        port=port,
+        shard_uds_path=shard_uds_path,
+        master_addr=master_addr,
+        master_port=master_port,
+        huggingface_hub_cache=huggingface_hub_cache,
+        weights_cache_override=weights_cache_override,
+        json_output=json_output,
+        cors_allow_origin=tuple(cors_allow_origin or ()),
+        env=env,
+    )
+    if env:
+        print_env()
+    try:
+        config.validate()
+    except ArgumentError as e:
+        typer.echo(f"Error: {e}", err=True)
+        raise typer.Exit(2) from None
+    if trust_remote_code:
+        log.warning("`--trust-remote-code` is set: the model's own code from the hub will run")
+
+    from .weights import WeightsConfig, WeightsError, resolve
+
+    try:
+        model = resolve(
+            WeightsConfig(
+                model_id=model_id,
+                revision=revision,
+                hub_cache=huggingface_hub_cache,
+                weights_cache_override=weights_cache_override,
+                token=os.environ.get("HUGGING_FACE_HUB_TOKEN") or os.environ.get("HF_TOKEN"),
+                offline=os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"),
+                trust_remote_code=trust_remote_code,
+            )
+        )
+    except WeightsError as e:
+        typer.echo(f"Error: {e}", err=True)
+        raise typer.Exit(1) from None
+    log.info("Serving %s (%s) from %s", model.model_id, model.weights, model.path)
+
+    from .supervisor import Supervisor
+
+    raise typer.Exit(Supervisor(config, model).run())
+
+
+def main() -> None:
+    app()

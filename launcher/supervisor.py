@@ -1,0 +1,277 @@
+"""Starts the shards and the router, supervises them, and stops them all together.
+
+Every child runs in its own process group with a parent-death signal (Linux), so none outlives the
+launcher. Any child that dies takes the server down: the launcher stops the rest and exits non-zero,
+printing that child's last log lines. SIGINT/SIGTERM stop the router first (it drains), then the shards,
+and exit 0; a second signal kills everything at once.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import LauncherConfig
+from .weights import ResolvedModel
+
+log = logging.getLogger("launcher")
+
+PR_SET_PDEATHSIG = 1
+ROUTER_GRACE_S = 90.0
+SHARD_GRACE_S = 10.0
+TAIL_LINES = 40
+
+
+class ShardStartError(RuntimeError):
+    pass
+
+
+def _child_setup() -> None:
+    """In the child before exec: die with the launcher (Linux)."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+@dataclass
+class Child:
+    """A supervised process whose output is relayed to the launcher's stderr and kept in a tail."""
+
+    name: str
+    command: list[str]
+    env: dict[str, str]
+    process: subprocess.Popen | None = None
+    tail: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=TAIL_LINES))
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            self.command,
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_child_setup,
+        )
+        threading.Thread(target=self._relay, name=f"relay-{self.name}", daemon=True).start()
+
+    def _relay(self) -> None:
+        assert self.process is not None and self.process.stdout is not None
+        for raw in self.process.stdout:
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            self.tail.append(line)
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+    def exit_code(self) -> int | None:
+        return None if self.process is None else self.process.poll()
+
+    def signal(self, sig: int) -> None:
+        if self.process is not None and self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.process.pid, sig)
+
+    def wait(self, timeout: float) -> bool:
+        """True when the process ended within ``timeout``."""
+        if self.process is None:
+            return True
+        try:
+            self.process.wait(timeout=timeout)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+
+    def stop(self, grace: float) -> None:
+        """SIGTERM, then SIGKILL after ``grace`` seconds; always reaps the whole process group."""
+        self.signal(signal.SIGTERM)
+        if not self.wait(grace):
+            log.warning("%s did not stop within %.0f s: killing it", self.name, grace)
+            self.signal(signal.SIGKILL)
+            self.wait(5.0)
+        if self.process is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.process.pid, signal.SIGKILL)  # stragglers in the group
+
+
+class Supervisor:
+    def __init__(self, config: LauncherConfig, model: ResolvedModel) -> None:
+        self.config = config
+        self.model = model
+        self.world_size = config.world_size()
+        self.shards: list[Child] = []
+        self.router: Child | None = None
+        self.signals = 0
+        self._stop_requested = threading.Event()
+
+    # -- commands ---------------------------------------------------------------------------------
+    def shard_socket(self, rank: int) -> str:
+        return f"{self.config.shard_uds_path}-{rank}"
+
+    def shard_command(self) -> list[str]:
+        c = self.config
+        cmd = [sys.executable, "-m", "shard", "serve", str(self.model.path), "--uds-path", c.shard_uds_path]
+        if c.dtype:
+            cmd += ["--dtype", c.dtype]
+        if c.quantize:
+            cmd += ["--quantize", c.quantize]
+        if c.trust_remote_code:
+            cmd.append("--trust-remote-code")
+        if c.json_output:
+            cmd.append("--json-output")
+        return cmd
+
+    def shard_env(self, rank: int) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            RANK=str(rank),
+            WORLD_SIZE=str(self.world_size),
+            LOCAL_RANK=str(rank),
+            MASTER_ADDR=self.config.master_addr,
+            MASTER_PORT=str(self.config.master_port),
+            PYTHONUNBUFFERED="1",
+        )
+        if self.config.huggingface_hub_cache:
+            env["HUGGINGFACE_HUB_CACHE"] = env["HF_HUB_CACHE"] = str(self.config.huggingface_hub_cache)
+        return env
+
+    def router_command(self) -> list[str]:
+        c, m = self.config, self.model
+        cmd = [
+            sys.executable, "-m", "router",
+            "--tokenizer-name", str(m.path),
+            "--model-id", m.model_id,
+            "--model-weights", m.weights,
+            "--shard-uds-path", c.shard_uds_path,
+            "--num-shard", str(self.world_size),
+            "--hostname", c.hostname,
+            "--port", str(c.port),
+            "--max-concurrent-requests", str(c.max_concurrent_requests),
+            "--max-best-of", str(c.max_best_of),
+            "--max-stop-sequences", str(c.max_stop_sequences),
+            "--max-top-n-tokens", str(c.max_top_n_tokens),
+            "--max-input-length", str(c.max_input_length),
+            "--max-total-tokens", str(c.max_total_tokens),
+            "--waiting-served-ratio", str(c.waiting_served_ratio),
+            "--max-batch-prefill-tokens", str(c.max_batch_prefill_tokens),
+            "--max-waiting-tokens", str(c.max_waiting_tokens),
+            "--validation-workers", str(c.validation_workers),
+        ]  # fmt: skip
+        if m.sha:
+            cmd += ["--model-sha", m.sha]
+        if c.max_batch_total_tokens is not None:
+            cmd += ["--max-batch-total-tokens", str(c.max_batch_total_tokens)]
+        for origin in c.cors_allow_origin:
+            cmd += ["--cors-allow-origin", origin]
+        if c.json_output:
+            cmd.append("--json-output")
+        return cmd
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self.signals += 1
+        if self.signals > 1:
+            log.warning("Second signal: killing everything now")
+            for child in self._children():
+                child.signal(signal.SIGKILL)
+            os._exit(130 if signum == signal.SIGINT else 143)
+        log.info("Received %s: shutting down", signal.Signals(signum).name)
+        self._stop_requested.set()
+
+    def _children(self) -> list[Child]:
+        return [*([self.router] if self.router else []), *self.shards]
+
+    def run(self) -> int:
+        """Runs the server until a signal (exit 0) or a child's death (exit 1)."""
+        signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGTERM, self._on_signal)
+        try:
+            return self._run()
+        finally:
+            self.shutdown()
+
+    def _run(self) -> int:
+        for rank in range(self.world_size):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.shard_socket(rank))
+            shard = Child(f"shard-{rank}", self.shard_command(), self.shard_env(rank))
+            log.info("Starting shard %d", rank)
+            shard.start()
+            self.shards.append(shard)
+        if not self._wait_shards_ready():
+            return 0 if self._stop_requested.is_set() else 1
+        self.router = Child("router", self.router_command(), {**os.environ, "PYTHONUNBUFFERED": "1"})
+        log.info("Starting router on http://%s:%d", self.config.hostname, self.config.port)
+        self.router.start()
+        while not self._stop_requested.wait(0.1):
+            dead = self._dead_child()
+            if dead is not None:
+                self._report_death(dead)
+                return 1
+        return 0
+
+    def _wait_shards_ready(self) -> bool:
+        import grpc
+
+        from proto import pb, pb_grpc
+
+        started = time.monotonic()
+        pending = set(range(self.world_size))
+        last_note = started
+        while pending:
+            if self._stop_requested.is_set():
+                return False
+            dead = self._dead_child()
+            if dead is not None:
+                self._report_death(dead)
+                return False
+            for rank in sorted(pending):
+                path = self.shard_socket(rank)
+                if not Path(path).exists():
+                    continue
+                with grpc.insecure_channel(f"unix://{path}") as channel:
+                    try:
+                        pb_grpc.TextGenerationServiceStub(channel).Health(pb.HealthRequest(), timeout=1.0)
+                    except grpc.RpcError:
+                        continue
+                log.info("Shard %d ready in %.1f s", rank, time.monotonic() - started)
+                pending.discard(rank)
+            if pending and time.monotonic() - last_note > 10:
+                log.info("Waiting for shards %s", sorted(pending))
+                last_note = time.monotonic()
+            self._stop_requested.wait(0.1)
+        return True
+
+    def _dead_child(self) -> Child | None:
+        for child in self._children():
+            if child.exit_code() is not None:
+                return child
+        return None
+
+    def _report_death(self, child: Child) -> None:
+        time.sleep(0.2)  # let the relay thread print the child's last lines
+        lines = "\n".join(f"  {line}" for line in child.tail)
+        log.error("%s exited with code %s. Last output:\n%s", child.name, child.exit_code(), lines)
+
+    def shutdown(self) -> None:
+        """Router first (it drains in-flight requests), then the shards; removes the sockets."""
+        if self.router is not None:
+            self.router.stop(ROUTER_GRACE_S)
+        threads = [threading.Thread(target=s.stop, args=(SHARD_GRACE_S,)) for s in self.shards]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for rank in range(self.world_size):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.shard_socket(rank))
+        log.info("Shut down")

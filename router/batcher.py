@@ -1,0 +1,217 @@
+"""The continuous-batching loop (TGI's ``batching_task``).
+
+One task owns the running batch. It prefills what the queue admits, then decodes step after step; between
+steps, waiting requests join when the queue holds ``waiting_served_ratio`` times the running count or
+after ``max_waiting_tokens`` steps, if they fit the token budget. Finished and disconnected requests leave
+at the next step: the Decode call lists only the request ids still wanted.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+
+import grpc
+
+from proto import pb
+
+from .client import ShardClient
+from .config import RouterConfig
+from .errors import GenerationError
+from .metrics import Metrics
+from .queue import Entry, Queue
+
+log = logging.getLogger(__name__)
+
+
+def request_to_pb(entry: Entry) -> pb.Request:
+    r = entry.request
+    p = r.parameters
+    return pb.Request(
+        id=entry.id,
+        input_ids=r.input_ids,
+        parameters=pb.NextTokenChooserParameters(
+            temperature=p.temperature,
+            top_k=p.top_k,
+            top_p=p.top_p,
+            typical_p=p.typical_p,
+            do_sample=p.do_sample,
+            seed=p.seed,
+            repetition_penalty=p.repetition_penalty,
+            frequency_penalty=p.frequency_penalty,
+            presence_penalty=p.presence_penalty,
+            watermark=p.watermark,
+        ),
+        max_new_tokens=r.max_new_tokens,
+        prefill_logprobs=r.decoder_input_details,
+        top_n_tokens=r.top_n_tokens,
+    )
+
+
+class Batcher:
+    def __init__(
+        self,
+        config: RouterConfig,
+        client: ShardClient,
+        queue: Queue,
+        metrics: Metrics,
+        max_batch_total_tokens: int,
+    ) -> None:
+        self.config = config
+        self.client = client
+        self.queue = queue
+        self.metrics = metrics
+        self.max_batch_total_tokens = max_batch_total_tokens
+        self.running: dict[int, Entry] = {}
+        self.generation_health = True
+        self._batch_ids = itertools.count()
+
+    def next_batch_id(self) -> int:
+        return next(self._batch_ids)
+
+    async def run(self) -> None:
+        """Runs forever (until cancelled)."""
+        c = self.config
+        while True:
+            await self.queue.not_empty.wait()
+            entries = self.queue.next_batch(None, c.max_batch_prefill_tokens, self.max_batch_total_tokens)
+            if entries is None:
+                continue
+            cached = await self._prefill(entries)
+            waiting_steps = 1
+            while cached:
+                if len(self.queue):
+                    running = sum(len(b.request_ids) for b in cached)
+                    wait_exceeded = waiting_steps >= c.max_waiting_tokens
+                    min_size = None if wait_exceeded else int(running * c.waiting_served_ratio)
+                    budget = self.max_batch_total_tokens - self._held_tokens()
+                    joining = self.queue.next_batch(min_size, c.max_batch_prefill_tokens, budget)
+                    if joining:
+                        reason = "wait_exceeded" if wait_exceeded else "backpressure"
+                        self.metrics.batch_concat.labels(reason).inc()
+                        cached = cached + await self._prefill(joining)
+                        waiting_steps = 1
+                cached = await self._decode(cached)
+                waiting_steps += 1
+            self.metrics.batch_current_size.set(0)
+            self.metrics.batch_current_max_tokens.set(0)
+
+    def _held_tokens(self) -> int:
+        """Token budget the running requests hold (padded backends: every row as long as the longest)."""
+        entries = [e for e in self.running.values() if not e.done]
+        if not entries:
+            return 0
+        if self.queue.requires_padding:
+            longest = max(e.request.input_length + e.state.generated_tokens for e in entries)
+            remaining = sum(e.request.max_new_tokens - e.state.generated_tokens for e in entries)
+            return len(entries) * longest + remaining
+        return sum(e.request.input_length + e.request.max_new_tokens for e in entries)
+
+    async def _prefill(self, entries: list[Entry]) -> list[pb.CachedBatch]:
+        now = time.monotonic()
+        for entry in entries:
+            entry.batched_at = now
+            self.running[entry.id] = entry
+            self.metrics.request_queue_duration.observe(now - entry.queued_at)
+        self.metrics.queue_size.set(len(self.queue))
+        self.metrics.batch_next_size.observe(len(entries))
+        batch = pb.Batch(
+            id=self.next_batch_id(),
+            requests=[request_to_pb(e) for e in entries],
+            max_tokens=sum(e.request.input_length + e.request.max_new_tokens for e in entries),
+        )
+        response = await self._step(
+            "prefill", self.client.prefill(batch), [batch.id], [e.id for e in entries]
+        )
+        if response is None:
+            return []
+        self._deliver(response.generations)
+        return self._still_running([response.batch])
+
+    async def _decode(self, batches: list[pb.CachedBatch]) -> list[pb.CachedBatch]:
+        wanted = self._still_running(batches)
+        if not wanted:
+            return []
+        ids = [rid for b in wanted for rid in b.request_ids]
+        self.metrics.batch_current_size.set(len(ids))
+        self.metrics.batch_current_max_tokens.set(self._held_tokens())
+        response = await self._step("decode", self.client.decode(wanted), [b.id for b in wanted], ids)
+        if response is None:
+            return []
+        self._deliver(response.generations)
+        return self._still_running([response.batch]) if response.HasField("batch") else []
+
+    async def _step(self, method: str, call, batch_ids: list[int], request_ids: list[int]):
+        """Runs one shard call with metrics; on failure, fails its requests (424) and clears its batches."""
+        self.metrics.batch_inference_count.labels(method).inc()
+        started = time.monotonic()
+        try:
+            response = await call
+        except grpc.aio.AioRpcError as e:
+            log.error("%s failed: %s", method, e.details())
+            self.metrics.batch_inference_failure.labels(method).inc()
+            self.generation_health = False
+            self._fail(request_ids, GenerationError(e.details() or str(e.code())))
+            for batch_id in batch_ids:
+                try:
+                    await self.client.clear_cache(batch_id)
+                except grpc.aio.AioRpcError:
+                    log.warning("ClearCache(%d) failed after a failed %s", batch_id, method)
+            return None
+        self.metrics.batch_inference_success.labels(method).inc()
+        self.metrics.batch_inference_duration.labels(method).observe(time.monotonic() - started)
+        self.generation_health = True
+        return response
+
+    def _still_running(self, batches: list[pb.CachedBatch]) -> list[pb.CachedBatch]:
+        """The batches cut down to requests still wanted (finished and disconnected ones leave)."""
+        out = []
+        for batch in batches:
+            keep = []
+            for rid in batch.request_ids:
+                entry = self.running.get(rid)
+                if entry is None:
+                    continue
+                if entry.cancelled:
+                    self._leave(entry, None)
+                    continue
+                keep.append(rid)
+            if keep:
+                out.append(pb.CachedBatch(id=batch.id, request_ids=keep, max_tokens=batch.max_tokens))
+        return out
+
+    def _deliver(self, g: pb.Generations) -> None:
+        """Turns one step's token ids into each request's next event."""
+        prefill = {p.request_id: p for p in g.prefill}
+        width = g.top_n
+        top_ids, top_logprobs = list(g.top_ids), list(g.top_logprobs)
+        for row, (rid, token_id, logprob) in enumerate(
+            zip(g.request_ids, g.token_ids, g.logprobs, strict=True)
+        ):
+            entry = self.running.get(rid)
+            if entry is None or entry.cancelled:
+                continue
+            if rid in prefill:
+                entry.state.set_prefill(list(prefill[rid].ids), list(prefill[rid].logprobs))
+            top = []
+            if entry.request.top_n_tokens and width:
+                span = slice(row * width, (row + 1) * width)
+                top = list(zip(top_ids[span], top_logprobs[span], strict=True))
+            event = entry.state.push(token_id, logprob, top)
+            entry.events.put_nowait(event)
+            if event.finished is not None:
+                self._leave(entry, None)
+
+    def _leave(self, entry: Entry, failure: str | None) -> None:
+        entry.done = True
+        self.running.pop(entry.id, None)
+        if failure:
+            self.metrics.request_failure.labels(failure).inc()
+
+    def _fail(self, request_ids: list[int], error: GenerationError) -> None:
+        for rid in request_ids:
+            entry = self.running.get(rid)
+            if entry is not None:
+                entry.events.put_nowait(error)
+                self._leave(entry, "generation")

@@ -1,0 +1,76 @@
+"""``text-generation-router``: the HTTP server in front of the shards (the launcher starts it)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from common.logs import setup_logging
+
+from .config import RouterConfig
+
+app = typer.Typer(
+    add_completion=False, help="Text generation router: HTTP API, validation, continuous batching."
+)
+
+
+@app.command()
+def serve(
+    tokenizer_name: Annotated[str, typer.Option(help="Model directory or hub id of the tokenizer.")],
+    model_id: Annotated[str | None, typer.Option(help="Model id reported by /info.")] = None,
+    model_sha: Annotated[str | None, typer.Option()] = None,
+    model_weights: Annotated[str, typer.Option(help="What weights are served, for /info.")] = "",
+    revision: Annotated[str | None, typer.Option()] = None,
+    shard_uds_path: Annotated[str, typer.Option(help="Shard socket prefix.")] = "/tmp/text-generation-server",
+    num_shard: Annotated[int, typer.Option()] = 1,
+    hostname: Annotated[str, typer.Option()] = "0.0.0.0",
+    port: Annotated[int, typer.Option()] = 3000,
+    max_concurrent_requests: Annotated[int, typer.Option()] = 128,
+    max_best_of: Annotated[int, typer.Option()] = 2,
+    max_stop_sequences: Annotated[int, typer.Option()] = 4,
+    max_top_n_tokens: Annotated[int, typer.Option()] = 5,
+    max_input_length: Annotated[int, typer.Option()] = 1024,
+    max_total_tokens: Annotated[int, typer.Option()] = 2048,
+    waiting_served_ratio: Annotated[float, typer.Option()] = 1.2,
+    max_batch_prefill_tokens: Annotated[int, typer.Option()] = 4096,
+    max_batch_total_tokens: Annotated[int | None, typer.Option()] = None,
+    max_waiting_tokens: Annotated[int, typer.Option()] = 20,
+    validation_workers: Annotated[int, typer.Option()] = 2,
+    cors_allow_origin: Annotated[list[str] | None, typer.Option()] = None,
+    json_output: Annotated[bool, typer.Option()] = False,
+    logger_level: Annotated[str, typer.Option()] = "INFO",
+) -> None:
+    setup_logging(logger_level, json_output, prefix="router ")
+    from .app import run
+
+    run(
+        RouterConfig(
+            tokenizer_name=tokenizer_name,
+            model_id=model_id or tokenizer_name,
+            model_sha=model_sha,
+            model_weights=model_weights,
+            revision=revision,
+            shard_uds_path=shard_uds_path,
+            num_shard=num_shard,
+            hostname=hostname,
+            port=port,
+            max_concurrent_requests=max_concurrent_requests,
+            max_best_of=max_best_of,
+            max_stop_sequences=max_stop_sequences,
+            max_top_n_tokens=max_top_n_tokens,
+            max_input_length=max_input_length,
+            max_total_tokens=max_total_tokens,
+            waiting_served_ratio=waiting_served_ratio,
+            max_batch_prefill_tokens=max_batch_prefill_tokens,
+            max_batch_total_tokens=max_batch_total_tokens,
+            max_waiting_tokens=max_waiting_tokens,
+            validation_workers=validation_workers,
+            cors_allow_origin=tuple(cors_allow_origin or ()),
+            json_output=json_output,
+        )
+    )
+
+
+def main() -> None:
+    app()

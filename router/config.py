@@ -1,0 +1,35 @@
+"""RouterConfig: one frozen dataclass for the router process, built once from its command line."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    tokenizer_name: str
+    model_id: str
+    model_sha: str | None = None
+    model_weights: str = ""
+    revision: str | None = None
+    shard_uds_path: str = "/tmp/text-generation-server"
+    num_shard: int = 1
+    hostname: str = "0.0.0.0"
+    port: int = 3000
+    max_concurrent_requests: int = 128
+    max_best_of: int = 2
+    max_stop_sequences: int = 4
+    max_top_n_tokens: int = 5
+    max_input_length: int = 1024
+    max_total_tokens: int = 2048
+    waiting_served_ratio: float = 1.2
+    max_batch_prefill_tokens: int = 4096
+    max_batch_total_tokens: int | None = None
+    max_waiting_tokens: int = 20
+    validation_workers: int = 2
+    cors_allow_origin: tuple[str, ...] = field(default_factory=tuple)
+    json_output: bool = False
+    pipeline_tag: str = "text-generation"
+
+    def shard_sockets(self) -> list[str]:
+        return [f"{self.shard_uds_path}-{rank}" for rank in range(self.num_shard)]

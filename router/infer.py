@@ -1,0 +1,189 @@
+"""The router's core facade: admission, submission to the queue, health and warm-up.
+
+HTTP handlers (TGI or OpenAI shapes) use only this: ``admit()``, ``validator``, ``submit()`` and the
+entry's events. Scheduling lives in ``batcher``; validation in ``validation``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import grpc
+
+from proto import pb
+
+from .batcher import Batcher
+from .client import ShardClient
+from .config import RouterConfig
+from .errors import GenerationError, InferError, OverloadedError, UnhealthyError
+from .generation import Finished, GenerationState, StreamEvent
+from .metrics import Metrics
+from .queue import Entry, Queue
+from .tokenizer import Tokenizer
+from .validation import Validator, ValidRequest
+
+log = logging.getLogger(__name__)
+
+LIVENESS_BATCH_ID = 2**64 - 1
+
+
+class Infer:
+    def __init__(
+        self, config: RouterConfig, client: ShardClient, tokenizer: Tokenizer, info: pb.InfoResponse
+    ) -> None:
+        self.config = config
+        self.client = client
+        self.tokenizer = tokenizer
+        self.info = info
+        self.eos_ids = frozenset(info.eos_token_ids) or frozenset(
+            [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        )
+        self.metrics = Metrics(config.max_input_length, config.max_total_tokens)
+        self.validator = Validator(config, tokenizer)
+        self.queue = Queue(info.requires_padding)
+        self.max_batch_total_tokens = config.max_batch_total_tokens or max(
+            16000, config.max_total_tokens, config.max_batch_prefill_tokens
+        )
+        self.batcher = Batcher(config, client, self.queue, self.metrics, self.max_batch_total_tokens)
+        self.ready = False
+        self.in_flight = 0
+        self._ids = itertools.count()
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        """Warms the shards up, fixes the token budget, and starts the batching loop."""
+        supported = await self.client.warmup(self._warmup_batch())
+        if supported:
+            self.max_batch_total_tokens = self.batcher.max_batch_total_tokens = supported
+        log.info("Warmed up; max batch total tokens: %d", self.max_batch_total_tokens)
+        self._task = asyncio.create_task(self.batcher.run(), name="batcher")
+        self._task.add_done_callback(self._on_batcher_exit)
+        self.ready = True
+
+    async def stop(self) -> None:
+        self.ready = False
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self.validator.close()
+
+    def _on_batcher_exit(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("Batching loop crashed", exc_info=task.exception())
+            self.ready = False
+
+    def _warmup_batch(self) -> pb.Batch:
+        """A small batch with every sampling feature on (TGI's warm-up), run once before serving."""
+        ids = self.tokenizer.encode("_test " * 8)[: self.config.max_input_length] or [0]
+        params = pb.NextTokenChooserParameters(
+            temperature=0.9,
+            top_k=10,
+            top_p=0.9,
+            typical_p=0.9,
+            do_sample=True,
+            seed=0,
+            repetition_penalty=1.2,
+        )
+        requests = [
+            pb.Request(
+                id=i,
+                input_ids=ids,
+                parameters=params,
+                max_new_tokens=2,
+                prefill_logprobs=True,
+                top_n_tokens=2,
+            )
+            for i in range(2)
+        ]
+        return pb.Batch(
+            id=self.batcher.next_batch_id(), requests=requests, max_tokens=len(requests) * (len(ids) + 2)
+        )
+
+    @contextlib.contextmanager
+    def admit(self) -> Iterator[None]:
+        """Holds one of ``max_concurrent_requests`` slots, or raises an immediate 429."""
+        if self.in_flight >= self.config.max_concurrent_requests:
+            self.metrics.request_failure.labels("overloaded").inc()
+            raise OverloadedError()
+        self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+
+    def submit(self, request: ValidRequest) -> Entry:
+        if not self.ready:
+            raise UnhealthyError("the server is not ready")
+        entry = Entry(next(self._ids), request, GenerationState(request, self.tokenizer, self.eos_ids))
+        self.metrics.request_input_length.observe(request.input_length)
+        self.metrics.request_max_new_tokens.observe(request.max_new_tokens)
+        self.queue.append(entry)
+        self.metrics.queue_size.set(len(self.queue))
+        return entry
+
+    @contextlib.asynccontextmanager
+    async def request(self, request: ValidRequest) -> AsyncIterator[Entry]:
+        """Queues a request for the block's duration; leaving early (a disconnect) cancels it, so it
+        leaves the running batch at the next step."""
+        entry = self.submit(request)
+        try:
+            yield entry
+        finally:
+            if not entry.done:
+                entry.cancelled = True
+                self.metrics.request_failure.labels("dropped").inc()
+
+    async def stream(self, entry: Entry) -> AsyncIterator[StreamEvent]:
+        """The entry's events up to and including its last; raises the error it ended with, if any."""
+        while True:
+            event = await entry.events.get()
+            if isinstance(event, InferError):
+                raise event
+            yield event
+            if event.finished is not None:
+                self._observe(entry, event.finished)
+                return
+
+    async def generate(self, entry: Entry) -> Finished:
+        async for event in self.stream(entry):
+            if event.finished is not None:
+                return event.finished
+        raise GenerationError("generation ended without a final token")
+
+    def _observe(self, entry: Entry, finished: Finished) -> None:
+        now = time.monotonic()
+        m = self.metrics
+        m.request_success.inc()
+        m.request_duration.observe(now - entry.queued_at)
+        if entry.batched_at is not None:
+            inference = now - entry.batched_at
+            m.request_inference_duration.observe(inference)
+            m.request_mean_time_per_token_duration.observe(inference / max(finished.generated_tokens, 1))
+        m.request_generated_tokens.observe(finished.generated_tokens)
+
+    async def healthy(self) -> bool:
+        """Shards answer Health; after a failed generation, a real one-token prefill must pass too."""
+        if not self.ready:
+            return False
+        try:
+            await self.client.health(timeout=1.0)
+            if not self.batcher.generation_health:
+                ids = self.tokenizer.encode("liveness")[:1] or [0]
+                batch = pb.Batch(
+                    id=LIVENESS_BATCH_ID,
+                    requests=[pb.Request(id=LIVENESS_BATCH_ID, input_ids=ids, max_new_tokens=1)],
+                    max_tokens=2,
+                )
+                await self.client.prefill(batch)
+                await self.client.clear_cache(LIVENESS_BATCH_ID)
+                self.batcher.generation_health = True
+        except grpc.aio.AioRpcError as e:
+            log.warning("Health check failed: %s", e.details())
+            return False
+        return True

@@ -1,0 +1,81 @@
+"""Prometheus metrics with TGI's ``tgi_*`` names, in a registry of the router's own."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+DURATION_BUCKETS = tuple(1.5e-4 * 1.5**i for i in range(35))
+
+
+def _linear(maximum: int, count: int = 100) -> tuple[float, ...]:
+    step = max(maximum / count, 1.0)
+    return tuple(step * (i + 1) for i in range(count))
+
+
+class Metrics:
+    def __init__(self, max_input_length: int, max_total_tokens: int) -> None:
+        r = self.registry = CollectorRegistry()
+        self.request_count = Counter("tgi_request_count", "Requests received", registry=r)
+        self.request_success = Counter("tgi_request_success", "Requests that succeeded", registry=r)
+        self.request_failure = Counter("tgi_request_failure", "Requests that failed", ["err"], registry=r)
+        self.request_duration = Histogram(
+            "tgi_request_duration", "End-to-end request seconds", buckets=DURATION_BUCKETS, registry=r
+        )
+        self.request_validation_duration = Histogram(
+            "tgi_request_validation_duration", "Validation seconds", buckets=DURATION_BUCKETS, registry=r
+        )
+        self.request_queue_duration = Histogram(
+            "tgi_request_queue_duration", "Seconds waiting in the queue", buckets=DURATION_BUCKETS, registry=r
+        )
+        self.request_inference_duration = Histogram(
+            "tgi_request_inference_duration",
+            "Seconds from batching to end",
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.request_mean_time_per_token_duration = Histogram(
+            "tgi_request_mean_time_per_token_duration",
+            "Mean seconds per generated token",
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.request_generated_tokens = Histogram(
+            "tgi_request_generated_tokens", "Generated tokens", buckets=_linear(max_total_tokens), registry=r
+        )
+        self.request_input_length = Histogram(
+            "tgi_request_input_length", "Prompt tokens", buckets=_linear(max_input_length), registry=r
+        )
+        self.request_max_new_tokens = Histogram(
+            "tgi_request_max_new_tokens",
+            "Requested max_new_tokens",
+            buckets=_linear(max_total_tokens),
+            registry=r,
+        )
+        self.batch_inference_count = Counter(
+            "tgi_batch_inference_count", "Batch steps", ["method"], registry=r
+        )
+        self.batch_inference_success = Counter(
+            "tgi_batch_inference_success", "Batch steps that succeeded", ["method"], registry=r
+        )
+        self.batch_inference_failure = Counter(
+            "tgi_batch_inference_failure", "Batch steps that failed", ["method"], registry=r
+        )
+        self.batch_inference_duration = Histogram(
+            "tgi_batch_inference_duration",
+            "Batch step seconds",
+            ["method"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.batch_concat = Counter("tgi_batch_concat", "Batches joined", ["reason"], registry=r)
+        self.batch_next_size = Histogram(
+            "tgi_batch_next_size", "Requests per prefill", buckets=tuple(range(1, 1025)), registry=r
+        )
+        self.queue_size = Gauge("tgi_queue_size", "Requests waiting", registry=r)
+        self.batch_current_size = Gauge("tgi_batch_current_size", "Requests in the running batch", registry=r)
+        self.batch_current_max_tokens = Gauge(
+            "tgi_batch_current_max_tokens", "Token budget held by the running batch", registry=r
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

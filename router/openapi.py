@@ -1,0 +1,186 @@
+"""The OpenAPI document of the HTTP API, and the Swagger UI page that shows it at /docs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import __version__
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+ERRORS = {
+    "422": _json(_ref("ErrorResponse"), "Input validation error"),
+    "424": _json(_ref("ErrorResponse"), "Generation error"),
+    "429": _json(_ref("ErrorResponse"), "Model is overloaded"),
+    "503": _json(_ref("ErrorResponse"), "Model is not ready"),
+}
+
+SCHEMAS: dict[str, Any] = {
+    "GenerateParameters": {
+        "type": "object",
+        "properties": {
+            "best_of": {"type": "integer", "minimum": 1, "nullable": True},
+            "decoder_input_details": {"type": "boolean", "default": False},
+            "details": {"type": "boolean", "default": False},
+            "do_sample": {"type": "boolean", "default": False},
+            "frequency_penalty": {"type": "number", "minimum": -2, "maximum": 2, "nullable": True},
+            "max_new_tokens": {"type": "integer", "minimum": 1, "default": 20},
+            "repetition_penalty": {"type": "number", "exclusiveMinimum": 0, "nullable": True},
+            "return_full_text": {"type": "boolean", "nullable": True},
+            "seed": {"type": "integer", "minimum": 0, "nullable": True},
+            "stop": {"type": "array", "items": {"type": "string"}, "maxItems": 4},
+            "temperature": {"type": "number", "exclusiveMinimum": 0, "nullable": True},
+            "top_k": {"type": "integer", "exclusiveMinimum": 0, "nullable": True},
+            "top_n_tokens": {"type": "integer", "minimum": 0, "maximum": 5, "nullable": True},
+            "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1, "nullable": True},
+            "truncate": {"type": "integer", "nullable": True},
+            "typical_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1, "nullable": True},
+            "watermark": {"type": "boolean", "default": False},
+        },
+    },
+    "GenerateRequest": {
+        "type": "object",
+        "required": ["inputs"],
+        "properties": {"inputs": {"type": "string"}, "parameters": _ref("GenerateParameters")},
+    },
+    "CompatGenerateRequest": {
+        "type": "object",
+        "required": ["inputs"],
+        "properties": {
+            "inputs": {"type": "string"},
+            "parameters": _ref("GenerateParameters"),
+            "stream": {"type": "boolean", "default": False},
+        },
+    },
+    "Token": {
+        "type": "object",
+        "properties": {
+            "id": {"type": "integer"},
+            "text": {"type": "string"},
+            "logprob": {"type": "number", "nullable": True},
+            "special": {"type": "boolean"},
+        },
+    },
+    "Details": {
+        "type": "object",
+        "properties": {
+            "finish_reason": {"type": "string", "enum": ["length", "eos_token", "stop_sequence"]},
+            "generated_tokens": {"type": "integer"},
+            "seed": {"type": "integer", "nullable": True},
+            "prefill": {"type": "array", "items": _ref("Token")},
+            "tokens": {"type": "array", "items": _ref("Token")},
+            "top_tokens": {"type": "array", "items": {"type": "array", "items": _ref("Token")}},
+            "best_of_sequences": {"type": "array", "items": {"type": "object"}},
+        },
+    },
+    "GenerateResponse": {
+        "type": "object",
+        "properties": {"generated_text": {"type": "string"}, "details": _ref("Details")},
+    },
+    "StreamResponse": {
+        "type": "object",
+        "properties": {
+            "index": {"type": "integer"},
+            "token": _ref("Token"),
+            "top_tokens": {"type": "array", "items": _ref("Token")},
+            "generated_text": {"type": "string", "nullable": True},
+            "details": {"type": "object", "nullable": True},
+        },
+    },
+    "Info": {"type": "object", "additionalProperties": True},
+    "ErrorResponse": {
+        "type": "object",
+        "properties": {"error": {"type": "string"}, "error_type": {"type": "string"}},
+    },
+}
+
+
+def openapi_document() -> dict[str, Any]:
+    gen_body = {"required": True, "content": {"application/json": {"schema": _ref("GenerateRequest")}}}
+    return {
+        "openapi": "3.0.3",
+        "info": {
+            "title": "Text Generation Inference",
+            "version": __version__,
+            "license": {"name": "Apache-2.0"},
+        },
+        "paths": {
+            "/generate": {
+                "post": {
+                    "summary": "Generate tokens",
+                    "requestBody": gen_body,
+                    "responses": {"200": _json(_ref("GenerateResponse"), "Generated text"), **ERRORS},
+                }
+            },
+            "/generate_stream": {
+                "post": {
+                    "summary": "Generate a stream of tokens (Server-Sent Events)",
+                    "requestBody": gen_body,
+                    "responses": {
+                        "200": {
+                            "description": "One event per token",
+                            "content": {"text/event-stream": {"schema": _ref("StreamResponse")}},
+                        },
+                        **ERRORS,
+                    },
+                }
+            },
+            "/": {
+                "post": {
+                    "summary": "Compat route: /generate (JSON array) or /generate_stream by `stream`",
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": _ref("CompatGenerateRequest")}},
+                    },
+                    "responses": {
+                        "200": _json({"type": "array", "items": _ref("GenerateResponse")}, "Generated text"),
+                        **ERRORS,
+                    },
+                }
+            },
+            "/info": {
+                "get": {"summary": "Model and router info", "responses": {"200": _json(_ref("Info"), "Info")}}
+            },
+            "/health": {
+                "get": {
+                    "summary": "Health: 200 once the model is loaded and the shards answer",
+                    "responses": {"200": {"description": "Healthy"}, "503": ERRORS["503"]},
+                }
+            },
+            "/metrics": {
+                "get": {
+                    "summary": "Prometheus metrics",
+                    "responses": {
+                        "200": {
+                            "description": "Metrics",
+                            "content": {"text/plain": {"schema": {"type": "string"}}},
+                        }
+                    },
+                }
+            },
+        },
+        "components": {"schemas": SCHEMAS},
+    }
+
+
+SWAGGER_UI = """<!doctype html>
+<html>
+<head>
+  <meta charset="utf-8"><title>Text Generation Inference API</title>
+  <link rel="stylesheet" href="https://unpkg.com/swagger-ui-dist@5/swagger-ui.css">
+</head>
+<body>
+  <div id="swagger-ui"></div>
+  <script src="https://unpkg.com/swagger-ui-dist@5/swagger-ui-bundle.js"></script>
+  <script>window.ui = SwaggerUIBundle({url: "/openapi.json", dom_id: "#swagger-ui"});</script>
+  <noscript>The API description is at <a href="/openapi.json">/openapi.json</a>.</noscript>
+</body>
+</html>
+"""

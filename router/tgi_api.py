@@ -1,0 +1,306 @@
+"""TGI v0.9.4's native API: /generate, /generate_stream, POST / (compat), /info, /health, /metrics.
+
+Handlers translate HTTP <-> ``Infer`` only; no scheduling here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import random
+import time
+from dataclasses import replace
+from typing import Any
+
+from aiohttp import web
+
+from . import __version__
+from .config import RouterConfig
+from .errors import InferError, UnhealthyError, ValidationError
+from .generation import Finished, StreamEvent, Token
+from .infer import Infer
+from .validation import GenerateParameters, ValidRequest, parse_parameters
+
+INFER_KEY = web.AppKey("infer", Infer)
+CONFIG_KEY = web.AppKey("config", RouterConfig)
+
+
+def get_infer(request: web.Request) -> Infer:
+    """The app's Infer, or a 503 while the model is still loading."""
+    infer = request.app.get(INFER_KEY)
+    if infer is None or not infer.ready:
+        raise UnhealthyError("the model is still loading")
+    return infer
+
+
+def error_response(error: InferError) -> web.Response:
+    return web.json_response(error.body(), status=error.status)
+
+
+async def read_json_object(request: web.Request) -> dict[str, Any]:
+    """The request body as a JSON object, or a 4xx naming what is wrong."""
+    if request.content_type != "application/json":
+        raise web.HTTPUnsupportedMediaType(
+            text=json.dumps(
+                {
+                    "error": f"Expected request with `Content-Type: application/json`, got `{request.content_type}`",
+                    "error_type": "validation",
+                }
+            ),
+            content_type="application/json",
+        )
+    raw = await request.read()
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise _bad_request(f"Failed to parse the request body as JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise ValidationError("the request body must be a JSON object")
+    return body
+
+
+def _bad_request(message: str) -> web.HTTPBadRequest:
+    return web.HTTPBadRequest(
+        text=json.dumps({"error": message, "error_type": "validation"}), content_type="application/json"
+    )
+
+
+def _finite(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
+
+
+def _token_json(token: Token) -> dict[str, Any]:
+    return {"id": token.id, "text": token.text, "logprob": _finite(token.logprob), "special": token.special}
+
+
+def details_json(finished: Finished, top_n: int) -> dict[str, Any]:
+    details: dict[str, Any] = {
+        "finish_reason": finished.finish_reason,
+        "generated_tokens": finished.generated_tokens,
+        "seed": finished.seed,
+        "prefill": [{"id": t.id, "text": t.text, "logprob": _finite(t.logprob)} for t in finished.prefill],
+        "tokens": [_token_json(t) for t in finished.tokens],
+    }
+    if top_n:
+        details["top_tokens"] = [[_token_json(t) for t in step] for step in finished.top_tokens]
+    return details
+
+
+def stream_event_json(event: StreamEvent, index: int, details: bool, input_length: int) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "index": index,
+        "token": _token_json(event.token),
+        "generated_text": None,
+        "details": None,
+    }
+    if event.top_tokens:
+        body["top_tokens"] = [_token_json(t) for t in event.top_tokens]
+    if event.finished is not None:
+        body["generated_text"] = event.finished.generated_text
+        if details:
+            body["details"] = {
+                "finish_reason": event.finished.finish_reason,
+                "generated_tokens": event.finished.generated_tokens,
+                "seed": event.finished.seed,
+                "input_length": input_length,
+            }
+    return body
+
+
+def _timing_headers(
+    started: float, validated: float, entry_queued: float, batched: float | None, chars: int, tokens: int
+) -> dict[str, str]:
+    now = time.monotonic()
+    batched = batched or now
+    inference = now - batched
+    ms = lambda s: str(int(s * 1000))  # noqa: E731
+    return {
+        "x-compute-type": "gpu+optimized",
+        "x-compute-time": f"{now - started:.3f}",
+        "x-compute-characters": str(chars),
+        "x-total-time": ms(now - started),
+        "x-validation-time": ms(validated - started),
+        "x-queue-time": ms(batched - entry_queued),
+        "x-inference-time": ms(inference),
+        "x-time-per-token": ms(inference / max(tokens, 1)),
+    }
+
+
+async def _generate_one(
+    infer: Infer, inputs: object, params: GenerateParameters
+) -> tuple[dict[str, Any], dict]:
+    started = time.monotonic()
+    try:
+        valid = await infer.validator.validate(inputs, params, stream=False)
+    except ValidationError:
+        infer.metrics.request_failure.labels("validation").inc()
+        raise
+    validated = time.monotonic()
+    infer.metrics.request_validation_duration.observe(validated - started)
+    if (params.best_of or 1) > 1:
+        # TGI's best_of: independent samples with their own seeds; the highest mean logprob wins.
+        candidates = [
+            replace(valid, parameters=replace(valid.parameters, seed=random.getrandbits(64)))
+            for _ in range(params.best_of or 1)
+        ]
+        results = sorted(
+            await asyncio.gather(*(_run(infer, c) for c in candidates)),
+            key=lambda r: _mean_logprob(r[0]),
+            reverse=True,
+        )
+        (finished, entry_queued, batched), others = results[0], results[1:]
+    else:
+        finished, entry_queued, batched = await _run(infer, valid)
+        others = []
+    body: dict[str, Any] = {"generated_text": finished.generated_text}
+    if valid.details:
+        body["details"] = details_json(finished, valid.top_n_tokens)
+        if others:
+            body["details"]["best_of_sequences"] = [
+                {
+                    "generated_text": f.generated_text,
+                    "finish_reason": f.finish_reason,
+                    "generated_tokens": f.generated_tokens,
+                    "seed": f.seed,
+                    "prefill": [
+                        {"id": t.id, "text": t.text, "logprob": _finite(t.logprob)} for t in f.prefill
+                    ],
+                    "tokens": [_token_json(t) for t in f.tokens],
+                }
+                for f, _, _ in others
+            ]
+    headers = _timing_headers(
+        started, validated, entry_queued, batched, len(str(inputs)), finished.generated_tokens
+    )
+    return body, headers
+
+
+def _mean_logprob(finished: Finished) -> float:
+    values = [t.logprob for t in finished.tokens if t.logprob is not None and math.isfinite(t.logprob)]
+    return sum(values) / len(values) if values else -math.inf
+
+
+async def _run(infer: Infer, valid: ValidRequest) -> tuple[Finished, float, float | None]:
+    async with infer.request(valid) as entry:
+        finished = await infer.generate(entry)
+        return finished, entry.queued_at, entry.batched_at
+
+
+async def generate(request: web.Request) -> web.Response:
+    """POST /generate"""
+    infer = get_infer(request)
+    infer.metrics.request_count.inc()
+    body = await read_json_object(request)
+    with infer.admit():
+        params = parse_parameters(body.get("parameters"))
+        result, headers = await _generate_one(infer, body.get("inputs"), params)
+    return web.json_response(result, headers=headers)
+
+
+async def generate_stream(request: web.Request, body: dict[str, Any] | None = None) -> web.StreamResponse:
+    """POST /generate_stream: one SSE event per token; the last carries generated_text (and details)."""
+    infer = get_infer(request)
+    infer.metrics.request_count.inc()
+    if body is None:
+        body = await read_json_object(request)
+    with infer.admit():
+        started = time.monotonic()
+        params = parse_parameters(body.get("parameters"))
+        try:
+            valid = await infer.validator.validate(body.get("inputs"), params, stream=True)
+        except ValidationError:
+            infer.metrics.request_failure.labels("validation").inc()
+            raise
+        infer.metrics.request_validation_duration.observe(time.monotonic() - started)
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no",
+            }
+        )
+        async with infer.request(valid) as entry:
+            await response.prepare(request)
+            index = 0
+            try:
+                async for event in infer.stream(entry):
+                    index += 1
+                    payload = stream_event_json(event, index, valid.details, valid.input_length)
+                    await response.write(
+                        b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n"
+                    )
+            except InferError as error:
+                infer.metrics.request_failure.labels(error.error_type).inc()
+                await response.write(b"data: " + json.dumps(error.body()).encode() + b"\n\n")
+        await response.write_eof()
+        return response
+
+
+async def compat_generate(request: web.Request) -> web.StreamResponse:
+    """POST / : TGI's compat route; ``stream`` picks the SSE or a JSON array of one answer."""
+    body = await read_json_object(request)
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise ValidationError("`stream` must be a boolean")
+    if stream:
+        return await generate_stream(request, body)
+    infer = get_infer(request)
+    infer.metrics.request_count.inc()
+    with infer.admit():
+        result, headers = await _generate_one(
+            infer, body.get("inputs"), parse_parameters(body.get("parameters"))
+        )
+    return web.json_response([result], headers=headers)
+
+
+async def health(request: web.Request) -> web.Response:
+    infer = request.app.get(INFER_KEY)
+    if infer is not None and await infer.healthy():
+        return web.Response(status=200)
+    return error_response(UnhealthyError("unhealthy"))
+
+
+async def info(request: web.Request) -> web.Response:
+    c = request.app[CONFIG_KEY]
+    infer = request.app.get(INFER_KEY)
+    shard = infer.info if infer is not None else None
+    return web.json_response(
+        {
+            "model_id": c.model_id,
+            "model_sha": c.model_sha,
+            "model_weights": c.model_weights,
+            "model_dtype": shard.dtype if shard else None,
+            "model_device_type": shard.device_type if shard else None,
+            "model_pipeline_tag": c.pipeline_tag,
+            "model_backend": shard.backend if shard else None,
+            "num_shard": c.num_shard,
+            "max_concurrent_requests": c.max_concurrent_requests,
+            "max_best_of": c.max_best_of,
+            "max_stop_sequences": c.max_stop_sequences,
+            "max_input_length": c.max_input_length,
+            "max_total_tokens": c.max_total_tokens,
+            "waiting_served_ratio": c.waiting_served_ratio,
+            "max_batch_total_tokens": infer.max_batch_total_tokens if infer else c.max_batch_total_tokens,
+            "max_waiting_tokens": c.max_waiting_tokens,
+            "validation_workers": c.validation_workers,
+            "version": __version__,
+            "sha": None,
+            "docker_label": None,
+        }
+    )
+
+
+async def metrics(request: web.Request) -> web.Response:
+    infer = request.app.get(INFER_KEY)
+    body = infer.metrics.render() if infer is not None else b""
+    return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/generate", generate)
+    app.router.add_post("/generate_stream", generate_stream)
+    app.router.add_post("/", compat_generate)
+    app.router.add_get("/health", health)
+    app.router.add_get("/info", info)
+    app.router.add_get("/metrics", metrics)

@@ -1,0 +1,301 @@
+"""Request validation: TGI v0.9.4's parameter rules and messages, strict JSON types, token-length checks.
+
+Every rule failure is a ``ValidationError`` (HTTP 422) whose message names the field. Tokenization runs
+on a small thread pool, off the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import RouterConfig
+from .errors import ValidationError
+from .tokenizer import Tokenizer
+
+U64_MAX = 2**64 - 1
+
+
+@dataclass(frozen=True)
+class NextTokenParams:
+    """What the shard needs to choose tokens (mirrors proto NextTokenChooserParameters)."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    typical_p: float = 1.0
+    do_sample: bool = False
+    seed: int = 0
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    watermark: bool = False
+
+    @property
+    def sampling(self) -> bool:
+        return (
+            self.do_sample
+            or self.temperature != 1.0
+            or self.top_k > 0
+            or self.top_p < 1.0
+            or self.typical_p < 1.0
+        )
+
+
+@dataclass(frozen=True)
+class GenerateParameters:
+    """TGI's ``parameters`` object after type checks (None = not given)."""
+
+    best_of: int | None = None
+    temperature: float | None = None
+    repetition_penalty: float | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    typical_p: float | None = None
+    do_sample: bool = False
+    max_new_tokens: int | None = None
+    return_full_text: bool | None = None
+    stop: list[str] = field(default_factory=list)
+    truncate: int | None = None
+    watermark: bool = False
+    details: bool = False
+    decoder_input_details: bool = False
+    seed: int | None = None
+    top_n_tokens: int | None = None
+    ignore_eos_token: bool = False
+
+
+@dataclass(frozen=True)
+class ValidRequest:
+    """A request ready for the queue: tokenized, truncated, every limit checked."""
+
+    inputs: str
+    input_ids: list[int]
+    parameters: NextTokenParams
+    max_new_tokens: int
+    stop: list[str]
+    details: bool
+    decoder_input_details: bool
+    top_n_tokens: int
+    return_full_text: bool
+    seed: int | None
+    ignore_eos_token: bool = False
+
+    @property
+    def input_length(self) -> int:
+        return len(self.input_ids)
+
+
+def _type_name(value: object) -> str:
+    if value is None:
+        return "null"
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array"}.get(
+        type(value), "an object"
+    )
+
+
+def _get_int(params: dict[str, Any], name: str, maximum: int | None = None) -> int | None:
+    value = params.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValidationError(f"`{name}` must be an integer, got {_type_name(value)}")
+    if value < 0 or (maximum is not None and value > maximum):
+        raise ValidationError(
+            f"`{name}` must be an integer between 0 and {maximum or U64_MAX}. Given: {value}"
+        )
+    return value
+
+
+def _get_float(params: dict[str, Any], name: str) -> float | None:
+    value = params.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValidationError(f"`{name}` must be a number, got {_type_name(value)}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValidationError(f"`{name}` must be a finite number")
+    return value
+
+
+def _get_bool(params: dict[str, Any], name: str, default: bool | None = False) -> bool | None:
+    value = params.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ValidationError(f"`{name}` must be a boolean, got {_type_name(value)}")
+    return value
+
+
+def parse_parameters(params: object) -> GenerateParameters:
+    """Checks the JSON types of TGI's ``parameters`` object (unknown keys are ignored, as TGI does)."""
+    if params is None:
+        params = {}
+    if not isinstance(params, dict):
+        raise ValidationError(f"`parameters` must be an object, got {_type_name(params)}")
+    stop = params.get("stop")
+    if stop is None:
+        stop = []
+    elif isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise ValidationError("`stop` must be an array of strings")
+    if params.get("grammar") is not None:
+        raise ValidationError("`grammar` is not supported yet")
+    if params.get("adapter_id") is not None:
+        raise ValidationError("`adapter_id` is not supported: this server loads no LoRA adapters")
+    return GenerateParameters(
+        best_of=_get_int(params, "best_of", 2**32 - 1),
+        temperature=_get_float(params, "temperature"),
+        repetition_penalty=_get_float(params, "repetition_penalty"),
+        frequency_penalty=_get_float(params, "frequency_penalty"),
+        presence_penalty=_get_float(params, "presence_penalty"),
+        top_k=_get_int(params, "top_k", 2**32 - 1),
+        top_p=_get_float(params, "top_p"),
+        typical_p=_get_float(params, "typical_p"),
+        do_sample=bool(_get_bool(params, "do_sample")),
+        max_new_tokens=_get_int(params, "max_new_tokens", 2**32 - 1),
+        return_full_text=_get_bool(params, "return_full_text", None),
+        stop=stop,
+        truncate=_get_int(params, "truncate", 2**32 - 1),
+        watermark=bool(_get_bool(params, "watermark")),
+        details=bool(_get_bool(params, "details")),
+        decoder_input_details=bool(_get_bool(params, "decoder_input_details")),
+        seed=_get_int(params, "seed", U64_MAX),
+        top_n_tokens=_get_int(params, "top_n_tokens", 2**32 - 1),
+        ignore_eos_token=bool(_get_bool(params, "ignore_eos_token")),
+    )
+
+
+class Validator:
+    """Applies the server's limits to parsed parameters and tokenizes the prompt off the event loop."""
+
+    def __init__(self, config: RouterConfig, tokenizer: Tokenizer) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self._pool = ThreadPoolExecutor(max_workers=config.validation_workers, thread_name_prefix="tokenize")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def check_parameters(self, p: GenerateParameters, stream: bool) -> NextTokenParams:
+        """TGI's rules, in TGI's order, with TGI's messages."""
+        c = self.config
+        temperature = 1.0 if p.temperature is None else p.temperature
+        top_p = 1.0 if p.top_p is None else p.top_p
+        typical_p = 1.0 if p.typical_p is None else p.typical_p
+        top_k = 0 if p.top_k is None else p.top_k
+        sampling = p.do_sample or temperature != 1.0 or top_k > 0 or top_p < 1.0 or typical_p < 1.0
+        if p.best_of is not None and p.best_of > 1:
+            if c.max_best_of <= 1:
+                raise ValidationError("`best_of` != 1 is not allowed for this endpoint")
+            if p.best_of > c.max_best_of:
+                raise ValidationError(f"`best_of` must be > 0 and <= {c.max_best_of}. Given: {p.best_of}")
+            if not sampling:
+                raise ValidationError("you must use sampling when `best_of` is > 1")
+            if p.seed is not None:
+                raise ValidationError("`seed` must not be set when `best_of` > 1")
+            if stream:
+                raise ValidationError("`best_of` != 1 is not supported when streaming tokens")
+        if p.best_of == 0:
+            raise ValidationError(f"`best_of` must be > 0 and <= {c.max_best_of}. Given: 0")
+        if temperature <= 0:
+            raise ValidationError("`temperature` must be strictly positive")
+        if p.repetition_penalty is not None and p.repetition_penalty <= 0:
+            raise ValidationError("`repetition_penalty` must be strictly positive")
+        for name in ("frequency_penalty", "presence_penalty"):
+            value = getattr(p, name)
+            if value is not None and not -2.0 <= value <= 2.0:
+                raise ValidationError(f"`{name}` must be >= -2.0 and <= 2.0")
+        if not 0.0 < top_p <= 1.0:
+            raise ValidationError("`top_p` must be > 0.0 and <= 1.0")
+        if not 0.0 < typical_p <= 1.0:
+            raise ValidationError("`typical_p` must be > 0.0 and <= 1.0")
+        if p.top_k is not None and p.top_k <= 0:
+            raise ValidationError("`top_k` must be strictly positive")
+        if p.max_new_tokens is not None and p.max_new_tokens <= 0:
+            raise ValidationError("`max_new_tokens` must be strictly positive")
+        if len(p.stop) > c.max_stop_sequences:
+            raise ValidationError(
+                f"`stop` supports up to {c.max_stop_sequences} stop sequences. Given: {len(p.stop)}"
+            )
+        if p.top_n_tokens is not None and p.top_n_tokens > c.max_top_n_tokens:
+            raise ValidationError(
+                f"`top_n_tokens` must be >= 0 and <= {c.max_top_n_tokens}. Given: {p.top_n_tokens}"
+            )
+        if p.decoder_input_details and stream:
+            raise ValidationError("`decoder_input_details` == true is not supported when streaming tokens")
+        if p.watermark:
+            raise ValidationError("`watermark` is not supported yet")
+        if p.truncate is not None and not 0 < p.truncate <= c.max_input_length:
+            raise ValidationError(
+                f"`truncate` must be strictly positive and less than {c.max_input_length}. Given: {p.truncate}"
+            )
+        seed = p.seed if p.seed is not None else (random.getrandbits(64) if sampling else 0)
+        return NextTokenParams(
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            typical_p=typical_p,
+            do_sample=p.do_sample,
+            seed=seed,
+            repetition_penalty=1.0 if p.repetition_penalty is None else p.repetition_penalty,
+            frequency_penalty=p.frequency_penalty or 0.0,
+            presence_penalty=p.presence_penalty or 0.0,
+        )
+
+    async def validate(
+        self, inputs: object, p: GenerateParameters, stream: bool, return_full_text_default: bool = False
+    ) -> ValidRequest:
+        if not isinstance(inputs, str):
+            raise ValidationError(f"`inputs` must be a string, got {_type_name(inputs)}")
+        if not inputs:
+            raise ValidationError("`inputs` cannot be empty")
+        chooser = self.check_parameters(p, stream)
+        loop = asyncio.get_running_loop()
+        input_ids = await loop.run_in_executor(self._pool, self.tokenizer.encode, inputs)
+        if p.truncate is not None and len(input_ids) > p.truncate:
+            input_ids = input_ids[-p.truncate :]
+            inputs = await loop.run_in_executor(self._pool, self.tokenizer.decode, input_ids)
+        return self.check_lengths(inputs, input_ids, p, chooser, return_full_text_default)
+
+    def check_lengths(
+        self,
+        inputs: str,
+        input_ids: list[int],
+        p: GenerateParameters,
+        chooser: NextTokenParams,
+        return_full_text_default: bool = False,
+    ) -> ValidRequest:
+        c = self.config
+        n = len(input_ids)
+        if n == 0:
+            raise ValidationError("`inputs` cannot be empty")
+        max_new_tokens = p.max_new_tokens if p.max_new_tokens is not None else 20
+        if n + max_new_tokens > c.max_total_tokens:
+            raise ValidationError(
+                f"`inputs` tokens + `max_new_tokens` must be <= {c.max_total_tokens}. "
+                f"Given: {n} `inputs` tokens and {max_new_tokens} `max_new_tokens`"
+            )
+        if n > c.max_input_length:
+            raise ValidationError(f"`inputs` must have less than {c.max_input_length} tokens. Given: {n}")
+        return ValidRequest(
+            inputs=inputs,
+            input_ids=input_ids,
+            parameters=chooser,
+            max_new_tokens=max_new_tokens,
+            stop=list(p.stop),
+            details=p.details,
+            decoder_input_details=p.decoder_input_details,
+            top_n_tokens=p.top_n_tokens or 0,
+            return_full_text=return_full_text_default if p.return_full_text is None else p.return_full_text,
+            seed=chooser.seed if chooser.sampling else None,
+            ignore_eos_token=p.ignore_eos_token,
+        )

@@ -1,0 +1,85 @@
+"""The running batch: requests that decode together, joined (concatenate) and left (select) in one place."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .backends.base import Backend
+from .sampling import Sampler, TokenHistory
+from .types import RequestSpec
+
+
+class UnknownRequestError(ValueError):
+    """The router named a request the batch does not hold."""
+
+
+class Batch:
+    """Requests decoding together on this shard.
+
+    Everything per-row (sampling parameters, token history, the next input token, the backend's KV state)
+    is kept in the same row order as ``requests``; ``select`` and ``concatenate`` keep them aligned.
+    """
+
+    def __init__(
+        self,
+        batch_id: int,
+        requests: list[RequestSpec],
+        sampler: Sampler,
+        history: TokenHistory,
+        next_ids: torch.Tensor,
+        state: Any,
+        max_tokens: int,
+    ) -> None:
+        self.id = batch_id
+        self.requests = requests
+        self.sampler = sampler
+        self.history = history
+        self.next_ids = next_ids
+        self.state = state
+        self.max_tokens = max_tokens
+
+    @property
+    def request_ids(self) -> list[int]:
+        return [r.id for r in self.requests]
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+    def select(self, keep_ids: list[int], backend: Backend) -> Batch | None:
+        """Keeps only ``keep_ids`` (in that order); None when nothing is left. The rest's KV is freed."""
+        if keep_ids == self.request_ids:
+            return self
+        position = {rid: row for row, rid in enumerate(self.request_ids)}
+        missing = [rid for rid in keep_ids if rid not in position]
+        if missing:
+            raise UnknownRequestError(f"batch {self.id} holds no request {missing}")
+        if not keep_ids:
+            return None
+        rows = [position[rid] for rid in keep_ids]
+        index = torch.tensor(rows, dtype=torch.long, device=self.next_ids.device)
+        return Batch(
+            self.id,
+            [self.requests[row] for row in rows],
+            self.sampler.select(rows),
+            self.history.select(index),
+            self.next_ids[index],
+            backend.select(self.state, index),
+            self.max_tokens,
+        )
+
+    @staticmethod
+    def concatenate(batches: list[Batch], backend: Backend) -> Batch:
+        """Merges batches into one (id of the first); no row's cache is recomputed."""
+        if len(batches) == 1:
+            return batches[0]
+        return Batch(
+            batches[0].id,
+            [r for b in batches for r in b.requests],
+            Sampler.concatenate([b.sampler for b in batches]),
+            TokenHistory.concatenate([b.history for b in batches]),
+            torch.cat([b.next_ids for b in batches]),
+            backend.concatenate([b.state for b in batches]),
+            sum(b.max_tokens for b in batches),
+        )

@@ -1,0 +1,58 @@
+"""``text-generation-server``: the shard process (the launcher starts one per rank)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from common.logs import setup_logging
+
+from .config import ShardConfig
+
+app = typer.Typer(add_completion=False, help="Text generation shard: serves one model slice over gRPC.")
+
+
+@app.callback()
+def _root() -> None:
+    """Text generation shard."""
+
+
+@app.command()
+def serve(
+    model_path: Annotated[
+        Path, typer.Argument(help="Local model directory (config, safetensors, tokenizer).")
+    ],
+    uds_path: Annotated[
+        str, typer.Option(help="Socket prefix; the rank is appended.")
+    ] = "/tmp/text-generation-server",
+    dtype: Annotated[str | None, typer.Option(help="float32, float16 or bfloat16.")] = None,
+    quantize: Annotated[str | None, typer.Option()] = None,
+    trust_remote_code: Annotated[bool, typer.Option()] = False,
+    backend: Annotated[str, typer.Option(help="Model backend.")] = "transformers",
+    logger_level: Annotated[str, typer.Option()] = "INFO",
+    json_output: Annotated[bool, typer.Option()] = False,
+) -> None:
+    """Loads the model and serves the shard service on ``{uds_path}-{RANK}``."""
+    rank = int(os.environ.get("RANK", "0"))
+    setup_logging(logger_level, json_output, prefix=f"shard-{rank} ")
+    config = ShardConfig(
+        model_path=model_path,
+        uds_path=uds_path,
+        dtype=dtype,
+        quantize=quantize,
+        trust_remote_code=trust_remote_code,
+        backend=backend,
+        rank=rank,
+        world_size=int(os.environ.get("WORLD_SIZE", "1")),
+    )
+    from .server import serve as run_server
+
+    asyncio.run(run_server(config))
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,23 @@
+"""ShardConfig: everything one shard process needs, built once from its command line."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ShardConfig:
+    model_path: Path
+    uds_path: str = "/tmp/text-generation-server"
+    dtype: str | None = None
+    quantize: str | None = None
+    trust_remote_code: bool = False
+    backend: str = "transformers"
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def socket_path(self) -> str:
+        """The Unix socket of this rank: ``{uds_path}-{rank}``, as TGI."""
+        return f"{self.uds_path}-{self.rank}"

@@ -1,0 +1,187 @@
+"""The shard's gRPC service: protobuf <-> internal types, and nothing else.
+
+Model work runs on one worker thread, so the event loop keeps answering ``Health`` and ``Info`` while a
+long prefill runs, and steps never overlap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+import grpc
+import torch
+
+from proto import pb, pb_grpc
+
+from .backends import load_backend
+from .backends.base import BackendInfo
+from .batch import UnknownRequestError
+from .config import ShardConfig
+from .dist import DistInfo, select_device
+from .engine import Engine, UnknownBatchError
+from .types import RequestSpec, SamplingParams, StepResult
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+GRPC_OPTIONS = [
+    ("grpc.max_send_message_length", 256 * 1024 * 1024),
+    ("grpc.max_receive_message_length", 256 * 1024 * 1024),
+]
+
+
+def request_from_pb(r: pb.Request) -> RequestSpec:
+    p = r.parameters
+    return RequestSpec(
+        id=r.id,
+        input_ids=list(r.input_ids),
+        params=SamplingParams(
+            temperature=p.temperature or 1.0,
+            top_k=p.top_k,
+            top_p=p.top_p or 1.0,
+            typical_p=p.typical_p or 1.0,
+            do_sample=p.do_sample,
+            seed=p.seed,
+            repetition_penalty=p.repetition_penalty or 1.0,
+            frequency_penalty=p.frequency_penalty,
+            presence_penalty=p.presence_penalty,
+        ),
+        max_new_tokens=r.max_new_tokens,
+        prefill_logprobs=r.prefill_logprobs,
+        top_n_tokens=r.top_n_tokens,
+    )
+
+
+def generations_to_pb(result: StepResult) -> pb.Generations:
+    return pb.Generations(
+        request_ids=result.request_ids,
+        token_ids=result.token_ids,
+        logprobs=result.logprobs,
+        top_n=result.top_n,
+        top_ids=result.top_ids,
+        top_logprobs=result.top_logprobs,
+        prefill=[
+            pb.PrefillTokens(request_id=p.request_id, ids=p.ids, logprobs=p.logprobs) for p in result.prefill
+        ],
+    )
+
+
+def info_to_pb(info: BackendInfo, world_size: int) -> pb.InfoResponse:
+    return pb.InfoResponse(
+        requires_padding=info.requires_padding,
+        dtype=info.dtype,
+        device_type=info.device_type,
+        eos_token_ids=info.eos_token_ids,
+        max_position_embeddings=info.max_position_embeddings,
+        world_size=world_size,
+        backend=info.name,
+        vocab_size=info.vocab_size,
+    )
+
+
+class ShardService(pb_grpc.TextGenerationServiceServicer):
+    def __init__(self, engine: Engine, world_size: int) -> None:
+        self.engine = engine
+        self.world_size = world_size
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+
+    async def _run(self, context: grpc.aio.ServicerContext, fn: Callable[..., T], *args: object) -> T:
+        """Runs model work on the worker thread; maps failures to gRPC status codes."""
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
+        except (UnknownBatchError, UnknownRequestError) as e:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except Exception as e:
+            log.exception("Step failed")
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            await context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+        raise AssertionError("unreachable")
+
+    async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
+        return info_to_pb(self.engine.backend.info, self.world_size)
+
+    async def Health(self, request: pb.HealthRequest, context: grpc.aio.ServicerContext) -> pb.HealthResponse:
+        return pb.HealthResponse()
+
+    async def Warmup(self, request: pb.WarmupRequest, context: grpc.aio.ServicerContext) -> pb.WarmupResponse:
+        def warmup() -> int:
+            batch = request.batch
+            self.engine.prefill(batch.id, [request_from_pb(r) for r in batch.requests], batch.max_tokens)
+            self.engine.decode([(batch.id, [r.id for r in batch.requests])])
+            self.engine.clear(batch.id)
+            return self.engine.backend.max_supported_total_tokens() or 0
+
+        return pb.WarmupResponse(max_supported_total_tokens=await self._run(context, warmup))
+
+    async def Prefill(
+        self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PrefillResponse:
+        start = time.perf_counter_ns()
+        batch = request.batch
+        requests = [request_from_pb(r) for r in batch.requests]
+        result = await self._run(context, self.engine.prefill, batch.id, requests, batch.max_tokens)
+        total = time.perf_counter_ns() - start
+        cached = pb.CachedBatch(id=batch.id, request_ids=result.request_ids, max_tokens=batch.max_tokens)
+        return pb.PrefillResponse(generations=generations_to_pb(result), batch=cached, total_ns=total)
+
+    async def Decode(self, request: pb.DecodeRequest, context: grpc.aio.ServicerContext) -> pb.DecodeResponse:
+        start = time.perf_counter_ns()
+        wanted = [(b.id, list(b.request_ids)) for b in request.batches]
+        result, batch = await self._run(context, self.engine.decode, wanted)
+        total = time.perf_counter_ns() - start
+        response = pb.DecodeResponse(generations=generations_to_pb(result), total_ns=total)
+        if batch is not None:
+            response.batch.CopyFrom(
+                pb.CachedBatch(id=batch.id, request_ids=batch.request_ids, max_tokens=batch.max_tokens)
+            )
+        return response
+
+    async def ClearCache(
+        self, request: pb.ClearCacheRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ClearCacheResponse:
+        batch_id = request.id if request.HasField("id") else None
+        await self._run(context, self.engine.clear, batch_id)
+        return pb.ClearCacheResponse()
+
+
+async def serve(config: ShardConfig) -> None:
+    """Loads the model, then answers on ``config.socket_path`` until SIGTERM/SIGINT."""
+    dist = DistInfo(rank=config.rank, world_size=config.world_size, local_rank=DistInfo.from_env().local_rank)
+    device = select_device(dist)
+    started = time.perf_counter()
+    backend = load_backend(config, device)
+    log.info("Model ready in %.1f s", time.perf_counter() - started)
+
+    server = grpc.aio.server(options=GRPC_OPTIONS)
+    pb_grpc.add_TextGenerationServiceServicer_to_server(
+        ShardService(Engine(backend), config.world_size), server
+    )
+    path = config.socket_path
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    server.add_insecure_port(f"unix://{path}")
+    await server.start()
+    log.info("Shard %d/%d serving on unix://%s", config.rank, config.world_size, path)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+        log.info("Shard %d stopping", config.rank)
+        await server.stop(grace=1.0)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
