@@ -170,7 +170,7 @@ def parse_parameters(params: object) -> GenerateParameters:
         decoder_input_details=bool(_get_bool(params, "decoder_input_details")),
         seed=_get_int(params, "seed", U64_MAX),
         top_n_tokens=_get_int(params, "top_n_tokens", 2**32 - 1),
-        ignore_eos_token=bool(_get_bool(params, "ignore_eos_token")),
+        ignore_eos_token=bool(_get_bool(params, "ignore_eos_token") or _get_bool(params, "ignore_eos")),
     )
 
 

@@ -1,0 +1,39 @@
+"""End-to-end fixtures: the real launcher on loopback, on the default model or on a tiny random one."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .harness import Launched
+
+DEFAULT_MODEL_START_TIMEOUT_S = 600.0
+
+
+def stop_and_check(server: Launched) -> None:
+    code = server.stop()
+    assert code == 0, f"launcher exited with {code}:\n{server.log()[-3000:]}"
+    assert server.leftovers() == [], "child processes outlived the launcher"
+    assert server.stale_sockets() == []
+
+
+@pytest.fixture(scope="session")
+def default_server(test_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launched]:
+    """The launcher serving the embedded default model (converted once into the test cache)."""
+    server = Launched(["--huggingface-hub-cache", str(test_cache / "hub"), "--max-concurrent-requests", "64"])
+    server.start(tmp_path_factory.mktemp("logs"))
+    try:
+        server.wait_healthy(DEFAULT_MODEL_START_TIMEOUT_S)
+        yield server
+    finally:
+        stop_and_check(server)
+
+
+@pytest.fixture(scope="session")
+def default_model_dir(default_server: Launched, test_cache: Path) -> Path:
+    """The converted default model directory the server loaded (resolved from the same cache)."""
+    from launcher.weights import WeightsConfig, resolve
+
+    return resolve(WeightsConfig(hub_cache=test_cache / "hub"), progress=False).path
