@@ -24,6 +24,19 @@ def _opt(env: str, help: str, **kwargs: object) -> typer.models.OptionInfo:
     return typer.Option(envvar=env, help=help, show_envvar=True, **kwargs)
 
 
+def _parse_bool(name: str, value: str | None) -> bool | None:
+    """TGI's value-taking booleans (``--sharded true``)."""
+    if value is None:
+        return None
+    lowered = value.strip().lower()
+    if lowered in ("true", "1", "yes"):
+        return True
+    if lowered in ("false", "0", "no"):
+        return False
+    typer.echo(f"Error: `{name}` must be true or false. Given: {value}", err=True)
+    raise typer.Exit(2)
+
+
 def print_env() -> None:
     """TGI's --env: what this launcher runs on."""
     import torch
@@ -51,9 +64,7 @@ def launch(
     ] = None,
     revision: Annotated[str | None, _opt("REVISION", "Hub revision (branch, tag or commit).")] = None,
     validation_workers: Annotated[int, _opt("VALIDATION_WORKERS", "Tokenizer threads in the router.")] = 2,
-    sharded: Annotated[
-        bool | None, _opt("SHARDED", "Force (true) or forbid (false) tensor parallelism.")
-    ] = None,
+    sharded: Annotated[str | None, _opt("SHARDED", "true forces, false forbids tensor parallelism.")] = None,
     num_shard: Annotated[
         int | None, _opt("NUM_SHARD", "Number of shards (default: visible GPUs, else 1).")
     ] = None,
@@ -112,7 +123,7 @@ def launch(
         model_id=model_id,
         revision=revision,
         validation_workers=validation_workers,
-        sharded=sharded,
+        sharded=_parse_bool("sharded", sharded),
         num_shard=num_shard,
         quantize=quantize,
         dtype=dtype,

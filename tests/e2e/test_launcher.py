@@ -1,0 +1,163 @@
+"""The launcher's life cycle on a tiny random model: start, stop, child death, argument errors, overload."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import psutil
+import pytest
+import requests
+
+from .conftest import stop_and_check
+from .harness import REPO, Launched
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def run_launcher(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "launcher", *args],
+        cwd=REPO,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_sigterm_stops_everything_and_exits_zero(tiny_model_dir: Path, tmp_path: Path) -> None:
+    server = Launched(["--model-id", str(tiny_model_dir)]).start(tmp_path)
+    server.wait_healthy(120)
+    children = server.children()
+    assert len(children) >= 2  # one shard, one router
+    response = requests.post(
+        f"{server.url}/generate", json={"inputs": "Hello", "parameters": {"max_new_tokens": 3}}, timeout=60
+    )
+    assert response.status_code == 200
+    stop_and_check(server)
+    assert "Shut down" in server.log()
+
+
+def test_sigint_works_like_sigterm(tiny_model_dir: Path, tmp_path: Path) -> None:
+    server = Launched(["--model-id", str(tiny_model_dir)]).start(tmp_path)
+    server.wait_healthy(120)
+    assert server.stop(signal.SIGINT) == 0
+    assert server.leftovers() == [] and server.stale_sockets() == []
+
+
+@pytest.mark.parametrize("victim", ["shard", "router"])
+def test_a_dead_child_takes_the_server_down(victim: str, tiny_model_dir: Path, tmp_path: Path) -> None:
+    server = Launched(["--model-id", str(tiny_model_dir)]).start(tmp_path)
+    server.wait_healthy(120)
+    target = next(p for p in server.children() if f"-m {victim}" in " ".join(p.cmdline()))
+    target.kill()
+    code = server.wait_exit(60)
+    assert code != 0
+    log = server.log()
+    assert f"{victim}" in log and "exited with code" in log
+    assert server.leftovers() == [] and server.stale_sockets() == []
+
+
+def test_missing_model_is_a_one_line_error(tmp_path: Path) -> None:
+    result = run_launcher("--model-id", str(tmp_path / "does-not-exist"))
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "does-not-exist" in errors[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (["--max-input-length", "3000"], {}, "`max_input_length` must be < `max_total_tokens`"),
+        ([], {"MAX_INPUT_LENGTH": "4000"}, "Given: 4000 and 2048"),
+        (
+            ["--max-batch-prefill-tokens", "512"],
+            {},
+            "`max_batch_prefill_tokens` must be >= `max_input_length`",
+        ),
+        (["--quantize", "bitsandbytes-nf4"], {}, "not supported yet"),
+        (["--quantize", "int3"], {}, "`quantize` must be one of"),
+        (["--num-shard", "2"], {}, "not supported yet"),
+        (["--sharded", "true", "--num-shard", "1"], {}, "`sharded` is true"),
+        (["--dtype", "float64"], {}, "`dtype` must be one of"),
+    ],
+)
+def test_argument_rules_fail_fast(args: list[str], env: dict[str, str], message: str) -> None:
+    started = time.monotonic()
+    result = run_launcher(*args, env=env)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert time.monotonic() - started < 60
+
+
+def test_every_flag_reads_its_environment_variable() -> None:
+    result = run_launcher("--help", env={"COLUMNS": "200"})
+    assert result.returncode == 0
+    for env_var in (
+        "MODEL_ID",
+        "MAX_CONCURRENT_REQUESTS",
+        "MAX_BATCH_PREFILL_TOKENS",
+        "SHARD_UDS_PATH",
+        "PORT",
+    ):
+        assert env_var in result.stdout
+
+
+def test_overload_gives_an_immediate_429(tiny_model_dir: Path, tmp_path: Path) -> None:
+    server = Launched(["--model-id", str(tiny_model_dir), "--max-concurrent-requests", "2"]).start(tmp_path)
+    try:
+        server.wait_healthy(120)
+        body = {"inputs": "Hello", "parameters": {"max_new_tokens": 200, "ignore_eos_token": True}}
+
+        async def run() -> list[int]:
+            async with aiohttp.ClientSession() as session:
+
+                async def one(delay: float) -> tuple[int, float]:
+                    await asyncio.sleep(delay)
+                    started = time.monotonic()
+                    async with session.post(f"{server.url}/generate", json=body) as response:
+                        await response.read()
+                        return response.status, time.monotonic() - started
+
+                results = await asyncio.gather(one(0), one(0), one(0.5), one(0.5))
+                return results
+
+        results = asyncio.run(run())
+        statuses = sorted(status for status, _ in results)
+        assert statuses == [200, 200, 429, 429]
+        assert all(elapsed < 1.0 for status, elapsed in results if status == 429)
+        metrics = requests.get(f"{server.url}/metrics", timeout=10).text
+        assert 'tgi_request_failure_total{err="overloaded"} 2.0' in metrics
+    finally:
+        stop_and_check(server)
+
+
+def test_client_disconnect_leaves_the_batch(tiny_model_dir: Path, tmp_path: Path) -> None:
+    server = Launched(["--model-id", str(tiny_model_dir)]).start(tmp_path)
+    try:
+        server.wait_healthy(120)
+        body = {"inputs": "Hello", "parameters": {"max_new_tokens": 400, "ignore_eos_token": True}}
+
+        async def run() -> None:
+            async with aiohttp.ClientSession() as session:
+                response = await session.post(f"{server.url}/generate_stream", json=body)
+                await response.content.readline()
+                response.close()  # the client goes away mid-stream
+            await asyncio.sleep(1.0)
+
+        asyncio.run(run())
+        metrics = requests.get(f"{server.url}/metrics", timeout=10).text
+        assert 'tgi_request_failure_total{err="dropped"} 1.0' in metrics
+        assert "tgi_batch_current_size 0.0" in metrics
+        router = next(p for p in server.children() if "-m router" in " ".join(p.cmdline()))
+        assert router.status() != psutil.STATUS_ZOMBIE
+    finally:
+        stop_and_check(server)
