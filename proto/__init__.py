@@ -9,7 +9,7 @@ if build.stale():
     # A source checkout that skipped `make proto`: generate the stubs next to the .proto file.
     build.generate()
 
-from . import generate_pb2 as pb  # noqa: E402
-from . import generate_pb2_grpc as pb_grpc  # noqa: E402
+from . import generate_pb2 as pb
+from . import generate_pb2_grpc as pb_grpc
 
 __all__ = ["pb", "pb_grpc"]
