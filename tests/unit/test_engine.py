@@ -1,0 +1,138 @@
+"""The shard's engine on a tiny random Llama: continuous batching must not change anyone's tokens."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from shard.backends.hf import HFBackend
+from shard.batch import UnknownRequestError
+from shard.engine import Engine, UnknownBatchError
+from shard.types import RequestSpec, SamplingParams
+
+pytestmark = pytest.mark.timeout(120)
+
+TEXTS = [
+    "Hello world",
+    "The capital of France is",
+    "def add(a, b):",
+    "café 🤗 東京",
+    "Continuous batching lets",
+]
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_model_dir: Path) -> HFBackend:
+    return HFBackend(tiny_model_dir, torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def prompts(tiny_model_dir: Path) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    return [tokenizer.encode(t) for t in TEXTS]
+
+
+def run_alone(engine: Engine, ids: list[int], steps: int, params: SamplingParams | None = None) -> list[int]:
+    engine.clear()
+    spec = RequestSpec(7, ids, params or SamplingParams(), max_new_tokens=steps)
+    tokens = engine.prefill(1, [spec], 1000).token_ids
+    for _ in range(steps - 1):
+        result, _ = engine.decode([(1, [7])])
+        tokens += result.token_ids
+    engine.clear()
+    return tokens
+
+
+def test_greedy_matches_transformers_generate(backend: HFBackend, prompts: list[list[int]]) -> None:
+    engine = Engine(backend)
+    for ids in prompts:
+        expected = backend.model.generate(
+            torch.tensor([ids]), max_new_tokens=12, min_new_tokens=12, do_sample=False
+        )[0, len(ids) :]
+        assert run_alone(engine, ids, 12) == expected.tolist()
+
+
+def test_requests_join_and_leave_without_changing_tokens(
+    backend: HFBackend, prompts: list[list[int]]
+) -> None:
+    engine = Engine(backend)
+    steps = {0: 12, 1: 5, 2: 9, 3: 12, 4: 3}
+    seeded = SamplingParams(do_sample=True, temperature=0.8, top_k=20, seed=99)
+    params = {i: (seeded if i == 3 else SamplingParams()) for i in steps}
+    alone = {i: run_alone(engine, prompts[i], n, params[i]) for i, n in steps.items()}
+
+    out: dict[int, list[int]] = {i: [] for i in steps}
+
+    def collect(result) -> None:
+        for rid, token in zip(result.request_ids, result.token_ids, strict=True):
+            out[rid].append(token)
+
+    def spec(i: int) -> RequestSpec:
+        return RequestSpec(i, prompts[i], params[i], max_new_tokens=steps[i])
+
+    collect(engine.prefill(10, [spec(0), spec(1)], 1000))
+    collect(engine.decode([(10, [0, 1])])[0])
+    collect(engine.prefill(11, [spec(2), spec(3)], 1000))  # joins a running batch
+    running = [(10, [0, 1]), (11, [2, 3])]
+    joined_late = False
+    while running:
+        wanted = [(bid, [r for r in ids if len(out[r]) < steps[r]]) for bid, ids in running]
+        result, batch = engine.decode(wanted)
+        if batch is None:
+            break
+        collect(result)
+        running = [(batch.id, batch.request_ids)]
+        if not joined_late and len(out[0]) == 6:
+            collect(engine.prefill(12, [spec(4)], 1000))  # joins after others have left
+            running.append((12, [4]))
+            joined_late = True
+    assert out == alone
+
+
+def test_leaving_trims_the_cache(backend: HFBackend, prompts: list[list[int]]) -> None:
+    engine = Engine(backend)
+    long_prompt = prompts[3] * 4
+    engine.prefill(1, [RequestSpec(1, long_prompt), RequestSpec(2, prompts[0])], 1000)
+    engine.decode([(1, [1, 2])])
+    _, batch = engine.decode([(1, [2])])
+    assert batch is not None
+    # Only the short request's slots remain: its prompt, plus two generated tokens fed back.
+    assert batch.state.attention_mask.shape[1] == len(prompts[0]) + 2
+    assert batch.state.cache.layers[0].keys.shape[2] == len(prompts[0]) + 2
+
+
+def test_prompt_logprobs_match_the_model(backend: HFBackend, prompts: list[list[int]]) -> None:
+    engine = Engine(backend)
+    ids = prompts[1]
+    result = engine.prefill(1, [RequestSpec(1, ids, prefill_logprobs=True), RequestSpec(2, prompts[0])], 100)
+    assert [p.request_id for p in result.prefill] == [1]
+    logits = backend.model(torch.tensor([ids])).logits[0].float()
+    expected = torch.log_softmax(logits[:-1], -1).gather(1, torch.tensor(ids[1:]).unsqueeze(1)).squeeze(1)
+    got = result.prefill[0].logprobs
+    assert math.isnan(got[0])
+    assert torch.allclose(torch.tensor(got[1:]), expected, atol=1e-4)
+
+
+def test_top_n_tokens(backend: HFBackend, prompts: list[list[int]]) -> None:
+    engine = Engine(backend)
+    result = engine.prefill(1, [RequestSpec(1, prompts[0], top_n_tokens=3), RequestSpec(2, prompts[1])], 100)
+    assert result.top_n == 3
+    first = result.top_ids[:3]
+    assert first[0] == result.token_ids[0]
+    assert result.top_logprobs[:3] == sorted(result.top_logprobs[:3], reverse=True)
+
+
+def test_unknown_batch_or_request_is_an_error(backend: HFBackend, prompts: list[list[int]]) -> None:
+    engine = Engine(backend)
+    engine.prefill(1, [RequestSpec(1, prompts[0])], 100)
+    with pytest.raises(UnknownBatchError):
+        engine.decode([(2, [1])])
+    with pytest.raises(UnknownRequestError):
+        engine.decode([(1, [5])])
+    with pytest.raises(ValueError):
+        engine.prefill(3, [], 100)
