@@ -69,7 +69,8 @@ class StopMatcher:
         hits = [(text.find(s), s) for s in self.stops]
         hits = [(i, s) for i, s in hits if i >= 0]
         if hits:
-            start, stop = min(hits, key=lambda h: (h[0], -len(h[1])))
+            # The stop that completes first wins (then the earliest start): the same cut for any chunking.
+            start, stop = min(hits, key=lambda h: (h[0] + len(h[1]), h[0]))
             self.pending = ""
             return text[: start + len(stop)] if self.include_stop else text[:start], True
         hold = self._partial_suffix(text)

@@ -70,6 +70,8 @@ class Queue:
             taken.append(entry)
             prefill, decode = next_prefill, next_decode
         if not taken or (min_size is not None and len(taken) < min_size):
+            if not self.entries:
+                self.not_empty.clear()
             return None
         chosen = set(map(id, taken))
         self.entries = deque(e for e in self.entries if id(e) not in chosen and not e.cancelled)

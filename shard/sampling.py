@@ -194,7 +194,7 @@ class Sampler:
         if self.any_top_p:
             probs = sorted_scores.softmax(dim=-1)
             before = probs.cumsum(dim=-1) - probs
-            cut = (before > self.top_p.unsqueeze(1)) & (self.top_p < 1.0).unsqueeze(1)
+            cut = (before >= self.top_p.unsqueeze(1)) & (self.top_p < 1.0).unsqueeze(1)
             sorted_scores = sorted_scores.masked_fill(cut, float("-inf"))
         return torch.empty_like(scores).scatter_(1, sorted_idx, sorted_scores)
 
