@@ -6,8 +6,7 @@ ENV PIP_NO_CACHE_DIR=1 \
     PYTHONUNBUFFERED=1 \
     HF_HOME=/data \
     HUGGINGFACE_HUB_CACHE=/data \
-    PORT=80 \
-    HOSTNAME=0.0.0.0
+    PORT=80
 
 WORKDIR /usr/src/text-generation-server
 COPY pyproject.toml setup.py README.md ./
@@ -25,5 +24,6 @@ RUN pip install "torch>=2.4,<2.15" \
 VOLUME /data
 EXPOSE 80
 
-ENTRYPOINT ["text-generation-launcher"]
+# Docker sets HOSTNAME to the container id, so the address is passed as a flag (a later flag overrides it).
+ENTRYPOINT ["text-generation-launcher", "--hostname", "0.0.0.0"]
 CMD ["--json-output"]

@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PORT ?= 3000
-HOSTNAME ?= 0.0.0.0
+HOST ?= 0.0.0.0
 # torch 2.13.0 is the CPU build this machine's pip finds locally; any torch in the project's range works
 # (elsewhere, e.g. TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu").
 TORCH_SPEC ?= torch==2.13.0
@@ -30,7 +30,7 @@ proto: $(STAMP)
 	$(BIN)/python -m proto.build
 
 run: $(STAMP) proto
-	$(BIN)/text-generation-launcher --hostname $(HOSTNAME) --port $(PORT) $(ARGS)
+	$(BIN)/text-generation-launcher --hostname $(HOST) --port $(PORT) $(ARGS)
 
 test: $(STAMP) proto
 	$(BIN)/ruff check .
