@@ -13,37 +13,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from common.params import SamplingParams
+
 from .config import RouterConfig
 from .errors import ValidationError
 from .tokenizer import Tokenizer
 
 U64_MAX = 2**64 - 1
-
-
-@dataclass(frozen=True)
-class NextTokenParams:
-    """What the shard needs to choose tokens (mirrors proto NextTokenChooserParameters)."""
-
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    typical_p: float = 1.0
-    do_sample: bool = False
-    seed: int = 0
-    repetition_penalty: float = 1.0
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-    watermark: bool = False
-
-    @property
-    def sampling(self) -> bool:
-        return (
-            self.do_sample
-            or self.temperature != 1.0
-            or self.top_k > 0
-            or self.top_p < 1.0
-            or self.typical_p < 1.0
-        )
 
 
 @dataclass(frozen=True)
@@ -77,7 +53,7 @@ class ValidRequest:
 
     inputs: str
     input_ids: list[int]
-    parameters: NextTokenParams
+    parameters: SamplingParams
     max_new_tokens: int
     stop: list[str]
     details: bool
@@ -185,14 +161,16 @@ class Validator:
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def check_parameters(self, p: GenerateParameters, stream: bool) -> NextTokenParams:
+    def check_parameters(self, p: GenerateParameters, stream: bool) -> SamplingParams:
         """TGI's rules, in TGI's order, with TGI's messages."""
         c = self.config
         temperature = 1.0 if p.temperature is None else p.temperature
         top_p = 1.0 if p.top_p is None else p.top_p
         typical_p = 1.0 if p.typical_p is None else p.typical_p
         top_k = 0 if p.top_k is None else p.top_k
-        sampling = p.do_sample or temperature != 1.0 or top_k > 0 or top_p < 1.0 or typical_p < 1.0
+        sampling = SamplingParams(
+            temperature=temperature, top_k=top_k, top_p=top_p, typical_p=typical_p, do_sample=p.do_sample
+        ).sampling
         if p.best_of is not None and p.best_of > 1:
             if c.max_best_of <= 1:
                 raise ValidationError("`best_of` != 1 is not allowed for this endpoint")
@@ -239,7 +217,7 @@ class Validator:
                 f"`truncate` must be strictly positive and less than {c.max_input_length}. Given: {p.truncate}"
             )
         seed = p.seed if p.seed is not None else (random.getrandbits(64) if sampling else 0)
-        return NextTokenParams(
+        return SamplingParams(
             temperature=temperature,
             top_k=top_k,
             top_p=top_p,
@@ -271,7 +249,7 @@ class Validator:
         inputs: str,
         input_ids: list[int],
         p: GenerateParameters,
-        chooser: NextTokenParams,
+        chooser: SamplingParams,
         return_full_text_default: bool = False,
     ) -> ValidRequest:
         c = self.config

@@ -53,6 +53,7 @@ def request_from_pb(r: pb.Request) -> RequestSpec:
             repetition_penalty=p.repetition_penalty or 1.0,
             frequency_penalty=p.frequency_penalty,
             presence_penalty=p.presence_penalty,
+            watermark=p.watermark,
         ),
         max_new_tokens=r.max_new_tokens,
         prefill_logprobs=r.prefill_logprobs,

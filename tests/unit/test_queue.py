@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from common.params import SamplingParams
 from router.generation import GenerationState
 from router.queue import Entry, Queue
 from router.tokenizer import Tokenizer
-from router.validation import NextTokenParams, ValidRequest
+from router.validation import ValidRequest
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -31,7 +32,7 @@ def make(tokenizer: Tokenizer):
         request = ValidRequest(
             inputs="x" * prompt,
             input_ids=list(range(3, 3 + prompt)),
-            parameters=NextTokenParams(),
+            parameters=SamplingParams(),
             max_new_tokens=new,
             stop=[],
             details=False,

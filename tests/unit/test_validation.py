@@ -20,7 +20,7 @@ from router.tokenizer import Tokenizer
 from router.validation import (
     U64_MAX,
     GenerateParameters,
-    NextTokenParams,
+    SamplingParams,
     Validator,
     ValidRequest,
     parse_parameters,
@@ -75,7 +75,7 @@ def names_field(text: str, field: str) -> bool:
     return f"`{field}`" in text
 
 
-def check(validator: Validator, stream: bool = False, **params: object) -> NextTokenParams:
+def check(validator: Validator, stream: bool = False, **params: object) -> SamplingParams:
     return validator.check_parameters(parse_parameters(params), stream)
 
 
@@ -293,7 +293,7 @@ def test_unsupported_features_are_422(field: str) -> None:
 
 def test_defaults(validator: Validator) -> None:
     chooser = check(validator)
-    assert chooser == NextTokenParams(seed=0)
+    assert chooser == SamplingParams(seed=0)
     assert not chooser.sampling
 
 
@@ -475,7 +475,7 @@ def test_chooser_values(validator: Validator) -> None:
         do_sample=True,
         seed=123,
     )
-    assert chooser == NextTokenParams(
+    assert chooser == SamplingParams(
         temperature=0.5,
         top_k=7,
         top_p=0.9,

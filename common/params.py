@@ -1,0 +1,31 @@
+"""The sampling parameters of one request: the router validates them, the shard applies them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request next-token choice (mirrors proto NextTokenChooserParameters). Neutral values switch a
+    step off."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    typical_p: float = 1.0
+    do_sample: bool = False
+    seed: int = 0
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    watermark: bool = False
+
+    @property
+    def has_warpers(self) -> bool:
+        return self.temperature != 1.0 or self.top_k > 0 or self.top_p < 1.0 or self.typical_p < 1.0
+
+    @property
+    def sampling(self) -> bool:
+        """TGI's rule: any warper implies sampling, as does do_sample."""
+        return self.do_sample or self.has_warpers
