@@ -238,3 +238,43 @@ def test_metrics_and_docs(default_server: Launched) -> None:
         assert name in text
     assert requests.get(f"{default_server.url}/openapi.json", timeout=10).json()["paths"]["/generate"]
     assert "swagger" in requests.get(f"{default_server.url}/docs", timeout=10).text.lower()
+
+
+def test_tgi_parameters_round_trip(default_server: Launched) -> None:
+    prompt = "The three primary colors are"
+    body = generate(default_server, prompt, max_new_tokens=6, best_of=2, do_sample=True, details=True)
+    assert len(body["details"]["best_of_sequences"]) == 1
+    assert body["details"]["seed"] is not None
+
+    body = generate(default_server, prompt, max_new_tokens=4, return_full_text=True)
+    assert body["generated_text"].startswith(prompt)
+
+    body = generate(
+        default_server, prompt, max_new_tokens=2, truncate=3, decoder_input_details=True, details=True
+    )
+    assert len(body["details"]["prefill"]) == 3
+
+    for extra in ({"repetition_penalty": 1.3}, {"typical_p": 0.5, "seed": 3}, {"top_p": 0.9, "seed": 4}):
+        body = generate(default_server, prompt, max_new_tokens=8, details=True, **extra)
+        assert body["details"]["generated_tokens"] == 8 or body["details"]["finish_reason"] != "length"
+
+    response = requests.post(
+        f"{default_server.url}/generate",
+        json={"inputs": prompt, "parameters": {"best_of": 2, "seed": 1, "do_sample": True}},
+        timeout=30,
+    )
+    assert response.status_code == 422 and "seed" in response.json()["error"]
+
+
+def test_compat_route_streams_and_answers_an_array(default_server: Launched) -> None:
+    response = requests.post(
+        f"{default_server.url}/", json={"inputs": "Hello", "parameters": {"max_new_tokens": 3}}, timeout=60
+    )
+    assert response.status_code == 200 and isinstance(response.json(), list)
+    response = requests.post(
+        f"{default_server.url}/",
+        json={"inputs": "Hello", "parameters": {"max_new_tokens": 3}, "stream": True},
+        timeout=60,
+    )
+    assert response.headers["Content-Type"].startswith("text/event-stream")
+    assert response.text.count("data:") == 3
