@@ -19,11 +19,20 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
+    min_p: float = 0.0
+    # (token id, bias) pairs added to the raw logits.
+    logit_bias: tuple[tuple[int, float], ...] = ()
     watermark: bool = False
 
     @property
     def has_warpers(self) -> bool:
-        return self.temperature != 1.0 or self.top_k > 0 or self.top_p < 1.0 or self.typical_p < 1.0
+        return (
+            self.temperature != 1.0
+            or self.top_k > 0
+            or self.top_p < 1.0
+            or self.typical_p < 1.0
+            or self.min_p > 0.0
+        )
 
     @property
     def sampling(self) -> bool:

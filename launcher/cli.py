@@ -115,6 +115,12 @@ def launch(
     cors_allow_origin: Annotated[
         list[str] | None, _opt("CORS_ALLOW_ORIGIN", "Allowed CORS origin (repeatable; * for any).")
     ] = None,
+    served_model_name: Annotated[
+        list[str] | None, _opt("SERVED_MODEL_NAME", "Name the OpenAI routes accept for `model` (repeatable).")
+    ] = None,
+    chat_template: Annotated[
+        str | None, _opt("CHAT_TEMPLATE", "Chat template (a Jinja file or string) instead of the model's.")
+    ] = None,
     env: Annotated[bool, _opt("ENV", "Print the runtime environment first.")] = False,
 ) -> None:
     """Serve a causal language model: TGI's native API and the OpenAI API over continuous batching."""
@@ -147,6 +153,8 @@ def launch(
         weights_cache_override=weights_cache_override,
         json_output=json_output,
         cors_allow_origin=tuple(cors_allow_origin or ()),
+        served_model_name=tuple(served_model_name or ()),
+        chat_template=chat_template,
         env=env,
     )
     if env:

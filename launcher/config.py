@@ -43,6 +43,8 @@ class LauncherConfig:
     weights_cache_override: Path | None = None
     json_output: bool = False
     cors_allow_origin: tuple[str, ...] = field(default_factory=tuple)
+    served_model_name: tuple[str, ...] = field(default_factory=tuple)
+    chat_template: str | None = None
     env: bool = False
 
     def world_size(self) -> int:

@@ -172,6 +172,10 @@ class Supervisor:
             cmd += ["--max-batch-total-tokens", str(c.max_batch_total_tokens)]
         for origin in c.cors_allow_origin:
             cmd += ["--cors-allow-origin", origin]
+        for name in c.served_model_name:
+            cmd += ["--served-model-name", name]
+        if c.chat_template:
+            cmd += ["--chat-template", c.chat_template]
         if c.json_output:
             cmd.append("--json-output")
         return cmd

@@ -9,13 +9,14 @@ import os
 
 from aiohttp import web
 
-from . import tgi_api
+from . import openai_api, tgi_api
+from .chat import ChatPrompter
 from .client import ShardClient
 from .config import RouterConfig
 from .errors import InferError
 from .infer import Infer
 from .openapi import SWAGGER_UI, openapi_document
-from .tgi_api import CONFIG_KEY, INFER_KEY
+from .state import STATE_KEY, RouterState
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,8 @@ def cors_middleware(origins: tuple[str, ...]):
 
 async def _connect(app: web.Application) -> None:
     """Loads the tokenizer, waits for the shards, warms them up, then serves. Fatal on failure."""
-    config = app[CONFIG_KEY]
+    state = app[STATE_KEY]
+    config = state.config
     try:
         tokenizer = await asyncio.to_thread(Tokenizer, config.tokenizer_name, config.revision)
         client = ShardClient(config.shard_sockets())
@@ -80,7 +82,8 @@ async def _connect(app: web.Application) -> None:
         info = await client.info()
         infer = Infer(config, client, tokenizer, info)
         await infer.start()
-        app[INFER_KEY] = infer
+        state.prompter = ChatPrompter(tokenizer, config.chat_template, config.chat_wrapping)
+        state.infer = infer
         log.info("Router ready: %s on %s (%s)", config.model_id, info.device_type, info.dtype)
     except Exception:
         log.exception("Router start-up failed")
@@ -97,7 +100,7 @@ async def _on_cleanup(app: web.Application) -> None:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-    infer = app.get(INFER_KEY)
+    infer = app[STATE_KEY].infer
     if infer is not None:
         await infer.stop()
         await infer.client.close()
@@ -116,8 +119,9 @@ def create_app(config: RouterConfig) -> web.Application:
         middlewares=[cors_middleware(config.cors_allow_origin), error_middleware],
         client_max_size=PAYLOAD_LIMIT,
     )
-    app[CONFIG_KEY] = config
+    app[STATE_KEY] = RouterState(config)
     tgi_api.add_routes(app)
+    openai_api.add_routes(app)
     app.router.add_get("/openapi.json", _openapi)
     app.router.add_get("/api-doc/openapi.json", _openapi)
     app.router.add_get("/docs", _docs)

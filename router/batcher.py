@@ -41,11 +41,15 @@ def request_to_pb(entry: Entry) -> pb.Request:
             repetition_penalty=p.repetition_penalty,
             frequency_penalty=p.frequency_penalty,
             presence_penalty=p.presence_penalty,
+            min_p=p.min_p,
+            logit_bias=dict(p.logit_bias),
             watermark=p.watermark,
         ),
         max_new_tokens=r.max_new_tokens,
         prefill_logprobs=r.decoder_input_details,
         top_n_tokens=r.top_n_tokens,
+        min_new_tokens=r.min_new_tokens,
+        stop_token_ids=r.stop_token_ids,
     )
 
 

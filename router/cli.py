@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from typing import Annotated
 
 import typer
 
 from common.logs import setup_logging
 
+from .chat import ChatWrapping, load_chat_template
 from .config import RouterConfig
 
 app = typer.Typer(
@@ -39,6 +41,10 @@ def serve(
     validation_workers: Annotated[int, typer.Option()] = 2,
     cors_allow_origin: Annotated[list[str] | None, typer.Option()] = None,
     json_output: Annotated[bool, typer.Option()] = False,
+    served_model_name: Annotated[
+        list[str] | None, typer.Option(help="Name(s) for `model` on OpenAI routes.")
+    ] = None,
+    chat_template: Annotated[str | None, typer.Option(help="Chat template: a Jinja file or string.")] = None,
     logger_level: Annotated[str, typer.Option()] = "INFO",
 ) -> None:
     setup_logging(logger_level, json_output, prefix="router ")
@@ -68,6 +74,10 @@ def serve(
             validation_workers=validation_workers,
             cors_allow_origin=tuple(cors_allow_origin or ()),
             json_output=json_output,
+            served_model_names=tuple(served_model_name or ()),
+            chat_template=load_chat_template(chat_template),
+            # TGICHAT_* come from the environment the launcher passes on; read once, here.
+            chat_wrapping=ChatWrapping.from_env(os.environ),
         )
     )
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .chat import ChatWrapping
+
 
 @dataclass(frozen=True)
 class RouterConfig:
@@ -30,6 +32,15 @@ class RouterConfig:
     cors_allow_origin: tuple[str, ...] = field(default_factory=tuple)
     json_output: bool = False
     pipeline_tag: str = "text-generation"
+    # Names the OpenAI routes accept in `model` (the first is reported); default: model_id.
+    served_model_names: tuple[str, ...] = ()
+    # --chat-template's text (it overrides the model's template); TGICHAT_* wrapping when set.
+    chat_template: str | None = None
+    chat_wrapping: ChatWrapping | None = None
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        return self.served_model_names or (self.model_id,)
 
     def shard_sockets(self) -> list[str]:
         return [f"{self.shard_uds_path}-{rank}" for rank in range(self.num_shard)]

@@ -17,13 +17,22 @@ class InferError(Exception):
 
 
 class ValidationError(InferError):
-    """Bad input from the user; the message names the field."""
+    """Bad input from the user; the message names the field (``param`` when it is known)."""
 
     status = 422
     error_type = "validation"
+    code: str | None = None
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(f"Input validation error: {message}")
+        self.detail = message
+        self.param = param
+
+
+class ContextLengthError(ValidationError):
+    """A prompt (plus the tokens asked for) longer than the server allows; the message has both numbers."""
+
+    code = "context_length_exceeded"
 
 
 class OverloadedError(InferError):

@@ -39,9 +39,11 @@ class Finished:
 
 @dataclass(frozen=True)
 class StreamEvent:
-    """One generated token, and on the last one, how the request ended."""
+    """One generated token, the text it adds to the answer (``delta``), and on the last one, how the
+    request ended. The deltas of all events concatenate to the final text."""
 
     token: Token
+    delta: str = ""
     top_tokens: list[Token] = field(default_factory=list)
     finished: Finished | None = None
 
@@ -52,7 +54,7 @@ class GenerationState:
         self.tokenizer = tokenizer
         self.eos_ids = frozenset() if request.ignore_eos_token else eos_ids
         self.detokenizer = IncrementalDetokenizer(tokenizer, request.input_ids)
-        self.stops = StopMatcher(request.stop, include_stop=True)
+        self.stops = StopMatcher(request.stop, include_stop=request.include_stop)
         self.text_parts: list[str] = []
         self.tokens: list[Token] = []
         self.top_tokens: list[list[Token]] = []
@@ -70,39 +72,42 @@ class GenerationState:
 
     def push(self, token_id: int, logprob: float, top: list[tuple[int, float]]) -> StreamEvent:
         """Accounts one generated token; returns its stream event (with ``finished`` on the last one)."""
+        r = self.request
+        count = len(self.tokens) + 1
+        may_end = count >= r.min_new_tokens
         special = self.tokenizer.is_special(token_id)
+        ends = token_id in self.eos_ids or token_id in r.stop_token_ids
         stopped = False
-        if special:
-            text = self.tokenizer.token_text(token_id)
+        if ends or (special and r.skip_special_tokens):
+            delta = ""  # an end-of-sequence or skipped special token adds no text
         else:
-            text, stopped = self.stops.push(self.detokenizer.push(token_id))
-        if len(self.tokens) + 1 >= self.request.max_new_tokens:
+            delta = self.detokenizer.push(token_id)
+            if may_end:
+                delta, stopped = self.stops.push(delta)
+        if count >= r.max_new_tokens:
             finish_reason = "length"
-        elif token_id in self.eos_ids:
+        elif token_id in self.eos_ids and may_end:
             finish_reason = "eos_token"
+        elif (token_id in r.stop_token_ids and may_end) or stopped:
+            finish_reason = "stop_sequence"
         else:
-            finish_reason = "stop_sequence" if stopped else None
+            finish_reason = None
         if finish_reason and not stopped:
             # Release what was held back: a partial character or a partial stop string.
             tail, hit = self.stops.push(self.detokenizer.flush())
-            tail += "" if hit else self.stops.flush()
-            if special:
-                # A special token's own text is its token string; keep the tail in the final text.
-                self.text_parts.append(tail)
-            else:
-                text += tail
-        token = Token(token_id, text, logprob, special)
+            delta += tail if hit else tail + self.stops.flush()
+        self.text_parts.append(delta)
+        # TGI shows a special token's own string (clients skip it by its `special` flag).
+        token = Token(token_id, self.tokenizer.token_text(token_id) if special else delta, logprob, special)
         self.tokens.append(token)
-        if not special:
-            self.text_parts.append(text)
         top_tokens = [
             Token(i, self.tokenizer.token_text(i), lp, self.tokenizer.is_special(i))
-            for i, lp in top[: self.request.top_n_tokens]
+            for i, lp in top[: r.top_n_tokens]
         ]
-        if self.request.top_n_tokens:
+        if r.top_n_tokens:
             self.top_tokens.append(top_tokens)
         finished = self._finish(finish_reason) if finish_reason else None
-        return StreamEvent(token, top_tokens, finished)
+        return StreamEvent(token, delta, top_tokens, finished)
 
     def _finish(self, reason: str) -> Finished:
         text = "".join(self.text_parts)

@@ -16,22 +16,11 @@ from typing import Any
 from aiohttp import web
 
 from . import __version__
-from .config import RouterConfig
 from .errors import InferError, UnhealthyError, ValidationError
 from .generation import Finished, StreamEvent, Token
 from .infer import Infer
+from .state import get_infer, state
 from .validation import GenerateParameters, ValidRequest, parse_parameters
-
-INFER_KEY = web.AppKey("infer", Infer)
-CONFIG_KEY = web.AppKey("config", RouterConfig)
-
-
-def get_infer(request: web.Request) -> Infer:
-    """The app's Infer, or a 503 while the model is still loading."""
-    infer = request.app.get(INFER_KEY)
-    if infer is None or not infer.ready:
-        raise UnhealthyError("the model is still loading")
-    return infer
 
 
 def error_response(error: InferError) -> web.Response:
@@ -255,15 +244,15 @@ async def compat_generate(request: web.Request) -> web.StreamResponse:
 
 
 async def health(request: web.Request) -> web.Response:
-    infer = request.app.get(INFER_KEY)
+    infer = state(request).infer
     if infer is not None and await infer.healthy():
         return web.Response(status=200)
     return error_response(UnhealthyError("unhealthy"))
 
 
 async def info(request: web.Request) -> web.Response:
-    c = request.app[CONFIG_KEY]
-    infer = request.app.get(INFER_KEY)
+    c = state(request).config
+    infer = state(request).infer
     shard = infer.info if infer is not None else None
     return web.json_response(
         {
@@ -292,7 +281,7 @@ async def info(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    infer = request.app.get(INFER_KEY)
+    infer = state(request).infer
     body = infer.metrics.render() if infer is not None else b""
     return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 

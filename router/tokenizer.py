@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from pathlib import Path
 
@@ -30,3 +31,35 @@ class Tokenizer:
 
     def is_special(self, token_id: int) -> bool:
         return token_id in self.special_ids
+
+    @functools.lru_cache(maxsize=65536)  # noqa: B019
+    def token_bytes(self, token_id: int) -> bytes:
+        """The raw bytes a token stands for, even when they are only part of a UTF-8 character
+        (byte-level BPE pieces and SentencePiece ``<0xNN>`` byte tokens); else its text as UTF-8."""
+        piece = self.hf.convert_ids_to_tokens(token_id)
+        if isinstance(piece, str):
+            if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+                with contextlib.suppress(ValueError):
+                    return bytes([int(piece[3:5], 16)])
+            if self._byte_decoder is not None and all(ch in self._byte_decoder for ch in piece):
+                return bytes(self._byte_decoder[ch] for ch in piece)
+        return self.token_text(token_id).encode()
+
+    @functools.cached_property
+    def _byte_decoder(self) -> dict[str, int] | None:
+        """GPT-2's printable-character alphabet for bytes, when the tokenizer decodes byte-level."""
+        decoder = getattr(getattr(self.hf, "backend_tokenizer", None), "decoder", None)
+        if decoder is None or "ByteLevel" not in type(decoder).__name__ + repr(decoder):
+            return None
+        printable = [
+            *range(ord("!"), ord("~") + 1),
+            *range(ord("¡"), ord("¬") + 1),
+            *range(ord("®"), ord("ÿ") + 1),
+        ]
+        codes, extra = list(printable), 0
+        for b in range(256):
+            if b not in printable:
+                printable.append(b)
+                codes.append(256 + extra)
+                extra += 1
+        return {chr(c): b for b, c in zip(printable, codes, strict=True)}

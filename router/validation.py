@@ -9,17 +9,19 @@ from __future__ import annotations
 import asyncio
 import math
 import random
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from common.params import SamplingParams
 
 from .config import RouterConfig
-from .errors import ValidationError
+from .errors import ContextLengthError, ValidationError
 from .tokenizer import Tokenizer
 
 U64_MAX = 2**64 - 1
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,12 @@ class ValidRequest:
     return_full_text: bool
     seed: int | None
     ignore_eos_token: bool = False
+    # TGI keeps a matched stop string in the text; OpenAI drops it.
+    include_stop: bool = True
+    # No end of sequence (EOS, stop_token_ids, stop strings) before this many tokens.
+    min_new_tokens: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+    skip_special_tokens: bool = True
 
     @property
     def input_length(self) -> int:
@@ -237,12 +245,37 @@ class Validator:
         if not inputs:
             raise ValidationError("`inputs` cannot be empty")
         chooser = self.check_parameters(p, stream)
-        loop = asyncio.get_running_loop()
-        input_ids = await loop.run_in_executor(self._pool, self.tokenizer.encode, inputs)
+        input_ids = await self.run(self.tokenizer.encode, inputs)
         if p.truncate is not None and len(input_ids) > p.truncate:
             input_ids = input_ids[-p.truncate :]
-            inputs = await loop.run_in_executor(self._pool, self.tokenizer.decode, input_ids)
+            inputs = await self.run(self.tokenizer.decode, input_ids)
         return self.check_lengths(inputs, input_ids, p, chooser, return_full_text_default)
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Runs tokenizer work (encode, decode, chat templates) on the validation pool."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    def new_tokens_budget(
+        self, input_length: int, requested: int | None, field: str = "max_new_tokens"
+    ) -> int:
+        """The tokens a prompt may generate: ``requested``, or what is left of max_total_tokens when None.
+
+        Raises ContextLengthError (both numbers in the message) when the prompt or the sum is too long."""
+        c = self.config
+        left = c.max_total_tokens - input_length
+        if requested is not None and requested > left:
+            raise ContextLengthError(
+                f"`inputs` tokens + `{field}` must be <= {c.max_total_tokens}. "
+                f"Given: {input_length} `inputs` tokens and {requested} `{field}`",
+                field,
+            )
+        if input_length > c.max_input_length:
+            raise ContextLengthError(
+                f"`inputs` must have less than {c.max_input_length} tokens. Given: {input_length}"
+            )
+        if requested is None:
+            return left
+        return requested
 
     def check_lengths(
         self,
@@ -252,18 +285,10 @@ class Validator:
         chooser: SamplingParams,
         return_full_text_default: bool = False,
     ) -> ValidRequest:
-        c = self.config
         n = len(input_ids)
         if n == 0:
             raise ValidationError("`inputs` cannot be empty")
-        max_new_tokens = p.max_new_tokens if p.max_new_tokens is not None else 20
-        if n + max_new_tokens > c.max_total_tokens:
-            raise ValidationError(
-                f"`inputs` tokens + `max_new_tokens` must be <= {c.max_total_tokens}. "
-                f"Given: {n} `inputs` tokens and {max_new_tokens} `max_new_tokens`"
-            )
-        if n > c.max_input_length:
-            raise ValidationError(f"`inputs` must have less than {c.max_input_length} tokens. Given: {n}")
+        max_new_tokens = self.new_tokens_budget(n, p.max_new_tokens if p.max_new_tokens is not None else 20)
         return ValidRequest(
             inputs=inputs,
             input_ids=input_ids,

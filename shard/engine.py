@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from .backends.base import Backend
+from .backends.base import Backend, PrefillOutput
 from .batch import Batch
 from .sampling import Choice, Sampler, TokenHistory
 from .types import PromptLogprobs, RequestSpec, StepResult
@@ -40,9 +40,16 @@ class Engine:
             raise ValueError("a prefill batch needs at least one request")
         device = self.backend.device
         prompts = [r.input_ids for r in requests]
-        out = self.backend.prefill(prompts, [r.prefill_logprobs for r in requests])
+        out = self._prefill_shared(prompts, [r.prefill_logprobs for r in requests])
         history = TokenHistory.from_prompts(prompts, [r.max_new_tokens for r in requests], device)
-        sampler = Sampler([r.params for r in requests], [r.top_n_tokens for r in requests], device)
+        eos = tuple(self.backend.info.eos_token_ids)
+        sampler = Sampler(
+            [r.params for r in requests],
+            [r.top_n_tokens for r in requests],
+            device,
+            [r.min_new_tokens for r in requests],
+            [eos + r.stop_token_ids for r in requests],
+        )
         choice = sampler.choose(out.logits, history)
         history.append(choice.ids)
         batch = Batch(batch_id, requests, sampler, history, choice.ids, out.state, max_tokens)
@@ -54,6 +61,27 @@ class Engine:
             if logits is not None
         ]
         return result
+
+    def _prefill_shared(self, prompts: list[list[int]], want_prompt_logits: list[bool]) -> PrefillOutput:
+        """Runs each distinct prompt once (e.g. the n samples of one prompt) and gives every request a
+        copy of its prompt's cache."""
+        unique: dict[tuple[int, ...], int] = {}
+        rows = [unique.setdefault(tuple(p), len(unique)) for p in prompts]
+        if len(unique) == len(prompts):
+            return self.backend.prefill(prompts, want_prompt_logits)
+        wants = [False] * len(unique)
+        for row, want in zip(rows, want_prompt_logits, strict=True):
+            wants[row] = wants[row] or want
+        out = self.backend.prefill([list(p) for p in unique], wants)
+        index = torch.tensor(rows, dtype=torch.long, device=self.backend.device)
+        return PrefillOutput(
+            self.backend.select(out.state, index),
+            out.logits[index],
+            [
+                out.prompt_logits[row] if want else None
+                for row, want in zip(rows, want_prompt_logits, strict=True)
+            ],
+        )
 
     def decode(self, wanted: list[tuple[int, list[int]]]) -> tuple[StepResult, Batch | None]:
         """One step over the named batches, each cut down first to the request ids the router still wants.

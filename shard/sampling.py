@@ -1,7 +1,8 @@
 """Next-token choice for a whole batch at once, each row with its own parameters.
 
-Order of the logits processors follows TGI and transformers: penalties (repetition, then OpenAI frequency
-and presence), temperature, top-k, top-p, typical-p. A row samples when it asks for it (``do_sample``) or
+Order of the logits processors follows TGI and transformers: logit bias, end-of-sequence masking while a
+row is under its ``min_tokens``, penalties (repetition, then OpenAI frequency and presence), temperature,
+top-k, top-p, min-p, typical-p. A row samples when it asks for it (``do_sample``) or
 sets any warper; otherwise it is greedy. Random draws come from a counter-based hash of (seed, step), so a
 request with a seed produces the same tokens whatever else shares its batch, and no per-row generator
 objects are needed.
@@ -95,10 +96,20 @@ class TokenHistory:
 class Sampler:
     """The sampling parameters of a batch's rows as tensors; ``choose`` picks every row's next token."""
 
-    def __init__(self, params: list[SamplingParams], top_n: list[int], device: torch.device) -> None:
+    def __init__(
+        self,
+        params: list[SamplingParams],
+        top_n: list[int],
+        device: torch.device,
+        min_tokens: list[int] | None = None,
+        end_ids: list[tuple[int, ...]] | None = None,
+    ) -> None:
+        """``min_tokens[i]``: steps during which row i may not pick any of ``end_ids[i]``."""
         self.params = params
         self.top_n = top_n
         self.device = device
+        self.min_tokens = min_tokens or [0] * len(params)
+        self.end_ids = end_ids or [()] * len(params)
         self.steps = torch.zeros(len(params), dtype=torch.long, device=device)
         self._build()
 
@@ -125,10 +136,27 @@ class Sampler:
         self.any_typical = any(x.typical_p < 1.0 for x in p)
         self.any_repetition = any(x.repetition_penalty != 1.0 for x in p)
         self.any_frequency = any(x.frequency_penalty != 0.0 or x.presence_penalty != 0.0 for x in p)
+        self.any_min_p = any(x.min_p > 0.0 for x in p)
+        self.min_p = col([x.min_p for x in p], torch.float32)
+        bias = [(row, token, value) for row, x in enumerate(p) for token, value in x.logit_bias]
+        self.bias_rows = col([b[0] for b in bias], torch.long)
+        self.bias_ids = col([b[1] for b in bias], torch.long)
+        self.bias_values = col([b[2] for b in bias], torch.float32)
+        self.any_min_tokens = any(self.min_tokens)
+        if self.any_min_tokens:
+            width = max(1, max(len(ids) for ids in self.end_ids))
+            self.end_table = col([list(ids) + [-1] * (width - len(ids)) for ids in self.end_ids], torch.long)
+            self.min_tokens_t = col(self.min_tokens, torch.long)
         self.max_top_n = max(self.top_n, default=0)
 
     def select(self, indices: list[int]) -> Sampler:
-        out = Sampler([self.params[i] for i in indices], [self.top_n[i] for i in indices], self.device)
+        out = Sampler(
+            [self.params[i] for i in indices],
+            [self.top_n[i] for i in indices],
+            self.device,
+            [self.min_tokens[i] for i in indices],
+            [self.end_ids[i] for i in indices],
+        )
         out.steps = self.steps[torch.tensor(indices, dtype=torch.long, device=self.device)]
         return out
 
@@ -138,6 +166,8 @@ class Sampler:
             [p for s in samplers for p in s.params],
             [n for s in samplers for n in s.top_n],
             samplers[0].device,
+            [m for s in samplers for m in s.min_tokens],
+            [e for s in samplers for e in s.end_ids],
         )
         out.steps = torch.cat([s.steps for s in samplers])
         return out
@@ -145,12 +175,20 @@ class Sampler:
     def choose(self, logits: torch.Tensor, history: TokenHistory) -> Choice:
         """Processes ``logits`` [batch, vocab] and picks one token per row; advances every row's step."""
         scores = logits.float()
+        if len(self.bias_rows):
+            scores = scores.index_put((self.bias_rows, self.bias_ids), self.bias_values, accumulate=True)
+        if self.any_min_tokens:
+            scores = self._mask_end(scores)
         if self.any_repetition or self.any_frequency:
             scores = self._penalize(scores, history)
         if self.any_temperature:
             scores = scores / self.temperature.unsqueeze(1)
         if self.any_top_k or self.any_top_p:
             scores = self._top_k_top_p(scores)
+        if self.any_min_p:
+            probs = scores.softmax(dim=-1)
+            floor = self.min_p.unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
+            scores = scores.masked_fill(probs < floor, float("-inf"))
         if self.any_typical:
             scores = self._typical(scores)
         logprobs = torch.log_softmax(scores, dim=-1)
@@ -164,6 +202,14 @@ class Sampler:
             top_logprobs = top_ids = logprobs.new_empty((logprobs.shape[0], 0))
         self.steps += 1
         return Choice(ids, chosen, top_ids, top_logprobs)
+
+    def _mask_end(self, scores: torch.Tensor) -> torch.Tensor:
+        """Rows still under their min_tokens cannot pick an end-of-sequence id."""
+        active = (self.steps < self.min_tokens_t).unsqueeze(1) & (self.end_table >= 0)
+        hits = torch.zeros_like(scores, dtype=torch.int32).scatter_add_(
+            1, self.end_table.clamp(min=0), active.int()
+        )
+        return scores.masked_fill(hits > 0, float("-inf"))
 
     def _penalize(self, scores: torch.Tensor, history: TokenHistory) -> torch.Tensor:
         ids = history.ids

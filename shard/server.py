@@ -53,11 +53,15 @@ def request_from_pb(r: pb.Request) -> RequestSpec:
             repetition_penalty=p.repetition_penalty or 1.0,
             frequency_penalty=p.frequency_penalty,
             presence_penalty=p.presence_penalty,
+            min_p=p.min_p,
+            logit_bias=tuple(sorted(p.logit_bias.items())),
             watermark=p.watermark,
         ),
         max_new_tokens=r.max_new_tokens,
         prefill_logprobs=r.prefill_logprobs,
         top_n_tokens=r.top_n_tokens,
+        min_new_tokens=r.min_new_tokens,
+        stop_token_ids=tuple(r.stop_token_ids),
     )
 
 

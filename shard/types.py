@@ -17,6 +17,8 @@ class RequestSpec:
     max_new_tokens: int = 20
     prefill_logprobs: bool = False
     top_n_tokens: int = 0
+    min_new_tokens: int = 0
+    stop_token_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

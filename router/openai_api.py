@@ -1,0 +1,762 @@
+"""The OpenAI API: /v1/chat/completions, /v1/completions, /v1/models (and the unprefixed POST routes of
+the Preemo fork), plus /tokenize and /version.
+
+Every parameter is honoured or refused with a 400 that names it; nothing is silently ignored. Requests
+become ``ValidRequest``s for the same queue as TGI's routes; n samples, several prompts and best_of are
+several entries whose prompt prefill the shard shares. Handlers translate HTTP <-> ``Infer`` only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import math
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+from aiohttp import web
+
+from common.params import SamplingParams
+
+from . import __version__
+from .chat import normalize_messages
+from .errors import InferError, OverloadedError, UnhealthyError, ValidationError
+from .generation import Finished, StreamEvent, Token
+from .infer import Infer
+from .state import get_infer, state
+from .tgi_api import read_json_object
+from .tokenizer import Tokenizer
+from .validation import U64_MAX, ValidRequest
+
+STARTED_AT = int(time.time())
+RETRY_AFTER_S = "1"
+
+# Fields accepted without effect: they change nothing a model computes.
+ACCEPTED_NOOP = ("user", "metadata", "store", "service_tier", "parallel_tool_calls")
+TEMPLATE_RESERVED = (
+    "messages",
+    "add_generation_prompt",
+    "continue_final_message",
+    "chat_template",
+    "tokenize",
+)
+
+
+# -- errors ---------------------------------------------------------------------------------------------
+class ModelNotFoundError(InferError):
+    status = 404
+    error_type = "invalid_request_error"
+
+
+def openai_error(status: int, message: str, kind: str, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> web.Response:  # fmt: skip
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return web.json_response(body, status=status, headers=headers)
+
+
+def error_to_openai(error: BaseException) -> web.Response:
+    """Maps the router's errors to OpenAI's envelope and the status codes its SDK expects."""
+    if isinstance(error, ValidationError):
+        return openai_error(400, error.detail, "invalid_request_error", error.param, error.code)
+    if isinstance(error, ModelNotFoundError):
+        return openai_error(404, error.message, "invalid_request_error", "model", "model_not_found")
+    if isinstance(error, OverloadedError):
+        return openai_error(
+            429, "the server is at its limit of concurrent requests; retry shortly", "rate_limit_error",
+            code="rate_limit_exceeded", headers={"Retry-After": RETRY_AFTER_S},
+        )  # fmt: skip
+    if isinstance(error, UnhealthyError):
+        return openai_error(503, error.message, "unavailable_error", headers={"Retry-After": RETRY_AFTER_S})
+    if isinstance(error, web.HTTPException):
+        message = error.reason
+        with contextlib.suppress(ValueError, TypeError):
+            message = json.loads(error.text or "")["error"]
+        return openai_error(error.status, message, "invalid_request_error")
+    return openai_error(500, getattr(error, "message", "internal server error"), "server_error")
+
+
+def openai_route(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
+    """Errors raised by an OpenAI handler leave in OpenAI's envelope."""
+
+    @functools.wraps(handler)
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except (InferError, web.HTTPClientError) as e:
+            return error_to_openai(e)
+
+    return wrapped
+
+
+# -- request fields -------------------------------------------------------------------------------------
+class Fields:
+    """Strict typed access to a JSON body; ``finish()`` refuses any field nobody read."""
+
+    def __init__(self, body: dict[str, Any]) -> None:
+        self.body = body
+        self.seen: set[str] = set()
+
+    def raw(self, name: str) -> Any:
+        self.seen.add(name)
+        return self.body.get(name)
+
+    def _fail(self, name: str, what: str) -> ValidationError:
+        return ValidationError(
+            f"`{name}` must be {what}. Given: {json.dumps(self.body.get(name))[:100]}", name
+        )
+
+    def bool(self, name: str, default: bool) -> bool:
+        value = self.raw(name)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise self._fail(name, "a boolean")
+        return value
+
+    def int(self, name: str, low: int, high: int | None = None) -> int | None:
+        value = self.raw(name)
+        if value is None:
+            return None
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int)
+            or value < low
+            or (high is not None and value > high)
+        ):
+            raise self._fail(name, f"an integer >= {low}" + (f" and <= {high}" if high is not None else ""))
+        return value
+
+    def float(self, name: str, low: float, high: float, low_open: bool = False) -> float | None:
+        value = self.raw(name)
+        if value is None:
+            return None
+        bounds = f"{'>' if low_open else '>='} {low} and <= {high}"
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self._fail(name, f"a number {bounds}")
+        value = float(value)
+        if not math.isfinite(value) or value > high or value < low or (low_open and value == low):
+            raise self._fail(name, f"a number {bounds}")
+        return value
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.body) - self.seen - set(ACCEPTED_NOOP))
+        if unknown:
+            raise ValidationError(f"unsupported parameter `{unknown[0]}`", unknown[0])
+
+
+@dataclass(frozen=True)
+class Options:
+    """What both routes share, after validation."""
+
+    params: SamplingParams
+    seed: int | None
+    max_tokens: int | None
+    n: int
+    stop: list[str]
+    stream: bool
+    include_usage: bool
+    min_tokens: int
+    ignore_eos: bool
+    stop_token_ids: tuple[int, ...]
+    skip_special_tokens: bool
+
+
+def _check_model(fields: Fields, infer: Infer) -> str:
+    names = infer.config.model_names
+    model = fields.raw("model")
+    if model is None:
+        return names[0]
+    if not isinstance(model, str):
+        raise ValidationError("`model` must be a string", "model")
+    if model not in names:
+        raise ModelNotFoundError(
+            f"The model `{model}` does not exist. This server serves: {', '.join(names)}"
+        )
+    return model
+
+
+def _parse_options(fields: Fields, infer: Infer, max_n: int) -> Options:
+    c = infer.config
+    vocab = infer.info.vocab_size or len(infer.tokenizer.hf)
+    temperature = fields.float("temperature", 0.0, 2.0)
+    top_p = fields.float("top_p", 0.0, 1.0, low_open=True)
+    top_k = fields.int("top_k", -1)
+    min_p = fields.float("min_p", 0.0, 1.0)
+    repetition_penalty = fields.float("repetition_penalty", 0.0, math.inf, low_open=True)
+    presence = fields.float("presence_penalty", -2.0, 2.0)
+    frequency = fields.float("frequency_penalty", -2.0, 2.0)
+    seed = fields.int("seed", -(2**63), U64_MAX)
+    max_tokens = fields.int("max_tokens", 1)
+    max_completion_tokens = fields.int("max_completion_tokens", 1)
+    if max_tokens is not None and max_completion_tokens is not None and max_tokens != max_completion_tokens:
+        raise ValidationError("`max_tokens` and `max_completion_tokens` disagree; send one", "max_tokens")
+    n = fields.int("n", 1, max_n) or 1
+    stop = fields.raw("stop")
+    if stop is None:
+        stop = []
+    elif isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+        raise ValidationError("`stop` must be a non-empty string or an array of them", "stop")
+    if len(stop) > c.max_stop_sequences:
+        raise ValidationError(
+            f"`stop` supports up to {c.max_stop_sequences} sequences. Given: {len(stop)}", "stop"
+        )
+    stream = fields.bool("stream", False)
+    stream_options = fields.raw("stream_options")
+    include_usage = False
+    if stream_options is not None:
+        if not isinstance(stream_options, dict) or set(stream_options) - {"include_usage"}:
+            raise ValidationError("`stream_options` supports only `include_usage`", "stream_options")
+        if not stream:
+            raise ValidationError("`stream_options` needs `stream: true`", "stream_options")
+        include_usage = Fields(stream_options).bool("include_usage", False)
+    logit_bias = fields.raw("logit_bias")
+    bias: list[tuple[int, float]] = []
+    if logit_bias is not None:
+        if not isinstance(logit_bias, dict):
+            raise ValidationError("`logit_bias` must map token ids to numbers", "logit_bias")
+        for key, value in logit_bias.items():
+            token = int(key) if isinstance(key, str) and key.strip().isdigit() else -1
+            if not 0 <= token < vocab:
+                raise ValidationError(
+                    f"`logit_bias` key {key!r} is not a token id below {vocab}", "logit_bias"
+                )
+            if isinstance(value, bool) or not isinstance(value, int | float) or not -100 <= value <= 100:
+                raise ValidationError(f"`logit_bias[{key}]` must be a number from -100 to 100", "logit_bias")
+            bias.append((token, float(value)))
+    stop_token_ids = fields.raw("stop_token_ids") or []
+    if not isinstance(stop_token_ids, list) or not all(
+        isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in stop_token_ids
+    ):
+        raise ValidationError(
+            f"`stop_token_ids` must be an array of token ids below {vocab}", "stop_token_ids"
+        )
+    min_tokens = fields.int("min_tokens", 0) or 0
+    limit = max_tokens if max_tokens is not None else max_completion_tokens
+    if limit is not None and min_tokens > limit:
+        raise ValidationError(f"`min_tokens` ({min_tokens}) must be <= `max_tokens` ({limit})", "min_tokens")
+    greedy = temperature == 0.0
+    params = SamplingParams(
+        temperature=1.0 if greedy or temperature is None else temperature,
+        top_k=0 if greedy or top_k is None or top_k <= 0 else top_k,
+        top_p=1.0 if greedy or top_p is None else top_p,
+        min_p=0.0 if greedy or min_p is None else min_p,
+        do_sample=not greedy,
+        repetition_penalty=1.0 if repetition_penalty is None else repetition_penalty,
+        frequency_penalty=frequency or 0.0,
+        presence_penalty=presence or 0.0,
+        logit_bias=tuple(bias),
+    )
+    return Options(
+        params=params,
+        seed=None if seed is None else seed % 2**64,
+        max_tokens=limit,
+        n=n,
+        stop=stop,
+        stream=stream,
+        include_usage=include_usage,
+        min_tokens=min_tokens,
+        ignore_eos=fields.bool("ignore_eos", False),
+        stop_token_ids=tuple(stop_token_ids),
+        skip_special_tokens=fields.bool("skip_special_tokens", True),
+    )
+
+
+def _refuse_unsupported(fields: Fields) -> None:
+    """Features this server does not have yet: a clear 400, never a silent unconstrained answer."""
+    response_format = fields.raw("response_format")
+    if response_format is not None and response_format != {"type": "text"}:
+        raise ValidationError("`response_format` other than text is not supported yet", "response_format")
+    tools = fields.raw("tools")
+    if tools:
+        raise ValidationError("`tools` are not supported yet", "tools")
+    tool_choice = fields.raw("tool_choice")
+    if tool_choice not in (None, "none", "auto"):
+        raise ValidationError("`tool_choice` needs `tools`, which are not supported yet", "tool_choice")
+    for name in (
+        "functions",
+        "function_call",
+        "audio",
+        "prediction",
+        "web_search_options",
+        "reasoning_effort",
+    ):
+        if fields.raw(name) is not None:
+            raise ValidationError(f"`{name}` is not supported", name)
+    modalities = fields.raw("modalities")
+    if modalities not in (None, ["text"]):
+        raise ValidationError('`modalities` supports only ["text"]', "modalities")
+
+
+def _requests(
+    infer: Infer, inputs: str, ids: list[int], options: Options, count: int, top_n: int, prompt_logprobs: bool,
+    echo: bool,
+) -> list[ValidRequest]:  # fmt: skip
+    """``count`` requests for one prompt: seeds seed, seed + 1, ... (or random) when sampling."""
+    max_new = infer.validator.new_tokens_budget(len(ids), options.max_tokens, "max_tokens")
+    if options.min_tokens > max_new:
+        raise ValidationError(f"`min_tokens` ({options.min_tokens}) must be <= {max_new}", "min_tokens")
+    out = []
+    for i in range(count):
+        if options.params.sampling:
+            seed = (options.seed + i) % 2**64 if options.seed is not None else random.getrandbits(64)
+        else:
+            seed = 0
+        out.append(
+            ValidRequest(
+                inputs=inputs,
+                input_ids=ids,
+                parameters=replace(options.params, seed=seed),
+                max_new_tokens=max_new,
+                stop=options.stop,
+                details=True,
+                decoder_input_details=prompt_logprobs,
+                top_n_tokens=top_n,
+                return_full_text=echo,
+                seed=seed if options.params.sampling else None,
+                ignore_eos_token=options.ignore_eos,
+                include_stop=False,
+                min_new_tokens=options.min_tokens,
+                stop_token_ids=options.stop_token_ids,
+                skip_special_tokens=options.skip_special_tokens,
+            )
+        )
+    return out
+
+
+# -- running ----------------------------------------------------------------------------------------------
+async def _run_all(infer: Infer, requests: list[ValidRequest]) -> list[Finished]:
+    async with contextlib.AsyncExitStack() as stack:
+        entries = [await stack.enter_async_context(infer.request(r)) for r in requests]
+        return list(await asyncio.gather(*(infer.generate(e) for e in entries)))
+
+
+async def _stream_all(infer: Infer, requests: list[ValidRequest]) -> AsyncIterator[tuple[int, StreamEvent]]:
+    """Every request's events, tagged with its index, as they come; raises the first error."""
+    queue: asyncio.Queue[tuple[int, StreamEvent | InferError]] = asyncio.Queue()
+
+    async def pump(index: int, entry) -> None:
+        try:
+            async for event in infer.stream(entry):
+                queue.put_nowait((index, event))
+        except InferError as e:
+            queue.put_nowait((index, e))
+
+    async with contextlib.AsyncExitStack() as stack:
+        entries = [await stack.enter_async_context(infer.request(r)) for r in requests]
+        tasks = [asyncio.create_task(pump(i, e)) for i, e in enumerate(entries)]
+        try:
+            remaining = len(entries)
+            while remaining:
+                index, event = await queue.get()
+                if isinstance(event, InferError):
+                    raise event
+                yield index, event
+                if event.finished is not None:
+                    remaining -= 1
+        finally:
+            for task in tasks:
+                task.cancel()
+
+
+def _finish_reason(finished: Finished | None) -> str | None:
+    if finished is None:
+        return None
+    return "length" if finished.finish_reason == "length" else "stop"
+
+
+def _visible(token: Token, request: ValidRequest) -> bool:
+    """Whether a token belongs to the answer (end-of-sequence and skipped special tokens do not)."""
+    return not (token.special and request.skip_special_tokens) and token.id not in request.stop_token_ids
+
+
+def _logprob(value: float | None) -> float:
+    return value if value is not None and math.isfinite(value) else -9999.0
+
+
+def _chat_logprob(tokenizer: Tokenizer, token: Token, top: list[Token]) -> dict[str, Any]:
+    """OpenAI's chat logprob entry: the token's own string and raw bytes (not the text it completed)."""
+
+    def entry(t: Token) -> dict[str, Any]:
+        return {
+            "token": tokenizer.token_text(t.id),
+            "logprob": _logprob(t.logprob),
+            "bytes": list(tokenizer.token_bytes(t.id)),
+        }
+
+    return {**entry(token), "top_logprobs": [entry(t) for t in top]}
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+async def _sse(request: web.Request) -> web.StreamResponse:
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
+    await response.prepare(request)
+    return response
+
+
+async def _send(response: web.StreamResponse, payload: dict[str, Any] | str) -> None:
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+    await response.write(f"data: {data}\n\n".encode())
+
+
+async def _stream_errors_and_done(
+    response: web.StreamResponse, body: AsyncIterator[None]
+) -> web.StreamResponse:
+    """Runs a stream body; a failure mid-stream becomes an error chunk; ``[DONE]`` always ends it."""
+    try:
+        async for _ in body:
+            pass
+    except InferError as e:
+        await _send(response, json.loads(error_to_openai(e).text))
+    await _send(response, "[DONE]")
+    await response.write_eof()
+    return response
+
+
+# -- chat ---------------------------------------------------------------------------------------------------
+@openai_route
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    """POST /v1/chat/completions (and /chat/completions)"""
+    infer = get_infer(request)
+    infer.metrics.request_count.inc()
+    fields = Fields(await read_json_object(request))
+    with infer.admit():
+        model = _check_model(fields, infer)
+        messages = normalize_messages(fields.raw("messages"))
+        options = _parse_options(fields, infer, infer.config.max_concurrent_requests)
+        logprobs = fields.bool("logprobs", False)
+        top_logprobs = fields.int("top_logprobs", 0, infer.config.max_top_n_tokens)
+        if top_logprobs and not logprobs:
+            raise ValidationError("`top_logprobs` needs `logprobs: true`", "top_logprobs")
+        add_generation_prompt = fields.bool("add_generation_prompt", True)
+        continue_final = fields.bool("continue_final_message", False)
+        if add_generation_prompt and continue_final and fields.body.get("add_generation_prompt"):
+            raise ValidationError(
+                "`add_generation_prompt` and `continue_final_message` cannot both be true",
+                "continue_final_message",
+            )
+        kwargs = fields.raw("chat_template_kwargs") or {}
+        if not isinstance(kwargs, dict) or any(k in TEMPLATE_RESERVED for k in kwargs):
+            raise ValidationError(
+                f"`chat_template_kwargs` must be an object without {', '.join(TEMPLATE_RESERVED)}",
+                "chat_template_kwargs",
+            )
+        _refuse_unsupported(fields)
+        fields.finish()
+        prompter = state(request).prompter
+        text, special = await infer.validator.run(
+            prompter.render, messages, add_generation_prompt, continue_final, kwargs
+        )
+        ids = await infer.validator.run(infer.tokenizer.encode, text, special)
+        requests = _requests(infer, text, ids, options, options.n, top_logprobs or 0, False, False)
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model}
+        if options.stream:
+            return await _chat_stream(request, infer, requests, head, options, logprobs)
+        results = await _run_all(infer, requests)
+    choices = []
+    for index, (finished, valid) in enumerate(zip(results, requests, strict=True)):
+        choice: dict[str, Any] = {
+            "index": index,
+            "message": {"role": "assistant", "content": finished.generated_text},
+            "logprobs": None,
+            "finish_reason": _finish_reason(finished),
+        }
+        if logprobs:
+            tops = finished.top_tokens or [[] for _ in finished.tokens]
+            choice["logprobs"] = {
+                "content": [
+                    _chat_logprob(infer.tokenizer, t, top)
+                    for t, top in zip(finished.tokens, tops, strict=True)
+                    if _visible(t, valid)
+                ],
+                "refusal": None,
+            }
+        choices.append(choice)
+    usage = _usage(len(ids), sum(f.generated_tokens for f in results))
+    return web.json_response({**head, "object": "chat.completion", "choices": choices, "usage": usage})
+
+
+async def _chat_stream(
+    request: web.Request, infer: Infer, requests: list[ValidRequest], head: dict[str, Any], options: Options,
+    logprobs: bool,
+) -> web.StreamResponse:  # fmt: skip
+    response = await _sse(request)
+    head = {**head, "object": "chat.completion.chunk"}
+    extra = {"usage": None} if options.include_usage else {}
+
+    def chunk(index: int, delta: dict[str, Any], finish: str | None = None, lp: Any = None) -> dict[str, Any]:
+        return {
+            **head,
+            "choices": [{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}],
+            **extra,
+        }
+
+    async def body() -> AsyncIterator[None]:
+        for index in range(len(requests)):
+            await _send(response, chunk(index, {"role": "assistant", "content": ""}))
+        generated = 0
+        async for index, event in _stream_all(infer, requests):
+            generated += 1
+            visible = _visible(event.token, requests[index])
+            lp = (
+                {"content": [_chat_logprob(infer.tokenizer, event.token, event.top_tokens)], "refusal": None}
+                if logprobs and visible
+                else None
+            )
+            if event.delta or lp is not None or event.finished is not None:
+                delta = {"content": event.delta} if event.delta or event.finished is None else {}
+                await _send(response, chunk(index, delta, _finish_reason(event.finished), lp))
+            yield
+        if options.include_usage:
+            await _send(
+                response, {**head, "choices": [], "usage": _usage(requests[0].input_length, generated)}
+            )
+
+    return await _stream_errors_and_done(response, body())
+
+
+# -- completions ------------------------------------------------------------------------------------------
+def _prompts(raw: object) -> list[str | list[int]]:
+    """A string, a list of strings, a list of token ids, or a list of lists of token ids."""
+
+    def is_ids(value: object) -> bool:
+        return (
+            isinstance(value, list)
+            and bool(value)
+            and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+        )
+
+    if isinstance(raw, str):
+        return [raw]
+    if is_ids(raw):
+        return [raw]  # type: ignore[list-item]
+    if isinstance(raw, list) and raw and all(isinstance(p, str) or is_ids(p) for p in raw):
+        return list(raw)
+    raise ValidationError(
+        "`prompt` must be a string, an array of strings, an array of token ids or an array of such arrays",
+        "prompt",
+    )
+
+
+@openai_route
+async def completions(request: web.Request) -> web.StreamResponse:
+    """POST /v1/completions (and /completions)"""
+    infer = get_infer(request)
+    infer.metrics.request_count.inc()
+    fields = Fields(await read_json_object(request))
+    with infer.admit():
+        model = _check_model(fields, infer)
+        prompts = _prompts(fields.raw("prompt"))
+        options = _parse_options(fields, infer, infer.config.max_concurrent_requests)
+        echo = fields.bool("echo", False)
+        logprobs = fields.int("logprobs", 0, infer.config.max_top_n_tokens)
+        best_of = fields.int("best_of", 1, infer.config.max_concurrent_requests) or options.n
+        if best_of < options.n:
+            raise ValidationError(f"`best_of` ({best_of}) must be >= `n` ({options.n})", "best_of")
+        if best_of > options.n and options.stream:
+            raise ValidationError("`best_of` > `n` cannot be streamed", "best_of")
+        if fields.raw("suffix"):
+            raise ValidationError("`suffix` (fill-in-the-middle) is not supported", "suffix")
+        _refuse_unsupported(fields)
+        fields.finish()
+        vocab = infer.info.vocab_size or len(infer.tokenizer.hf)
+        groups: list[list[ValidRequest]] = []
+        for prompt in prompts:
+            if isinstance(prompt, str):
+                if not prompt:
+                    raise ValidationError("`prompt` cannot be empty", "prompt")
+                ids = await infer.validator.run(infer.tokenizer.encode, prompt)
+                text = prompt
+            else:
+                if any(not 0 <= t < vocab for t in prompt):
+                    raise ValidationError(f"`prompt` token ids must be below {vocab}", "prompt")
+                ids, text = list(prompt), await infer.validator.run(infer.tokenizer.decode, prompt)
+            groups.append(
+                _requests(
+                    infer, text, ids, options, best_of, logprobs or 0, echo and logprobs is not None, echo
+                )
+            )
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model}
+        if options.stream:
+            return await _completions_stream(request, infer, groups, head, options, logprobs, echo)
+        results = await _run_all(infer, [r for group in groups for r in group])
+    choices = []
+    completion_tokens = 0
+    for p, group in enumerate(groups):
+        finished = results[p * best_of : (p + 1) * best_of]
+        completion_tokens += sum(f.generated_tokens for f in finished)
+        ranked = sorted(range(best_of), key=lambda i: _mean_logprob(finished[i]), reverse=True)[: options.n]
+        for rank, i in enumerate(sorted(ranked) if best_of == options.n else ranked):
+            valid = group[i]
+            choices.append(
+                {
+                    "index": p * options.n + rank,
+                    "text": finished[i].generated_text,
+                    "logprobs": _legacy_logprobs(infer.tokenizer, finished[i], valid, echo)
+                    if logprobs is not None
+                    else None,
+                    "finish_reason": _finish_reason(finished[i]),
+                }
+            )
+    usage = _usage(sum(g[0].input_length for g in groups), completion_tokens)
+    return web.json_response({**head, "object": "text_completion", "choices": choices, "usage": usage})
+
+
+def _mean_logprob(finished: Finished) -> float:
+    values = [t.logprob for t in finished.tokens if t.logprob is not None and math.isfinite(t.logprob)]
+    return sum(values) / len(values) if values else -math.inf
+
+
+def _legacy_logprobs(
+    tokenizer: Tokenizer, finished: Finished, valid: ValidRequest, echo: bool
+) -> dict[str, Any]:
+    """The completions route's logprobs: tokens, token_logprobs, top_logprobs, and text_offset (where each
+    token's text starts in the returned text)."""
+    tokens: list[str] = []
+    logprobs: list[float | None] = []
+    tops: list[dict[str, float] | None] = []
+    offsets: list[int] = []
+    position = 0
+    if echo:
+        for t in finished.prefill:
+            tokens.append(t.text)
+            logprobs.append(t.logprob)
+            tops.append(None)
+            offsets.append(position)
+            position += len(t.text)
+        position = len(valid.inputs)
+    steps = finished.top_tokens or [[] for _ in finished.tokens]
+    for token, top in zip(finished.tokens, steps, strict=True):
+        if _visible(token, valid):
+            tokens.append(tokenizer.token_text(token.id))
+            logprobs.append(_logprob(token.logprob))
+            tops.append({tokenizer.token_text(t.id): _logprob(t.logprob) for t in top})
+            offsets.append(position)
+            position += len(token.text)
+    return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": tops, "text_offset": offsets}
+
+
+async def _completions_stream(
+    request: web.Request, infer: Infer, groups: list[list[ValidRequest]], head: dict[str, Any], options: Options,
+    logprobs: int | None, echo: bool,
+) -> web.StreamResponse:  # fmt: skip
+    response = await _sse(request)
+    head = {**head, "object": "text_completion"}
+    extra = {"usage": None} if options.include_usage else {}
+    requests = [r for group in groups for r in group]
+
+    def chunk(index: int, text: str, finish: str | None, lp: dict[str, Any] | None) -> dict[str, Any]:
+        return {
+            **head,
+            "choices": [{"index": index, "text": text, "logprobs": lp, "finish_reason": finish}],
+            **extra,
+        }
+
+    async def body() -> AsyncIterator[None]:
+        if echo:
+            for index, valid in enumerate(requests):
+                await _send(response, chunk(index, valid.inputs, None, None))
+        generated = 0
+        async for index, event in _stream_all(infer, requests):
+            generated += 1
+            valid = requests[index]
+            lp = None
+            if logprobs is not None and _visible(event.token, valid):
+                top = {infer.tokenizer.token_text(t.id): _logprob(t.logprob) for t in event.top_tokens}
+                lp = {"tokens": [infer.tokenizer.token_text(event.token.id)], "token_logprobs": [_logprob(event.token.logprob)],
+                      "top_logprobs": [top], "text_offset": [0]}  # fmt: skip
+            if event.delta or lp is not None or event.finished is not None:
+                await _send(response, chunk(index, event.delta, _finish_reason(event.finished), lp))
+            yield
+        if options.include_usage:
+            usage = _usage(sum(g[0].input_length for g in groups), generated)
+            await _send(response, {**head, "choices": [], "usage": usage})
+
+    return await _stream_errors_and_done(response, body())
+
+
+# -- models, tokenize, version --------------------------------------------------------------------------
+@openai_route
+async def models(request: web.Request) -> web.Response:
+    """GET /v1/models"""
+    config = state(request).config
+    data = [
+        {
+            "id": name,
+            "object": "model",
+            "created": STARTED_AT,
+            "owned_by": "text-generation-server",
+            "root": config.model_id,
+            "max_model_len": config.max_total_tokens,
+        }
+        for name in config.model_names
+    ]
+    return web.json_response({"object": "list", "data": data})
+
+
+@openai_route
+async def tokenize(request: web.Request) -> web.Response:
+    """POST /tokenize: {"prompt"} or {"messages"} -> token ids and the rendered prompt."""
+    infer = get_infer(request)
+    fields = Fields(await read_json_object(request))
+    _check_model(fields, infer)
+    prompt, messages = fields.raw("prompt"), fields.raw("messages")
+    add_special = fields.bool("add_special_tokens", True)
+    if (prompt is None) == (messages is None):
+        raise ValidationError("send exactly one of `prompt` and `messages`", "prompt")
+    if messages is not None:
+        add_generation_prompt = fields.bool("add_generation_prompt", True)
+        continue_final = fields.bool("continue_final_message", False)
+        fields.finish()
+        text, add_special = await infer.validator.run(
+            state(request).prompter.render,
+            normalize_messages(messages),
+            add_generation_prompt,
+            continue_final,
+            {},
+        )
+    else:
+        if not isinstance(prompt, str):
+            raise ValidationError("`prompt` must be a string", "prompt")
+        fields.finish()
+        text = prompt
+    ids = await infer.validator.run(infer.tokenizer.encode, text, add_special)
+    return web.json_response(
+        {
+            "count": len(ids),
+            "max_model_len": infer.config.max_total_tokens,
+            "tokens": ids,
+            "token_strs": [infer.tokenizer.token_text(i) for i in ids],
+            "prompt": text,
+        }
+    )
+
+
+async def version(request: web.Request) -> web.Response:
+    """GET /version"""
+    return web.json_response({"version": __version__})
+
+
+def add_routes(app: web.Application) -> None:
+    for prefix in ("/v1", ""):
+        app.router.add_post(f"{prefix}/chat/completions", chat_completions)
+        app.router.add_post(f"{prefix}/completions", completions)
+    app.router.add_get("/v1/models", models)
+    app.router.add_post("/tokenize", tokenize)
+    app.router.add_get("/version", version)
