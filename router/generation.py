@@ -6,6 +6,7 @@ and the finish reason is decided (TGI's order: length, then EOS, then stop seque
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from .detokenizer import IncrementalDetokenizer, StopMatcher
@@ -35,6 +36,12 @@ class Finished:
     prefill: list[Token]
     tokens: list[Token]
     top_tokens: list[list[Token]]
+
+    @property
+    def mean_logprob(self) -> float:
+        """Mean log-probability per generated token: how best_of ranks candidates (TGI's and OpenAI's)."""
+        values = [t.logprob for t in self.tokens if t.logprob is not None and math.isfinite(t.logprob)]
+        return sum(values) / len(values) if values else -math.inf
 
 
 @dataclass(frozen=True)

@@ -13,47 +13,39 @@ import contextlib
 import functools
 import json
 import math
-import random
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, replace
 from typing import Any
 
 from aiohttp import web
-
-from common.params import SamplingParams
 
 from . import __version__
 from .chat import normalize_messages
 from .errors import InferError, OverloadedError, UnhealthyError, ValidationError
 from .generation import Finished, StreamEvent, Token
 from .infer import Infer
+from .openai_params import (
+    TEMPLATE_RESERVED,
+    Fields,
+    ModelNotFoundError,
+    Options,
+    build_requests,
+    check_model,
+    parse_options,
+    refuse_unsupported,
+)
 from .state import get_infer, state
 from .tgi_api import read_json_object
 from .tokenizer import Tokenizer
-from .validation import U64_MAX, ValidRequest
+from .validation import ValidRequest
 
 STARTED_AT = int(time.time())
 RETRY_AFTER_S = "1"
 
+
 # Fields accepted without effect: they change nothing a model computes.
-ACCEPTED_NOOP = ("user", "metadata", "store", "service_tier", "parallel_tool_calls")
-TEMPLATE_RESERVED = (
-    "messages",
-    "add_generation_prompt",
-    "continue_final_message",
-    "chat_template",
-    "tokenize",
-)
-
-
 # -- errors ---------------------------------------------------------------------------------------------
-class ModelNotFoundError(InferError):
-    status = 404
-    error_type = "invalid_request_error"
-
-
 def openai_error(status: int, message: str, kind: str, param: str | None = None, code: str | None = None,
                  headers: dict[str, str] | None = None) -> web.Response:  # fmt: skip
     body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
@@ -92,243 +84,6 @@ def openai_route(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
             return error_to_openai(e)
 
     return wrapped
-
-
-# -- request fields -------------------------------------------------------------------------------------
-class Fields:
-    """Strict typed access to a JSON body; ``finish()`` refuses any field nobody read."""
-
-    def __init__(self, body: dict[str, Any]) -> None:
-        self.body = body
-        self.seen: set[str] = set()
-
-    def raw(self, name: str) -> Any:
-        self.seen.add(name)
-        return self.body.get(name)
-
-    def _fail(self, name: str, what: str) -> ValidationError:
-        return ValidationError(
-            f"`{name}` must be {what}. Given: {json.dumps(self.body.get(name))[:100]}", name
-        )
-
-    def bool(self, name: str, default: bool) -> bool:
-        value = self.raw(name)
-        if value is None:
-            return default
-        if not isinstance(value, bool):
-            raise self._fail(name, "a boolean")
-        return value
-
-    def int(self, name: str, low: int, high: int | None = None) -> int | None:
-        value = self.raw(name)
-        if value is None:
-            return None
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int)
-            or value < low
-            or (high is not None and value > high)
-        ):
-            raise self._fail(name, f"an integer >= {low}" + (f" and <= {high}" if high is not None else ""))
-        return value
-
-    def float(self, name: str, low: float, high: float, low_open: bool = False) -> float | None:
-        value = self.raw(name)
-        if value is None:
-            return None
-        bounds = f"{'>' if low_open else '>='} {low} and <= {high}"
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise self._fail(name, f"a number {bounds}")
-        value = float(value)
-        if not math.isfinite(value) or value > high or value < low or (low_open and value == low):
-            raise self._fail(name, f"a number {bounds}")
-        return value
-
-    def finish(self) -> None:
-        unknown = sorted(set(self.body) - self.seen - set(ACCEPTED_NOOP))
-        if unknown:
-            raise ValidationError(f"unsupported parameter `{unknown[0]}`", unknown[0])
-
-
-@dataclass(frozen=True)
-class Options:
-    """What both routes share, after validation."""
-
-    params: SamplingParams
-    seed: int | None
-    max_tokens: int | None
-    n: int
-    stop: list[str]
-    stream: bool
-    include_usage: bool
-    min_tokens: int
-    ignore_eos: bool
-    stop_token_ids: tuple[int, ...]
-    skip_special_tokens: bool
-
-
-def _check_model(fields: Fields, infer: Infer) -> str:
-    names = infer.config.model_names
-    model = fields.raw("model")
-    if model is None:
-        return names[0]
-    if not isinstance(model, str):
-        raise ValidationError("`model` must be a string", "model")
-    if model not in names:
-        raise ModelNotFoundError(
-            f"The model `{model}` does not exist. This server serves: {', '.join(names)}"
-        )
-    return model
-
-
-def _parse_options(fields: Fields, infer: Infer, max_n: int) -> Options:
-    c = infer.config
-    vocab = infer.info.vocab_size or len(infer.tokenizer.hf)
-    temperature = fields.float("temperature", 0.0, 2.0)
-    top_p = fields.float("top_p", 0.0, 1.0, low_open=True)
-    top_k = fields.int("top_k", -1)
-    min_p = fields.float("min_p", 0.0, 1.0)
-    repetition_penalty = fields.float("repetition_penalty", 0.0, math.inf, low_open=True)
-    presence = fields.float("presence_penalty", -2.0, 2.0)
-    frequency = fields.float("frequency_penalty", -2.0, 2.0)
-    seed = fields.int("seed", -(2**63), U64_MAX)
-    max_tokens = fields.int("max_tokens", 1)
-    max_completion_tokens = fields.int("max_completion_tokens", 1)
-    if max_tokens is not None and max_completion_tokens is not None and max_tokens != max_completion_tokens:
-        raise ValidationError("`max_tokens` and `max_completion_tokens` disagree; send one", "max_tokens")
-    n = fields.int("n", 1, max_n) or 1
-    stop = fields.raw("stop")
-    if stop is None:
-        stop = []
-    elif isinstance(stop, str):
-        stop = [stop]
-    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
-        raise ValidationError("`stop` must be a non-empty string or an array of them", "stop")
-    if len(stop) > c.max_stop_sequences:
-        raise ValidationError(
-            f"`stop` supports up to {c.max_stop_sequences} sequences. Given: {len(stop)}", "stop"
-        )
-    stream = fields.bool("stream", False)
-    stream_options = fields.raw("stream_options")
-    include_usage = False
-    if stream_options is not None:
-        if not isinstance(stream_options, dict) or set(stream_options) - {"include_usage"}:
-            raise ValidationError("`stream_options` supports only `include_usage`", "stream_options")
-        if not stream:
-            raise ValidationError("`stream_options` needs `stream: true`", "stream_options")
-        include_usage = Fields(stream_options).bool("include_usage", False)
-    logit_bias = fields.raw("logit_bias")
-    bias: list[tuple[int, float]] = []
-    if logit_bias is not None:
-        if not isinstance(logit_bias, dict):
-            raise ValidationError("`logit_bias` must map token ids to numbers", "logit_bias")
-        for key, value in logit_bias.items():
-            token = int(key) if isinstance(key, str) and key.strip().isdigit() else -1
-            if not 0 <= token < vocab:
-                raise ValidationError(
-                    f"`logit_bias` key {key!r} is not a token id below {vocab}", "logit_bias"
-                )
-            if isinstance(value, bool) or not isinstance(value, int | float) or not -100 <= value <= 100:
-                raise ValidationError(f"`logit_bias[{key}]` must be a number from -100 to 100", "logit_bias")
-            bias.append((token, float(value)))
-    stop_token_ids = fields.raw("stop_token_ids") or []
-    if not isinstance(stop_token_ids, list) or not all(
-        isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in stop_token_ids
-    ):
-        raise ValidationError(
-            f"`stop_token_ids` must be an array of token ids below {vocab}", "stop_token_ids"
-        )
-    min_tokens = fields.int("min_tokens", 0) or 0
-    limit = max_tokens if max_tokens is not None else max_completion_tokens
-    if limit is not None and min_tokens > limit:
-        raise ValidationError(f"`min_tokens` ({min_tokens}) must be <= `max_tokens` ({limit})", "min_tokens")
-    greedy = temperature == 0.0
-    params = SamplingParams(
-        temperature=1.0 if greedy or temperature is None else temperature,
-        top_k=0 if greedy or top_k is None or top_k <= 0 else top_k,
-        top_p=1.0 if greedy or top_p is None else top_p,
-        min_p=0.0 if greedy or min_p is None else min_p,
-        do_sample=not greedy,
-        repetition_penalty=1.0 if repetition_penalty is None else repetition_penalty,
-        frequency_penalty=frequency or 0.0,
-        presence_penalty=presence or 0.0,
-        logit_bias=tuple(bias),
-    )
-    return Options(
-        params=params,
-        seed=None if seed is None else seed % 2**64,
-        max_tokens=limit,
-        n=n,
-        stop=stop,
-        stream=stream,
-        include_usage=include_usage,
-        min_tokens=min_tokens,
-        ignore_eos=fields.bool("ignore_eos", False),
-        stop_token_ids=tuple(stop_token_ids),
-        skip_special_tokens=fields.bool("skip_special_tokens", True),
-    )
-
-
-def _refuse_unsupported(fields: Fields) -> None:
-    """Features this server does not have yet: a clear 400, never a silent unconstrained answer."""
-    response_format = fields.raw("response_format")
-    if response_format is not None and response_format != {"type": "text"}:
-        raise ValidationError("`response_format` other than text is not supported yet", "response_format")
-    tools = fields.raw("tools")
-    if tools:
-        raise ValidationError("`tools` are not supported yet", "tools")
-    tool_choice = fields.raw("tool_choice")
-    if tool_choice not in (None, "none", "auto"):
-        raise ValidationError("`tool_choice` needs `tools`, which are not supported yet", "tool_choice")
-    for name in (
-        "functions",
-        "function_call",
-        "audio",
-        "prediction",
-        "web_search_options",
-        "reasoning_effort",
-    ):
-        if fields.raw(name) is not None:
-            raise ValidationError(f"`{name}` is not supported", name)
-    modalities = fields.raw("modalities")
-    if modalities not in (None, ["text"]):
-        raise ValidationError('`modalities` supports only ["text"]', "modalities")
-
-
-def _requests(
-    infer: Infer, inputs: str, ids: list[int], options: Options, count: int, top_n: int, prompt_logprobs: bool,
-    echo: bool,
-) -> list[ValidRequest]:  # fmt: skip
-    """``count`` requests for one prompt: seeds seed, seed + 1, ... (or random) when sampling."""
-    max_new = infer.validator.new_tokens_budget(len(ids), options.max_tokens, "max_tokens")
-    if options.min_tokens > max_new:
-        raise ValidationError(f"`min_tokens` ({options.min_tokens}) must be <= {max_new}", "min_tokens")
-    out = []
-    for i in range(count):
-        if options.params.sampling:
-            seed = (options.seed + i) % 2**64 if options.seed is not None else random.getrandbits(64)
-        else:
-            seed = 0
-        out.append(
-            ValidRequest(
-                inputs=inputs,
-                input_ids=ids,
-                parameters=replace(options.params, seed=seed),
-                max_new_tokens=max_new,
-                stop=options.stop,
-                details=True,
-                decoder_input_details=prompt_logprobs,
-                top_n_tokens=top_n,
-                return_full_text=echo,
-                seed=seed if options.params.sampling else None,
-                ignore_eos_token=options.ignore_eos,
-                include_stop=False,
-                min_new_tokens=options.min_tokens,
-                stop_token_ids=options.stop_token_ids,
-                skip_special_tokens=options.skip_special_tokens,
-            )
-        )
-    return out
 
 
 # -- running ----------------------------------------------------------------------------------------------
@@ -437,9 +192,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     infer.metrics.request_count.inc()
     fields = Fields(await read_json_object(request))
     with infer.admit():
-        model = _check_model(fields, infer)
+        model = check_model(fields, infer)
         messages = normalize_messages(fields.raw("messages"))
-        options = _parse_options(fields, infer, infer.config.max_concurrent_requests)
+        options = parse_options(fields, infer, infer.config.max_concurrent_requests)
         logprobs = fields.bool("logprobs", False)
         top_logprobs = fields.int("top_logprobs", 0, infer.config.max_top_n_tokens)
         if top_logprobs and not logprobs:
@@ -457,14 +212,14 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                 f"`chat_template_kwargs` must be an object without {', '.join(TEMPLATE_RESERVED)}",
                 "chat_template_kwargs",
             )
-        _refuse_unsupported(fields)
+        refuse_unsupported(fields)
         fields.finish()
         prompter = state(request).prompter
         text, special = await infer.validator.run(
             prompter.render, messages, add_generation_prompt, continue_final, kwargs
         )
         ids = await infer.validator.run(infer.tokenizer.encode, text, special)
-        requests = _requests(infer, text, ids, options, options.n, top_logprobs or 0, False, False)
+        requests = build_requests(infer, text, ids, options, options.n, top_logprobs or 0, False, False)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model}
         if options.stream:
             return await _chat_stream(request, infer, requests, head, options, logprobs)
@@ -561,9 +316,9 @@ async def completions(request: web.Request) -> web.StreamResponse:
     infer.metrics.request_count.inc()
     fields = Fields(await read_json_object(request))
     with infer.admit():
-        model = _check_model(fields, infer)
+        model = check_model(fields, infer)
         prompts = _prompts(fields.raw("prompt"))
-        options = _parse_options(fields, infer, infer.config.max_concurrent_requests)
+        options = parse_options(fields, infer, infer.config.max_concurrent_requests)
         echo = fields.bool("echo", False)
         logprobs = fields.int("logprobs", 0, infer.config.max_top_n_tokens)
         best_of = fields.int("best_of", 1, infer.config.max_concurrent_requests) or options.n
@@ -573,7 +328,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
             raise ValidationError("`best_of` > `n` cannot be streamed", "best_of")
         if fields.raw("suffix"):
             raise ValidationError("`suffix` (fill-in-the-middle) is not supported", "suffix")
-        _refuse_unsupported(fields)
+        refuse_unsupported(fields)
         fields.finish()
         vocab = infer.info.vocab_size or len(infer.tokenizer.hf)
         groups: list[list[ValidRequest]] = []
@@ -588,7 +343,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
                     raise ValidationError(f"`prompt` token ids must be below {vocab}", "prompt")
                 ids, text = list(prompt), await infer.validator.run(infer.tokenizer.decode, prompt)
             groups.append(
-                _requests(
+                build_requests(
                     infer, text, ids, options, best_of, logprobs or 0, echo and logprobs is not None, echo
                 )
             )
@@ -601,7 +356,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     for p, group in enumerate(groups):
         finished = results[p * best_of : (p + 1) * best_of]
         completion_tokens += sum(f.generated_tokens for f in finished)
-        ranked = sorted(range(best_of), key=lambda i: _mean_logprob(finished[i]), reverse=True)[: options.n]
+        ranked = sorted(range(best_of), key=lambda i: finished[i].mean_logprob, reverse=True)[: options.n]
         for rank, i in enumerate(sorted(ranked) if best_of == options.n else ranked):
             valid = group[i]
             choices.append(
@@ -616,11 +371,6 @@ async def completions(request: web.Request) -> web.StreamResponse:
             )
     usage = _usage(sum(g[0].input_length for g in groups), completion_tokens)
     return web.json_response({**head, "object": "text_completion", "choices": choices, "usage": usage})
-
-
-def _mean_logprob(finished: Finished) -> float:
-    values = [t.logprob for t in finished.tokens if t.logprob is not None and math.isfinite(t.logprob)]
-    return sum(values) / len(values) if values else -math.inf
 
 
 def _legacy_logprobs(
@@ -715,7 +465,7 @@ async def tokenize(request: web.Request) -> web.Response:
     """POST /tokenize: {"prompt"} or {"messages"} -> token ids and the rendered prompt."""
     infer = get_infer(request)
     fields = Fields(await read_json_object(request))
-    _check_model(fields, infer)
+    check_model(fields, infer)
     prompt, messages = fields.raw("prompt"), fields.raw("messages")
     add_special = fields.bool("add_special_tokens", True)
     if (prompt is None) == (messages is None):

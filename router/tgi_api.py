@@ -135,7 +135,7 @@ async def _generate_one(
         ]
         results = sorted(
             await asyncio.gather(*(_run(infer, c) for c in candidates)),
-            key=lambda r: _mean_logprob(r[0]),
+            key=lambda r: r[0].mean_logprob,
             reverse=True,
         )
         (finished, entry_queued, batched), others = results[0], results[1:]
@@ -163,11 +163,6 @@ async def _generate_one(
         started, validated, entry_queued, batched, len(str(inputs)), finished.generated_tokens
     )
     return body, headers
-
-
-def _mean_logprob(finished: Finished) -> float:
-    values = [t.logprob for t in finished.tokens if t.logprob is not None and math.isfinite(t.logprob)]
-    return sum(values) / len(values) if values else -math.inf
 
 
 async def _run(infer: Infer, valid: ValidRequest) -> tuple[Finished, float, float | None]:
