@@ -81,6 +81,9 @@ def openai_route(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
         try:
             return await handler(request)
         except (InferError, web.HTTPClientError) as e:
+            infer = state(request).infer
+            if infer is not None and isinstance(e, ValidationError | ModelNotFoundError):
+                infer.metrics.request_failure.labels("validation").inc()
             return error_to_openai(e)
 
     return wrapped
