@@ -70,6 +70,7 @@ class Batcher:
         self.running: dict[int, Entry] = {}
         self.generation_health = True
         self._batch_ids = itertools.count()
+        self._gauged_size = 0
 
     def next_batch_id(self) -> int:
         return next(self._batch_ids)
@@ -98,6 +99,7 @@ class Batcher:
                         waiting_steps = 1
                 cached = await self._decode(cached)
                 waiting_steps += 1
+            self._gauged_size = 0
             self.metrics.batch_current_size.set(0)
             self.metrics.batch_current_max_tokens.set(0)
 
@@ -138,8 +140,10 @@ class Batcher:
         if not wanted:
             return []
         ids = [rid for b in wanted for rid in b.request_ids]
-        self.metrics.batch_current_size.set(len(ids))
-        self.metrics.batch_current_max_tokens.set(self._held_tokens())
+        if len(ids) != self._gauged_size:  # gauges move only when requests join or leave
+            self._gauged_size = len(ids)
+            self.metrics.batch_current_size.set(len(ids))
+            self.metrics.batch_current_max_tokens.set(self._held_tokens())
         response = await self._step("decode", self.client.decode(wanted), [b.id for b in wanted], ids)
         if response is None:
             return []

@@ -97,6 +97,21 @@ def stream_event_json(event: StreamEvent, index: int, details: bool, input_lengt
     return body
 
 
+def stream_event_bytes(event: StreamEvent, index: int, details: bool, input_length: int) -> bytes:
+    """One SSE event. The common case (a plain token) is formatted directly: it is the per-token hot path."""
+    if event.finished is not None or event.top_tokens:
+        payload = json.dumps(stream_event_json(event, index, details, input_length), ensure_ascii=False)
+    else:
+        t = event.token
+        logprob = "null" if t.logprob is None or not math.isfinite(t.logprob) else repr(t.logprob)
+        payload = (
+            f'{{"index": {index}, "token": {{"id": {t.id}, "text": {json.dumps(t.text, ensure_ascii=False)}, '
+            f'"logprob": {logprob}, "special": {"true" if t.special else "false"}}}, '
+            '"generated_text": null, "details": null}'
+        )
+    return b"data: " + payload.encode() + b"\n\n"
+
+
 def _timing_headers(
     started: float, validated: float, entry_queued: float, batched: float | None, chars: int, tokens: int
 ) -> dict[str, str]:
@@ -210,10 +225,7 @@ async def generate_stream(request: web.Request, body: dict[str, Any] | None = No
             try:
                 async for event in infer.stream(entry):
                     index += 1
-                    payload = stream_event_json(event, index, valid.details, valid.input_length)
-                    await response.write(
-                        b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n"
-                    )
+                    await response.write(stream_event_bytes(event, index, valid.details, valid.input_length))
             except InferError as error:
                 infer.metrics.request_failure.labels(error.error_type).inc()
                 await response.write(b"data: " + json.dumps(error.body()).encode() + b"\n\n")

@@ -14,6 +14,8 @@ class Tokenizer:
         from transformers import AutoTokenizer
 
         self.hf = AutoTokenizer.from_pretrained(str(name_or_path), revision=revision)
+        # The Rust tokenizer behind a fast tokenizer decodes without transformers' per-call Python work.
+        self._rust = getattr(self.hf, "backend_tokenizer", None)
         self.special_ids = frozenset(int(i) for i in self.hf.all_special_ids)
         self.eos_token_id = self.hf.eos_token_id
 
@@ -21,6 +23,9 @@ class Tokenizer:
         return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False, **kwargs: object) -> str:
+        """Text of ``ids``, without transformers' clean-up of spaces (so pieces concatenate exactly)."""
+        if self._rust is not None and not kwargs.get("clean_up_tokenization_spaces"):
+            return self._rust.decode(ids, skip_special_tokens=skip_special_tokens)
         kwargs.setdefault("clean_up_tokenization_spaces", False)
         return self.hf.decode(ids, skip_special_tokens=skip_special_tokens, **kwargs)
 

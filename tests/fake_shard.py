@@ -1,0 +1,153 @@
+"""A fake shard: a real gRPC server that answers every step at once with fixed tokens.
+
+It lets the router (and the benchmark tool through it) be measured alone, without a model:
+
+    python -m tests.fake_shard --uds-path /tmp/fake-shard --vocab-size 49152 --stats stats.json
+
+listens on ``/tmp/fake-shard-0`` (the router's ``--shard-uds-path /tmp/fake-shard``). Every request
+generates ``token`` ids cycling through a fixed list of ordinary word tokens and never ends by itself (no
+EOS), so a request ends by its length or its stop strings, as the router decides. On SIGTERM/SIGINT it
+writes, with ``--stats``, the time between consecutive Decode calls per batch size: with a shard that
+takes no time, that interval is the router's own time per decode step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import statistics
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import grpc
+
+from proto import pb, pb_grpc
+
+DEFAULT_TOKENS = (260, 314, 1015, 2020, 2743, 355, 1207, 1893)
+
+
+class FakeShard(pb_grpc.TextGenerationServiceServicer):
+    def __init__(self, vocab_size: int, tokens: tuple[int, ...] = DEFAULT_TOKENS) -> None:
+        self.vocab_size = vocab_size
+        self.tokens = tokens
+        self.batches: dict[int, list[int]] = {}
+        self.steps: dict[int, int] = defaultdict(int)
+        self.decode_intervals: dict[int, list[float]] = defaultdict(list)
+        self._last_decode: float | None = None
+        self.prefills = 0
+
+    def _generations(self, request_ids: list[int]) -> pb.Generations:
+        ids = []
+        for rid in request_ids:
+            ids.append(self.tokens[self.steps[rid] % len(self.tokens)])
+            self.steps[rid] += 1
+        return pb.Generations(request_ids=request_ids, token_ids=ids, logprobs=[-0.5] * len(ids))
+
+    async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
+        return pb.InfoResponse(
+            requires_padding=False, dtype="float32", device_type="cpu", world_size=1, backend="fake",
+            vocab_size=self.vocab_size,
+        )  # fmt: skip
+
+    async def Health(self, request: pb.HealthRequest, context: grpc.aio.ServicerContext) -> pb.HealthResponse:
+        return pb.HealthResponse()
+
+    async def Warmup(self, request: pb.WarmupRequest, context: grpc.aio.ServicerContext) -> pb.WarmupResponse:
+        return pb.WarmupResponse()
+
+    async def Prefill(
+        self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PrefillResponse:
+        self.prefills += 1
+        ids = [r.id for r in request.batch.requests]
+        self.batches[request.batch.id] = ids
+        generations = self._generations(ids)
+        self._last_decode = None  # a prefill between decodes is not router overhead
+        return pb.PrefillResponse(
+            generations=generations, batch=pb.CachedBatch(id=request.batch.id, request_ids=ids)
+        )
+
+    async def Decode(self, request: pb.DecodeRequest, context: grpc.aio.ServicerContext) -> pb.DecodeResponse:
+        now = time.perf_counter()
+        ids: list[int] = []
+        for batch in request.batches:
+            if batch.id not in self.batches:
+                await context.abort(grpc.StatusCode.NOT_FOUND, f"no cached batch {batch.id}")
+            kept = set(batch.request_ids)
+            for rid in self.batches.pop(batch.id):
+                if rid not in kept:
+                    self.steps.pop(rid, None)
+            ids.extend(batch.request_ids)
+        if self._last_decode is not None:
+            self.decode_intervals[len(ids)].append(now - self._last_decode)
+        self._last_decode = now
+        response = pb.DecodeResponse(generations=self._generations(ids))
+        if ids:
+            batch_id = request.batches[0].id
+            self.batches[batch_id] = ids
+            response.batch.CopyFrom(pb.CachedBatch(id=batch_id, request_ids=ids))
+        return response
+
+    async def ClearCache(
+        self, request: pb.ClearCacheRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ClearCacheResponse:
+        if request.HasField("id"):
+            for rid in self.batches.pop(request.id, []):
+                self.steps.pop(rid, None)
+        else:
+            self.batches.clear()
+            self.steps.clear()
+        return pb.ClearCacheResponse()
+
+    def stats(self) -> dict[str, object]:
+        """Per batch size: how many decode intervals, and their mean and median in milliseconds."""
+        return {
+            "prefills": self.prefills,
+            "decode_interval_ms": {
+                str(size): {
+                    "count": len(values),
+                    "mean": 1000 * statistics.fmean(values),
+                    "median": 1000 * statistics.median(values),
+                }
+                for size, values in sorted(self.decode_intervals.items())
+                if values
+            },
+        }
+
+
+async def serve(uds_path: str, vocab_size: int, stats_path: Path | None) -> None:
+    socket = f"{uds_path}-0"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(socket)
+    shard = FakeShard(vocab_size)
+    server = grpc.aio.server()
+    pb_grpc.add_TextGenerationServiceServicer_to_server(shard, server)
+    server.add_insecure_port(f"unix://{socket}")
+    await server.start()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop(0.5)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(socket)
+    if stats_path is not None:
+        stats_path.write_text(json.dumps(shard.stats(), indent=2))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--uds-path", default="/tmp/fake-shard")
+    parser.add_argument("--vocab-size", type=int, default=49152)
+    parser.add_argument("--stats", type=Path, default=None, help="write decode-interval stats here on exit")
+    args = parser.parse_args()
+    asyncio.run(serve(args.uds_path, args.vocab_size, args.stats))
+
+
+if __name__ == "__main__":
+    main()
