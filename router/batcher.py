@@ -21,6 +21,7 @@ from .config import RouterConfig
 from .errors import GenerationError
 from .metrics import Metrics
 from .queue import Entry, Queue
+from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +62,10 @@ class Batcher:
         queue: Queue,
         metrics: Metrics,
         max_batch_total_tokens: int,
+        tokenizer: Tokenizer,
     ) -> None:
         self.config = config
+        self.tokenizer = tokenizer
         self.client = client
         self.queue = queue
         self.metrics = metrics
@@ -71,6 +74,8 @@ class Batcher:
         self.generation_health = True
         self._batch_ids = itertools.count()
         self._gauged_size = 0
+        # When the last decode response arrived: the time until the next decode request is the router's.
+        self._response_at: float | None = None
 
     def next_batch_id(self) -> int:
         return next(self._batch_ids)
@@ -115,6 +120,7 @@ class Batcher:
         return sum(e.request.input_length + e.request.max_new_tokens for e in entries)
 
     async def _prefill(self, entries: list[Entry]) -> list[pb.CachedBatch]:
+        self._response_at = None  # a prefill between two decodes is not the router's own time
         now = time.monotonic()
         for entry in entries:
             entry.batched_at = now
@@ -144,9 +150,13 @@ class Batcher:
             self._gauged_size = len(ids)
             self.metrics.batch_current_size.set(len(ids))
             self.metrics.batch_current_max_tokens.set(self._held_tokens())
+        if self._response_at is not None:
+            self.metrics.batch_router_duration.observe(time.perf_counter() - self._response_at)
         response = await self._step("decode", self.client.decode(wanted), [b.id for b in wanted], ids)
         if response is None:
+            self._response_at = None
             return []
+        self._response_at = time.perf_counter()
         self._deliver(response.generations)
         return self._still_running([response.batch]) if response.HasField("batch") else []
 
@@ -190,24 +200,39 @@ class Batcher:
         return out
 
     def _deliver(self, g: pb.Generations) -> None:
-        """Turns one step's token ids into each request's next event."""
+        """Turns one step's token ids into each request's next event.
+
+        All rows' detokenization windows are decoded in two batch calls (in Rust, in parallel) rather
+        than two calls per row: this loop is the router's own time per step."""
         prefill = {p.request_id: p for p in g.prefill}
         width = g.top_n
-        top_ids, top_logprobs = list(g.top_ids), list(g.top_logprobs)
-        for row, (rid, token_id, logprob) in enumerate(
-            zip(g.request_ids, g.token_ids, g.logprobs, strict=True)
-        ):
+        top_ids, top_logprobs = (list(g.top_ids), list(g.top_logprobs)) if width else ((), ())
+        rows = []
+        windows: list[list[int]] = []
+        for row, (rid, token_id) in enumerate(zip(g.request_ids, g.token_ids, strict=True)):
             entry = self.running.get(rid)
             if entry is None or entry.cancelled:
                 continue
-            if rid in prefill:
-                entry.state.set_prefill(list(prefill[rid].ids), list(prefill[rid].logprobs))
+            decode = not entry.state.silent(token_id)
+            if decode:
+                windows.extend(entry.state.detokenizer.windows(token_id))
+            rows.append((row, entry, token_id, decode))
+        texts = self.tokenizer.decode_batch(windows) if windows else []
+        logprobs = g.logprobs
+        position = 0
+        for row, entry, token_id, decode in rows:
+            if entry.id in prefill:
+                entry.state.set_prefill(list(prefill[entry.id].ids), list(prefill[entry.id].logprobs))
             top = []
-            if entry.request.top_n_tokens and width:
+            if width and entry.request.top_n_tokens:
                 span = slice(row * width, (row + 1) * width)
                 top = list(zip(top_ids[span], top_logprobs[span], strict=True))
-            event = entry.state.push(token_id, logprob, top)
-            entry.events.put_nowait(event)
+            pair = None
+            if decode:
+                pair = (texts[position], texts[position + 1])
+                position += 2
+            event = entry.state.push(token_id, logprobs[row], top, pair)
+            entry.events.put(event)
             if event.finished is not None:
                 self._leave(entry, None)
 
@@ -221,5 +246,5 @@ class Batcher:
         for rid in request_ids:
             entry = self.running.get(rid)
             if entry is not None:
-                entry.events.put_nowait(error)
+                entry.events.put(error)
                 self._leave(entry, "generation")

@@ -31,9 +31,17 @@ class IncrementalDetokenizer:
 
     def push(self, token_id: int) -> str:
         """Adds a token; returns the text it completes ("" while a character is still partial)."""
+        prefix_ids, full_ids = self.windows(token_id)
+        return self.accept(self._decode(prefix_ids), self._decode(full_ids))
+
+    def windows(self, token_id: int) -> tuple[list[int], list[int]]:
+        """Adds a token; returns the two id windows to decode. The caller decodes them (many requests'
+        windows in one batch call) and passes the texts to ``accept``."""
         self.ids.append(token_id)
-        prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
-        text = self._decode(self.ids[self.prefix_offset :])
+        return self.ids[self.prefix_offset : self.read_offset], self.ids[self.prefix_offset :]
+
+    def accept(self, prefix: str, text: str) -> str:
+        """The new text, given the decoded windows of the last ``windows`` call."""
         if len(text) > len(prefix) and not text.endswith(REPLACEMENT):
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
             return text[len(prefix) :]

@@ -77,19 +77,36 @@ class GenerationState:
             for i, lp in zip(ids, logprobs, strict=True)
         ]
 
-    def push(self, token_id: int, logprob: float, top: list[tuple[int, float]]) -> StreamEvent:
-        """Accounts one generated token; returns its stream event (with ``finished`` on the last one)."""
+    def silent(self, token_id: int) -> bool:
+        """An end-of-sequence or skipped special token: it adds no text."""
+        r = self.request
+        return (
+            token_id in self.eos_ids
+            or token_id in r.stop_token_ids
+            or (r.skip_special_tokens and token_id in self.tokenizer.special_ids)
+        )
+
+    def push(
+        self,
+        token_id: int,
+        logprob: float,
+        top: list[tuple[int, float]],
+        texts: tuple[str, str] | None = None,
+    ) -> StreamEvent:
+        """Accounts one generated token; returns its stream event (with ``finished`` on the last one).
+
+        ``texts``: the decoded ``detokenizer.windows(token_id)``, when the caller decoded them in a batch
+        (then it has already called ``windows``); otherwise the token is decoded here."""
         r = self.request
         count = len(self.tokens) + 1
         may_end = count >= r.min_new_tokens
-        special = self.tokenizer.is_special(token_id)
-        ends = token_id in self.eos_ids or token_id in r.stop_token_ids
+        special = token_id in self.tokenizer.special_ids
         stopped = False
-        if ends or (special and r.skip_special_tokens):
-            delta = ""  # an end-of-sequence or skipped special token adds no text
+        if texts is None and self.silent(token_id):
+            delta = ""
         else:
-            delta = self.detokenizer.push(token_id)
-            if may_end:
+            delta = self.detokenizer.accept(*texts) if texts is not None else self.detokenizer.push(token_id)
+            if may_end and self.stops.stops:
                 delta, stopped = self.stops.push(delta)
         if count >= r.max_new_tokens:
             finish_reason = "length"
@@ -107,11 +124,12 @@ class GenerationState:
         # TGI shows a special token's own string (clients skip it by its `special` flag).
         token = Token(token_id, self.tokenizer.token_text(token_id) if special else delta, logprob, special)
         self.tokens.append(token)
-        top_tokens = [
-            Token(i, self.tokenizer.token_text(i), lp, self.tokenizer.is_special(i))
-            for i, lp in top[: r.top_n_tokens]
-        ]
+        top_tokens: list[Token] = []
         if r.top_n_tokens:
+            top_tokens = [
+                Token(i, self.tokenizer.token_text(i), lp, self.tokenizer.is_special(i))
+                for i, lp in top[: r.top_n_tokens]
+            ]
             self.top_tokens.append(top_tokens)
         finished = self._finish(finish_reason) if finish_reason else None
         return StreamEvent(token, delta, top_tokens, finished)

@@ -49,7 +49,9 @@ class Infer:
         self.max_batch_total_tokens = config.max_batch_total_tokens or max(
             16000, config.max_total_tokens, config.max_batch_prefill_tokens
         )
-        self.batcher = Batcher(config, client, self.queue, self.metrics, self.max_batch_total_tokens)
+        self.batcher = Batcher(
+            config, client, self.queue, self.metrics, self.max_batch_total_tokens, tokenizer
+        )
         self.ready = False
         self.in_flight = 0
         self._ids = itertools.count()
@@ -139,16 +141,30 @@ class Infer:
                 entry.cancelled = True
                 self.metrics.request_failure.labels("dropped").inc()
 
-    async def stream(self, entry: Entry) -> AsyncIterator[StreamEvent]:
-        """The entry's events up to and including its last; raises the error it ended with, if any."""
+    async def stream_batches(self, entry: Entry) -> AsyncIterator[list[StreamEvent]]:
+        """The entry's events, in lists of whatever piled up since the consumer last looked (one write
+        for several tokens when a client falls behind), up to and including its last; raises the error
+        it ended with, if any."""
         while True:
-            event = await entry.events.get()
-            if isinstance(event, InferError):
-                raise event
-            yield event
-            if event.finished is not None:
-                self._observe(entry, event.finished)
-                return
+            await entry.events.wait()
+            batch: list[StreamEvent] = []
+            for event in entry.events.take_all():
+                if isinstance(event, InferError):
+                    if batch:
+                        yield batch
+                    raise event
+                batch.append(event)
+                if event.finished is not None:
+                    self._observe(entry, event.finished)
+                    yield batch
+                    return
+            yield batch
+
+    async def stream(self, entry: Entry) -> AsyncIterator[StreamEvent]:
+        """The entry's events one by one (see ``stream_batches``)."""
+        async for batch in self.stream_batches(entry):
+            for event in batch:
+                yield event
 
     async def generate(self, entry: Entry) -> Finished:
         async for event in self.stream(entry):

@@ -67,6 +67,12 @@ class Metrics:
             buckets=DURATION_BUCKETS,
             registry=r,
         )
+        self.batch_router_duration = Histogram(
+            "tgi_batch_router_duration",
+            "Router seconds between a decode response and the next decode request (its own time per step)",
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
         self.batch_concat = Counter("tgi_batch_concat", "Batches joined", ["reason"], registry=r)
         self.batch_next_size = Histogram(
             "tgi_batch_next_size", "Requests per prefill", buckets=tuple(range(1, 1025)), registry=r

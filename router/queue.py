@@ -12,6 +12,44 @@ from .generation import GenerationState, StreamEvent
 from .validation import ValidRequest
 
 
+class EventChannel:
+    """One producer (the batching loop), one consumer (the request's handler): cheaper than an
+    asyncio.Queue on the per-token path, and the consumer can take everything that piled up at once."""
+
+    __slots__ = ("items", "waiter")
+
+    def __init__(self) -> None:
+        self.items: deque[StreamEvent | InferError] = deque()
+        self.waiter: asyncio.Future[None] | None = None
+
+    def put(self, item: StreamEvent | InferError) -> None:
+        self.items.append(item)
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def empty(self) -> bool:
+        return not self.items
+
+    async def wait(self) -> None:
+        """Returns once at least one item is waiting."""
+        while not self.items:
+            self.waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
+
+    async def get(self) -> StreamEvent | InferError:
+        await self.wait()
+        return self.items.popleft()
+
+    def take_all(self) -> list[StreamEvent | InferError]:
+        items = list(self.items)
+        self.items.clear()
+        return items
+
+
 @dataclass(eq=False)
 class Entry:
     """A request from the moment it is queued until its last event; ``events`` feeds its HTTP handler."""
@@ -19,7 +57,7 @@ class Entry:
     id: int
     request: ValidRequest
     state: GenerationState
-    events: asyncio.Queue[StreamEvent | InferError] = field(default_factory=asyncio.Queue)
+    events: EventChannel = field(default_factory=EventChannel)
     queued_at: float = field(default_factory=time.monotonic)
     batched_at: float | None = None
     cancelled: bool = False

@@ -223,9 +223,12 @@ async def generate_stream(request: web.Request, body: dict[str, Any] | None = No
             await response.prepare(request)
             index = 0
             try:
-                async for event in infer.stream(entry):
-                    index += 1
-                    await response.write(stream_event_bytes(event, index, valid.details, valid.input_length))
+                async for events in infer.stream_batches(entry):
+                    chunks = []
+                    for event in events:
+                        index += 1
+                        chunks.append(stream_event_bytes(event, index, valid.details, valid.input_length))
+                    await response.write(b"".join(chunks))
             except InferError as error:
                 infer.metrics.request_failure.labels(error.error_type).inc()
                 await response.write(b"data: " + json.dumps(error.body()).encode() + b"\n\n")

@@ -29,6 +29,12 @@ class Tokenizer:
         kwargs.setdefault("clean_up_tokenization_spaces", False)
         return self.hf.decode(ids, skip_special_tokens=skip_special_tokens, **kwargs)
 
+    def decode_batch(self, sequences: list[list[int]]) -> list[str]:
+        """Many ``decode`` calls in one (the Rust tokenizer decodes them in parallel, outside the GIL)."""
+        if self._rust is not None:
+            return self._rust.decode_batch(sequences, skip_special_tokens=False)
+        return [self.decode(ids) for ids in sequences]
+
     @functools.lru_cache(maxsize=65536)  # noqa: B019 - one tokenizer per process, bounded cache
     def token_text(self, token_id: int) -> str:
         """A single token decoded on its own (TGI's text for prefill and top tokens)."""

@@ -11,7 +11,7 @@ import pytest
 
 from common.params import SamplingParams
 from router.generation import GenerationState
-from router.queue import Entry, Queue
+from router.queue import Entry, EventChannel, Queue
 from router.tokenizer import Tokenizer
 from router.validation import ValidRequest
 
@@ -61,7 +61,7 @@ def test_entry_cost_and_defaults(make) -> None:
     assert entry.request.input_length == 7
     assert not entry.cancelled and not entry.done
     assert entry.batched_at is None
-    assert isinstance(entry.events, asyncio.Queue) and entry.events.empty()
+    assert isinstance(entry.events, EventChannel) and entry.events.empty()
     assert entry != make(7, 13)  # identity, not value, equality
 
 
