@@ -2,14 +2,17 @@
 
 Layout (one responsibility per module):
 
-- ``config``    ServeConfig and GenerationParams: the run's settings, built once from the CLI.
-- ``clients/``  one small streaming client per API (``tgi``: TGI-native ``/generate_stream``), all speaking
-                the StreamingClient protocol and yielding StreamEvents.
+- ``config``    ServeConfig, Level and GenerationParams: the run's settings, built once from the CLI.
+- ``clients/``  one small streaming client per API (``tgi``: TGI-native ``/generate_stream``; ``openai``:
+                ``/v1/chat/completions`` and ``/v1/completions``), on a shared aiohttp/SSE base (``http``),
+                all speaking the StreamingClient protocol and yielding StreamEvents.
 - ``sse``       incremental Server-Sent Events parser shared by the clients.
+- ``workload``  what a level sends and when: seeded prompts and lengths, Poisson arrival times.
 - ``records``   RequestRecord: what one request looked like from the client's side (raw measurements).
-- ``runner``    the closed-loop load runner (one concurrency level) and the warmup.
+- ``runner``    the load runners (closed-loop concurrency level, open-loop rate level) and the warmup.
 - ``metrics``   percentiles and per-level metrics computed from records.
 - ``report``    progress line, summary table, JSON results.
+- ``plots``     PNG plots of one or several results files (matplotlib, imported only there).
 - ``serve``     the ``serve`` command: client + warmup + sweep + metrics.
 - ``cli``       argument parsing and the console entry point.
 """

@@ -54,15 +54,17 @@ class Distribution:
 
 @dataclass(frozen=True)
 class LevelMetrics:
-    """The figures of one concurrency level.
+    """The figures of one level: a closed-loop ``concurrency`` level, or an open-loop ``request_rate`` one
+    (then ``concurrency`` is None).
 
     Latency distributions (seconds) use the successful requests only: TTFT and E2E per request, TPOT per
     request with at least 2 tokens, ITL pooled over all gaps of all successful requests. Throughputs divide
     by the level's wall time: ``output_tokens_per_s`` counts every token received (failed requests'
-    partial answers included), ``requests_per_s`` counts successful requests.
+    partial answers included), ``requests_per_s`` counts successful requests. ``max_in_flight`` is the
+    largest number of requests in flight at once (what an open-loop rate turned into).
     """
 
-    concurrency: int
+    concurrency: int | None
     num_requests: int
     num_ok: int
     num_errors: int
@@ -77,12 +79,39 @@ class LevelMetrics:
     errors_by_kind: dict[str, int] = field(default_factory=dict)
     token_count_mismatches: int = 0
     timed_out: bool = False
+    request_rate: float | None = None
+    max_in_flight: int = 0
+
+    @property
+    def level_name(self) -> str:
+        """``concurrency 8`` or ``rate 2 req/s``."""
+        if self.request_rate is not None:
+            return f"rate {self.request_rate:g} req/s"
+        return f"concurrency {self.concurrency}"
+
+
+def max_in_flight(records: Iterable[RequestRecord]) -> int:
+    """The largest number of requests in flight at once, from their send times and durations."""
+    edges = []
+    for r in records:
+        if r.e2e_s is not None:
+            edges += [(r.start_s, 1), (r.start_s + r.e2e_s, -1)]
+    peak = current = 0
+    for _, step in sorted(edges):  # at equal times an end (-1) sorts before a start (+1)
+        current += step
+        peak = max(peak, current)
+    return peak
 
 
 def compute_level_metrics(
-    concurrency: int, records: Sequence[RequestRecord], wall_s: float, *, timed_out: bool = False
+    concurrency: int | None,
+    records: Sequence[RequestRecord],
+    wall_s: float,
+    *,
+    timed_out: bool = False,
+    request_rate: float | None = None,
 ) -> LevelMetrics:
-    """LevelMetrics from a level's records and wall time."""
+    """LevelMetrics from a level's records and wall time (``concurrency`` None for a rate level)."""
     ok = [r for r in records if r.ok]
     errors = Counter(r.error_kind or "unknown" for r in records if not r.ok)
     output_tokens = sum(r.output_tokens for r in records)
@@ -102,6 +131,8 @@ def compute_level_metrics(
         errors_by_kind=dict(sorted(errors.items())),
         token_count_mismatches=sum(1 for r in ok if r.token_count_mismatch),
         timed_out=timed_out,
+        request_rate=request_rate,
+        max_in_flight=max_in_flight(records),
     )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 # Common English words; with a leading space each is a single token in the usual BPE vocabularies
 # (GPT-2, Llama, Mistral, SmolLM), so N words make about N tokens.
 _TEXT = (
@@ -13,8 +15,15 @@ _TEXT = (
 _WORDS = tuple(_TEXT.split())
 
 
-def synthetic_prompt(num_tokens: int) -> str:
-    """A prompt of about ``num_tokens`` tokens (exact length depends on the model's tokenizer)."""
+def synthetic_prompt(num_tokens: int, rng: random.Random | None = None) -> str:
+    """A prompt of about ``num_tokens`` tokens (exact length depends on the model's tokenizer).
+
+    Without ``rng`` it is always the same text; with one, the words are drawn from it, so that prompts
+    differ from their first words on (a server's prefix cache cannot reuse one request's prompt for the
+    next) while staying reproducible from a seed.
+    """
     if num_tokens < 1:
         raise ValueError(f"input_tokens must be >= 1, got {num_tokens}")
-    return " ".join(_WORDS[i % len(_WORDS)] for i in range(num_tokens))
+    if rng is None:
+        return " ".join(_WORDS[i % len(_WORDS)] for i in range(num_tokens))
+    return " ".join(rng.choices(_WORDS, k=num_tokens))

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
+from benchmark.config import Level
 from benchmark.metrics import Distribution, LevelMetrics
 from benchmark.records import RequestRecord
 
@@ -23,7 +24,7 @@ class Progress:
         self.stream = stream if stream is not None else sys.stderr
         self.enabled = enabled
         self.live = enabled and self.stream.isatty()
-        self._concurrency = 0
+        self._level = ""
         self._errors = 0
         self._start = time.perf_counter()
 
@@ -35,23 +36,25 @@ class Progress:
     def warmup(self, count: int) -> None:
         self._write(f"warmup: {count} request(s)\n")
 
-    def start_level(self, concurrency: int, num_requests: int) -> None:
-        self._concurrency, self._errors, self._start = concurrency, 0, time.perf_counter()
+    def start_level(self, level: Level | int, num_requests: int) -> None:
+        """A level starts (an int is a concurrency level)."""
+        if not isinstance(level, Level):
+            level = Level(concurrency=level)
+        self._level, self._errors, self._start = level.name, 0, time.perf_counter()
         if self.live:
-            self._write(f"\rconcurrency {concurrency}: 0/{num_requests} requests")
+            self._write(f"\r{self._level}: 0/{num_requests} requests")
 
     def record(self, record: RequestRecord, done: int, total: int) -> None:
         self._errors += not record.ok
         if self.live:
             elapsed = time.perf_counter() - self._start
             self._write(
-                f"\rconcurrency {self._concurrency}: {done}/{total} requests, "
-                f"{self._errors} errors, {elapsed:.1f} s\x1b[K"
+                f"\r{self._level}: {done}/{total} requests, {self._errors} errors, {elapsed:.1f} s\x1b[K"
             )
 
     def end_level(self, metrics: LevelMetrics) -> None:
         line = (
-            f"concurrency {metrics.concurrency}: {metrics.num_requests} requests in {metrics.wall_s:.1f} s, "
+            f"{metrics.level_name}: {metrics.num_requests} requests in {metrics.wall_s:.1f} s, "
             f"{metrics.output_tokens_per_s:.1f} output tokens/s, {metrics.num_errors} errors"
         )
         if metrics.timed_out:
@@ -88,21 +91,36 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[
     ]
 
 
+def describe_workload(result: ServeResult) -> str:
+    """``max_new_tokens 64 ignore_eos | synthetic prompts ~512 tokens`` (with the random ranges)."""
+    config = result.config
+    out = f"max_new_tokens {config.params.max_new_tokens}"
+    if config.random_output_range_ratio:
+        out += f" (range ratio {config.random_output_range_ratio:g})"
+    if config.params.ignore_eos:
+        out += " ignore_eos"
+    if config.input_tokens is not None:
+        out += f" | synthetic prompts ~{config.input_tokens} tokens"
+        if config.random_input_range_ratio:
+            out += f" (range ratio {config.random_input_range_ratio:g})"
+    else:
+        out += f" | prompt {len(result.prompt)} chars"
+    return out
+
+
 def format_summary(result: ServeResult) -> str:
     """The one-screen summary of a ``serve`` run."""
     config = result.config
-    prompt_desc = (
-        f"synthetic prompt ~{config.input_tokens} tokens"
-        if config.input_tokens is not None
-        else f"prompt {len(result.prompt)} chars"
-    )
+    model = f" model {result.model} |" if result.model else ""
     lines = [
-        f"text-generation-benchmark serve: {config.api} {config.url} | max_new_tokens "
-        f"{config.params.max_new_tokens}{' ignore_eos' if config.params.ignore_eos else ''} | {prompt_desc}",
+        f"text-generation-benchmark serve: {result.label} | {config.api} {config.url} |{model} "
+        f"{describe_workload(result)}",
         "",
     ]
+    open_loop = config.open_loop
     headers = [
-        "conc",
+        "rate/s" if open_loop else "conc",
+        *(["peak"] if open_loop else []),
         "reqs",
         "ok",
         "err",
@@ -118,7 +136,8 @@ def format_summary(result: ServeResult) -> str:
         m = level.metrics
         rows.append(
             [
-                str(m.concurrency),
+                f"{m.request_rate:g}" if open_loop else str(m.concurrency),
+                *([str(m.max_in_flight)] if open_loop else []),
                 str(m.num_requests),
                 str(m.num_ok),
                 str(m.num_errors),
@@ -132,26 +151,27 @@ def format_summary(result: ServeResult) -> str:
         )
     lines += format_table(headers, rows)
     lines.append("")
+    if open_loop:
+        lines.append(
+            f"peak: most requests in flight at once (open loop: Poisson arrivals, seed {config.seed})"
+        )
     for level in result.levels:
         m = level.metrics
         if m.errors_by_kind:
             kinds = ", ".join(f"{kind} x{count}" for kind, count in m.errors_by_kind.items())
-            lines.append(f"errors at concurrency {m.concurrency}: {kinds}")
+            lines.append(f"errors at {m.level_name}: {kinds}")
         if m.timed_out:
-            lines.append(
-                f"concurrency {m.concurrency} stopped at the level timeout ({config.level_timeout_s:g} s)"
-            )
+            lines.append(f"{m.level_name} stopped at the level timeout ({config.level_timeout_s:g} s)")
         if m.token_count_mismatches:
             lines.append(
-                f"warning: at concurrency {m.concurrency}, {m.token_count_mismatches} request(s) streamed a "
+                f"warning: at {m.level_name}, {m.token_count_mismatches} request(s) streamed a "
                 "token count different from the server's generated_tokens"
             )
     decode = result.single_stream_decode_tokens_per_s
-    lines.append(
-        f"single-stream decode: {fmt(decode)} tokens/s (1 / median TPOT at concurrency 1)"
-        if decode is not None
-        else "single-stream decode: - (needs concurrency 1 with 2+ output tokens)"
-    )
+    if decode is not None:
+        lines.append(f"single-stream decode: {fmt(decode)} tokens/s (1 / median TPOT at concurrency 1)")
+    elif not open_loop:
+        lines.append("single-stream decode: - (needs concurrency 1 with 2+ output tokens)")
     return "\n".join(lines)
 
 

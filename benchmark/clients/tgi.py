@@ -6,11 +6,8 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-import aiohttp
-
 from benchmark.clients import RequestError, StreamEvent
-from benchmark.config import GenerationParams
-from benchmark.sse import SSEParser
+from benchmark.clients.http import HttpStreamClient
 
 
 def http_error(status: int, body: str) -> RequestError:
@@ -53,67 +50,35 @@ def parse_event(data: str) -> StreamEvent:
     )
 
 
-class TgiStreamClient:
+class TgiStreamClient(HttpStreamClient):
     """StreamingClient for TGI's ``/generate_stream`` (greedy, ``details: true``)."""
 
     api = "tgi"
 
-    def __init__(self, url: str, params: GenerationParams, *, max_connections: int = 0) -> None:
-        self.endpoint = url.rstrip("/") + "/generate_stream"
-        self.params = params
-        self._max_connections = max_connections
-        self._session: aiohttp.ClientSession | None = None
+    @property
+    def endpoint(self) -> str:
+        return self.base_url + "/generate_stream"
 
-    def payload(self, prompt: str) -> dict[str, Any]:
+    def payload(self, prompt: str, max_new_tokens: int | None = None) -> dict[str, Any]:
         """The JSON body of one request."""
         parameters: dict[str, Any] = {
-            "max_new_tokens": self.params.max_new_tokens,
+            "max_new_tokens": max_new_tokens or self.params.max_new_tokens,
             "details": True,
             "do_sample": False,
         }
         if self.params.ignore_eos:
             parameters["ignore_eos"] = True
+        if self.options.extra_body:  # TGI's generation fields all live in "parameters"
+            parameters.update(self.options.extra_body)
         return {"inputs": prompt, "parameters": parameters}
 
-    def _get_session(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=self._max_connections),
-                # Timeouts belong to the runner (per request, per level), not to the transport.
-                timeout=aiohttp.ClientTimeout(total=None),
-            )
-        return self._session
-
-    async def stream(self, prompt: str) -> AsyncIterator[StreamEvent]:
-        session = self._get_session()
-        try:
-            async with session.post(
-                self.endpoint, json=self.payload(prompt), headers={"Accept": "text/event-stream"}
-            ) as response:
-                if response.status != 200:
-                    raise http_error(response.status, await response.text(errors="replace"))
-                parser = SSEParser()
-                final_seen = False
-                async for chunk in response.content.iter_any():
-                    for data in parser.feed(chunk):
-                        if final_seen:
-                            continue  # nothing may follow the final event; drain to keep the connection
-                        event = parse_event(data)
-                        final_seen = event.final
-                        yield event
-                for data in parser.finish():
-                    if not final_seen:
-                        event = parse_event(data)
-                        final_seen = event.final
-                        yield event
-                if not final_seen:
-                    raise RequestError("incomplete", "the stream ended before its final event")
-        except aiohttp.ClientError as e:
-            raise RequestError("connection", f"{type(e).__name__}: {e}") from e
-        except OSError as e:
-            raise RequestError("connection", f"{type(e).__name__}: {e}") from e
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+    async def stream(self, prompt: str, max_new_tokens: int | None = None) -> AsyncIterator[StreamEvent]:
+        final_seen = False
+        async for data in self.post_sse(self.endpoint, self.payload(prompt, max_new_tokens), http_error):
+            if final_seen:
+                continue  # nothing may follow the final event; drain to keep the connection
+            event = parse_event(data)
+            final_seen = event.final
+            yield event
+        if not final_seen:
+            raise RequestError("incomplete", "the stream ended before its final event")

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import io
+import itertools
 import json
+import random
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -17,10 +20,12 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from benchmark.cli import concurrency_list, main
-from benchmark.clients import RequestError
+from benchmark.cli import concurrency_list, main, rate_list
+from benchmark.clients import RequestError, StreamEvent
+from benchmark.clients.openai import ChunkParser
+from benchmark.clients.openai import http_error as openai_http_error
 from benchmark.clients.tgi import http_error, parse_event
-from benchmark.config import GenerationParams, ServeConfig
+from benchmark.config import GenerationParams, Level, ServeConfig
 from benchmark.metrics import (
     Distribution,
     compute_level_metrics,
@@ -30,9 +35,10 @@ from benchmark.metrics import (
 from benchmark.prompts import synthetic_prompt
 from benchmark.records import RequestRecord
 from benchmark.report import Progress, format_summary, format_table
-from benchmark.runner import LevelResult
+from benchmark.runner import LevelResult, run_rate_level
 from benchmark.serve import LevelOutcome, ServeResult
 from benchmark.sse import SSEParser
+from benchmark.workload import arrival_schedule, draw_length, length_range, make_requests, poisson_arrivals
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -57,12 +63,12 @@ ERROR_AFTER = 2
 STALL_S = 30.0
 
 
-class FakeTgi:
-    """A TGI `/generate_stream` look-alike: max_new_tokens token events, the last with details."""
+class FakeServer:
+    """An aiohttp app on 127.0.0.1 (ephemeral port) served by an event loop in a thread of this process."""
 
     def __init__(self) -> None:
-        self.behaviour = FakeBehaviour()
         self.bodies: list[dict] = []
+        self.headers: list[dict[str, str]] = []
         self.active = 0
         self.max_active = 0
         self.url = ""
@@ -70,10 +76,49 @@ class FakeTgi:
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._runner: web.AppRunner | None = None
 
+    def add_routes(self, app: web.Application) -> None:
+        raise NotImplementedError
+
+    async def _start(self) -> None:
+        app = web.Application()
+        self.add_routes(app)
+        # Cancel a handler when its client goes away (timeouts), so that stalled ones end at once.
+        self._runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=1.0)
+        await self._runner.setup()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", 0))
+        await web.SockSite(self._runner, sock).start()
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+    def start(self):
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
+        return self
+
+    def stop(self) -> None:
+        if self._runner is not None:
+            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+
+
+class FakeTgi(FakeServer):
+    """A TGI `/generate_stream` look-alike: max_new_tokens token events, the last with details."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.behaviour = FakeBehaviour()
+
+    def add_routes(self, app: web.Application) -> None:
+        app.router.add_post("/generate_stream", self._handle)
+
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         index = len(self.bodies)
         self.bodies.append(body)
+        self.headers.append(dict(request.headers))
         b = self.behaviour
         if index in b.reject_429:
             return web.json_response({"error": "Model is overloaded", "error_type": "overloaded"}, status=429)
@@ -110,34 +155,110 @@ class FakeTgi:
             self.active -= 1
         return response
 
-    async def _start(self) -> None:
-        app = web.Application()
-        app.router.add_post("/generate_stream", self._handle)
-        # Cancel a handler when its client goes away (timeouts), so that stalled ones end at once.
-        self._runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=1.0)
-        await self._runner.setup()
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
-        await web.SockSite(self._runner, sock).start()
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
 
-    def start(self) -> FakeTgi:
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
-        return self
+@dataclass
+class OpenAIBehaviour:
+    """How the fake OpenAI server answers; request indices count chat/completions arrivals from 0."""
 
-    def stop(self) -> None:
-        if self._runner is not None:
-            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._loop.close()
+    ttft_s: float = 0.02
+    gap_s: float = 0.005
+    models: tuple[str, ...] = ("fake-model", "other-model")
+    # Tokens i with i % silent_every == silent_every - 1 decode to no text and send no chunk (as ours does
+    # for an incomplete UTF-8 sequence), so chunks < tokens: only usage gives the true count.
+    silent_every: int = 3
+    reject_429: set[int] = field(default_factory=set)
+    error_chunk: set[int] = field(default_factory=set)  # error chunk after ERROR_AFTER tokens
+    no_done: bool = False  # end the stream without data: [DONE]
+
+
+class FakeOpenAI(FakeServer):
+    """An OpenAI-API look-alike (`/v1/models`, streaming `/v1/chat/completions` and `/v1/completions`) that
+    honours ``stream_options.include_usage`` the way OpenAI, vLLM and our server do: ``"usage": null`` in
+    every chunk, then one last chunk with no choices and the usage."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.behaviour = OpenAIBehaviour()
+        self.paths: list[str] = []
+
+    def add_routes(self, app: web.Application) -> None:
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_post("/v1/chat/completions", self._generate)
+        app.router.add_post("/v1/completions", self._generate)
+
+    async def _models(self, request: web.Request) -> web.Response:
+        data = [{"id": name, "object": "model", "owned_by": "fake"} for name in self.behaviour.models]
+        return web.json_response({"object": "list", "data": data})
+
+    async def _generate(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        index = len(self.bodies)
+        self.bodies.append(body)
+        self.headers.append(dict(request.headers))
+        self.paths.append(request.path)
+        b = self.behaviour
+        if index in b.reject_429:
+            error = {"message": "too many requests", "type": "overloaded", "param": None, "code": 429}
+            return web.json_response({"error": error}, status=429)
+        chat = request.path.endswith("/chat/completions")
+        usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        n = body["max_tokens"]
+        head = {"id": "x", "object": "chat.completion.chunk" if chat else "text_completion", "model": "m"}
+
+        def chunk(text: str | None, finish: str | None = None) -> bytes:
+            if chat:
+                delta = {} if text is None else {"content": text}
+                choice = {"index": 0, "delta": delta, "finish_reason": finish}
+            else:
+                choice = {"index": 0, "text": text or "", "finish_reason": finish}
+            obj = {**head, "choices": [choice], **({"usage": None} if usage else {})}
+            return f"data: {json.dumps(obj)}\n\n".encode()
+
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        self.active += 1
+        self.max_active = max(self.max_active, self.active)
+        try:
+            if chat:
+                await response.write(chunk(None).replace(b'"delta": {}', b'"delta": {"role": "assistant"}'))
+            await asyncio.sleep(b.ttft_s)
+            for i in range(n):
+                if i:
+                    await asyncio.sleep(b.gap_s)
+                if index in b.error_chunk and i == ERROR_AFTER:
+                    error = {"message": "boom", "type": "generation", "param": None, "code": 500}
+                    await response.write(f"data: {json.dumps({'error': error})}\n\n".encode())
+                    break
+                if b.silent_every and i % b.silent_every == b.silent_every - 1:
+                    continue
+                await response.write(chunk(f" t{i}"))
+            else:
+                await response.write(chunk(None if chat else "", "length"))
+                if usage:
+                    counts = {"prompt_tokens": 7, "completion_tokens": n, "total_tokens": 7 + n}
+                    await response.write(
+                        f"data: {json.dumps({**head, 'choices': [], 'usage': counts})}\n\n".encode()
+                    )
+            if not b.no_done:
+                await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+        except (ConnectionResetError, asyncio.CancelledError):
+            pass
+        finally:
+            self.active -= 1
+        return response
 
 
 @pytest.fixture
 def fake_tgi():
     server = FakeTgi().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def fake_openai():
+    server = FakeOpenAI().start()
     yield server
     server.stop()
 
@@ -501,3 +622,321 @@ def test_python_m_benchmark(fake_tgi, tmp_path):
     assert "TTFT ms p50/p90/p99" in done.stdout
     results = json.loads(output.read_text())
     assert [level["metrics"]["num_ok"] for level in results["levels"]] == [4, 4]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# OpenAI APIs
+
+
+def chat_chunk(delta: dict, finish: str | None = None, usage: dict | None = None) -> str:
+    choices = [{"index": 0, "delta": delta, "finish_reason": finish}]
+    return json.dumps({"object": "chat.completion.chunk", "choices": choices, "usage": usage})
+
+
+@pytest.mark.timeout(60)
+def test_openai_chat_chunks():
+    parser = ChunkParser(chat=True)
+    assert parser.feed(chat_chunk({"role": "assistant", "content": ""})) is None  # no token yet
+    event = parser.feed(chat_chunk({"content": " Paris"}))
+    assert (event.num_tokens, event.text, event.final) == (1, " Paris", False)
+    assert parser.feed(chat_chunk({"reasoning_content": "hmm"})).num_tokens == 1  # thinking counts too
+    assert parser.feed(chat_chunk({}, "length")) is None  # finish chunk without text
+    usage = {"prompt_tokens": 9, "completion_tokens": 5, "total_tokens": 14}
+    assert parser.feed(json.dumps({"choices": [], "usage": usage})) is None
+    final = parser.feed("[DONE]")
+    assert final == StreamEvent(
+        num_tokens=0,
+        final=True,
+        finish_reason="length",
+        server_output_tokens=5,
+        count_from_server=True,
+        prompt_tokens=9,
+    )
+    # Without usage the chunks are the count; a stream without [DONE] but with a finish reason still ends.
+    parser = ChunkParser(chat=True)
+    parser.feed(chat_chunk({"content": "a"}, "stop"))
+    end = parser.end()
+    assert end.final and end.finish_reason == "stop" and not end.count_from_server
+    with pytest.raises(RequestError) as error:
+        ChunkParser(chat=True).end()
+    assert error.value.kind == "incomplete"
+
+
+@pytest.mark.timeout(60)
+def test_openai_completion_chunks_and_errors():
+    parser = ChunkParser(chat=False)
+    # llama-server puts the usage into the finish chunk itself.
+    usage = {"completion_tokens": 2, "prompt_tokens": 3}
+    assert parser.feed(json.dumps({"choices": [{"text": " a", "finish_reason": None}]})).num_tokens == 1
+    assert (
+        parser.feed(json.dumps({"choices": [{"text": "", "finish_reason": "length"}], "usage": usage}))
+        is None
+    )
+    final = parser.feed("[DONE]")
+    assert (final.server_output_tokens, final.prompt_tokens, final.finish_reason) == (2, 3, "length")
+    with pytest.raises(RequestError) as error:
+        ChunkParser(chat=False).feed('{"error": {"message": "boom", "type": "generation"}}')
+    assert (error.value.kind, error.value.message) == ("stream:generation", "boom")
+    with pytest.raises(RequestError) as error:  # vLLM's older error object
+        ChunkParser(chat=False).feed('{"object": "error", "message": "bad", "type": "BadRequestError"}')
+    assert error.value.kind == "stream:BadRequestError"
+    with pytest.raises(RequestError) as error:
+        ChunkParser(chat=False).feed("{not json")
+    assert error.value.kind == "protocol"
+    envelope = '{"error": {"message": "`max_tokens` must be >= 1", "type": "invalid_request_error"}}'
+    bad = openai_http_error(422, envelope)
+    assert (bad.kind, bad.message, bad.error_type) == (
+        "http_422",
+        "`max_tokens` must be >= 1",
+        "invalid_request_error",
+    )
+    assert openai_http_error(503, "down").message == "down"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("api", ["openai-chat", "openai-completions"])
+def test_serve_openai_with_usage(fake_openai, tmp_path, capsys, api):
+    n = 9
+    output = tmp_path / "openai.json"
+    args = [
+        "--url",
+        fake_openai.url + "/v1",
+        "--api",
+        api,
+        "--concurrency",
+        "1,2",
+        "--requests-per-level",
+        "4",
+    ]
+    args += ["--max-new-tokens", str(n), "--ignore-eos", "--api-key", "secret", "--label", "fake server"]
+    args += ["--extra-body", '{"top_k": 1}', "--output", str(output)]
+    code = run_cli(args)
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert len(fake_openai.bodies) == 1 + 4 + 4
+    chat = api == "openai-chat"
+    assert set(fake_openai.paths) == {"/v1/chat/completions" if chat else "/v1/completions"}
+    for body, headers in zip(fake_openai.bodies, fake_openai.headers, strict=True):
+        assert body["model"] == "fake-model"  # the first id of /v1/models
+        assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
+        assert (body["max_tokens"], body["min_tokens"], body["ignore_eos"]) == (n, n, True)
+        assert body["temperature"] == 0 and body["top_k"] == 1
+        if chat:
+            assert body["messages"][0]["role"] == "user" and body["messages"][0]["content"]
+        else:
+            assert isinstance(body["prompt"], str) and body["prompt"]
+        assert headers["Authorization"] == "Bearer secret"
+
+    results = json.loads(output.read_text())
+    assert (results["label"], results["model"], results["mode"]) == (
+        "fake server",
+        "fake-model",
+        "concurrency",
+    )
+    assert "api_key" not in results["config"] and "secret" not in output.read_text()
+    silent = n // 3  # every third token sends no chunk: the stream alone would count 6
+    for level in results["levels"]:
+        m = level["metrics"]
+        assert m["num_ok"] == 4 and m["output_tokens"] == 4 * n and m["token_count_mismatches"] == 0
+        for r in level["records"]:
+            assert r["token_count_source"] == "usage" and r["output_tokens"] == n == r["server_output_tokens"]
+            assert r["streamed_tokens"] == n - silent and r["prompt_tokens"] == 7
+            assert r["finish_reason"] == "length"
+            assert r["tpot_s"] == pytest.approx((r["e2e_s"] - r["ttft_s"]) / (n - 1))
+            assert r["ttft_s"] >= 0.8 * fake_openai.behaviour.ttft_s  # the role chunk is no token
+    assert "fake server" in out and "model fake-model" in out and "warning" not in out
+
+
+@pytest.mark.timeout(60)
+def test_serve_openai_counts_chunks_without_usage(fake_openai, tmp_path, capsys):
+    fake_openai.behaviour.silent_every = 0
+    output = tmp_path / "chunks.json"
+    args = ["--url", fake_openai.url, "--api", "openai-completions", "--concurrency", "2", "--warmup", "0"]
+    args += ["--requests-per-level", "4", "--max-new-tokens", "5", "--no-stream-usage", "--model", "mine"]
+    assert run_cli([*args, "--output", str(output)]) == 0
+    capsys.readouterr()
+    for body in fake_openai.bodies:
+        assert "stream_options" not in body and "ignore_eos" not in body and "min_tokens" not in body
+        assert body["model"] == "mine"  # given: /v1/models not asked
+    (level,) = json.loads(output.read_text())["levels"]
+    for r in level["records"]:
+        assert r["token_count_source"] == "stream" and r["server_output_tokens"] is None
+        assert r["output_tokens"] == r["streamed_tokens"] == 5 and len(r["token_times_s"]) == 5
+
+
+@pytest.mark.timeout(60)
+def test_serve_openai_errors(fake_openai, tmp_path, capsys):
+    b = fake_openai.behaviour
+    b.reject_429, b.error_chunk, b.no_done = {1}, {2}, True
+    output = tmp_path / "errors.json"
+    args = ["--url", fake_openai.url, "--api", "openai-chat", "--concurrency", "1", "--warmup", "0"]
+    assert (
+        run_cli([*args, "--requests-per-level", "4", "--max-new-tokens", "4", "--output", str(output)]) == 0
+    )
+    capsys.readouterr()
+    (level,) = json.loads(output.read_text())["levels"]
+    assert level["metrics"]["errors_by_kind"] == {"http_429": 1, "stream:generation": 1}
+    assert [r["ok"] for r in level["records"]] == [True, False, False, True]  # no [DONE]: still complete
+    assert level["records"][1]["error_message"] == "too many requests"
+    # No model listed: the run stops before any request.
+    b.models = ()
+    assert run_cli([*args, "--requests-per-level", "1"]) == 1
+    _, err = capsys.readouterr()
+    assert "could not get ready" in err and "/v1/models lists no model id" in err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Open loop: Poisson arrivals
+
+
+@pytest.mark.timeout(60)
+def test_poisson_arrivals_statistics():
+    rate, count = 4.0, 20_000
+    times = poisson_arrivals(rate, count, random.Random(1))
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert times[0] == 0.0 and len(times) == count and all(g >= 0 for g in gaps)
+    mean = statistics.fmean(gaps)
+    assert mean == pytest.approx(1 / rate, rel=0.03)  # exponential gaps of mean 1/rate ...
+    assert statistics.stdev(gaps) / mean == pytest.approx(1.0, rel=0.05)  # ... whose std equals the mean
+    assert sum(g < mean for g in gaps) / len(gaps) == pytest.approx(1 - 1 / 2.718281828, abs=0.02)
+    # Seeded: the same schedule again; the unit gaps are shared by every rate, scaled by 1/rate.
+    assert poisson_arrivals(rate, 50, random.Random(1)) == times[:50]
+    config = ServeConfig(request_rates=(2.0, 8.0), seed=3)
+    slow, fast = arrival_schedule(config, 2.0, 20), arrival_schedule(config, 8.0, 20)
+    assert slow == pytest.approx([4 * t for t in fast])
+    assert arrival_schedule(ServeConfig(request_rates=(2.0,), seed=4), 2.0, 20) != slow
+    with pytest.raises(ValueError):
+        poisson_arrivals(0.0, 3, random.Random(0))
+
+
+@pytest.mark.timeout(60)
+def test_serve_request_rate_level(fake_tgi, tmp_path, capsys):
+    b = fake_tgi.behaviour
+    b.ttft_s, b.gap_s = 0.05, 0.01
+    output = tmp_path / "rate.json"
+    rate, count = 20.0, 12
+    args = ["--url", fake_tgi.url, "--request-rate", f"{rate:g}", "--requests-per-level", str(count)]
+    args += ["--max-new-tokens", "20", "--warmup", "0", "--seed", "7", "--output", str(output)]
+    code = run_cli(args)
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    results = json.loads(output.read_text())
+    assert results["mode"] == "request_rate" and results["config"]["request_rates"] == [rate]
+    (level,) = results["levels"]
+    assert level["request_rate"] == rate and level["concurrency"] is None
+    schedule = arrival_schedule(ServeConfig(request_rates=(rate,), seed=7), rate, count)
+    records = level["records"]
+    assert [r["scheduled_s"] for r in records] == pytest.approx(schedule)
+    for r in records:  # sent on schedule, not when an earlier request ended
+        assert r["ok"] and -0.001 <= r["start_s"] - r["scheduled_s"] < 0.25
+    # Each request lasts ~0.24 s and they arrive every 0.05 s on average: several overlap.
+    assert fake_tgi.max_active >= 2 and level["metrics"]["max_in_flight"] >= 2
+    assert level["metrics"]["request_rate"] == rate
+    assert "rate/s" in out and "peak" in out and "single-stream decode" not in out
+    assert f"rate {rate:g} req/s: {count} requests" in err
+
+
+class SlowClient:
+    """A StreamingClient whose answers take forever (level-timeout tests without a server)."""
+
+    api, model = "slow", None
+
+    def __init__(self) -> None:
+        self.sent = 0
+
+    async def prepare(self) -> None:
+        pass
+
+    async def stream(self, prompt, max_new_tokens=None):
+        self.sent += 1
+        await asyncio.sleep(60)
+        yield StreamEvent(num_tokens=1, final=True)
+
+    async def close(self) -> None:
+        pass
+
+
+@pytest.mark.timeout(60)
+async def test_rate_level_timeout():
+    client = SlowClient()
+    started = time.perf_counter()
+    result = await run_rate_level(
+        client,
+        ["p"],
+        request_rate=1.0,
+        arrivals_s=[0.0, 0.05, 20.0, 30.0],
+        request_timeout_s=60,
+        level_timeout_s=0.3,
+    )
+    assert time.perf_counter() - started < 5
+    assert client.sent == 2 and result.timed_out and result.request_rate == 1.0
+    assert [(r.index, r.error_kind) for r in result.records] == [(0, "level_timeout"), (1, "level_timeout")]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Random lengths
+
+
+@pytest.mark.timeout(60)
+def test_random_length_ranges():
+    assert length_range(100, 0.5) == (50, 100)
+    assert length_range(10, 0.0) == (10, 10) and length_range(10, 1.0) == (1, 10)
+    assert length_range(7, 0.3) == (5, 7)  # ceil(4.9)
+    rng = random.Random(0)
+    draws = [draw_length(100, 0.5, rng) for _ in range(5000)]
+    assert min(draws) == 50 and max(draws) == 100  # the whole range is reached ...
+    assert statistics.fmean(draws) == pytest.approx(75, abs=1.5)  # ... uniformly
+    assert all(draw_length(64, 0.0, rng) == 64 for _ in range(10))
+
+    config = ServeConfig(
+        input_tokens=40,
+        random_input_range_ratio=0.5,
+        params=GenerationParams(max_new_tokens=30),
+        random_output_range_ratio=0.8,
+        seed=5,
+    )
+    specs = make_requests(config, 200)
+    assert all(20 <= s.input_tokens <= 40 and len(s.prompt.split()) == s.input_tokens for s in specs)
+    assert all(6 <= s.max_new_tokens <= 30 for s in specs)
+    assert len({s.input_tokens for s in specs}) > 10 and len({s.max_new_tokens for s in specs}) > 10
+    assert len({tuple(s.prompt.split()[:4]) for s in specs}) > 150  # distinct prompt starts
+    assert make_requests(config, 20) == specs[:20]  # seeded; a shorter level is a prefix of a longer one
+    assert make_requests(ServeConfig(**{**config.__dict__, "seed": 6}), 20) != specs[:20]
+    assert make_requests(config, 3, "warmup") != specs[:3]
+    fixed = make_requests(ServeConfig(prompt="hello"), 3)
+    assert [(s.prompt, s.max_new_tokens, s.input_tokens) for s in fixed] == [("hello", 64, None)] * 3
+
+
+@pytest.mark.timeout(60)
+def test_serve_random_lengths_reach_the_server(fake_tgi, tmp_path, capsys):
+    output = tmp_path / "lengths.json"
+    args = ["--url", fake_tgi.url, "--concurrency", "4", "--requests-per-level", "24", "--warmup", "0"]
+    args += ["--input-tokens", "30", "--random-input-range-ratio", "0.5", "--max-new-tokens", "10"]
+    args += ["--random-output-range-ratio", "0.5", "--output", str(output)]
+    assert run_cli(args) == 0
+    capsys.readouterr()
+    inputs = [len(body["inputs"].split()) for body in fake_tgi.bodies]
+    outputs = [body["parameters"]["max_new_tokens"] for body in fake_tgi.bodies]
+    assert all(15 <= n <= 30 for n in inputs) and len(set(inputs)) > 3
+    assert all(5 <= n <= 10 for n in outputs) and len(set(outputs)) > 2
+    (level,) = json.loads(output.read_text())["levels"]
+    records = level["records"]
+    assert sorted(r["max_new_tokens"] for r in records) == sorted(outputs)
+    for r in records:
+        assert r["output_tokens"] == r["max_new_tokens"] and 15 <= r["input_tokens"] <= 30
+
+
+@pytest.mark.timeout(60)
+def test_new_arguments_are_checked(capsys):
+    assert rate_list("0.5,2") == (0.5, 2.0)
+    assert Level(request_rate=2).name == "rate 2 req/s" and Level(concurrency=3).name == "concurrency 3"
+    config = ServeConfig(request_rates=(0.1, 4.0))
+    assert [config.requests_for(level) for level in config.levels] == [8, 120]
+    assert run_cli(["--request-rate", "0"]) == 2
+    assert run_cli(["--request-rate", "1,inf"]) == 2
+    assert run_cli(["--concurrency", "1", "--request-rate", "1"]) == 2
+    assert run_cli(["--random-output-range-ratio", "1.5"]) == 2
+    assert run_cli(["--random-input-range-ratio", "0.5"]) == 2  # needs --input-tokens
+    assert run_cli(["--extra-body", "[1]"]) == 2
+    _, err = capsys.readouterr()
+    assert "random_input_range_ratio needs input_tokens" in err

@@ -1,0 +1,494 @@
+"""``text-generation-benchmark shard``: prefill and decode latency measured straight on the shards' gRPC
+service, without the router (TGI's ``text-generation-benchmark``).
+
+For every batch size, ``warmups`` unmeasured runs then ``runs`` measured ones, each: one ``Prefill`` of
+``batch_size`` random prompts of ``sequence_length`` token ids, then ``Decode`` steps (every request id
+named at each step, so none leaves) until each request holds ``decode_length`` tokens (the prefill gives the
+first one, so ``decode_length - 1`` steps, as in TGI), then ``ClearCache`` of the batch. The times are taken
+around each RPC on this side (gRPC and protobuf included, as the router would see them).
+
+Per batch size: prefill latency and throughput (requests/s = batch / latency), decode total latency,
+per-step latency and decode throughput (tokens/s = batch x steps / decode time), each over the runs as
+avg / min / max / p50 / p90 / p99.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
+
+from benchmark.metrics import percentile
+
+if TYPE_CHECKING:  # grpc and the stubs are imported when a run starts, so `--help` stays fast
+    from router.client import ShardClient
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def int_list(text: str) -> tuple[int, ...]:
+    """``"1,2,4"`` -> ``(1, 2, 4)``; every value a positive integer (argparse type)."""
+    try:
+        values = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"every value must be >= 1, got {text!r}")
+    return values
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Configuration and results
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """The ``NextTokenChooserParameters`` every benchmark request carries (defaults: greedy)."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    typical_p: float = 1.0
+    repetition_penalty: float = 1.0
+    do_sample: bool = False
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ShardBenchConfig:
+    uds_path: str = "/tmp/text-generation-server"
+    num_shard: int = 1
+    batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+    sequence_length: int = 10
+    decode_length: int = 8
+    warmups: int = 1
+    runs: int = 10
+    params: SamplingParams = field(default_factory=SamplingParams)
+    prompt_seed: int = 0
+    output: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.decode_length < 2:
+            raise ValueError("--decode-length must be >= 2 (the prefill gives the first token)")
+        if self.runs < 1:
+            raise ValueError("--runs must be >= 1")
+
+    @property
+    def sockets(self) -> list[str]:
+        return [f"{self.uds_path}-{rank}" for rank in range(self.num_shard)]
+
+    @property
+    def decode_steps(self) -> int:
+        return self.decode_length - 1
+
+
+@dataclass(frozen=True)
+class RunTiming:
+    """One measured run of one batch size (seconds); ``shard_*`` are the shard's own step times
+    (rank 0's ``total_ns``; 0 when the shard does not report them)."""
+
+    batch_size: int
+    prefill_s: float
+    decode_s: float
+    decode_steps: int
+    shard_prefill_s: float = 0.0
+    shard_decode_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class Stats:
+    avg: float
+    min: float
+    max: float
+    p50: float
+    p90: float
+    p99: float
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Stats:
+        if not values:
+            raise ValueError("no values")
+        return cls(
+            avg=sum(values) / len(values),
+            min=min(values),
+            max=max(values),
+            p50=percentile(values, 50),
+            p90=percentile(values, 90),
+            p99=percentile(values, 99),
+        )
+
+
+@dataclass(frozen=True)
+class BatchStats:
+    """The figures of one batch size over its measured runs."""
+
+    batch_size: int
+    runs: int
+    decode_steps: int
+    prefill_latency_ms: Stats
+    prefill_throughput_rps: Stats
+    decode_latency_ms: Stats
+    decode_token_latency_ms: Stats
+    decode_throughput_tps: Stats
+
+
+def summarize(timings: Sequence[RunTiming]) -> BatchStats:
+    """Per-run figures, then their statistics over the runs (all runs of one batch size)."""
+    if not timings:
+        raise ValueError("no runs to summarize")
+    batch = timings[0].batch_size
+    if any(t.batch_size != batch for t in timings):
+        raise ValueError("timings of several batch sizes")
+    return BatchStats(
+        batch_size=batch,
+        runs=len(timings),
+        decode_steps=timings[0].decode_steps,
+        prefill_latency_ms=Stats.of([1000 * t.prefill_s for t in timings]),
+        prefill_throughput_rps=Stats.of([batch / t.prefill_s for t in timings]),
+        decode_latency_ms=Stats.of([1000 * t.decode_s for t in timings]),
+        decode_token_latency_ms=Stats.of([1000 * t.decode_s / t.decode_steps for t in timings]),
+        decode_throughput_tps=Stats.of([batch * t.decode_steps / t.decode_s for t in timings]),
+    )
+
+
+@dataclass
+class ShardBenchResult:
+    config: ShardBenchConfig
+    info: dict[str, Any]
+    results: list[BatchStats]
+    timings: list[RunTiming]
+    floor: dict[str, Any] | None = None  # a `floor --output` file, to report fractions of its bounds
+
+    def versus_floor(self) -> list[dict[str, Any]]:
+        """Per batch size, the median decode step rate and tokens/s as fractions of the floor's bounds."""
+        from benchmark.floor import versus_floor
+
+        if self.floor is None:
+            return []
+        return [
+            versus_floor(
+                self.floor, r.batch_size, 1000 / r.decode_token_latency_ms.p50, r.decode_throughput_tps.p50
+            )
+            for r in self.results
+        ]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "benchmark": "shard",
+            "config": asdict(self.config),
+            "info": self.info,
+            "results": [asdict(r) for r in self.results],
+            "versus_floor": self.versus_floor() or None,
+            "runs": [asdict(t) for t in self.timings],
+        }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The run
+
+
+class ShardBenchmark:
+    """Drives one client through the sweep; ids of batches and requests never repeat within a benchmark."""
+
+    def __init__(self, client: ShardClient, config: ShardBenchConfig, vocab_size: int) -> None:
+        if vocab_size < 1:
+            raise ValueError(f"the shard reported vocab_size {vocab_size}; cannot draw prompt token ids")
+        self.client = client
+        self.config = config
+        self.vocab_size = vocab_size
+        self.rng = random.Random(config.prompt_seed)
+        self.next_batch_id = 1
+        self.next_request_id = 1
+
+    def _batch(self, size: int) -> Any:
+        from proto import pb
+
+        p = self.config.params
+        params = pb.NextTokenChooserParameters(
+            temperature=p.temperature,
+            top_k=p.top_k,
+            top_p=p.top_p,
+            typical_p=p.typical_p,
+            repetition_penalty=p.repetition_penalty,
+            do_sample=p.do_sample,
+            seed=p.seed,
+        )
+        length, decode_length = self.config.sequence_length, self.config.decode_length
+        requests = []
+        for _ in range(size):
+            # Distinct random prompts per row: the shard runs identical prompts only once.
+            ids = [self.rng.randrange(self.vocab_size) for _ in range(length)]
+            requests.append(
+                pb.Request(
+                    id=self.next_request_id,
+                    input_ids=ids,
+                    parameters=params,
+                    max_new_tokens=decode_length,
+                    min_new_tokens=decode_length,  # no EOS before the end: every row runs every step
+                )
+            )
+            self.next_request_id += 1
+        batch = pb.Batch(id=self.next_batch_id, requests=requests, max_tokens=size * (length + decode_length))
+        self.next_batch_id += 1
+        return batch
+
+    async def run_once(self, size: int) -> RunTiming:
+        """Prefill, decode_length - 1 decode steps naming every request, then ClearCache."""
+        batch = self._batch(size)
+        wanted = [r.id for r in batch.requests]
+        start = time.perf_counter()
+        prefill = await self.client.prefill(batch)
+        prefill_s = time.perf_counter() - start
+        cached, cached_id = prefill.batch, prefill.batch.id
+        shard_decode_ns = 0
+        try:
+            self._check(prefill.generations.request_ids, wanted, "Prefill")
+            start = time.perf_counter()
+            for _ in range(self.config.decode_steps):
+                del cached.request_ids[:]
+                cached.request_ids.extend(wanted)
+                decoded = await self.client.decode([cached])
+                self._check(decoded.generations.request_ids, wanted, "Decode")
+                cached, cached_id = decoded.batch, decoded.batch.id
+                shard_decode_ns += decoded.total_ns
+            decode_s = time.perf_counter() - start
+        finally:
+            await self.client.clear_cache(cached_id)
+        return RunTiming(
+            batch_size=size,
+            prefill_s=prefill_s,
+            decode_s=decode_s,
+            decode_steps=self.config.decode_steps,
+            shard_prefill_s=prefill.total_ns / 1e9,
+            shard_decode_s=shard_decode_ns / 1e9,
+        )
+
+    @staticmethod
+    def _check(got: Sequence[int], wanted: list[int], step: str) -> None:
+        if sorted(got) != sorted(wanted):
+            raise RuntimeError(f"{step} answered for requests {list(got)}, expected {wanted}")
+
+
+ProgressFn = Callable[[str], None]
+
+
+async def run_shard_benchmark(
+    config: ShardBenchConfig, *, client: ShardClient | None = None, progress: ProgressFn | None = None
+) -> ShardBenchResult:
+    """Runs the sweep against ``client`` (or the shards at ``config.sockets``)."""
+    from router.client import ShardClient
+
+    own = client is None
+    if client is None:
+        client = ShardClient(config.sockets)
+    say = progress or (lambda _text: None)
+    try:
+        await client.health(timeout=10.0)
+        info = await client.info()
+        bench = ShardBenchmark(client, config, info.vocab_size)
+        info_dict = {
+            "backend": info.backend,
+            "dtype": info.dtype,
+            "device_type": info.device_type,
+            "world_size": info.world_size,
+            "vocab_size": info.vocab_size,
+            "requires_padding": info.requires_padding,
+        }
+        timings: list[RunTiming] = []
+        results: list[BatchStats] = []
+        for size in config.batch_sizes:
+            for _ in range(config.warmups):
+                await bench.run_once(size)
+            runs = [await bench.run_once(size) for _ in range(config.runs)]
+            timings.extend(runs)
+            stats = summarize(runs)
+            results.append(stats)
+            say(
+                f"batch {size}: prefill {stats.prefill_latency_ms.avg:.2f} ms, "
+                f"decode {stats.decode_token_latency_ms.avg:.2f} ms/step, "
+                f"{stats.decode_throughput_tps.avg:.1f} tokens/s"
+            )
+        return ShardBenchResult(config=config, info=info_dict, results=results, timings=timings)
+    finally:
+        if own:
+            await client.close()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reporting
+
+STAT_COLUMNS = ("avg", "min", "max", "p50", "p90", "p99")
+
+
+def _table(title: str, unit: str, rows: list[tuple[str, int, Stats]]) -> list[str]:
+    header = ["Step", "Batch", *(f"{c} ({unit})" for c in STAT_COLUMNS)]
+    body = [[step, str(batch), *(f"{getattr(s, c):.2f}" for c in STAT_COLUMNS)] for step, batch, s in rows]
+    widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        pairs = enumerate(zip(cells, widths, strict=True))
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in pairs)
+
+    return [title, line(header), "  ".join("-" * w for w in widths), *(line(r) for r in body)]
+
+
+def format_summary(result: ShardBenchResult) -> str:
+    c, info = result.config, result.info
+    head = (
+        f"shard benchmark: {info['backend']} on {info['device_type']} ({info['dtype']}, "
+        f"{info['world_size']} shard(s)); prompt {c.sequence_length} tokens, decode length {c.decode_length} "
+        f"({c.decode_steps} steps), {c.warmups} warmup + {c.runs} runs per batch size"
+    )
+    latency: list[tuple[str, int, Stats]] = []
+    throughput: list[tuple[str, int, Stats]] = []
+    for r in result.results:
+        latency += [
+            ("Prefill", r.batch_size, r.prefill_latency_ms),
+            ("Decode (token)", r.batch_size, r.decode_token_latency_ms),
+            ("Decode (total)", r.batch_size, r.decode_latency_ms),
+        ]
+        throughput += [
+            ("Prefill (req/s)", r.batch_size, r.prefill_throughput_rps),
+            ("Decode (tokens/s)", r.batch_size, r.decode_throughput_tps),
+        ]
+    lines = [head, "", *_table("Latency", "ms", latency), "", *_table("Throughput", "/s", throughput)]
+    if result.floor is not None:
+        from benchmark.floor import format_versus
+
+        lines += ["", format_versus(result.floor, result.versus_floor())]
+    return "\n".join(lines)
+
+
+def write_json(result: ShardBenchResult, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result.to_json(), indent=2) + "\n")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def register(commands: Any) -> None:
+    """Adds the ``shard`` subcommand to ``text-generation-benchmark``'s subparsers."""
+    from benchmark.cli import non_negative_int, positive_int
+
+    p = commands.add_parser(
+        "shard",
+        help="prefill/decode latency straight on running shards over gRPC (no router)",
+        description=(
+            "Talks gRPC straight to running shards (no router): for each batch size, one Prefill of random "
+            "prompts, decode-length - 1 Decode steps, ClearCache; warmups then measured runs. Reports "
+            "prefill latency and requests/s, decode latency per step and in total, and decode tokens/s "
+            "(avg/min/max/p50/p90/p99 over the runs)."
+        ),
+    )
+    p.add_argument(
+        "--uds-path",
+        default=ShardBenchConfig.uds_path,
+        help="shard socket prefix; connects to PREFIX-0 .. PREFIX-(N-1) (default: %(default)s)",
+    )
+    p.add_argument("--num-shard", type=positive_int, default=1, help="number of shards (default: 1)")
+    p.add_argument(
+        "--batch-sizes",
+        metavar="B1,B2,...",
+        type=int_list,
+        default=ShardBenchConfig.batch_sizes,
+        help="comma-separated batch sizes (default: 1,2,4,8,16,32)",
+    )
+    p.add_argument("--sequence-length", type=positive_int, default=10, help="prompt tokens (default: 10)")
+    p.add_argument(
+        "--decode-length",
+        type=positive_int,
+        default=8,
+        help="tokens per request, the prefill's included: decode-length - 1 decode steps (default: 8)",
+    )
+    p.add_argument("--warmups", type=non_negative_int, default=1, help="unmeasured runs (default: 1)")
+    p.add_argument("--runs", type=positive_int, default=10, help="measured runs per batch size (default: 10)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=non_negative_int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--typical-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--do-sample", action="store_true", help="sample (default: greedy)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="sampling seed (default: 0)")
+    p.add_argument("--output", metavar="PATH", default=None, help="write config, results and runs as JSON")
+    p.add_argument(
+        "--floor",
+        metavar="FLOOR.json",
+        default=None,
+        help="a `floor --model-dir ... --output` file: report decode steps/s and tokens/s as fractions of it",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
+    p.set_defaults(handler=run_command)
+
+
+def config_from_args(args: argparse.Namespace) -> ShardBenchConfig:
+    return ShardBenchConfig(
+        uds_path=args.uds_path,
+        num_shard=args.num_shard,
+        batch_sizes=args.batch_sizes,
+        sequence_length=args.sequence_length,
+        decode_length=args.decode_length,
+        warmups=args.warmups,
+        runs=args.runs,
+        params=SamplingParams(
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            typical_p=args.typical_p,
+            repetition_penalty=args.repetition_penalty,
+            do_sample=args.do_sample,
+            seed=args.seed,
+        ),
+        output=args.output,
+    )
+
+
+def run_command(args: argparse.Namespace, *, stdout: TextIO | None = None) -> int:
+    out = stdout or sys.stdout
+    try:
+        config = config_from_args(args)
+    except ValueError as e:
+        print(f"text-generation-benchmark shard: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+    def progress(text: str) -> None:
+        if not args.no_progress:
+            print(text, file=sys.stderr, flush=True)
+
+    import grpc
+
+    from benchmark.floor import load_floor
+
+    try:
+        floor = load_floor(args.floor) if args.floor else None
+    except (OSError, ValueError) as e:
+        print(f"text-generation-benchmark shard: error: --floor: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        result = asyncio.run(run_shard_benchmark(config, progress=progress))
+    except grpc.aio.AioRpcError as e:
+        print(
+            f"error: shard call failed: {e.code().name}: {e.details()} (are the shards at "
+            f"{config.uds_path}-* up?)",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    except (RuntimeError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    result.floor = floor
+    print(format_summary(result), file=out)
+    if config.output:
+        path = write_json(result, config.output)
+        print(f"results written to {path}", file=sys.stderr)
+    return EXIT_OK
