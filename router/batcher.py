@@ -8,6 +8,7 @@ at the next step: the Decode call lists only the request ids still wanted.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import time
@@ -90,6 +91,7 @@ class Batcher:
                 continue
             cached = await self._prefill(entries)
             waiting_steps = 1
+            pending: pb.Generations | None = None
             while cached:
                 if len(self.queue):
                     running = sum(len(b.request_ids) for b in cached)
@@ -102,8 +104,10 @@ class Batcher:
                         self.metrics.batch_concat.labels(reason).inc()
                         cached = cached + await self._prefill(joining)
                         waiting_steps = 1
-                cached = await self._decode(cached)
+                cached, pending = await self._decode(cached, pending)
                 waiting_steps += 1
+            if pending is not None:
+                self._deliver(pending)
             self._gauged_size = 0
             self.metrics.batch_current_size.set(0)
             self.metrics.batch_current_max_tokens.set(0)
@@ -120,6 +124,8 @@ class Batcher:
         return sum(e.request.input_length + e.request.max_new_tokens for e in entries)
 
     async def _prefill(self, entries: list[Entry]) -> list[pb.CachedBatch]:
+        """Prefills new requests and delivers their first tokens; returns their cached batch (which may
+        already hold no live request: the next step then frees it on the shard)."""
         self._response_at = None  # a prefill between two decodes is not the router's own time
         now = time.monotonic()
         for entry in entries:
@@ -139,26 +145,65 @@ class Batcher:
         if response is None:
             return []
         self._deliver(response.generations)
-        return self._still_running([response.batch])
+        return self._live([response.batch])
 
-    async def _decode(self, batches: list[pb.CachedBatch]) -> list[pb.CachedBatch]:
-        wanted = self._still_running(batches)
-        if not wanted:
-            return []
+    async def _decode(
+        self, batches: list[pb.CachedBatch], pending: pb.Generations | None
+    ) -> tuple[list[pb.CachedBatch], pb.Generations | None]:
+        """One decode step, pipelined with the router's own work.
+
+        The next request goes out as soon as a response is in: the requests it names are the ones that
+        this response did not end by length or EOS (a cheap check on token ids). The response's tokens
+        are then turned into text and events while the shard computes the step after. A request that a
+        stop string ends is found during that delivery and leaves one step later (the shard computes one
+        token for it that nobody sees). Returns the next batches and the generations still to deliver."""
+        wanted = self._live(batches)
         ids = [rid for b in wanted for rid in b.request_ids]
+        if not ids:
+            if pending is not None:
+                self._deliver(pending)
+            for batch in wanted:  # free what the shard still holds for finished requests
+                await self._clear(batch.id)
+            return [], None
         if len(ids) != self._gauged_size:  # gauges move only when requests join or leave
             self._gauged_size = len(ids)
             self.metrics.batch_current_size.set(len(ids))
             self.metrics.batch_current_max_tokens.set(self._held_tokens())
+        call = asyncio.ensure_future(
+            self._step("decode", self.client.decode(wanted), [b.id for b in wanted], ids)
+        )
         if self._response_at is not None:
             self.metrics.batch_router_duration.observe(time.perf_counter() - self._response_at)
-        response = await self._step("decode", self.client.decode(wanted), [b.id for b in wanted], ids)
+        if pending is not None:
+            self._deliver(pending)
+        response = await call
         if response is None:
             self._response_at = None
-            return []
+            return [], None
         self._response_at = time.perf_counter()
-        self._deliver(response.generations)
-        return self._still_running([response.batch]) if response.HasField("batch") else []
+        g = response.generations
+        if not response.HasField("batch"):
+            return [], g
+        survivors = [
+            rid for rid, token in zip(g.request_ids, g.token_ids, strict=True) if self._continues(rid, token)
+        ]
+        return [pb.CachedBatch(id=response.batch.id, request_ids=survivors)], g
+
+    def _continues(self, rid: int, token_id: int) -> bool:
+        """Whether a request goes on after this token (a disconnected one leaves here)."""
+        entry = self.running.get(rid)
+        if entry is None:
+            return False
+        if entry.cancelled:
+            self._leave(entry, None)
+            return False
+        return not entry.state.will_finish(token_id)
+
+    async def _clear(self, batch_id: int) -> None:
+        try:
+            await self.client.clear_cache(batch_id)
+        except grpc.aio.AioRpcError:
+            log.warning("ClearCache(%d) failed", batch_id)
 
     async def _step(self, method: str, call, batch_ids: list[int], request_ids: list[int]):
         """Runs one shard call with metrics; on failure, fails its requests (424) and clears its batches."""
@@ -172,18 +217,16 @@ class Batcher:
             self.generation_health = False
             self._fail(request_ids, GenerationError(e.details() or str(e.code())))
             for batch_id in batch_ids:
-                try:
-                    await self.client.clear_cache(batch_id)
-                except grpc.aio.AioRpcError:
-                    log.warning("ClearCache(%d) failed after a failed %s", batch_id, method)
+                await self._clear(batch_id)
             return None
         self.metrics.batch_inference_success.labels(method).inc()
         self.metrics.batch_inference_duration.labels(method).observe(time.monotonic() - started)
         self.generation_health = True
         return response
 
-    def _still_running(self, batches: list[pb.CachedBatch]) -> list[pb.CachedBatch]:
-        """The batches cut down to requests still wanted (finished and disconnected ones leave)."""
+    def _live(self, batches: list[pb.CachedBatch]) -> list[pb.CachedBatch]:
+        """The batches cut down to requests still wanted (finished and disconnected ones leave). A batch
+        left empty stays in the list, so that the shard is told to drop it."""
         out = []
         for batch in batches:
             keep = []
@@ -195,8 +238,7 @@ class Batcher:
                     self._leave(entry, None)
                     continue
                 keep.append(rid)
-            if keep:
-                out.append(pb.CachedBatch(id=batch.id, request_ids=keep, max_tokens=batch.max_tokens))
+            out.append(pb.CachedBatch(id=batch.id, request_ids=keep, max_tokens=batch.max_tokens))
         return out
 
     def _deliver(self, g: pb.Generations) -> None:

@@ -77,6 +77,15 @@ class GenerationState:
             for i, lp in zip(ids, logprobs, strict=True)
         ]
 
+    def will_finish(self, token_id: int) -> bool:
+        """Whether this next token ends the request by length or end-of-sequence (a stop string can end
+        it too, which only detokenization tells)."""
+        r = self.request
+        count = len(self.tokens) + 1
+        if count >= r.max_new_tokens:
+            return True
+        return count >= r.min_new_tokens and (token_id in self.eos_ids or token_id in r.stop_token_ids)
+
     def silent(self, token_id: int) -> bool:
         """An end-of-sequence or skipped special token: it adds no text."""
         r = self.request

@@ -1,0 +1,110 @@
+"""The batching loop against the fake shard, in one process: lengths, stop strings, joins, and that the
+shard is always told to drop what finished (no KV left behind)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from pathlib import Path
+
+import grpc
+import pytest
+
+from proto import pb_grpc
+from router.client import ShardClient
+from router.config import RouterConfig
+from router.infer import Infer
+from router.tokenizer import Tokenizer
+from router.validation import parse_parameters
+from tests.fake_shard import FakeShard
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+async def setup(tiny_model_dir: Path):
+    socket_prefix = f"/tmp/tgi-batcher-{uuid.uuid4().hex[:8]}"
+    tokenizer = Tokenizer(tiny_model_dir)
+    # the fake shard's tokens must exist in the tiny vocabulary: use plain word pieces of it
+    tokens = tuple(tokenizer.encode(" the capital of France is Paris"))
+    shard = FakeShard(len(tokenizer.hf), tokens)
+    server = grpc.aio.server()
+    pb_grpc.add_TextGenerationServiceServicer_to_server(shard, server)
+    server.add_insecure_port(f"unix://{socket_prefix}-0")
+    await server.start()
+    config = RouterConfig(
+        tokenizer_name=str(tiny_model_dir),
+        model_id="tiny",
+        shard_uds_path=socket_prefix,
+        max_waiting_tokens=2,
+    )
+    client = ShardClient(config.shard_sockets())
+    infer = Infer(config, client, tokenizer, await client.info())
+    await infer.start()
+    try:
+        yield infer, shard, tokenizer
+    finally:
+        await infer.stop()
+        await client.close()
+        await server.stop(None)
+        Path(f"{socket_prefix}-0").unlink(missing_ok=True)
+
+
+async def generate(infer: Infer, inputs: str, **parameters: object):
+    valid = await infer.validator.validate(inputs, parse_parameters(parameters), stream=False)
+    async with infer.request(valid) as entry:
+        return await infer.generate(entry)
+
+
+async def settle(shard: FakeShard) -> None:
+    for _ in range(100):
+        if not shard.batches:
+            return
+        await asyncio.sleep(0.01)
+
+
+async def test_lengths_and_no_leftover_batches(setup) -> None:
+    infer, shard, _ = setup
+    lengths = [1, 2, 5, 9, 1, 17, 3, 30]
+    results = await asyncio.gather(*(generate(infer, "Hello", max_new_tokens=n) for n in lengths))
+    assert [r.generated_tokens for r in results] == lengths
+    assert all(r.finish_reason == "length" for r in results)
+    await settle(shard)
+    assert shard.batches == {}  # every finished request's batch was dropped on the shard
+
+
+async def test_stop_string_ends_a_request_and_its_batch(setup) -> None:
+    infer, shard, _ = setup
+    result = await generate(infer, "Hello", max_new_tokens=50, stop=["France"])
+    assert result.finish_reason == "stop_sequence"
+    assert result.generated_text.endswith("France") and result.generated_text.count("France") == 1
+    await settle(shard)
+    assert shard.batches == {}
+
+
+async def test_requests_join_a_running_batch(setup) -> None:
+    infer, shard, _ = setup
+    long = asyncio.ensure_future(generate(infer, "Hello", max_new_tokens=2000))
+    while not infer.batcher.running:
+        await asyncio.sleep(0.001)
+    short = await generate(infer, "Hi", max_new_tokens=3)
+    assert short.generated_tokens == 3 and not long.done()
+    assert (await long).generated_tokens == 2000
+    assert shard.prefills == 2  # the second request was prefilled on its own and joined
+    await settle(shard)
+    assert shard.batches == {}
+
+
+async def test_cancelled_request_leaves(setup) -> None:
+    infer, shard, _ = setup
+    valid = await infer.validator.validate("Hello", parse_parameters({"max_new_tokens": 1000}), stream=True)
+    async with infer.request(valid) as entry:
+        async for _ in infer.stream(entry):
+            break  # the client goes away after one token
+    for _ in range(100):
+        if not infer.batcher.running:
+            break
+        await asyncio.sleep(0.01)
+    assert infer.batcher.running == {}
+    await settle(shard)
+    assert shard.batches == {}
