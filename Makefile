@@ -10,10 +10,9 @@ HOST ?= 0.0.0.0
 # torch 2.13.0 is the CPU build this machine's pip finds locally; any torch in the project's range works
 # (elsewhere, e.g. TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu").
 TORCH_SPEC ?= torch==2.13.0
-BENCH_PORT ?= 3999
 PYTEST_ARGS ?=
 
-.PHONY: run test lint format proto bench clean
+.PHONY: run test soak lint format proto bench clean
 
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +36,10 @@ test: $(STAMP) proto
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# 2,000 mixed requests at ~70% of capacity; figures in docs/reliability.md.
+soak: $(STAMP) proto
+	SOAK_REPORT=docs/reliability-soak.json $(BIN)/python -m pytest -m slow tests/soak -s $(PYTEST_ARGS)
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -45,14 +48,16 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-# The standard serving sweep on the default model; results land in docs/benchmarks/.
+# The standard sweep (floors, transformers baseline, our server, llama-server when LLAMA_SERVER is set)
+# and its plots, into docs/benchmarks/ (see docs/benchmarks.md).
 bench: $(STAMP) proto
-	@mkdir -p docs/benchmarks
-	$(BIN)/text-generation-launcher --hostname 127.0.0.1 --port $(BENCH_PORT) --shard-uds-path /tmp/tgi-bench & \
-	pid=$$!; trap 'kill $$pid; wait $$pid' EXIT; \
-	for i in $$(seq 600); do curl -sf http://127.0.0.1:$(BENCH_PORT)/health && break; sleep 1; done; \
-	$(BIN)/text-generation-benchmark serve --url http://127.0.0.1:$(BENCH_PORT) --concurrency 1,8,32 \
-		--max-new-tokens 64 --ignore-eos --output docs/benchmarks/serve-default.json
+	BIN=$(BIN) benchmark/standard.sh
+
+# The router's own overhead: the real router in front of the test utilities' fake shard (answers at once),
+# loaded at 64, 256 and 1,024 concurrent streams; into docs/benchmarks/router-overhead.json.
+bench-router: $(STAMP) proto
+	$(BIN)/text-generation-benchmark router --concurrency 64,256,1024 --max-new-tokens 256 \
+		--output docs/benchmarks/router-overhead.json
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info proto/generate_pb2*.py proto/generate_pb2*.pyi

@@ -14,6 +14,9 @@ Layout (one responsibility per module):
 - ``report``    progress line, summary table, JSON results.
 - ``plots``     PNG plots of one or several results files (matplotlib, imported only there).
 - ``serve``     the ``serve`` command: client + warmup + sweep + metrics.
+- ``shard_bench``, ``floor``, ``baseline``, ``router_bench``: the ``shard``, ``floor``, ``baseline`` and
+                ``router`` commands (the last one needs a source checkout: it runs the test utilities' fake
+                shard behind the real router).
 - ``cli``       argument parsing and the console entry point.
 """
 

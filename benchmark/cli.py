@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import math
 import sys
@@ -18,7 +17,7 @@ from benchmark.config import (
     GenerationParams,
     ServeConfig,
 )
-from benchmark.runner import WarmupError
+from benchmark.runner import WarmupError, run_async
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -263,9 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument(
         "--output-dir", metavar="DIR", default="plots", help="folder of the PNG files (default: %(default)s)"
     )
-    from benchmark import baseline, floor, shard_bench  # subcommands with their own modules
+    from benchmark import baseline, floor, router_bench, shard_bench  # subcommands with their own modules
 
-    for module in (shard_bench, floor, baseline):
+    for module in (shard_bench, floor, baseline, router_bench):
         module.register(commands)
     return parser
 
@@ -305,7 +304,7 @@ def run_serve_command(config: ServeConfig, *, progress_enabled: bool = True) -> 
 
     progress = Progress(sys.stderr, enabled=progress_enabled)
     try:
-        result = asyncio.run(run_serve(config, progress=progress))
+        result = run_async(run_serve(config, progress=progress))
     except WarmupError as e:
         print(f"error: {e} (is the server at {config.url} up?)", file=sys.stderr)
         return EXIT_FAILED

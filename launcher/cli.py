@@ -122,6 +122,26 @@ def launch(
         str | None, _opt("CHAT_TEMPLATE", "Chat template (a Jinja file or string) instead of the model's.")
     ] = None,
     env: Annotated[bool, _opt("ENV", "Print the runtime environment first.")] = False,
+    api_key: Annotated[
+        str | None, _opt("API_KEY", "Bearer token required on every route but /health (and /metrics).")
+    ] = None,
+    metrics_require_auth: Annotated[
+        bool, _opt("METRICS_REQUIRE_AUTH", "Require the API key on /metrics too.")
+    ] = False,
+    payload_limit: Annotated[
+        int, _opt("PAYLOAD_LIMIT", "Largest request body in bytes (413 beyond).")
+    ] = 2_000_000,
+    graceful_termination_timeout: Annotated[
+        float,
+        _opt("GRACEFUL_TERMINATION_TIMEOUT", "Seconds in-flight requests get to finish after SIGTERM."),
+    ] = 90.0,
+    fault_injection: Annotated[
+        bool, _opt("FAULT_INJECTION", "Test only: honour the `fault` request parameter.", hidden=True)
+    ] = False,
+    backend: Annotated[
+        str,
+        _opt("BACKEND", "auto (paged for Llama-family models, else transformers), paged or transformers."),
+    ] = "auto",
 ) -> None:
     """Serve a causal language model: TGI's native API and the OpenAI API over continuous batching."""
     setup_logging(os.environ.get("LOG_LEVEL", "INFO"), json_output)
@@ -156,6 +176,12 @@ def launch(
         served_model_name=tuple(served_model_name or ()),
         chat_template=chat_template,
         env=env,
+        api_key=api_key,
+        metrics_require_auth=metrics_require_auth,
+        payload_limit=payload_limit,
+        graceful_termination_timeout=graceful_termination_timeout,
+        fault_injection=fault_injection,
+        backend=backend,
     )
     if env:
         print_env()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 QUANTIZE_CHOICES = ("bitsandbytes", "bitsandbytes-nf4", "bitsandbytes-fp4", "gptq", "ct2")
 DTYPE_CHOICES = ("float32", "float16", "bfloat16")
+BACKEND_CHOICES = ("auto", "paged", "transformers")
 
 
 class ArgumentError(ValueError):
@@ -46,6 +47,14 @@ class LauncherConfig:
     served_model_name: tuple[str, ...] = field(default_factory=tuple)
     chat_template: str | None = None
     env: bool = False
+    api_key: str | None = None
+    metrics_require_auth: bool = False
+    payload_limit: int = 2_000_000
+    graceful_termination_timeout: float = 90.0
+    # Test-only fault hooks (a request parameter that breaks its own step); never on in production.
+    fault_injection: bool = False
+    # Model backend for the shards: auto (paged where it applies), paged or transformers.
+    backend: str = "auto"
 
     def world_size(self) -> int:
         """TGI's find_num_shards: --num-shard, else the devices in CUDA_VISIBLE_DEVICES, else 1."""
@@ -83,8 +92,20 @@ class LauncherConfig:
                 )
         if self.waiting_served_ratio < 0:
             raise ArgumentError("`waiting_served_ratio` must be >= 0")
+        if self.payload_limit <= 0:
+            raise ArgumentError(f"`payload_limit` must be > 0. Given: {self.payload_limit}")
+        if self.graceful_termination_timeout < 0:
+            raise ArgumentError(
+                f"`graceful_termination_timeout` must be >= 0. Given: {self.graceful_termination_timeout}"
+            )
+        if self.api_key is not None and not self.api_key.strip():
+            raise ArgumentError("`api_key` must not be empty")
         if self.max_concurrent_requests <= 0:
             raise ArgumentError("`max_concurrent_requests` must be > 0")
+        if self.backend not in BACKEND_CHOICES:
+            raise ArgumentError(
+                f"`backend` must be one of {', '.join(BACKEND_CHOICES)}. Given: {self.backend}"
+            )
         if self.dtype is not None and self.dtype not in DTYPE_CHOICES:
             raise ArgumentError(f"`dtype` must be one of {', '.join(DTYPE_CHOICES)}. Given: {self.dtype}")
         if self.quantize is not None:

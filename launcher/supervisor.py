@@ -27,7 +27,10 @@ from .weights import ResolvedModel
 log = logging.getLogger("launcher")
 
 PR_SET_PDEATHSIG = 1
-ROUTER_GRACE_S = 90.0
+ROUTER_EXIT_MARGIN_S = 10.0
+# After a child's death the server is going down: requests still in flight cannot finish, so the router
+# gets only a moment to answer them with errors.
+FAILURE_ROUTER_GRACE_S = 3.0
 SHARD_GRACE_S = 10.0
 TAIL_LINES = 40
 
@@ -111,6 +114,7 @@ class Supervisor:
         self.shards: list[Child] = []
         self.router: Child | None = None
         self.signals = 0
+        self.failed = False
         self._stop_requested = threading.Event()
 
     # -- commands ---------------------------------------------------------------------------------
@@ -119,7 +123,8 @@ class Supervisor:
 
     def shard_command(self) -> list[str]:
         c = self.config
-        cmd = [sys.executable, "-m", "shard", "serve", str(self.model.path), "--uds-path", c.shard_uds_path]
+        cmd = [sys.executable, "-m", "shard", "serve", str(self.model.path), "--uds-path", c.shard_uds_path,
+               "--backend", c.backend]  # fmt: skip
         if c.dtype:
             cmd += ["--dtype", c.dtype]
         if c.quantize:
@@ -128,10 +133,13 @@ class Supervisor:
             cmd.append("--trust-remote-code")
         if c.json_output:
             cmd.append("--json-output")
+        if c.fault_injection:
+            cmd.append("--fault-injection")
         return cmd
 
     def shard_env(self, rank: int) -> dict[str, str]:
         env = dict(os.environ)
+        env.pop("API_KEY", None)  # the shards have no use for it
         env.update(
             RANK=str(rank),
             WORLD_SIZE=str(self.world_size),
@@ -178,7 +186,21 @@ class Supervisor:
             cmd += ["--chat-template", c.chat_template]
         if c.json_output:
             cmd.append("--json-output")
+        cmd += ["--payload-limit", str(c.payload_limit)]
+        cmd += ["--graceful-termination-timeout", str(c.graceful_termination_timeout)]
+        if c.metrics_require_auth:
+            cmd.append("--metrics-require-auth")
+        if c.fault_injection:
+            cmd.append("--fault-injection")
         return cmd
+
+    def router_env(self) -> dict[str, str]:
+        """The router's environment; the API key travels here, not on a command line others can read."""
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env.pop("API_KEY", None)
+        if self.config.api_key:
+            env["API_KEY"] = self.config.api_key
+        return env
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def _on_signal(self, signum: int, frame: object) -> None:
@@ -213,7 +235,7 @@ class Supervisor:
             self.shards.append(shard)
         if not self._wait_shards_ready():
             return 0 if self._stop_requested.is_set() else 1
-        self.router = Child("router", self.router_command(), {**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.router = Child("router", self.router_command(), self.router_env())
         log.info("Starting router on http://%s:%d", self.config.hostname, self.config.port)
         self.router.start()
         while not self._stop_requested.wait(0.1):
@@ -262,6 +284,7 @@ class Supervisor:
         return None
 
     def _report_death(self, child: Child) -> None:
+        self.failed = True
         time.sleep(0.2)  # let the relay thread print the child's last lines
         lines = "\n".join(f"  {line}" for line in child.tail)
         log.error("%s exited with code %s. Last output:\n%s", child.name, child.exit_code(), lines)
@@ -269,7 +292,9 @@ class Supervisor:
     def shutdown(self) -> None:
         """Router first (it drains in-flight requests), then the shards; removes the sockets."""
         if self.router is not None:
-            self.router.stop(ROUTER_GRACE_S)
+            # The router drains for up to the graceful termination timeout, then needs a moment to exit.
+            grace = self.config.graceful_termination_timeout + ROUTER_EXIT_MARGIN_S
+            self.router.stop(FAILURE_ROUTER_GRACE_S if self.failed else grace)
         threads = [threading.Thread(target=s.stop, args=(SHARD_GRACE_S,)) for s in self.shards]
         for t in threads:
             t.start()

@@ -1,4 +1,4 @@
-"""create_app(): routes, start-up (connect to the shards, warm up), clean-up, and middlewares."""
+"""create_app(): routes, start-up (connect to the shards, warm up), clean-up; middlewares in middleware.py."""
 
 from __future__ import annotations
 
@@ -7,14 +7,14 @@ import contextlib
 import gc
 import logging
 import os
+import signal
 
 from aiohttp import web
 
-from . import openai_api, tgi_api
+from . import middleware, openai_api, tgi_api
 from .chat import ChatPrompter
 from .client import ShardClient
 from .config import RouterConfig
-from .errors import InferError
 from .infer import Infer
 from .openapi import SWAGGER_UI, openapi_document
 from .state import STATE_KEY, RouterState
@@ -22,54 +22,8 @@ from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-PAYLOAD_LIMIT = 2 * 1024 * 1024
 SHARD_READY_TIMEOUT_S = 600.0
 STARTUP_KEY = web.AppKey("startup", asyncio.Task)
-
-
-@web.middleware
-async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
-    """User errors -> their status with a JSON body; anything unexpected -> a bare 500, no traceback."""
-    try:
-        return await handler(request)
-    except InferError as e:
-        return tgi_api.error_response(e)
-    except web.HTTPException as e:
-        if e.content_type == "application/json":
-            raise
-        return web.json_response(
-            {"error": e.reason, "error_type": "http"}, status=e.status, headers=_allow(e)
-        )
-    except asyncio.CancelledError:
-        raise
-    except Exception:
-        log.exception("Unhandled error on %s %s", request.method, request.path)
-        return web.json_response({"error": "internal server error", "error_type": "internal"}, status=500)
-
-
-def _allow(e: web.HTTPException) -> dict[str, str]:
-    return {"Allow": e.headers["Allow"]} if "Allow" in e.headers else {}
-
-
-def cors_middleware(origins: tuple[str, ...]):
-    """CORS for the configured origins only ("*" allows any); no origins configured = no CORS headers."""
-
-    @web.middleware
-    async def cors(request: web.Request, handler) -> web.StreamResponse:
-        origin = request.headers.get("Origin")
-        allowed = origin is not None and ("*" in origins or origin in origins)
-        if request.method == "OPTIONS" and allowed:
-            response: web.StreamResponse = web.Response(status=204)
-        else:
-            response = await handler(request)
-        if allowed and not response.prepared:
-            response.headers["Access-Control-Allow-Origin"] = "*" if "*" in origins else origin
-            response.headers["Access-Control-Allow-Methods"] = "GET, POST"
-            response.headers["Access-Control-Allow-Headers"] = "content-type, authorization"
-            response.headers["Vary"] = "Origin"
-        return response
-
-    return cors
 
 
 async def _connect(app: web.Application) -> None:
@@ -117,9 +71,12 @@ async def _docs(request: web.Request) -> web.Response:
 
 def create_app(config: RouterConfig) -> web.Application:
     app = web.Application(
-        middlewares=[cors_middleware(config.cors_allow_origin), error_middleware],
-        client_max_size=PAYLOAD_LIMIT,
+        middlewares=middleware.middlewares(config),
+        # Caps bodies sent without a Content-Length (chunked); declared lengths are checked up front.
+        client_max_size=config.payload_limit,
     )
+    if config.cors_allow_origin:
+        app.on_response_prepare.append(middleware.cors_headers(config.cors_allow_origin))
     app[STATE_KEY] = RouterState(config)
     tgi_api.add_routes(app)
     openai_api.add_routes(app)
@@ -141,19 +98,46 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
 
 
 def run(config: RouterConfig) -> None:
-    """Serves until SIGINT/SIGTERM; in-flight requests get a grace period to finish."""
+    """Serves until SIGINT/SIGTERM, then drains (see ``serve``)."""
     # Every streamed token allocates a few small objects, and a busy router holds hundreds of thousands
     # (each request's tokens): the default collector thresholds would re-scan them all many times a second.
     # Start-up objects are frozen out of collection; cycles are still collected, less often.
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)
-    web.run_app(
-        create_app(config),
-        loop=new_event_loop(),
-        host=config.hostname,
-        port=config.port,
-        handler_cancellation=True,
-        shutdown_timeout=30.0,
-        access_log=None,
-        print=lambda *_: None,
-    )
+    loop = new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        loop.run_until_complete(serve(config))
+    finally:
+        loop.close()
+
+
+async def serve(config: RouterConfig) -> None:
+    """Serves HTTP until the first SIGINT/SIGTERM; then stops admitting (new requests and /health get
+    503, the listening socket stays open so clients see why), lets the admitted requests finish within
+    ``graceful_termination_timeout`` seconds, and returns. A second signal exits at once."""
+    app = create_app(config)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
+    await runner.setup()
+    site = web.TCPSite(runner, config.hostname, config.port)
+    await site.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int) -> None:
+        if stop.is_set():
+            log.warning("Second signal: exiting now")
+            os._exit(128 + signum)
+        log.info("Received %s: draining", signal.Signals(signum).name)
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    try:
+        await stop.wait()
+        infer = app[STATE_KEY].infer
+        if infer is not None:
+            await infer.drain(config.graceful_termination_timeout)
+    finally:
+        await runner.cleanup()
+    log.info("Router stopped")

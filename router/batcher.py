@@ -52,6 +52,7 @@ def request_to_pb(entry: Entry) -> pb.Request:
         top_n_tokens=r.top_n_tokens,
         min_new_tokens=r.min_new_tokens,
         stop_token_ids=r.stop_token_ids,
+        fault=r.fault,
     )
 
 
@@ -82,35 +83,57 @@ class Batcher:
         return next(self._batch_ids)
 
     async def run(self) -> None:
-        """Runs forever (until cancelled)."""
-        c = self.config
+        """Runs forever (until cancelled). A fault of the loop itself (a bug, not a shard error) fails the
+        requests it was serving with 424, clears the shards and goes on: it never stops serving."""
         while True:
             await self.queue.not_empty.wait()
-            entries = self.queue.next_batch(None, c.max_batch_prefill_tokens, self.max_batch_total_tokens)
-            if entries is None:
-                continue
-            cached = await self._prefill(entries)
-            waiting_steps = 1
-            pending: pb.Generations | None = None
-            while cached:
-                if len(self.queue):
-                    running = sum(len(b.request_ids) for b in cached)
-                    wait_exceeded = waiting_steps >= c.max_waiting_tokens
-                    min_size = None if wait_exceeded else int(running * c.waiting_served_ratio)
+            try:
+                await self._serve_batch()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("Batching loop fault: failing the running requests")
+                self.generation_health = False
+                self._fail(list(self.running), GenerationError("the batch failed (internal error)"))
+                try:
+                    await self.client.clear_cache(None)
+                except grpc.aio.AioRpcError:
+                    log.warning("ClearCache failed")
+                self._gauged_size = 0
+                self.metrics.batch_current_size.set(0)
+                self.metrics.batch_current_max_tokens.set(0)
+
+    async def _serve_batch(self) -> None:
+        """Prefills what the queue admits and decodes until the running batch is empty."""
+        c = self.config
+        entries = self.queue.next_batch(None, c.max_batch_prefill_tokens, self.max_batch_total_tokens)
+        if entries is None:
+            return
+        cached = await self._prefill(entries)
+        waiting_steps = 1
+        pending: pb.Generations | None = None
+        while cached:
+            waiting = len(self.queue)
+            if waiting:
+                running = sum(len(b.request_ids) for b in cached)
+                wait_exceeded = waiting_steps >= c.max_waiting_tokens
+                min_size = None if wait_exceeded else int(running * c.waiting_served_ratio)
+                joining = None
+                if min_size is None or waiting >= min_size:  # else none could join: skip the O(n) count
                     budget = self.max_batch_total_tokens - self._held_tokens()
                     joining = self.queue.next_batch(min_size, c.max_batch_prefill_tokens, budget)
-                    if joining:
-                        reason = "wait_exceeded" if wait_exceeded else "backpressure"
-                        self.metrics.batch_concat.labels(reason).inc()
-                        cached = cached + await self._prefill(joining)
-                        waiting_steps = 1
-                cached, pending = await self._decode(cached, pending)
-                waiting_steps += 1
-            if pending is not None:
-                self._deliver(pending)
-            self._gauged_size = 0
-            self.metrics.batch_current_size.set(0)
-            self.metrics.batch_current_max_tokens.set(0)
+                if joining:
+                    reason = "wait_exceeded" if wait_exceeded else "backpressure"
+                    self.metrics.batch_concat.labels(reason).inc()
+                    cached = cached + await self._prefill(joining)
+                    waiting_steps = 1
+            cached, pending = await self._decode(cached, pending)
+            waiting_steps += 1
+        if pending is not None:
+            self._deliver(pending)
+        self._gauged_size = 0
+        self.metrics.batch_current_size.set(0)
+        self.metrics.batch_current_max_tokens.set(0)
 
     def _held_tokens(self) -> int:
         """Token budget the running requests hold (padded backends: every row as long as the longest)."""
@@ -184,20 +207,20 @@ class Batcher:
         g = response.generations
         if not response.HasField("batch"):
             return [], g
-        survivors = [
-            rid for rid, token in zip(g.request_ids, g.token_ids, strict=True) if self._continues(rid, token)
-        ]
+        # The cached batch may hold requests still running their prompt in chunks: no token for them yet.
+        tokens = dict(zip(g.request_ids, g.token_ids, strict=True))
+        survivors = [rid for rid in response.batch.request_ids if self._continues(rid, tokens.get(rid))]
         return [pb.CachedBatch(id=response.batch.id, request_ids=survivors)], g
 
-    def _continues(self, rid: int, token_id: int) -> bool:
-        """Whether a request goes on after this token (a disconnected one leaves here)."""
+    def _continues(self, rid: int, token_id: int | None) -> bool:
+        """Whether a request goes on after this token, or without one (a disconnected one leaves here)."""
         entry = self.running.get(rid)
         if entry is None:
             return False
         if entry.cancelled:
             self._leave(entry, None)
             return False
-        return not entry.state.will_finish(token_id)
+        return token_id is None or not entry.state.will_finish(token_id)
 
     async def _clear(self, batch_id: int) -> None:
         try:
@@ -220,6 +243,8 @@ class Batcher:
                 await self._clear(batch_id)
             return None
         self.metrics.batch_inference_success.labels(method).inc()
+        if response.HasField("cache"):
+            self.metrics.observe_cache(response.cache)
         self.metrics.batch_inference_duration.labels(method).observe(time.monotonic() - started)
         self.generation_health = True
         return response
@@ -244,36 +269,43 @@ class Batcher:
     def _deliver(self, g: pb.Generations) -> None:
         """Turns one step's token ids into each request's next event.
 
-        All rows' detokenization windows are decoded in two batch calls (in Rust, in parallel) rather
-        than two calls per row: this loop is the router's own time per step."""
+        Most tokens' text is known without decoding (``GenerationState.begin``); the other rows'
+        detokenization windows are decoded in one batch call (in Rust, in parallel) rather than two calls
+        per row: this loop is the router's own time per step."""
+        for failure in g.failures:  # requests that failed alone; they are in no column below
+            entry = self.running.get(failure.request_id)
+            if entry is not None:
+                entry.events.put(GenerationError(failure.message))
+                self._leave(entry, "generation")
         prefill = {p.request_id: p for p in g.prefill}
         width = g.top_n
         top_ids, top_logprobs = (list(g.top_ids), list(g.top_logprobs)) if width else ((), ())
         rows = []
         windows: list[list[int]] = []
+        running = self.running
         for row, (rid, token_id) in enumerate(zip(g.request_ids, g.token_ids, strict=True)):
-            entry = self.running.get(rid)
+            entry = running.get(rid)
             if entry is None or entry.cancelled:
                 continue
-            decode = not entry.state.silent(token_id)
-            if decode:
-                windows.extend(entry.state.detokenizer.windows(token_id))
-            rows.append((row, entry, token_id, decode))
+            text = entry.state.begin(token_id)  # None (no text), the text, or windows to decode
+            if type(text) is tuple:
+                windows.extend(text)
+            rows.append((row, entry, token_id, text))
         texts = self.tokenizer.decode_batch(windows) if windows else []
         logprobs = g.logprobs
         position = 0
-        for row, entry, token_id, decode in rows:
-            if entry.id in prefill:
+        for row, entry, token_id, text in rows:
+            if prefill and entry.id in prefill:
                 entry.state.set_prefill(list(prefill[entry.id].ids), list(prefill[entry.id].logprobs))
             top = []
             if width and entry.request.top_n_tokens:
                 span = slice(row * width, (row + 1) * width)
                 top = list(zip(top_ids[span], top_logprobs[span], strict=True))
-            pair = None
-            if decode:
-                pair = (texts[position], texts[position + 1])
+            if type(text) is tuple:
+                event = entry.state.push(token_id, logprobs[row], top, (texts[position], texts[position + 1]))
                 position += 2
-            event = entry.state.push(token_id, logprobs[row], top, pair)
+            else:
+                event = entry.state.push(token_id, logprobs[row], top, text=text)
             entry.events.put(event)
             if event.finished is not None:
                 self._leave(entry, None)

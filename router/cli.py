@@ -45,8 +45,13 @@ def serve(
         list[str] | None, typer.Option(help="Name(s) for `model` on OpenAI routes.")
     ] = None,
     chat_template: Annotated[str | None, typer.Option(help="Chat template: a Jinja file or string.")] = None,
+    payload_limit: Annotated[int, typer.Option(help="Largest request body in bytes.")] = 2_000_000,
+    graceful_termination_timeout: Annotated[float, typer.Option()] = 90.0,
+    metrics_require_auth: Annotated[bool, typer.Option()] = False,
+    fault_injection: Annotated[bool, typer.Option(hidden=True)] = False,
     logger_level: Annotated[str, typer.Option()] = "INFO",
 ) -> None:
+    """Serves HTTP; the API key comes from the API_KEY environment variable (never on a command line)."""
     setup_logging(logger_level, json_output, prefix="router ")
     from .app import run
 
@@ -78,6 +83,11 @@ def serve(
             chat_template=load_chat_template(chat_template),
             # TGICHAT_* come from the environment the launcher passes on; read once, here.
             chat_wrapping=ChatWrapping.from_env(os.environ),
+            api_key=os.environ.get("API_KEY") or None,
+            metrics_require_auth=metrics_require_auth,
+            payload_limit=payload_limit,
+            graceful_termination_timeout=graceful_termination_timeout,
+            fault_injection=fault_injection,
         )
     )
 

@@ -37,6 +37,13 @@ class RouterConfig:
     # --chat-template's text (it overrides the model's template); TGICHAT_* wrapping when set.
     chat_template: str | None = None
     chat_wrapping: ChatWrapping | None = None
+    # Bearer token required on every route but /health (and /metrics unless metrics_require_auth).
+    api_key: str | None = None
+    metrics_require_auth: bool = False
+    payload_limit: int = 2_000_000
+    graceful_termination_timeout: float = 90.0
+    # Test-only: honour the `fault` request parameter (see shard/faults.py).
+    fault_injection: bool = False
 
     @property
     def model_names(self) -> tuple[str, ...]:

@@ -25,6 +25,9 @@ class IncrementalDetokenizer:
         self.ids = list(prompt_ids[-context:]) if context else []
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
+        # The text so far is known to end on a character boundary (set once a window has been released;
+        # the prompt's context could end inside a character).
+        self.aligned = False
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
@@ -44,8 +47,21 @@ class IncrementalDetokenizer:
         """The new text, given the decoded windows of the last ``windows`` call."""
         if len(text) > len(prefix) and not text.endswith(REPLACEMENT):
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            self.aligned = True
             return text[len(prefix) :]
         return ""
+
+    def push_piece(self, token_id: int, piece: str | None) -> str | None:
+        """Adds a token without decoding when its text is known on its own (``piece``: the token's
+        bytes, complete UTF-8; see ``Tokenizer.piece``) and nothing is withheld after text that ends on a
+        character boundary: its text is then exactly the piece. Returns None, adding nothing, otherwise
+        (the caller decodes the ``windows`` instead)."""
+        if piece is None or not self.aligned or self.read_offset != len(self.ids):
+            return None
+        self.ids.append(token_id)
+        self.prefix_offset = self.read_offset
+        self.read_offset = len(self.ids)
+        return piece
 
     def flush(self) -> str:
         """Whatever is still withheld (at the end of generation), even if it is a broken character."""

@@ -58,3 +58,22 @@ class IncompleteGenerationError(InferError):
 class UnhealthyError(InferError):
     status = 503
     error_type = "healthcheck"
+
+
+class AuthenticationError(InferError):
+    """No API key, or the wrong one, on a route that needs it."""
+
+    status = 401
+    error_type = "authentication"
+
+
+class PayloadTooLargeError(InferError):
+    """A request body over ``--payload-limit``; the message names the limit."""
+
+    status = 413
+    error_type = "payload_too_large"
+
+    def __init__(self, limit: int, size: int | None = None) -> None:
+        given = f" Given: {size} bytes" if size is not None else ""
+        super().__init__(f"the request body is larger than this server's limit of {limit} bytes.{given}")
+        self.limit = limit

@@ -14,7 +14,9 @@ from .tokenizer import Tokenizer
 from .validation import ValidRequest
 
 
-@dataclass(frozen=True)
+# Token and StreamEvent are made once per generated token: plain slotted dataclasses (a frozen one pays an
+# object.__setattr__ per field).
+@dataclass(slots=True)
 class Token:
     id: int
     text: str
@@ -44,7 +46,7 @@ class Finished:
         return sum(values) / len(values) if values else -math.inf
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class StreamEvent:
     """One generated token, the text it adds to the answer (``delta``), and on the last one, how the
     request ended. The deltas of all events concatenate to the final text."""
@@ -95,33 +97,50 @@ class GenerationState:
             or (r.skip_special_tokens and token_id in self.tokenizer.special_ids)
         )
 
+    def begin(self, token_id: int) -> str | tuple[list[int], list[int]] | None:
+        """First half of ``push`` for a caller that decodes many requests' tokens at once: None for a
+        token that adds no text (``silent``), the token's text when it is known without decoding (the
+        common case, see ``IncrementalDetokenizer.push_piece``), else the two id windows to decode (pass
+        the decoded pair to ``push`` as ``texts``; a str goes as ``text``)."""
+        if self.silent(token_id):
+            return None
+        detokenizer = self.detokenizer
+        text = detokenizer.push_piece(token_id, self.tokenizer.piece(token_id))
+        return text if text is not None else detokenizer.windows(token_id)
+
     def push(
         self,
         token_id: int,
         logprob: float,
         top: list[tuple[int, float]],
         texts: tuple[str, str] | None = None,
+        text: str | None = None,
     ) -> StreamEvent:
         """Accounts one generated token; returns its stream event (with ``finished`` on the last one).
 
-        ``texts``: the decoded ``detokenizer.windows(token_id)``, when the caller decoded them in a batch
-        (then it has already called ``windows``); otherwise the token is decoded here."""
+        ``texts``: the decoded ``detokenizer.windows(token_id)``, or ``text``: the token's text, when the
+        caller has already called ``begin`` (or ``windows``); otherwise the token is decoded here."""
         r = self.request
         count = len(self.tokens) + 1
         may_end = count >= r.min_new_tokens
         special = token_id in self.tokenizer.special_ids
         stopped = False
-        if texts is None and self.silent(token_id):
+        if text is None:
+            if texts is not None:
+                text = self.detokenizer.accept(*texts)
+            elif not self.silent(token_id):
+                text = self.detokenizer.push(token_id)
+        if text is None:
             delta = ""
         else:
-            delta = self.detokenizer.accept(*texts) if texts is not None else self.detokenizer.push(token_id)
+            delta = text
             if may_end and self.stops.stops:
                 delta, stopped = self.stops.push(delta)
         if count >= r.max_new_tokens:
             finish_reason = "length"
-        elif token_id in self.eos_ids and may_end:
+        elif may_end and token_id in self.eos_ids:
             finish_reason = "eos_token"
-        elif (token_id in r.stop_token_ids and may_end) or stopped:
+        elif stopped or (may_end and token_id in r.stop_token_ids):
             finish_reason = "stop_sequence"
         else:
             finish_reason = None

@@ -53,6 +53,8 @@ class Infer:
             config, client, self.queue, self.metrics, self.max_batch_total_tokens, tokenizer
         )
         self.ready = False
+        # Set on SIGTERM: new requests get 503 while the admitted ones finish (see ``drain``).
+        self.draining = False
         self.in_flight = 0
         self._ids = itertools.count()
         self._task: asyncio.Task | None = None
@@ -109,7 +111,9 @@ class Infer:
 
     @contextlib.contextmanager
     def admit(self) -> Iterator[None]:
-        """Holds one of ``max_concurrent_requests`` slots, or raises an immediate 429."""
+        """Holds one of ``max_concurrent_requests`` slots, or raises an immediate 429 (503 while draining)."""
+        if self.draining:
+            raise UnhealthyError("the server is shutting down")
         if self.in_flight >= self.config.max_concurrent_requests:
             self.metrics.request_failure.labels("overloaded").inc()
             raise OverloadedError()
@@ -118,6 +122,20 @@ class Infer:
             yield
         finally:
             self.in_flight -= 1
+
+    async def drain(self, timeout: float) -> bool:
+        """Stops admitting requests and waits up to ``timeout`` seconds for the admitted ones to finish.
+
+        Returns whether they all did."""
+        self.draining = True
+        deadline = time.monotonic() + timeout
+        if self.in_flight:
+            log.info("Draining: %d requests in flight (up to %.0f s)", self.in_flight, timeout)
+        while self.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.in_flight:
+            log.warning("Graceful termination timeout: %d requests cut off", self.in_flight)
+        return self.in_flight == 0
 
     def submit(self, request: ValidRequest) -> Entry:
         if not self.ready:
@@ -185,7 +203,7 @@ class Infer:
 
     async def healthy(self) -> bool:
         """Shards answer Health; after a failed generation, a real one-token prefill must pass too."""
-        if not self.ready:
+        if not self.ready or self.draining:
             return False
         try:
             await self.client.health(timeout=1.0)

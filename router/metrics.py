@@ -82,6 +82,22 @@ class Metrics:
         self.batch_current_max_tokens = Gauge(
             "tgi_batch_current_max_tokens", "Token budget held by the running batch", registry=r
         )
+        # Reported by backends with a paged KV cache after every step.
+        self.kv_cache_tokens = Gauge("tgi_kv_cache_tokens", "KV cache size in tokens", registry=r)
+        self.kv_cache_used_tokens = Gauge("tgi_kv_cache_used_tokens", "KV cache tokens in use", registry=r)
+        self.prefix_cache_queries = Gauge(
+            "tgi_prefix_cache_queries", "Prompt blocks looked up in the prefix cache", registry=r
+        )
+        self.prefix_cache_hits = Gauge(
+            "tgi_prefix_cache_hits", "Prompt blocks found in the prefix cache", registry=r
+        )
+
+    def observe_cache(self, cache) -> None:
+        """Copies a step's proto CacheStats into the gauges."""
+        self.kv_cache_tokens.set(cache.tokens_total)
+        self.kv_cache_used_tokens.set(cache.tokens_used)
+        self.prefix_cache_queries.set(cache.prefix_queries)
+        self.prefix_cache_hits.set(cache.prefix_hits)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

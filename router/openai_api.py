@@ -21,8 +21,16 @@ from typing import Any
 from aiohttp import web
 
 from . import __version__
+from .body import read_json_object
 from .chat import normalize_messages
-from .errors import InferError, OverloadedError, UnhealthyError, ValidationError
+from .errors import (
+    AuthenticationError,
+    InferError,
+    OverloadedError,
+    PayloadTooLargeError,
+    UnhealthyError,
+    ValidationError,
+)
 from .generation import Finished, StreamEvent, Token
 from .infer import Infer
 from .openai_params import (
@@ -36,7 +44,6 @@ from .openai_params import (
     refuse_unsupported,
 )
 from .state import get_infer, state
-from .tgi_api import read_json_object
 from .tokenizer import Tokenizer
 from .validation import ValidRequest
 
@@ -65,6 +72,13 @@ def error_to_openai(error: BaseException) -> web.Response:
         )  # fmt: skip
     if isinstance(error, UnhealthyError):
         return openai_error(503, error.message, "unavailable_error", headers={"Retry-After": RETRY_AFTER_S})
+    if isinstance(error, AuthenticationError):
+        return openai_error(
+            401, error.message, "invalid_request_error", code="invalid_api_key",
+            headers={"WWW-Authenticate": "Bearer"},
+        )  # fmt: skip
+    if isinstance(error, PayloadTooLargeError):
+        return openai_error(413, error.message, "invalid_request_error", code="payload_too_large")
     if isinstance(error, web.HTTPException):
         message = error.reason
         with contextlib.suppress(ValueError, TypeError):
@@ -329,6 +343,12 @@ async def completions(request: web.Request) -> web.StreamResponse:
             raise ValidationError(f"`best_of` ({best_of}) must be >= `n` ({options.n})", "best_of")
         if best_of > options.n and options.stream:
             raise ValidationError("`best_of` > `n` cannot be streamed", "best_of")
+        if len(prompts) * best_of > infer.config.max_concurrent_requests:
+            raise ValidationError(
+                f"`prompt` holds {len(prompts)} prompts x {best_of} sequences each: more than the "
+                f"{infer.config.max_concurrent_requests} sequences one request may ask for",
+                "prompt",
+            )
         if fields.raw("suffix"):
             raise ValidationError("`suffix` (fill-in-the-middle) is not supported", "suffix")
         refuse_unsupported(fields)

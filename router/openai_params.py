@@ -158,10 +158,12 @@ def parse_options(fields: Fields, infer: Infer, max_n: int) -> Options:
         if not isinstance(logit_bias, dict):
             raise ValidationError("`logit_bias` must map token ids to numbers", "logit_bias")
         for key, value in logit_bias.items():
-            token = int(key) if isinstance(key, str) and key.strip().isdigit() else -1
+            digits = key.strip()
+            # ASCII digits only: str.isdigit() is true for "²", which int() refuses.
+            token = int(digits) if digits.isascii() and digits.isdigit() and len(digits) < 12 else -1
             if not 0 <= token < vocab:
                 raise ValidationError(
-                    f"`logit_bias` key {key!r} is not a token id below {vocab}", "logit_bias"
+                    f"`logit_bias` key {key[:24]!r} is not a token id below {vocab}", "logit_bias"
                 )
             if isinstance(value, bool) or not isinstance(value, int | float) or not -100 <= value <= 100:
                 raise ValidationError(f"`logit_bias[{key}]` must be a number from -100 to 100", "logit_bias")
@@ -180,7 +182,8 @@ def parse_options(fields: Fields, infer: Infer, max_n: int) -> Options:
     greedy = temperature == 0.0
     params = SamplingParams(
         temperature=1.0 if greedy or temperature is None else temperature,
-        top_k=0 if greedy or top_k is None or top_k <= 0 else top_k,
+        # top_k >= the vocabulary keeps every token: off (and never a number the shard's uint32 can't hold).
+        top_k=0 if greedy or top_k is None or top_k <= 0 or top_k >= vocab else top_k,
         top_p=1.0 if greedy or top_p is None else top_p,
         min_p=0.0 if greedy or min_p is None else min_p,
         do_sample=not greedy,

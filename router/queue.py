@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .errors import InferError
@@ -14,15 +15,23 @@ from .validation import ValidRequest
 
 class EventChannel:
     """One producer (the batching loop), one consumer (the request's handler): cheaper than an
-    asyncio.Queue on the per-token path, and the consumer can take everything that piled up at once."""
+    asyncio.Queue on the per-token path, and the consumer can take everything that piled up at once.
 
-    __slots__ = ("items", "waiter")
+    ``direct``, when the handler sets it, is offered each item first while nothing is queued: it returns
+    True when it has taken the item itself (a streaming handler writes plain tokens to its connection
+    straight from the batching loop, see ``sse.DirectSSE``), False to let it be queued as usual."""
+
+    __slots__ = ("direct", "items", "waiter")
 
     def __init__(self) -> None:
         self.items: deque[StreamEvent | InferError] = deque()
         self.waiter: asyncio.Future[None] | None = None
+        self.direct: Callable[[StreamEvent | InferError], bool] | None = None
 
     def put(self, item: StreamEvent | InferError) -> None:
+        direct = self.direct
+        if direct is not None and not self.items and direct(item):
+            return
         self.items.append(item)
         waiter = self.waiter
         if waiter is not None and not waiter.done():

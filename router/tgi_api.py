@@ -16,43 +16,17 @@ from typing import Any
 from aiohttp import web
 
 from . import __version__
+from .body import read_json_object
 from .errors import InferError, UnhealthyError, ValidationError
 from .generation import Finished, StreamEvent, Token
 from .infer import Infer
+from .sse import DirectSSE
 from .state import get_infer, state
 from .validation import GenerateParameters, ValidRequest, parse_parameters
 
 
 def error_response(error: InferError) -> web.Response:
     return web.json_response(error.body(), status=error.status)
-
-
-async def read_json_object(request: web.Request) -> dict[str, Any]:
-    """The request body as a JSON object, or a 4xx naming what is wrong."""
-    if request.content_type != "application/json":
-        raise web.HTTPUnsupportedMediaType(
-            text=json.dumps(
-                {
-                    "error": f"Expected request with `Content-Type: application/json`, got `{request.content_type}`",
-                    "error_type": "validation",
-                }
-            ),
-            content_type="application/json",
-        )
-    raw = await request.read()
-    try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, ValueError) as e:
-        raise _bad_request(f"Failed to parse the request body as JSON: {e}") from None
-    if not isinstance(body, dict):
-        raise ValidationError("the request body must be a JSON object")
-    return body
-
-
-def _bad_request(message: str) -> web.HTTPBadRequest:
-    return web.HTTPBadRequest(
-        text=json.dumps({"error": message, "error_type": "validation"}), content_type="application/json"
-    )
 
 
 def _finite(value: float | None) -> float | None:
@@ -97,19 +71,31 @@ def stream_event_json(event: StreamEvent, index: int, details: bool, input_lengt
     return body
 
 
+# Token text -> its JSON string: a few thousand distinct pieces make up almost every stream.
+_TEXT_JSON: dict[str, str] = {}
+
+
+def _text_json(text: str) -> str:
+    encoded = _TEXT_JSON.get(text)
+    if encoded is None:
+        encoded = json.dumps(text, ensure_ascii=False)
+        if len(_TEXT_JSON) < 65536:
+            _TEXT_JSON[text] = encoded
+    return encoded
+
+
 def stream_event_bytes(event: StreamEvent, index: int, details: bool, input_length: int) -> bytes:
     """One SSE event. The common case (a plain token) is formatted directly: it is the per-token hot path."""
     if event.finished is not None or event.top_tokens:
         payload = json.dumps(stream_event_json(event, index, details, input_length), ensure_ascii=False)
-    else:
-        t = event.token
-        logprob = "null" if t.logprob is None or not math.isfinite(t.logprob) else repr(t.logprob)
-        payload = (
-            f'{{"index": {index}, "token": {{"id": {t.id}, "text": {json.dumps(t.text, ensure_ascii=False)}, '
-            f'"logprob": {logprob}, "special": {"true" if t.special else "false"}}}, '
-            '"generated_text": null, "details": null}'
-        )
-    return b"data: " + payload.encode() + b"\n\n"
+        return b"data: " + payload.encode() + b"\n\n"
+    t = event.token
+    logprob = t.logprob
+    return (
+        f'data: {{"index": {index}, "token": {{"id": {t.id}, "text": {_text_json(t.text)}, "logprob": '
+        f"{'null' if logprob is None or not math.isfinite(logprob) else repr(logprob)}, "
+        f'"special": {"true" if t.special else "false"}}}, "generated_text": null, "details": null}}\n\n'
+    ).encode()
 
 
 def _timing_headers(
@@ -220,18 +206,19 @@ async def generate_stream(request: web.Request, body: dict[str, Any] | None = No
             }
         )
         async with infer.request(valid) as entry:
-            await response.prepare(request)
-            index = 0
+            details, input_length = valid.details, valid.input_length
+            # Plain tokens are written by the batching loop itself; the rest comes through here.
+            sse = await DirectSSE.start(
+                request, response, entry.events, lambda e, i: stream_event_bytes(e, i, details, input_length)
+            )
             try:
                 async for events in infer.stream_batches(entry):
-                    chunks = []
-                    for event in events:
-                        index += 1
-                        chunks.append(stream_event_bytes(event, index, valid.details, valid.input_length))
-                    await response.write(b"".join(chunks))
+                    await response.write(sse.render(events))
             except InferError as error:
                 infer.metrics.request_failure.labels(error.error_type).inc()
                 await response.write(b"data: " + json.dumps(error.body()).encode() + b"\n\n")
+            finally:
+                entry.events.direct = None  # the connection may serve another request next
         await response.write_eof()
         return response
 

@@ -18,6 +18,12 @@ class Tokenizer:
         self._rust = getattr(self.hf, "backend_tokenizer", None)
         self.special_ids = frozenset(int(i) for i in self.hf.all_special_ids)
         self.eos_token_id = self.hf.eos_token_id
+        # token id -> piece() (filled as tokens are seen); None for every token when the decoder is not
+        # plain byte-level.
+        self._pieces: dict[int, str | None] = {}
+        decoder = getattr(self._rust, "decoder", None)
+        self._byte_level = decoder is not None and type(decoder).__name__ == "ByteLevel"
+        self._added_ids = frozenset(int(i) for i in getattr(self.hf, "added_tokens_decoder", {}))
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
@@ -34,6 +40,26 @@ class Tokenizer:
         if self._rust is not None:
             return self._rust.decode_batch(sequences, skip_special_tokens=False)
         return [self.decode(ids) for ids in sequences]
+
+    def piece(self, token_id: int) -> str | None:
+        """The text this token adds after any text that ends on a character boundary, when that is
+        simply its own bytes: a byte-level BPE vocabulary token whose bytes are complete UTF-8. None
+        otherwise (added and special tokens, partial characters, other decoders): decode in context.
+
+        It lets incremental detokenization skip decoding for almost every generated token."""
+        try:
+            return self._pieces[token_id]
+        except KeyError:
+            pass
+        text = None
+        if self._byte_level and token_id not in self._added_ids and len(self._pieces) < 1 << 20:
+            piece = self.hf.convert_ids_to_tokens(token_id)
+            byte_decoder = self._byte_decoder
+            if isinstance(piece, str) and piece and byte_decoder and all(ch in byte_decoder for ch in piece):
+                with contextlib.suppress(UnicodeDecodeError):
+                    text = bytes(byte_decoder[ch] for ch in piece).decode("utf-8")
+            self._pieces[token_id] = text
+        return text
 
     @functools.lru_cache(maxsize=65536)  # noqa: B019 - one tokenizer per process, bounded cache
     def token_text(self, token_id: int) -> str:

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from common.faults import FAULTS
 from common.params import SamplingParams
 
 from .config import RouterConfig
@@ -47,6 +48,8 @@ class GenerateParameters:
     seed: int | None = None
     top_n_tokens: int | None = None
     ignore_eos_token: bool = False
+    # Test-only fault hook, as given (checked only when the server runs with --fault-injection).
+    fault: object = None
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,8 @@ class ValidRequest:
     min_new_tokens: int = 0
     stop_token_ids: tuple[int, ...] = ()
     skip_special_tokens: bool = True
+    # Test-only fault hook for the shard (see shard/faults.py); "" = none.
+    fault: str = ""
 
     @property
     def input_length(self) -> int:
@@ -155,6 +160,7 @@ def parse_parameters(params: object) -> GenerateParameters:
         seed=_get_int(params, "seed", U64_MAX),
         top_n_tokens=_get_int(params, "top_n_tokens", 2**32 - 1),
         ignore_eos_token=bool(_get_bool(params, "ignore_eos_token") or _get_bool(params, "ignore_eos")),
+        fault=params.get("fault"),
     )
 
 
@@ -237,6 +243,14 @@ class Validator:
             presence_penalty=p.presence_penalty or 0.0,
         )
 
+    def fault(self, p: GenerateParameters) -> str:
+        """The test-only ``fault`` hook; ignored (like any unknown key) unless --fault-injection is on."""
+        if not self.config.fault_injection or p.fault is None:
+            return ""
+        if p.fault not in FAULTS:
+            raise ValidationError(f"`fault` must be one of {', '.join(FAULTS)}. Given: {p.fault!r}")
+        return str(p.fault)
+
     async def validate(
         self, inputs: object, p: GenerateParameters, stream: bool, return_full_text_default: bool = False
     ) -> ValidRequest:
@@ -301,4 +315,5 @@ class Validator:
             return_full_text=return_full_text_default if p.return_full_text is None else p.return_full_text,
             seed=chooser.seed if chooser.sampling else None,
             ignore_eos_token=p.ignore_eos_token,
+            fault=self.fault(p),
         )

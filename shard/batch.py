@@ -56,6 +56,7 @@ class Batch:
         if missing:
             raise UnknownRequestError(f"batch {self.id} holds no request {missing}")
         if not keep_ids:
+            backend.release(self.state)
             return None
         rows = [position[rid] for rid in keep_ids]
         index = torch.tensor(rows, dtype=torch.long, device=self.next_ids.device)

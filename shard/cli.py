@@ -32,9 +32,12 @@ def serve(
     dtype: Annotated[str | None, typer.Option(help="float32, float16 or bfloat16.")] = None,
     quantize: Annotated[str | None, typer.Option()] = None,
     trust_remote_code: Annotated[bool, typer.Option()] = False,
-    backend: Annotated[str, typer.Option(help="Model backend.")] = "transformers",
+    backend: Annotated[str, typer.Option(help="auto, paged or transformers.")] = "auto",
     logger_level: Annotated[str, typer.Option()] = "INFO",
     json_output: Annotated[bool, typer.Option()] = False,
+    fault_injection: Annotated[
+        bool, typer.Option(hidden=True, help="Test only: honour fault hooks.")
+    ] = False,
 ) -> None:
     """Loads the model and serves the shard service on ``{uds_path}-{RANK}``."""
     rank = int(os.environ.get("RANK", "0"))
@@ -48,6 +51,7 @@ def serve(
         backend=backend,
         rank=rank,
         world_size=int(os.environ.get("WORLD_SIZE", "1")),
+        fault_injection=fault_injection,
     )
     from .server import serve as run_server
 

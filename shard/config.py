@@ -13,9 +13,11 @@ class ShardConfig:
     dtype: str | None = None
     quantize: str | None = None
     trust_remote_code: bool = False
-    backend: str = "transformers"
+    backend: str = "auto"
     rank: int = 0
     world_size: int = 1
+    # Test-only fault hooks (shard/faults.py); off unless the launcher's --fault-injection is given.
+    fault_injection: bool = False
 
     @property
     def socket_path(self) -> str:

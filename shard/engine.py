@@ -4,19 +4,34 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 
 import torch
 
 from .backends.base import Backend, PrefillOutput
 from .batch import Batch
+from .faults import Faults
 from .sampling import Choice, Sampler, TokenHistory
-from .types import PromptLogprobs, RequestSpec, StepResult
+from .types import PromptLogprobs, RequestFailure, RequestSpec, StepResult
 
 log = logging.getLogger(__name__)
 
 
 class UnknownBatchError(KeyError):
     """The router named a batch this shard does not hold."""
+
+
+@dataclass(frozen=True)
+class Cached:
+    """What the router is told of a batch the shard keeps: its id and its requests, in the shard's order."""
+
+    id: int
+    request_ids: list[int]
+    max_tokens: int
+
+    @classmethod
+    def of(cls, batch: Batch) -> Cached:
+        return cls(batch.id, batch.request_ids, batch.max_tokens)
 
 
 def prompt_logprobs(request_id: int, ids: list[int], logits: torch.Tensor) -> PromptLogprobs:
@@ -30,37 +45,52 @@ def prompt_logprobs(request_id: int, ids: list[int], logits: torch.Tensor) -> Pr
 class Engine:
     """Holds the shard's cached batches and runs steps on them through a backend."""
 
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: Backend, faults: Faults | None = None) -> None:
         self.backend = backend
+        self.faults = faults or Faults(enabled=False)
         self.batches: dict[int, Batch] = {}
 
     def prefill(self, batch_id: int, requests: list[RequestSpec], max_tokens: int) -> StepResult:
         """Runs new requests' prompts, picks their first token and caches them as batch ``batch_id``."""
         if not requests:
             raise ValueError("a prefill batch needs at least one request")
+        self.faults.before_step(requests)
+        out = self._prefill_shared([r.input_ids for r in requests], [r.prefill_logprobs for r in requests])
+        batch, result = self._start(batch_id, requests, out, max_tokens)
+        if batch is not None:
+            self.batches[batch_id] = batch
+        return result
+
+    def _start(
+        self, batch_id: int, requests: list[RequestSpec], out: PrefillOutput, max_tokens: int
+    ) -> tuple[Batch | None, StepResult]:
+        """Picks the first token of requests whose prompts have run, and makes them a batch."""
         device = self.backend.device
         prompts = [r.input_ids for r in requests]
-        out = self._prefill_shared(prompts, [r.prefill_logprobs for r in requests])
-        history = TokenHistory.from_prompts(prompts, [r.max_new_tokens for r in requests], device)
-        eos = tuple(self.backend.info.eos_token_ids)
-        sampler = Sampler(
-            [r.params for r in requests],
-            [r.top_n_tokens for r in requests],
-            device,
-            [r.min_new_tokens for r in requests],
-            [eos + r.stop_token_ids for r in requests],
-        )
-        choice = sampler.choose(out.logits, history)
-        history.append(choice.ids)
+        try:
+            history = TokenHistory.from_prompts(prompts, [r.max_new_tokens for r in requests], device)
+            eos = tuple(self.backend.info.eos_token_ids)
+            sampler = Sampler(
+                [r.params for r in requests],
+                [r.top_n_tokens for r in requests],
+                device,
+                [r.min_new_tokens for r in requests],
+                [eos + r.stop_token_ids for r in requests],
+            )
+            choice = sampler.choose(out.logits, history)
+            history.append(choice.ids)
+        except BaseException:
+            self.backend.release(out.state)
+            raise
         batch = Batch(batch_id, requests, sampler, history, choice.ids, out.state, max_tokens)
-        self.batches[batch_id] = batch
         result = self._result(batch, choice)
         result.prefill = [
             prompt_logprobs(r.id, r.input_ids, logits)
             for r, logits in zip(requests, out.prompt_logits, strict=True)
             if logits is not None
         ]
-        return result
+        result, survivor = self._drop_failed(batch, result, out.logits, choice)
+        return survivor, result
 
     def _prefill_shared(self, prompts: list[list[int]], want_prompt_logits: list[bool]) -> PrefillOutput:
         """Runs each distinct prompt once (e.g. the n samples of one prompt) and gives every request a
@@ -83,33 +113,82 @@ class Engine:
             ],
         )
 
-    def decode(self, wanted: list[tuple[int, list[int]]]) -> tuple[StepResult, Batch | None]:
+    def decode(self, wanted: list[tuple[int, list[int]]]) -> tuple[StepResult, Cached | None]:
         """One step over the named batches, each cut down first to the request ids the router still wants.
 
         Returns the step's generations and the merged batch now cached (None if nothing was left)."""
+        # A batch whose every request failed is gone already; the router may still name it, empty.
+        wanted = [(bid, ids) for bid, ids in wanted if ids or bid in self.batches]
         missing = [bid for bid, _ in wanted if bid not in self.batches]
         if missing:
             raise UnknownBatchError(f"no cached batch {missing}")
-        kept = []
-        for batch_id, request_ids in wanted:
-            batch = self.batches.pop(batch_id).select(request_ids, self.backend)
-            if batch is not None:
-                kept.append(batch)
-        if not kept:
-            return StepResult([], [], []), None
-        batch = Batch.concatenate(kept, self.backend)
-        logits = self.backend.decode(batch.state, batch.next_ids)
-        choice = batch.sampler.choose(logits, batch.history)
+        popped = [(self.batches.pop(batch_id), request_ids) for batch_id, request_ids in wanted]
+        kept: list[Batch] = []
+        try:
+            for old, request_ids in popped:
+                batch = old.select(request_ids, self.backend)
+                if batch is not None:
+                    kept.append(batch)
+            if not kept:
+                return StepResult([], [], []), None
+            batch = Batch.concatenate(kept, self.backend)
+            self.faults.before_step(batch.requests)
+            logits = self.backend.decode(batch.state, batch.next_ids)
+            logits = self.faults.poison(batch.requests, logits)
+            choice = batch.sampler.choose(logits, batch.history)
+        except BaseException:
+            # The router clears these batches after a failed step; their KV memory goes back now.
+            for b in [*kept, *(old for old, _ in popped)]:
+                self.backend.release(b.state)
+            raise
         batch.history.append(choice.ids)
         batch.next_ids = choice.ids
-        self.batches[batch.id] = batch
-        return self._result(batch, choice), batch
+        result, survivor = self._drop_failed(batch, self._result(batch, choice), logits, choice)
+        if survivor is None:
+            return result, None
+        self.batches[survivor.id] = survivor
+        return result, Cached.of(survivor)
+
+    def _drop_failed(
+        self, batch: Batch, result: StepResult, logits: torch.Tensor, choice: Choice
+    ) -> tuple[StepResult, Batch | None]:
+        """Takes the rows whose logits or chosen token are not numbers out of the step's result and of the
+        cached batch, as failures of their own requests: one bad row never costs its batch-mates."""
+        bad = torch.isnan(logits).any(dim=-1) | torch.isnan(choice.logprobs)
+        if not bool(bad.any()):
+            return result, batch
+        rows = bad.nonzero().flatten().tolist()
+        failed = {batch.requests[row].id for row in rows}
+        log.warning("Requests %s failed: non-finite logits", sorted(failed))
+        keep = [row for row in range(len(batch)) if row not in set(rows)]
+        width = result.top_n
+        survivor = batch.select([batch.requests[row].id for row in keep], self.backend)
+        filtered = StepResult(
+            request_ids=[result.request_ids[row] for row in keep],
+            token_ids=[result.token_ids[row] for row in keep],
+            logprobs=[result.logprobs[row] for row in keep],
+            top_n=width,
+            top_ids=[v for row in keep for v in result.top_ids[row * width : (row + 1) * width]],
+            top_logprobs=[v for row in keep for v in result.top_logprobs[row * width : (row + 1) * width]],
+            prefill=[p for p in result.prefill if p.request_id not in failed],
+            failures=[
+                RequestFailure(rid, "the model produced non-finite logits (NaN) for this request")
+                for rid in sorted(failed)
+            ],
+        )
+        return filtered, survivor
+
+    def cached(self, batch_id: int) -> Cached | None:
+        """What the router is to be told of batch ``batch_id`` after a prefill (None: nothing left)."""
+        batch = self.batches.get(batch_id)
+        return None if batch is None else Cached.of(batch)
 
     def clear(self, batch_id: int | None = None) -> None:
-        if batch_id is None:
-            self.batches.clear()
-        else:
-            self.batches.pop(batch_id, None)
+        dropped = list(self.batches.values()) if batch_id is None else [self.batches.get(batch_id)]
+        for batch in dropped:
+            if batch is not None:
+                self.backend.release(batch.state)
+                self.batches.pop(batch.id, None)
 
     @staticmethod
     def _result(batch: Batch, choice: Choice) -> StepResult:
@@ -121,3 +200,13 @@ class Engine:
             top_ids=choice.top_ids.flatten().tolist(),
             top_logprobs=choice.top_logprobs.flatten().tolist(),
         )
+
+
+def make_engine(backend: Backend, faults: Faults | None = None) -> Engine:
+    """The chunked-prefill engine for backends that can mix prompt chunks into decode steps, else the
+    plain one."""
+    if hasattr(backend, "step"):
+        from .chunked import ChunkedEngine
+
+        return ChunkedEngine(backend, faults)  # type: ignore[arg-type]
+    return Engine(backend, faults)

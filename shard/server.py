@@ -26,7 +26,8 @@ from .backends.base import BackendInfo
 from .batch import UnknownRequestError
 from .config import ShardConfig
 from .dist import DistInfo, select_device
-from .engine import Engine, UnknownBatchError
+from .engine import Engine, UnknownBatchError, make_engine
+from .faults import Faults, is_fatal
 from .types import RequestSpec, SamplingParams, StepResult
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ def request_from_pb(r: pb.Request) -> RequestSpec:
         top_n_tokens=r.top_n_tokens,
         min_new_tokens=r.min_new_tokens,
         stop_token_ids=tuple(r.stop_token_ids),
+        fault=r.fault,
     )
 
 
@@ -76,6 +78,7 @@ def generations_to_pb(result: StepResult) -> pb.Generations:
         prefill=[
             pb.PrefillTokens(request_id=p.request_id, ids=p.ids, logprobs=p.logprobs) for p in result.prefill
         ],
+        failures=[pb.RequestFailure(request_id=f.request_id, message=f.message) for f in result.failures],
     )
 
 
@@ -107,11 +110,21 @@ class ShardService(pb_grpc.TextGenerationServiceServicer):
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except Exception as e:
-            log.exception("Step failed")
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            if is_fatal(e):
+                # The device cannot be trusted after this: fail the step, then exit so that the launcher
+                # takes the server down (a restart is the only recovery).
+                log.critical("Unrecoverable device error, the shard exits: %s", e)
+                asyncio.get_running_loop().call_later(0.2, os._exit, 1)
+            else:
+                log.exception("Step failed")
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
             await context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
         raise AssertionError("unreachable")
+
+    def _cache_stats(self) -> pb.CacheStats | None:
+        stats = getattr(self.engine.backend, "stats", None)
+        return None if stats is None else pb.CacheStats(**stats())
 
     async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
         return info_to_pb(self.engine.backend.info, self.world_size)
@@ -137,15 +150,22 @@ class ShardService(pb_grpc.TextGenerationServiceServicer):
         requests = [request_from_pb(r) for r in batch.requests]
         result = await self._run(context, self.engine.prefill, batch.id, requests, batch.max_tokens)
         total = time.perf_counter_ns() - start
-        cached = pb.CachedBatch(id=batch.id, request_ids=result.request_ids, max_tokens=batch.max_tokens)
-        return pb.PrefillResponse(generations=generations_to_pb(result), batch=cached, total_ns=total)
+        kept = self.engine.cached(batch.id)
+        cached = pb.CachedBatch(
+            id=batch.id, request_ids=kept.request_ids if kept else [], max_tokens=batch.max_tokens
+        )
+        return pb.PrefillResponse(
+            generations=generations_to_pb(result), batch=cached, total_ns=total, cache=self._cache_stats()
+        )
 
     async def Decode(self, request: pb.DecodeRequest, context: grpc.aio.ServicerContext) -> pb.DecodeResponse:
         start = time.perf_counter_ns()
         wanted = [(b.id, list(b.request_ids)) for b in request.batches]
         result, batch = await self._run(context, self.engine.decode, wanted)
         total = time.perf_counter_ns() - start
-        response = pb.DecodeResponse(generations=generations_to_pb(result), total_ns=total)
+        response = pb.DecodeResponse(
+            generations=generations_to_pb(result), total_ns=total, cache=self._cache_stats()
+        )
         if batch is not None:
             response.batch.CopyFrom(
                 pb.CachedBatch(id=batch.id, request_ids=batch.request_ids, max_tokens=batch.max_tokens)
@@ -167,10 +187,12 @@ async def serve(config: ShardConfig) -> None:
     started = time.perf_counter()
     backend = load_backend(config, device)
     log.info("Model ready in %.1f s", time.perf_counter() - started)
+    if config.fault_injection:
+        log.warning("Fault injection is on: requests can make this shard fail (tests only)")
 
     server = grpc.aio.server(options=GRPC_OPTIONS)
     pb_grpc.add_TextGenerationServiceServicer_to_server(
-        ShardService(Engine(backend), config.world_size), server
+        ShardService(make_engine(backend, Faults(config.fault_injection)), config.world_size), server
     )
     path = config.socket_path
     with contextlib.suppress(FileNotFoundError):

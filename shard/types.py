@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from common.params import SamplingParams
 
-__all__ = ["PromptLogprobs", "RequestSpec", "SamplingParams", "StepResult"]
+__all__ = ["PromptLogprobs", "RequestFailure", "RequestSpec", "SamplingParams", "StepResult"]
 
 
 @dataclass(frozen=True)
@@ -19,6 +19,16 @@ class RequestSpec:
     top_n_tokens: int = 0
     min_new_tokens: int = 0
     stop_token_ids: tuple[int, ...] = ()
+    # Test-only fault hook (shard/faults.py); "" = none.
+    fault: str = ""
+
+
+@dataclass(frozen=True)
+class RequestFailure:
+    """A request that failed on its own in a step (its batch-mates went on)."""
+
+    request_id: int
+    message: str
 
 
 @dataclass(frozen=True)
@@ -42,3 +52,4 @@ class StepResult:
     top_ids: list[int] = field(default_factory=list)
     top_logprobs: list[float] = field(default_factory=list)
     prefill: list[PromptLogprobs] = field(default_factory=list)
+    failures: list[RequestFailure] = field(default_factory=list)

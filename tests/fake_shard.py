@@ -105,7 +105,7 @@ class FakeShard(pb_grpc.TextGenerationServiceServicer):
         return pb.ClearCacheResponse()
 
     def stats(self) -> dict[str, object]:
-        """Per batch size: how many decode intervals, and their mean and median in milliseconds."""
+        """Per batch size: how many decode intervals, their mean, median, p90 and p99 in milliseconds."""
         return {
             "prefills": self.prefills,
             "decode_interval_ms": {
@@ -113,6 +113,8 @@ class FakeShard(pb_grpc.TextGenerationServiceServicer):
                     "count": len(values),
                     "mean": 1000 * statistics.fmean(values),
                     "median": 1000 * statistics.median(values),
+                    "p90": 1000 * _percentile(values, 90),
+                    "p99": 1000 * _percentile(values, 99),
                 }
                 for size, values in sorted(self.decode_intervals.items())
                 if values
@@ -120,11 +122,22 @@ class FakeShard(pb_grpc.TextGenerationServiceServicer):
         }
 
 
-async def serve(uds_path: str, vocab_size: int, stats_path: Path | None) -> None:
+def _percentile(values: list[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default)."""
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100
+    low = int(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+async def serve(
+    uds_path: str, vocab_size: int, stats_path: Path | None, tokens: tuple[int, ...] = DEFAULT_TOKENS
+) -> None:
     socket = f"{uds_path}-0"
     with contextlib.suppress(FileNotFoundError):
         os.unlink(socket)
-    shard = FakeShard(vocab_size)
+    shard = FakeShard(vocab_size, tokens)
     server = grpc.aio.server()
     pb_grpc.add_TextGenerationServiceServicer_to_server(shard, server)
     server.add_insecure_port(f"unix://{socket}")
@@ -145,8 +158,15 @@ def main() -> None:
     parser.add_argument("--uds-path", default="/tmp/fake-shard")
     parser.add_argument("--vocab-size", type=int, default=49152)
     parser.add_argument("--stats", type=Path, default=None, help="write decode-interval stats here on exit")
+    parser.add_argument(
+        "--tokens",
+        type=lambda text: tuple(int(part) for part in text.split(",")),
+        default=DEFAULT_TOKENS,
+        help="comma-separated token ids every request cycles through (default: ordinary words of "
+        "SmolLM2's vocabulary)",
+    )
     args = parser.parse_args()
-    asyncio.run(serve(args.uds_path, args.vocab_size, args.stats))
+    asyncio.run(serve(args.uds_path, args.vocab_size, args.stats, args.tokens))
 
 
 if __name__ == "__main__":

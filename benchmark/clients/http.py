@@ -44,7 +44,9 @@ class HttpStreamClient:
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None:
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=self._max_connections),
+                # A fresh connection per request: some servers (llama-server) close a connection after a
+                # stream, and a reused pooled one then fails at once; a loopback connect costs ~0.1 ms.
+                connector=aiohttp.TCPConnector(limit=self._max_connections, force_close=True),
                 # Timeouts belong to the runner (per request, per level), not to the transport.
                 timeout=aiohttp.ClientTimeout(total=None),
             )

@@ -54,6 +54,10 @@ class Backend(Protocol):
         """One state holding the rows of all ``states``, in order, without recomputing any of them."""
         ...
 
+    def release(self, state: Any) -> None:
+        """Gives back the memory of every row of ``state`` (a batch that is dropped as a whole)."""
+        ...
+
     def max_supported_total_tokens(self) -> int | None:
         """Tokens the backend can keep resident in total, when it can measure it (else None)."""
         ...

@@ -148,5 +148,8 @@ class HFBackend:
                 layer.cumulative_length = width
         return HFState(merged, torch.cat(masks), torch.cat([s.positions for s in states]))
 
+    def release(self, state: HFState) -> None:
+        """Nothing to do: the cache's tensors go when the last reference to them does."""
+
     def max_supported_total_tokens(self) -> int | None:
         return None

@@ -108,3 +108,22 @@ async def test_cancelled_request_leaves(setup) -> None:
     assert infer.batcher.running == {}
     await settle(shard)
     assert shard.batches == {}
+
+
+async def test_a_fault_of_the_loop_fails_its_requests_and_the_loop_goes_on(setup, monkeypatch) -> None:
+    infer, _, _ = setup
+    import router.batcher as batcher_module
+    from router.errors import GenerationError
+
+    real = batcher_module.request_to_pb
+
+    def broken(entry):
+        raise RuntimeError("a bug while building the request")
+
+    monkeypatch.setattr(batcher_module, "request_to_pb", broken)
+    with pytest.raises(GenerationError):
+        await generate(infer, "Hello", max_new_tokens=5)
+    monkeypatch.setattr(batcher_module, "request_to_pb", real)
+    assert not infer.batcher.running
+    result = await generate(infer, "Hello", max_new_tokens=5)  # the loop still serves
+    assert result.generated_tokens == 5

@@ -276,7 +276,7 @@ def test_against_real_shard(tiny_model_dir: Path, tmp_path: Path) -> None:
         ]  # fmt: skip
         assert main(argv) == 0
         data = json.loads(out.read_text())
-        assert data["info"]["backend"] == "transformers" and data["info"]["vocab_size"] > 0
+        assert data["info"]["backend"] == "paged" and data["info"]["vocab_size"] > 0
         assert [r["batch_size"] for r in data["results"]] == [1, 2]
         for r in data["results"]:
             assert r["runs"] == 1 and r["decode_steps"] == 2

@@ -15,6 +15,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from router.detokenizer import REPLACEMENT, IncrementalDetokenizer, StopMatcher
+from router.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -168,6 +169,60 @@ def test_random_token_sequences_match_decode(tok) -> None:
         assert "".join(deltas) + tail == full, ids
         if REPLACEMENT not in full:
             assert all(REPLACEMENT not in d for d in deltas)
+
+
+# ------------------------------------------------------------------- pieces: tokens decoded without decoding
+
+
+@pytest.fixture(scope="module")
+def router_tok(tiny_model_dir: Path) -> Tokenizer:
+    return Tokenizer(tiny_model_dir)
+
+
+def stream_with_pieces(tok: Tokenizer, prompt_ids: list[int], ids: list[int]) -> tuple[list[str], str, int]:
+    """The router's way: a token's piece when push_piece takes it, else the decoded windows."""
+    detok = IncrementalDetokenizer(tok, prompt_ids)
+    deltas, fast = [], 0
+    for i in ids:
+        text = detok.push_piece(i, tok.piece(i))
+        fast += text is not None
+        deltas.append(text if text is not None else detok.push(i))
+    return deltas, detok.flush(), fast
+
+
+def test_piece_is_what_a_token_adds_after_whole_characters(router_tok: Tokenizer) -> None:
+    pieces = {i: p for i in range(len(router_tok.hf)) if (p := router_tok.piece(i)) is not None}
+    assert len(pieces) > len(router_tok.hf) // 2
+    assert all(router_tok.piece(i) is None for i in router_tok.special_ids)
+    assert all(REPLACEMENT not in p and p for p in pieces.values())
+    for context in ("", "Hello", "café 東京 🤗"):
+        ctx = router_tok.encode(context, add_special_tokens=False)
+        for i, piece in pieces.items():
+            assert router_tok.decode([*ctx, i]) == router_tok.decode(ctx) + piece, (context, i)
+
+
+def test_pieces_give_the_same_deltas_as_decoding(tok, router_tok: Tokenizer) -> None:
+    """Property: with pieces, every delta is the one the windowed decoding gives (broken bytes included),
+    and most tokens skip decoding."""
+    rng = random.Random(7)
+    vocab, total, fast = len(tok), 0, 0
+    for round_ in range(300):
+        if round_ % 2:
+            ids = [rng.randrange(3, vocab) for _ in range(rng.randint(1, 30))]
+        else:
+            ids = tok.encode("".join(rng.choice(CHAR_POOL) for _ in range(rng.randint(1, 30))))
+        prompt = tok.encode("".join(rng.choice(CHAR_POOL) for _ in range(rng.randint(0, 6))))
+        expected, expected_tail = stream(tok, prompt, ids)
+        deltas, tail, used = stream_with_pieces(router_tok, prompt, ids)
+        assert (deltas, tail) == (expected, expected_tail), (prompt, ids)
+        total, fast = total + len(ids), fast + used
+    assert fast > total // 5  # the tiny vocabulary has many partial-character tokens
+
+
+def test_no_piece_without_a_byte_level_decoder(router_tok: Tokenizer) -> None:
+    plain = Tokenizer.__new__(Tokenizer)
+    plain.__dict__.update(router_tok.__dict__, _byte_level=False, _pieces={})
+    assert all(plain.piece(i) is None for i in range(50, 150))
 
 
 # --------------------------------------------------------------------------------------------- stop matcher

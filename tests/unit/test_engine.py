@@ -1,4 +1,5 @@
-"""The shard's engine on a tiny random Llama: continuous batching must not change anyone's tokens."""
+"""The shard's engine on a tiny random Llama, on every backend: continuous batching must not change
+anyone's tokens, and every backend gives the tokens transformers' own ``generate`` gives."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from shard.backends.base import Backend
 from shard.backends.hf import HFBackend
+from shard.backends.paged import PagedBackend
 from shard.batch import UnknownRequestError
-from shard.engine import Engine, UnknownBatchError
+from shard.engine import Engine, UnknownBatchError, make_engine
 from shard.types import RequestSpec, SamplingParams
 
 pytestmark = pytest.mark.timeout(120)
@@ -25,8 +28,15 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def backend(tiny_model_dir: Path) -> HFBackend:
+def hf(tiny_model_dir: Path) -> HFBackend:
     return HFBackend(tiny_model_dir, torch.device("cpu"))
+
+
+@pytest.fixture(scope="module", params=["transformers", "paged"])
+def backend(request: pytest.FixtureRequest, tiny_model_dir: Path, hf: HFBackend) -> Backend:
+    if request.param == "transformers":
+        return hf
+    return PagedBackend(tiny_model_dir, torch.device("cpu"), kv_cache_bytes=8 * 2**20)
 
 
 @pytest.fixture(scope="module")
@@ -48,19 +58,19 @@ def run_alone(engine: Engine, ids: list[int], steps: int, params: SamplingParams
     return tokens
 
 
-def test_greedy_matches_transformers_generate(backend: HFBackend, prompts: list[list[int]]) -> None:
-    engine = Engine(backend)
+def test_greedy_matches_transformers_generate(
+    backend: Backend, hf: HFBackend, prompts: list[list[int]]
+) -> None:
+    engine = make_engine(backend)
     for ids in prompts:
-        expected = backend.model.generate(
+        expected = hf.model.generate(
             torch.tensor([ids]), max_new_tokens=12, min_new_tokens=12, do_sample=False
         )[0, len(ids) :]
         assert run_alone(engine, ids, 12) == expected.tolist()
 
 
-def test_requests_join_and_leave_without_changing_tokens(
-    backend: HFBackend, prompts: list[list[int]]
-) -> None:
-    engine = Engine(backend)
+def test_requests_join_and_leave_without_changing_tokens(backend: Backend, prompts: list[list[int]]) -> None:
+    engine = make_engine(backend)
     steps = {0: 12, 1: 5, 2: 9, 3: 12, 4: 3}
     seeded = SamplingParams(do_sample=True, temperature=0.8, top_k=20, seed=99)
     params = {i: (seeded if i == 3 else SamplingParams()) for i in steps}
@@ -94,32 +104,33 @@ def test_requests_join_and_leave_without_changing_tokens(
     assert out == alone
 
 
-def test_leaving_trims_the_cache(backend: HFBackend, prompts: list[list[int]]) -> None:
-    engine = Engine(backend)
+def test_leaving_trims_the_cache(hf: HFBackend, prompts: list[list[int]]) -> None:
+    engine = Engine(hf)
     long_prompt = prompts[3] * 4
     engine.prefill(1, [RequestSpec(1, long_prompt), RequestSpec(2, prompts[0])], 1000)
     engine.decode([(1, [1, 2])])
     _, batch = engine.decode([(1, [2])])
     assert batch is not None
+    state = engine.batches[batch.id].state
     # Only the short request's slots remain: its prompt, plus two generated tokens fed back.
-    assert batch.state.attention_mask.shape[1] == len(prompts[0]) + 2
-    assert batch.state.cache.layers[0].keys.shape[2] == len(prompts[0]) + 2
+    assert state.attention_mask.shape[1] == len(prompts[0]) + 2
+    assert state.cache.layers[0].keys.shape[2] == len(prompts[0]) + 2
 
 
-def test_prompt_logprobs_match_the_model(backend: HFBackend, prompts: list[list[int]]) -> None:
-    engine = Engine(backend)
+def test_prompt_logprobs_match_the_model(backend: Backend, hf: HFBackend, prompts: list[list[int]]) -> None:
+    engine = make_engine(backend)
     ids = prompts[1]
     result = engine.prefill(1, [RequestSpec(1, ids, prefill_logprobs=True), RequestSpec(2, prompts[0])], 100)
     assert [p.request_id for p in result.prefill] == [1]
-    logits = backend.model(torch.tensor([ids])).logits[0].float()
+    logits = hf.model(torch.tensor([ids])).logits[0].float()
     expected = torch.log_softmax(logits[:-1], -1).gather(1, torch.tensor(ids[1:]).unsqueeze(1)).squeeze(1)
     got = result.prefill[0].logprobs
     assert math.isnan(got[0])
     assert torch.allclose(torch.tensor(got[1:]), expected, atol=1e-4)
 
 
-def test_top_n_tokens(backend: HFBackend, prompts: list[list[int]]) -> None:
-    engine = Engine(backend)
+def test_top_n_tokens(backend: Backend, prompts: list[list[int]]) -> None:
+    engine = make_engine(backend)
     result = engine.prefill(1, [RequestSpec(1, prompts[0], top_n_tokens=3), RequestSpec(2, prompts[1])], 100)
     assert result.top_n == 3
     first = result.top_ids[:3]
@@ -127,8 +138,8 @@ def test_top_n_tokens(backend: HFBackend, prompts: list[list[int]]) -> None:
     assert result.top_logprobs[:3] == sorted(result.top_logprobs[:3], reverse=True)
 
 
-def test_unknown_batch_or_request_is_an_error(backend: HFBackend, prompts: list[list[int]]) -> None:
-    engine = Engine(backend)
+def test_unknown_batch_or_request_is_an_error(backend: Backend, prompts: list[list[int]]) -> None:
+    engine = make_engine(backend)
     engine.prefill(1, [RequestSpec(1, prompts[0])], 100)
     with pytest.raises(UnknownBatchError):
         engine.decode([(2, [1])])

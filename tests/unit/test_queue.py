@@ -311,3 +311,28 @@ async def test_batcher_style_loop_does_not_spin_on_cancelled_entries(make) -> No
         with contextlib.suppress(asyncio.CancelledError):
             await task
     assert spins <= 1, f"next_batch returned None {spins} times in a row with not_empty still set"
+
+
+def test_direct_consumer_takes_items_while_nothing_is_queued() -> None:
+    """A handler's ``direct`` writer takes items until it declines one; from then on items queue behind it
+    (order kept) until the queue is empty again."""
+    channel = EventChannel()
+    taken: list[object] = []
+    accept = True
+
+    def direct(item: object) -> bool:
+        if accept:
+            taken.append(item)
+        return accept
+
+    channel.direct = direct
+    channel.put("a")  # type: ignore[arg-type]
+    accept = False
+    channel.put("b")  # type: ignore[arg-type]
+    accept = True
+    channel.put("c")  # type: ignore[arg-type]  # "b" is still queued: "c" must not overtake it
+    assert taken == ["a"] and channel.take_all() == ["b", "c"]
+    channel.put("d")  # type: ignore[arg-type]
+    channel.direct = None
+    channel.put("e")  # type: ignore[arg-type]
+    assert taken == ["a", "d"] and channel.take_all() == ["e"]

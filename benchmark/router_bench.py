@@ -1,0 +1,420 @@
+"""``text-generation-benchmark router``: the router's own overhead, measured against a fake shard.
+
+For each concurrency level C it starts, on loopback, the fake shard of the test utilities
+(``tests/fake_shard.py``: a real gRPC server that answers every step at once with fixed tokens, so it needs
+a source checkout) and the real router (``python -m router``) with limits that admit C streams, runs the
+``serve`` load generator in this process (closed loop, C streams, ``--max-new-tokens`` each, end of sequence
+ignored), then stops the router and the fake shard. A fresh pair per level keeps each level's figures its
+own. Per level it reports:
+
+- the serve metrics (streamed tokens/s, TTFT, TPOT, ITL, E2E): what C clients of the router alone see;
+- the router's time per decode step at batch C: the fake shard's interval between consecutive Decode calls
+  of C requests (the shard takes no time, so the interval is the router's own: turning the last step's
+  tokens into text and events, writing them to C connections, and sending the next step);
+- the router's CPU time per streamed token (user + system, all threads), and the load average: the load
+  generator and anything else on the machine share its cores, which the wall-clock figures feel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import datetime as dt
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from benchmark._version import __version__
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+REPO = Path(__file__).resolve().parent.parent
+FAKE_SHARD = REPO / "tests" / "fake_shard.py"
+# The fake shard's tokens: ordinary words of the tokenizer (any vocabulary has them).
+TOKEN_TEXT = " The capital of France is Paris and the capital of Germany is Berlin"
+MAX_INPUT_LENGTH = 256
+STARTUP_TIMEOUT_S = 300.0
+STOP_TIMEOUT_S = 60.0
+PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True)
+class RouterBenchConfig:
+    tokenizer: str
+    concurrency: tuple[int, ...] = (64, 256, 1024)
+    max_new_tokens: int = 256
+    requests_per_level: int | None = None
+    api: str = "tgi"
+    output: str | None = None
+    raw_dir: str | None = None
+    request_timeout_s: float = 300.0
+    level_timeout_s: float = 900.0
+
+    def router_limits(self) -> dict[str, int]:
+        """Router flags that admit the largest level whole: every stream in one running batch."""
+        most = max(self.concurrency)
+        total = MAX_INPUT_LENGTH + self.max_new_tokens
+        return {
+            "max-concurrent-requests": 2 * most,
+            "max-input-length": MAX_INPUT_LENGTH,
+            "max-total-tokens": total,
+            "max-batch-prefill-tokens": most * total,
+            "max-batch-total-tokens": most * total,
+        }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Child processes
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child, before exec
+    """Linux: the child gets SIGTERM if this process dies without stopping it."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def child(argv: list[str], log: Path) -> Iterator[subprocess.Popen]:
+    """Runs ``argv`` (from the repository root, output to ``log``) for the block; then SIGTERM, and
+    SIGKILL if it has not exited within STOP_TIMEOUT_S."""
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            argv,
+            cwd=REPO,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+        )
+        try:
+            yield process
+        finally:
+            stop(process)
+
+
+def stop(process: subprocess.Popen, timeout: float = STOP_TIMEOUT_S) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process, all its threads (Linux /proc; 0 elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def load_average() -> list[float] | None:
+    with contextlib.suppress(OSError, AttributeError):
+        return [round(x, 2) for x in os.getloadavg()]
+    return None
+
+
+def wait_healthy(url: str, processes: Sequence[tuple[str, subprocess.Popen, Path]], timeout: float) -> None:
+    """Polls ``url`` until it answers 200; raises RuntimeError (with the log's tail) if a process exits or
+    the time runs out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for name, process, log in processes:
+            if process.poll() is not None:
+                raise RuntimeError(f"the {name} exited with {process.returncode}:\n{tail(log)}")
+        with contextlib.suppress(urllib.error.URLError, OSError), urllib.request.urlopen(url, timeout=2) as r:
+            if r.status == 200:
+                return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{url} did not answer 200 within {timeout:g} s:\n{tail(processes[-1][2])}")
+        time.sleep(0.2)
+
+
+def tail(log: Path, lines: int = 30) -> str:
+    with contextlib.suppress(OSError):
+        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+    return ""
+
+
+def shard_tokens(tokenizer: str) -> list[int] | None:
+    """Token ids of TOKEN_TEXT in the model's tokenizer (``tokenizer.json``); None: the fake shard's own."""
+    path = Path(tokenizer) / "tokenizer.json"
+    if not path.is_file():
+        return None
+    from tokenizers import Tokenizer
+
+    ids = Tokenizer.from_file(str(path)).encode(TOKEN_TEXT, add_special_tokens=False).ids
+    return ids or None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One level
+
+
+def run_level(
+    config: RouterBenchConfig, concurrency: int, workdir: Path, progress: Callable[[str], None]
+) -> dict[str, Any]:
+    """Fake shard + router for one level, the serve run against them; returns the level's JSON."""
+    from benchmark.config import GenerationParams, ServeConfig
+    from benchmark.runner import run_async
+    from benchmark.serve import run_serve
+
+    uds = str(workdir / f"shard-{concurrency}")
+    stats_path = workdir / f"stats-{concurrency}.json"
+    port = free_port()
+    shard_argv = [sys.executable, "-m", "tests.fake_shard", "--uds-path", uds, "--stats", str(stats_path)]
+    tokens = shard_tokens(config.tokenizer)
+    if tokens:
+        shard_argv += ["--tokens", ",".join(map(str, tokens))]
+    router_argv = [
+        sys.executable, "-m", "router", "--tokenizer-name", config.tokenizer, "--shard-uds-path", uds,
+        "--hostname", "127.0.0.1", "--port", str(port), "--logger-level", "WARNING",
+    ]  # fmt: skip
+    for flag, value in config.router_limits().items():
+        router_argv += [f"--{flag}", str(value)]
+    serve_config = ServeConfig(
+        url=f"http://127.0.0.1:{port}",
+        api=config.api,
+        concurrency=(concurrency,),
+        requests_per_level=config.requests_per_level,
+        params=GenerationParams(max_new_tokens=config.max_new_tokens, ignore_eos=True),
+        request_timeout_s=config.request_timeout_s,
+        level_timeout_s=config.level_timeout_s,
+        label=f"router vs fake shard, {concurrency} streams",
+    )
+    shard_log, router_log = workdir / f"shard-{concurrency}.log", workdir / f"router-{concurrency}.log"
+    with child(shard_argv, shard_log) as shard, child(router_argv, router_log) as router:
+        wait_healthy(
+            f"{serve_config.url}/health",
+            [("fake shard", shard, shard_log), ("router", router, router_log)],
+            STARTUP_TIMEOUT_S,
+        )
+        progress(f"concurrency {concurrency}: {serve_config.requests_for(concurrency)} requests")
+        load_before = load_average()
+        router_cpu = cpu_seconds(router.pid)
+        own_cpu = time.process_time()
+        result = run_async(run_serve(serve_config))
+        own_cpu = time.process_time() - own_cpu
+        router_cpu = cpu_seconds(router.pid) - router_cpu
+        load_after = load_average()
+        stop(router)
+        if router.returncode not in (0, -signal.SIGTERM):
+            raise RuntimeError(f"the router exited with {router.returncode}:\n{tail(router_log)}")
+        stop(shard)
+    try:
+        stats = json.loads(stats_path.read_text())
+    except (OSError, ValueError) as e:
+        raise RuntimeError(f"the fake shard left no stats ({e}):\n{tail(shard_log)}") from None
+    if config.raw_dir:
+        from benchmark.report import write_json
+
+        write_json(result, str(Path(config.raw_dir) / f"router-serve-{concurrency}.json"))
+    (level,) = result.levels
+    metrics = level.metrics
+    intervals = stats.get("decode_interval_ms", {})
+    return {
+        "concurrency": concurrency,
+        "metrics": asdict(metrics),
+        "router_step_ms": intervals.get(str(concurrency)),
+        "decode_steps_by_batch": {size: v["count"] for size, v in intervals.items()},
+        "prefills": stats.get("prefills"),
+        "router_cpu_s": router_cpu,
+        "router_cpu_us_per_token": 1e6 * router_cpu / metrics.output_tokens
+        if metrics.output_tokens
+        else None,
+        "load_generator_cpu_s": own_cpu,
+        "load_average": {"before": load_before, "after": load_after},
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The command
+
+
+def run_router_benchmark(
+    config: RouterBenchConfig, progress: Callable[[str], None] = lambda _: None
+) -> dict[str, Any]:
+    """Every level in order; the results as JSON (raises RuntimeError when a level cannot run)."""
+    if not FAKE_SHARD.is_file():
+        raise RuntimeError(f"the fake shard ({FAKE_SHARD}) is not here: this command needs a source checkout")
+    started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    levels = []
+    with tempfile.TemporaryDirectory(prefix="tgi-router-bench-") as workdir:
+        for concurrency in config.concurrency:
+            levels.append(run_level(config, concurrency, Path(workdir), progress))
+    return {
+        "tool": "text-generation-benchmark",
+        "version": __version__,
+        "command": "router",
+        "started_at": started_at,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "processor": _processor(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
+        "config": {**asdict(config), "router_flags": config.router_limits(), "api": config.api},
+        "summary": {
+            "output_tokens_per_s": {
+                str(lv["concurrency"]): lv["metrics"]["output_tokens_per_s"] for lv in levels
+            },
+            "router_step_ms_median": {
+                str(lv["concurrency"]): (lv["router_step_ms"] or {}).get("median") for lv in levels
+            },
+            "router_cpu_us_per_token": {
+                str(lv["concurrency"]): lv["router_cpu_us_per_token"] for lv in levels
+            },
+        },
+        "levels": levels,
+    }
+
+
+def _processor() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def format_summary(data: dict[str, Any]) -> str:
+    """One line per level; the step times are at batch = streams."""
+    head = ("streams", "requests", "errors", "tokens/s", "step ms p50", "step ms p90", "CPU us/token",
+            "TPOT ms p50", "ITL ms p99")  # fmt: skip
+    rows = [head]
+    for lv in data["levels"]:
+        m, step = lv["metrics"], lv["router_step_ms"] or {}
+        rows.append((
+            str(lv["concurrency"]), str(m["num_requests"]), str(m["num_errors"]), f"{m['output_tokens_per_s']:.0f}",
+            _num(step.get("median")), _num(step.get("p90")), _num(lv["router_cpu_us_per_token"]),
+            _num(_ms(m["tpot_s"]["p50"])), _num(_ms(m["itl_s"]["p99"])),
+        ))  # fmt: skip
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)) for row in rows)
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else 1000 * seconds
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}" if value < 100 else f"{value:.0f}"
+
+
+def default_tokenizer() -> str:
+    """The default model's converted directory (converted on first use, as the launcher does)."""
+    from launcher.weights import WeightsConfig, resolve
+
+    return str(resolve(WeightsConfig()).path)
+
+
+def register(commands: Any) -> None:
+    """Adds the ``router`` subcommand to ``text-generation-benchmark``'s subparsers."""
+    from benchmark.cli import concurrency_list, positive_float, positive_int
+    from benchmark.clients import CLIENTS
+
+    p = commands.add_parser(
+        "router",
+        help="the router's own overhead: real router + fake shard on loopback, serve at each level",
+        description=(
+            "Needs a source checkout. For each concurrency level: starts the test utilities' fake shard "
+            "(answers every step at once) and the real router on loopback, runs the serve load generator "
+            "(closed loop, streaming, fixed length), stops both. Reports streamed tokens/s, the router's "
+            "time per decode step at batch = streams (the fake shard's interval between Decode calls) and "
+            "the router's CPU time per token."
+        ),
+    )
+    p.add_argument(
+        "--tokenizer",
+        metavar="DIR",
+        default=None,
+        help="the router's tokenizer: a model directory (default: the default model's, converted if needed)",
+    )
+    p.add_argument(
+        "--concurrency",
+        metavar="C1,C2,...",
+        type=concurrency_list,
+        default=RouterBenchConfig.concurrency,
+        help="concurrent streams per level (default: 64,256,1024)",
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        metavar="N",
+        type=positive_int,
+        default=RouterBenchConfig.max_new_tokens,
+        help="tokens per request (default: %(default)s)",
+    )
+    p.add_argument(
+        "--requests-per-level",
+        metavar="N",
+        type=positive_int,
+        default=None,
+        help="requests per level (default: serve's, max(8, 4 x concurrency))",
+    )
+    p.add_argument(
+        "--api", default="tgi", choices=sorted(CLIENTS), help="API the clients call (default: %(default)s)"
+    )
+    p.add_argument("--timeout", metavar="SECONDS", type=positive_float, default=300.0, help="per request")
+    p.add_argument("--level-timeout", metavar="SECONDS", type=positive_float, default=900.0, help="per level")
+    p.add_argument("--output", metavar="PATH", default=None, help="write the results as JSON here")
+    p.add_argument(
+        "--raw-dir", metavar="DIR", default=None, help="also write each level's full serve results here"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
+    p.set_defaults(handler=run_command)
+
+
+def run_command(args: argparse.Namespace, *, stdout: TextIO | None = None) -> int:
+    out = stdout or sys.stdout
+
+    def progress(text: str) -> None:
+        if not args.no_progress:
+            print(text, file=sys.stderr, flush=True)
+
+    try:
+        config = RouterBenchConfig(
+            tokenizer=args.tokenizer or default_tokenizer(),
+            concurrency=args.concurrency,
+            max_new_tokens=args.max_new_tokens,
+            requests_per_level=args.requests_per_level,
+            api=args.api,
+            output=args.output,
+            raw_dir=args.raw_dir,
+            request_timeout_s=args.timeout,
+            level_timeout_s=args.level_timeout,
+        )
+        data = run_router_benchmark(config, progress)
+    except RuntimeError as e:
+        print(f"text-generation-benchmark router: error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    print(format_summary(data), file=out)
+    if config.output:
+        path = Path(config.output)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data, indent=2) + "\n")
+        print(f"results written to {path}", file=sys.stderr)
+    failed = sum(lv["metrics"]["num_errors"] for lv in data["levels"])
+    return EXIT_FAILED if failed else EXIT_OK

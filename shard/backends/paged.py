@@ -1,0 +1,244 @@
+"""The paged backend: the Llama-family runner (shard/paged/) behind the Backend protocol.
+
+A batch's state is just its list of sequences: joining batches concatenates lists, leaving drops list
+entries and returns their blocks to the pool. Nobody's KV cache is copied, and no token is padded.
+A prompt whose leading blocks are in the prefix cache runs only its remaining tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..paged.attention import PrefillChunk, StepMeta
+from ..paged.kv_cache import PagedKVCache, Sequence
+from ..paged.layers import Parallel
+from ..paged.model import LlamaModel, ModelSpec, Weights
+from .base import BackendInfo, PrefillOutput
+from .hf import DTYPES, default_dtype
+
+log = logging.getLogger(__name__)
+
+BLOCK_SIZE = 16
+# KV memory when the device cannot tell what is free: a share of the host's available memory, capped.
+CPU_KV_SHARE = 0.25
+CPU_KV_CAP_BYTES = 4 * 2**30
+CUDA_KV_SHARE = 0.85
+
+
+@dataclass
+class PagedState:
+    seqs: list[Sequence]
+
+
+@dataclass
+class Chunk:
+    """The next ``length`` prompt tokens of ``seq`` to run in a step (``want_all``: every row's logits)."""
+
+    seq: Sequence
+    length: int
+    want_all: bool = False
+
+
+def kv_budget_bytes(device: torch.device) -> int:
+    """Bytes for the KV pool: most of the free GPU memory, or a share of the host's available memory."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * CUDA_KV_SHARE)
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return int(min(available * CPU_KV_SHARE, CPU_KV_CAP_BYTES))
+
+
+class PagedBackend:
+    """Implements ``shard.backends.base.Backend`` for Llama, Mistral and Qwen2 models."""
+
+    def __init__(
+        self,
+        model_path: Path | str,
+        device: torch.device,
+        dtype: str | None = None,
+        parallel: Parallel | None = None,
+        kv_cache_bytes: int | None = None,
+        block_size: int = BLOCK_SIZE,
+    ) -> None:
+        from transformers import AutoConfig, GenerationConfig
+
+        self.device = device
+        self.parallel = parallel or Parallel()
+        torch_dtype = DTYPES[dtype] if dtype else default_dtype(device)
+        path = Path(model_path)
+        config = AutoConfig.from_pretrained(path)
+        self.spec = spec = ModelSpec.from_config(config)
+        self.model = LlamaModel(config, spec, Weights(path, torch_dtype, device), self.parallel,
+                                spec.max_position_embeddings)  # fmt: skip
+        layer = self.model.layers[0]
+        per_token = 2 * spec.num_layers * layer.num_kv_heads * spec.head_dim * torch_dtype.itemsize
+        budget = kv_cache_bytes if kv_cache_bytes is not None else kv_budget_bytes(device)
+        num_blocks = max(budget // (per_token * block_size), 1)
+        self.cache = PagedKVCache(spec.num_layers, num_blocks, block_size, layer.num_kv_heads, spec.head_dim,
+                                  torch_dtype, device)  # fmt: skip
+        try:
+            eos = GenerationConfig.from_pretrained(path).eos_token_id
+        except OSError:
+            eos = None
+        if eos is None:
+            eos = getattr(config, "eos_token_id", None)
+        eos_ids = (
+            [] if eos is None else [int(e) for e in eos] if isinstance(eos, list | tuple) else [int(eos)]
+        )
+        self.info = BackendInfo(
+            name="paged",
+            dtype=str(torch_dtype).removeprefix("torch."),
+            device_type=device.type,
+            requires_padding=False,
+            eos_token_ids=eos_ids,
+            vocab_size=spec.vocab_size,
+            max_position_embeddings=spec.max_position_embeddings,
+        )
+        log.info(
+            "Paged KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB)",
+            num_blocks, block_size, self.cache.num_tokens, num_blocks * block_size * per_token / 2**30,
+        )  # fmt: skip
+
+    # -- steps ------------------------------------------------------------------------------------
+    def open(self, prompt: list[int], want_prompt_logits: bool) -> Sequence:
+        """A sequence for a prompt, with blocks for all of it; a cached prefix is already computed."""
+        seq = self.cache.open(prompt, use_prefix_cache=not want_prompt_logits)
+        try:
+            self.cache.reserve(seq, len(prompt))
+        except BaseException:
+            self.cache.release(seq)
+            raise
+        return seq
+
+    def prefill(self, prompts: list[list[int]], want_prompt_logits: list[bool]) -> PrefillOutput:
+        seqs: list[Sequence] = []
+        try:
+            for prompt, want in zip(prompts, want_prompt_logits, strict=True):
+                seqs.append(self.open(prompt, want))
+            chunks = [
+                Chunk(seq, len(seq.tokens) - seq.computed, want)
+                for seq, want in zip(seqs, want_prompt_logits, strict=True)
+            ]
+            _, logits = self.step(None, None, chunks)
+        except BaseException:
+            for seq in seqs:
+                self.cache.release(seq)
+            raise
+        return PrefillOutput(
+            PagedState(seqs),
+            torch.stack([rows[-1] for rows in logits]),
+            [rows if want else None for rows, want in zip(logits, want_prompt_logits, strict=True)],
+        )
+
+    def decode(self, state: PagedState, input_ids: torch.Tensor) -> torch.Tensor:
+        logits, _ = self.step(state, input_ids, [])
+        return logits
+
+    def step(
+        self, state: PagedState | None, input_ids: torch.Tensor | None, chunks: list[Chunk]
+    ) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        """One forward over the running sequences' next tokens and the given prompt chunks together.
+
+        Returns the decode logits [rows, vocab] (None without a running batch) and, per chunk, its logits:
+        every chunk row when it asked for prompt logits, else its last row only once the prompt is
+        complete (an empty tensor while it is not)."""
+        seqs = state.seqs if state is not None else []
+        bs = self.cache.block_size
+        dev = self.device
+        meta = StepMeta(torch.empty(0, dtype=torch.long), len(seqs), None, None, [])
+        parts_ids: list[torch.Tensor] = []
+        parts_pos: list[torch.Tensor] = []
+        parts_write: list[torch.Tensor] = []
+        logit_rows: list[int] = list(range(len(seqs)))
+        if seqs:
+            for seq, token in zip(seqs, input_ids.tolist(), strict=True):
+                seq.tokens.append(token)
+                self.cache.reserve(seq, len(seq.tokens))
+            lengths = [len(s.tokens) for s in seqs]
+            longest = max(lengths)
+            width = -(-longest // bs)
+            table = torch.tensor([(s.blocks + [0] * width)[:width] for s in seqs], device=dev)
+            span = torch.arange(longest, device=dev)
+            slots = table[:, span // bs] * bs + span % bs
+            lengths_t = torch.tensor(lengths, device=dev)
+            meta.decode_slots = slots
+            meta.decode_mask = (span.unsqueeze(0) < lengths_t.unsqueeze(1)).view(len(seqs), 1, 1, longest)
+            positions = lengths_t - 1
+            parts_ids.append(input_ids.to(dev))
+            parts_pos.append(positions)
+            parts_write.append(slots.gather(1, positions.unsqueeze(1)).squeeze(1))
+        row = len(seqs)
+        spans: list[tuple[int, int]] = []
+        for chunk in chunks:
+            seq = chunk.seq
+            start, end = seq.computed, seq.computed + chunk.length
+            parts_ids.append(torch.tensor(seq.tokens[start:end], device=dev))
+            parts_pos.append(torch.arange(start, end, device=dev))
+            context = torch.tensor(self.cache.slots(seq, 0, end), device=dev)
+            parts_write.append(context[start:])
+            mask = None
+            if start:
+                queries = torch.arange(start, end, device=dev).unsqueeze(1)
+                mask = torch.arange(end, device=dev).unsqueeze(0) <= queries
+            meta.prefills.append(PrefillChunk(row, chunk.length, context, mask))
+            first = len(logit_rows)
+            if chunk.want_all:
+                logit_rows.extend(range(row, row + chunk.length))
+            elif end == len(seq.tokens):
+                logit_rows.append(row + chunk.length - 1)
+            spans.append((first, len(logit_rows)))
+            row += chunk.length
+        meta.write_slots = torch.cat(parts_write)
+        logits = self.model(
+            torch.cat(parts_ids), torch.cat(parts_pos), meta, self.cache, torch.tensor(logit_rows, device=dev)
+        )
+        for seq in seqs:
+            seq.computed += 1
+            if seq.computed % bs == 0:
+                self.cache.seal(seq)
+        for chunk in chunks:
+            chunk.seq.computed += chunk.length
+            self.cache.seal(chunk.seq)
+        decode_logits = logits[: len(seqs)] if seqs else None
+        return decode_logits, [logits[a:b] for a, b in spans]
+
+    # -- batch bookkeeping ------------------------------------------------------------------------
+    def select(self, state: PagedState, index: torch.Tensor) -> PagedState:
+        rows = index.tolist()
+        counts = Counter(rows)
+        for row, seq in enumerate(state.seqs):
+            if row not in counts:
+                self.cache.release(seq)
+        seen: set[int] = set()
+        out = []
+        for row in rows:
+            seq = state.seqs[row]
+            out.append(seq if row not in seen else self.cache.fork(seq))
+            seen.add(row)
+        return PagedState(out)
+
+    def concatenate(self, states: list[PagedState]) -> PagedState:
+        return PagedState([seq for state in states for seq in state.seqs])
+
+    def release(self, state: PagedState) -> None:
+        for seq in state.seqs:
+            self.cache.release(seq)
+
+    def max_supported_total_tokens(self) -> int | None:
+        return self.cache.num_tokens
+
+    def stats(self) -> dict[str, int]:
+        """The KV cache's size and use, and the prefix cache's lookups (proto CacheStats fields)."""
+        a = self.cache.allocator
+        return {
+            "tokens_total": self.cache.num_tokens,
+            "tokens_used": self.cache.tokens_in_use(),
+            "prefix_queries": a.queries,
+            "prefix_hits": a.hits,
+        }

@@ -1,0 +1,244 @@
+"""The engine for backends that run decodes and prompt chunks in one step (the paged backend).
+
+A prompt does not have to run whole, at once, while every running stream waits: ``Prefill`` registers
+new requests and, when nothing else is running, runs their prompts at once; otherwise their prompts run
+in chunks inside the following ``Decode`` steps, beside the running streams, under a token budget that
+keeps each step within about twice the cost of a plain decode step. A request whose prompt is complete
+gets its first token in that step and joins the running batch. Until then the router sees it in the
+cached batch's request ids, without a token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .backends.base import PrefillOutput
+from .backends.paged import Chunk, PagedBackend, PagedState
+from .batch import Batch, UnknownRequestError
+from .engine import Cached, Engine, UnknownBatchError
+from .faults import Faults
+from .paged.kv_cache import Sequence
+from .types import RequestSpec, StepResult
+
+# Prompt tokens a step can take "for free" beside its decodes: below this many tokens a step costs about
+# one read of the weights, whatever it computes.
+FREE_TOKENS = {"cpu": 16, "cuda": 256}
+
+
+@dataclass
+class Pending:
+    """Requests sharing one prompt (the n samples of a request share its prefill) still running it."""
+
+    batch_id: int
+    requests: list[RequestSpec]
+    seq: Sequence
+    want_logits: bool
+    # KV tokens its requests may grow to (prompt + max_new_tokens each).
+    max_tokens: int
+    prompt_logits: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def remaining(self) -> int:
+        return len(self.seq.tokens) - self.seq.computed
+
+
+def chunk_budget(decoding: int, free_tokens: int) -> int | None:
+    """Prompt tokens a step may add to ``decoding`` running rows and stay within about twice their cost
+    (cost ~ max(tokens, free_tokens)); None = no limit (nothing is decoding, nobody waits)."""
+    if decoding == 0:
+        return None
+    return max(decoding, 2 * free_tokens - decoding)
+
+
+def concat_results(results: list[StepResult]) -> StepResult:
+    """One step's results side by side (top alternatives padded to the widest)."""
+    results = [r for r in results if r.request_ids]
+    if not results:
+        return StepResult([], [], [])
+    if len(results) == 1:
+        return results[0]
+    width = max(r.top_n for r in results)
+    top_ids: list[int] = []
+    top_logprobs: list[float] = []
+    for r in results:
+        pad = width - r.top_n
+        for row in range(len(r.request_ids)):
+            top_ids += r.top_ids[row * r.top_n : (row + 1) * r.top_n] + [0] * pad
+            top_logprobs += r.top_logprobs[row * r.top_n : (row + 1) * r.top_n] + [float("-inf")] * pad
+    return StepResult(
+        request_ids=[i for r in results for i in r.request_ids],
+        token_ids=[t for r in results for t in r.token_ids],
+        logprobs=[x for r in results for x in r.logprobs],
+        top_n=width,
+        top_ids=top_ids,
+        top_logprobs=top_logprobs,
+        prefill=[p for r in results for p in r.prefill],
+        failures=[f for r in results for f in r.failures],
+    )
+
+
+class ChunkedEngine(Engine):
+    backend: PagedBackend
+
+    def __init__(self, backend: PagedBackend, faults: Faults | None = None) -> None:
+        super().__init__(backend, faults)
+        self.pending: list[Pending] = []
+        self.free_tokens = FREE_TOKENS.get(backend.device.type, 16)
+
+    # -- the protocol -----------------------------------------------------------------------------
+    def prefill(self, batch_id: int, requests: list[RequestSpec], max_tokens: int) -> StepResult:
+        if not requests:
+            raise ValueError("a prefill batch needs at least one request")
+        self.faults.before_step(requests)
+        groups: dict[tuple[int, ...], list[RequestSpec]] = {}
+        for r in requests:
+            groups.setdefault(tuple(r.input_ids), []).append(r)
+        added: list[Pending] = []
+        try:
+            for prompt, members in groups.items():
+                want = any(r.prefill_logprobs for r in members)
+                seq = self.backend.open(list(prompt), want)
+                tokens = sum(len(r.input_ids) + r.max_new_tokens for r in members)
+                added.append(Pending(batch_id, members, seq, want, tokens))
+        except BaseException:
+            for p in added:
+                self.backend.cache.release(p.seq)
+            raise
+        self.pending.extend(added)
+        if self.batches:  # streams are running: the prompts run in chunks beside them, in Decode
+            return StepResult([], [], [])
+        return self._step(batch_id, None)[0]
+
+    def decode(self, wanted: list[tuple[int, list[int]]]) -> tuple[StepResult, Cached | None]:
+        pending_ids = {r.id: p for p in self.pending for r in p.requests}
+        known = set(self.batches) | {p.batch_id for p in self.pending}
+        wanted = [(bid, ids) for bid, ids in wanted if ids or bid in known]
+        missing = [bid for bid, _ in wanted if bid not in known]
+        if missing:
+            raise UnknownBatchError(f"no cached batch {missing}")
+        if not wanted:
+            return StepResult([], [], []), None
+        target = wanted[0][0]
+        keep_pending: set[int] = set()
+        kept: list[Batch] = []
+        popped = [(self.batches.pop(bid, None), bid, ids) for bid, ids in wanted]
+        try:
+            for old, bid, ids in popped:
+                running = [rid for rid in ids if rid not in pending_ids or pending_ids[rid].batch_id != bid]
+                keep_pending.update(rid for rid in ids if rid not in running)
+                if old is None:
+                    if running:
+                        raise UnknownRequestError(f"batch {bid} holds no request {running}")
+                    continue
+                batch = old.select(running, self.backend)
+                if batch is not None:
+                    kept.append(batch)
+            self._cut_pending({bid for _, bid, _ in popped}, keep_pending, target)
+            merged = Batch.concatenate(kept, self.backend) if kept else None
+            if merged is not None:
+                merged.id = target
+        except BaseException:
+            for b in [*kept, *(old for old, _, _ in popped if old is not None)]:
+                self.backend.release(b.state)
+            raise
+        return self._step(target, merged)
+
+    def clear(self, batch_id: int | None = None) -> None:
+        super().clear(batch_id)
+        for p in [p for p in self.pending if batch_id is None or p.batch_id == batch_id]:
+            self.backend.cache.release(p.seq)
+            self.pending.remove(p)
+
+    # -- one step ---------------------------------------------------------------------------------
+    def _cut_pending(self, batch_ids: set[int], keep: set[int], target: int) -> None:
+        """Drops pending requests of these batches that the router no longer wants; moves the rest into
+        the merged batch ``target``."""
+        for p in list(self.pending):
+            if p.batch_id not in batch_ids:
+                continue
+            p.requests = [r for r in p.requests if r.id in keep]
+            if not p.requests:
+                self.backend.cache.release(p.seq)
+                self.pending.remove(p)
+            else:
+                p.batch_id = target
+
+    def _step(self, target: int, batch: Batch | None) -> tuple[StepResult, Cached | None]:
+        """Decodes ``batch`` (if any) and runs the next chunks of batch ``target``'s pending prompts in
+        the same forward; prompts that complete get their first token and join the batch."""
+        mine = [p for p in self.pending if p.batch_id == target]
+        budget = chunk_budget(len(batch) if batch is not None else 0, self.free_tokens)
+        plan: list[tuple[Pending, int]] = []
+        for p in mine:
+            take = p.remaining if budget is None else min(p.remaining, budget)
+            if take <= 0:
+                break
+            plan.append((p, take))
+            if budget is not None:
+                budget -= take
+        requests = [r for p, _ in plan for r in p.requests] + (batch.requests if batch is not None else [])
+        try:
+            self.faults.before_step(requests)
+            chunks = [Chunk(p.seq, take, p.want_logits) for p, take in plan]
+            if batch is None and not chunks:
+                return StepResult([], [], []), self._cached(target, None)
+            decode_logits, chunk_logits = self.backend.step(
+                batch.state if batch is not None else None,
+                batch.next_ids if batch is not None else None,
+                chunks,
+            )
+            results: list[StepResult] = []
+            if batch is not None:
+                logits = self.faults.poison(batch.requests, decode_logits)
+                choice = batch.sampler.choose(logits, batch.history)
+                batch.history.append(choice.ids)
+                batch.next_ids = choice.ids
+                result, batch = self._drop_failed(batch, self._result(batch, choice), logits, choice)
+                results.append(result)
+        except BaseException:
+            if batch is not None:
+                self.backend.release(batch.state)
+            for p in mine:
+                self.backend.cache.release(p.seq)
+                self.pending.remove(p)
+            raise
+        joined = [batch] if batch is not None else []
+        for (p, _), logits in zip(plan, chunk_logits, strict=True):
+            if p.want_logits:
+                p.prompt_logits.append(logits)
+            if p.remaining:
+                continue
+            self.pending.remove(p)
+            new, result = self._start(target, p.requests, self._output(p, logits), p.max_tokens)
+            results.append(result)
+            if new is not None:
+                joined.append(new)
+        merged = Batch.concatenate(joined, self.backend) if joined else None
+        if merged is not None:
+            merged.id = target
+            self.batches[target] = merged
+        return concat_results(results), self._cached(target, merged)
+
+    def _output(self, p: Pending, logits: torch.Tensor) -> PrefillOutput:
+        """The finished prompt as a prefill's output, one row per request (the n samples fork)."""
+        n = len(p.requests)
+        state = PagedState([p.seq])
+        if n > 1:
+            state = self.backend.select(state, torch.zeros(n, dtype=torch.long))
+        prompt = torch.cat(p.prompt_logits) if p.want_logits else None
+        wants = [r.prefill_logprobs for r in p.requests]
+        return PrefillOutput(state, logits[-1:].expand(n, -1), [prompt if want else None for want in wants])
+
+    def cached(self, batch_id: int) -> Cached | None:
+        return self._cached(batch_id, self.batches.get(batch_id))
+
+    def _cached(self, batch_id: int, batch: Batch | None) -> Cached | None:
+        waiting = [r.id for p in self.pending if p.batch_id == batch_id for r in p.requests]
+        if batch is None and not waiting:
+            return None
+        running = batch.request_ids if batch is not None else []
+        max_tokens = batch.max_tokens if batch is not None else 0
+        max_tokens += sum(p.max_tokens for p in self.pending if p.batch_id == batch_id)
+        return Cached(batch_id, running + waiting, max_tokens)

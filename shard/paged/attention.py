@@ -1,0 +1,81 @@
+"""Attention over the paged KV cache with PyTorch's scaled_dot_product_attention, for a flat step.
+
+A step's tokens are laid out decodes first (one token per sequence), then prefill chunks (several tokens
+of one sequence each). New K/V are written to their slots first; then
+
+- decodes attend as one batch: each sequence's context slots are gathered into ``[batch, len, kv, d]``
+  (shorter ones masked), and the query heads of one KV head are treated as that head's query rows, so
+  grouped-query attention needs no copy of K/V per query head;
+- each prefill chunk attends to its whole context (cached prefix + earlier chunks + itself), causally.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PrefillChunk:
+    """``length`` query tokens starting at row ``start`` of the step, whose context is ``slots``."""
+
+    start: int
+    length: int
+    slots: torch.Tensor
+    # [length, context] bool (True = may attend); None when the chunk is its whole context (is_causal).
+    mask: torch.Tensor | None
+
+
+@dataclass
+class StepMeta:
+    """Where a step's tokens go and what each attends to (built once per step, used by every layer)."""
+
+    write_slots: torch.Tensor
+    num_decodes: int
+    # Decodes: [batch, max context] slots (padding points at block 0, kept finite) and [batch, 1, 1, max context] mask.
+    decode_slots: torch.Tensor | None
+    decode_mask: torch.Tensor | None
+    prefills: list[PrefillChunk]
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    meta: StepMeta,
+) -> torch.Tensor:
+    """q [tokens, heads, d], k/v [tokens, kv_heads, d] -> [tokens, heads * d]; writes k/v to the pools."""
+    heads, dim = q.shape[1:]
+    kv_heads = k.shape[1]
+    group = heads // kv_heads
+    k_pool.index_copy_(0, meta.write_slots, k)
+    v_pool.index_copy_(0, meta.write_slots, v)
+    outs = []
+    b = meta.num_decodes
+    if b:
+        shape = (*meta.decode_slots.shape, kv_heads, dim)
+        flat = meta.decode_slots.view(-1)
+        # index_select, not advanced indexing: the latter is orders of magnitude slower here on CPU.
+        keys = k_pool.index_select(0, flat).view(shape).transpose(1, 2)  # [b, kv, len, d]
+        values = v_pool.index_select(0, flat).view(shape).transpose(1, 2)
+        query = q[:b].view(b, kv_heads, group, dim)
+        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=meta.decode_mask)
+        outs.append(out.reshape(b, heads * dim))
+    for chunk in meta.prefills:
+        keys = k_pool.index_select(0, chunk.slots).transpose(0, 1).unsqueeze(0)  # [1, kv, len, d]
+        values = v_pool.index_select(0, chunk.slots).transpose(0, 1).unsqueeze(0)
+        query = q[chunk.start : chunk.start + chunk.length].transpose(0, 1).unsqueeze(0)  # [1, heads, n, d]
+        out = F.scaled_dot_product_attention(
+            query,
+            keys,
+            values,
+            attn_mask=chunk.mask,
+            is_causal=chunk.mask is None,
+            enable_gqa=group > 1,
+        )
+        outs.append(out[0].transpose(0, 1).reshape(chunk.length, heads * dim))
+    return outs[0] if len(outs) == 1 else torch.cat(outs)

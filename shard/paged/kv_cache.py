@@ -1,0 +1,213 @@
+"""The paged KV cache: one preallocated pool of fixed-size blocks, block tables, and prefix caching.
+
+Memory is allocated once: ``k`` and ``v`` are ``[layers, blocks * block_size, kv_heads, head_dim]``; a
+token's K/V live at a *slot* ``block * block_size + offset``. A sequence owns a list of blocks (its block
+table); joining or leaving a batch never copies anyone's cache.
+
+Prefix caching: a full block is named by a hash of its tokens and of every token before it (the hash of
+the previous block). When a prompt starts with blocks already computed (a shared system prompt, the
+earlier turns of a conversation), they are shared, not recomputed. Blocks nobody holds keep their
+contents and stay findable until memory is needed; then the least recently used is evicted.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+
+class CacheFullError(RuntimeError):
+    """No free block is left (the router's token budget should prevent this)."""
+
+
+def block_hash(parent: int | None, tokens: tuple[int, ...]) -> int:
+    return hash((parent, tokens))
+
+
+@dataclass
+class Sequence:
+    """One sequence's tokens and blocks. ``hashes[i]`` names block i once it is full (prefix caching)."""
+
+    tokens: list[int]
+    blocks: list[int] = field(default_factory=list)
+    hashes: list[int] = field(default_factory=list)
+    # Tokens whose K/V are in the cache (the rest of ``tokens`` still has to run).
+    computed: int = 0
+    released: bool = False
+
+
+class BlockAllocator:
+    """Free blocks, reference counts and the prefix-cache index over a pool of ``num_blocks`` blocks."""
+
+    def __init__(self, num_blocks: int, block_size: int) -> None:
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.refs = [0] * num_blocks
+        self.free: list[int] = list(range(num_blocks - 1, -1, -1))
+        self.by_hash: dict[int, int] = {}
+        self.hash_of: dict[int, int] = {}
+        # Cached blocks nobody holds, least recently used first: evicted when ``free`` runs out.
+        self.evictable: OrderedDict[int, None] = OrderedDict()
+        self.hits = 0
+        self.queries = 0
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free) + len(self.evictable)
+
+    def allocate(self) -> int:
+        if self.free:
+            block = self.free.pop()
+        elif self.evictable:
+            block, _ = self.evictable.popitem(last=False)
+            del self.by_hash[self.hash_of.pop(block)]
+        else:
+            raise CacheFullError("the KV cache is full")
+        self.refs[block] = 1
+        return block
+
+    def hold(self, block: int) -> None:
+        if self.refs[block] == 0:
+            self.evictable.pop(block, None)
+        self.refs[block] += 1
+
+    def release(self, block: int) -> None:
+        self.refs[block] -= 1
+        if self.refs[block] == 0:
+            if block in self.hash_of:
+                self.evictable[block] = None
+            else:
+                self.free.append(block)
+
+    def lookup(self, h: int) -> int | None:
+        """A cached block with this hash (held for the caller), or None."""
+        self.queries += 1
+        block = self.by_hash.get(h)
+        if block is not None:
+            self.hits += 1
+            self.hold(block)
+        return block
+
+    def register(self, block: int, h: int) -> None:
+        """Names a full block so later prompts can share it (the first block with a hash keeps it)."""
+        if h not in self.by_hash and block not in self.hash_of:
+            self.by_hash[h] = block
+            self.hash_of[block] = h
+
+
+class PagedKVCache:
+    """The pool tensors plus the allocator; sequences grow block by block."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        shape = (num_layers, num_blocks * block_size, kv_heads, head_dim)
+        # torch.empty: the memory is reserved now and touched only as blocks are used.
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
+        self.block_size = block_size
+        self.allocator = BlockAllocator(num_blocks, block_size)
+        self.device = device
+        # Blocks never handed out still hold whatever the memory held (NaN bit patterns included).
+        # Attention reads a sequence's whole last block and masks the unwritten slots, and a zero weight
+        # times NaN is NaN: so a block is zeroed the first time it is used (later it holds old, finite K/V).
+        self.touched = torch.zeros(num_blocks, dtype=torch.bool)
+        # Padding in a batch's block table points at block 0: make it finite before anyone reads it.
+        self.k[:, :block_size].zero_()
+        self.v[:, :block_size].zero_()
+        self.touched[0] = True
+
+    @property
+    def num_tokens(self) -> int:
+        return self.allocator.num_blocks * self.block_size
+
+    def tokens_in_use(self) -> int:
+        return (self.allocator.num_blocks - self.allocator.num_free) * self.block_size
+
+    # -- sequences --------------------------------------------------------------------------------
+    def open(self, tokens: list[int], use_prefix_cache: bool) -> Sequence:
+        """A new sequence for a prompt; its longest cached prefix of full blocks (short of the last
+        token, whose logits are needed) is shared instead of computed."""
+        seq = Sequence(list(tokens))
+        if use_prefix_cache:
+            parent = None
+            bs = self.block_size
+            for start in range(0, len(tokens) - 1 - bs + 1, bs):
+                h = block_hash(parent, tuple(tokens[start : start + bs]))
+                block = self.allocator.lookup(h)
+                if block is None:
+                    break
+                seq.blocks.append(block)
+                seq.hashes.append(h)
+                parent = h
+            seq.computed = len(seq.blocks) * bs
+        return seq
+
+    def reserve(self, seq: Sequence, total: int) -> None:
+        """Makes sure ``seq`` has blocks for ``total`` tokens."""
+        need = -(-total // self.block_size) - len(seq.blocks)
+        if need > self.allocator.num_free:
+            raise CacheFullError(
+                f"the KV cache is full: {need} more blocks needed, {self.allocator.num_free} free"
+            )
+        for _ in range(need):
+            seq.blocks.append(self._allocate())
+
+    def _allocate(self) -> int:
+        block = self.allocator.allocate()
+        if not self.touched[block]:
+            bs = self.block_size
+            self.k[:, block * bs : (block + 1) * bs].zero_()
+            self.v[:, block * bs : (block + 1) * bs].zero_()
+            self.touched[block] = True
+        return block
+
+    def slots(self, seq: Sequence, start: int, end: int) -> list[int]:
+        """Pool slots of the sequence's tokens [start, end)."""
+        bs = self.block_size
+        return [seq.blocks[i // bs] * bs + i % bs for i in range(start, end)]
+
+    def seal(self, seq: Sequence) -> None:
+        """Registers the sequence's newly completed blocks in the prefix cache."""
+        bs = self.block_size
+        full = seq.computed // bs
+        while len(seq.hashes) < full:
+            i = len(seq.hashes)
+            parent = seq.hashes[-1] if seq.hashes else None
+            h = block_hash(parent, tuple(seq.tokens[i * bs : (i + 1) * bs]))
+            seq.hashes.append(h)
+            self.allocator.register(seq.blocks[i], h)
+
+    def fork(self, seq: Sequence) -> Sequence:
+        """A copy that shares the full blocks and gets its own copy of the partial last block."""
+        child = Sequence(list(seq.tokens), computed=seq.computed, hashes=list(seq.hashes))
+        bs = self.block_size
+        full = seq.computed // bs
+        for block in seq.blocks[:full]:
+            self.allocator.hold(block)
+        child.blocks = list(seq.blocks[:full])
+        for block in seq.blocks[full:]:
+            copy = self._allocate()
+            src = slice(block * bs, (block + 1) * bs)
+            dst = slice(copy * bs, (copy + 1) * bs)
+            self.k[:, dst] = self.k[:, src]
+            self.v[:, dst] = self.v[:, src]
+            child.blocks.append(copy)
+        return child
+
+    def release(self, seq: Sequence) -> None:
+        if seq.released:
+            return
+        seq.released = True
+        for block in seq.blocks:
+            self.allocator.release(block)
+        seq.blocks = []

@@ -1,0 +1,131 @@
+"""The Llama family's building blocks, written for a flat token layout and for tensor parallelism.
+
+Tokens of every sequence in a step are concatenated into one ``[tokens, hidden]`` tensor: no padding.
+Linear layers come in the two Megatron flavours so that a tensor-parallel group can split them without a
+rewrite: ``ColumnLinear`` holds a slice of the output features (q/k/v, gate/up), ``RowLinear`` a slice
+of the input features and sums the partial products across ranks (o, down). With one rank both are
+plain linear layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+AllReduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+def no_all_reduce(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+@dataclass(frozen=True)
+class Parallel:
+    """This rank's place in the tensor-parallel group and how it sums partial results."""
+
+    rank: int = 0
+    world_size: int = 1
+    # Sums a tensor over the ranks (in place or not); concatenates the ranks' last dimensions.
+    all_reduce: AllReduce = no_all_reduce
+    all_gather: AllReduce = no_all_reduce
+
+    def split(self, size: int, what: str) -> tuple[int, int]:
+        """This rank's [start, end) of ``size`` items split evenly (refused when it does not divide)."""
+        if size % self.world_size:
+            raise ValueError(f"{what} ({size}) is not divisible by the number of shards ({self.world_size})")
+        part = size // self.world_size
+        return self.rank * part, (self.rank + 1) * part
+
+
+class ColumnLinear(nn.Module):
+    """y = x W^T (+ b) for this rank's slice of the output features."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class RowLinear(nn.Module):
+    """y = sum over ranks of x_r W_r^T: this rank holds a slice of the input features."""
+
+    def __init__(self, weight: torch.Tensor, parallel: Parallel) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.parallel = parallel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.parallel.all_reduce(F.linear(x, self.weight))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, weight: torch.Tensor, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class Rotary:
+    """Rotary position embedding from a precomputed cos/sin table (any of transformers' rope types)."""
+
+    def __init__(
+        self, inv_freq: torch.Tensor, scaling: float, max_positions: int, dtype: torch.dtype
+    ) -> None:
+        positions = torch.arange(max_positions, dtype=torch.float32, device=inv_freq.device)
+        freqs = torch.outer(positions, inv_freq.float())
+        self.cos = (freqs.cos() * scaling).to(dtype)
+        self.sin = (freqs.sin() * scaling).to(dtype)
+
+    def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin for these positions, shaped [tokens, 1, head_dim / 2] (one lookup per step)."""
+        return self.cos.index_select(0, positions).unsqueeze(1), self.sin.index_select(
+            0, positions
+        ).unsqueeze(1)
+
+    @staticmethod
+    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotates [tokens, heads, head_dim] (the half-split layout of Hugging Face checkpoints)."""
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)); gate and up are one fused column-parallel matrix."""
+
+    def __init__(self, gate_up: ColumnLinear, down: RowLinear) -> None:
+        super().__init__()
+        self.gate_up = gate_up
+        self.down = down
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class VocabEmbedding(nn.Module):
+    """Token embeddings split over ranks by vocabulary range; each rank looks up its own ids and the
+    partial rows are summed (ids outside the range contribute zeros)."""
+
+    def __init__(self, weight: torch.Tensor, start: int, parallel: Parallel) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.start = start
+        self.parallel = parallel
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.parallel.world_size == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.start
+        inside = (local >= 0) & (local < self.weight.shape[0])
+        out = F.embedding(local.clamp(0, self.weight.shape[0] - 1), self.weight)
+        return self.parallel.all_reduce(out * inside.unsqueeze(-1).to(out.dtype))

@@ -1,0 +1,205 @@
+"""A Llama-family decoder (Llama, Mistral, Qwen2, SmolLM...) over a flat token layout and a paged KV cache.
+
+Weights are read straight from the model's safetensors files, each rank reading only its slice (so no
+rank ever holds the whole model when sharded). q/k/v and gate/up are fused into one matrix each.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from .attention import StepMeta, paged_attention
+from .kv_cache import PagedKVCache
+from .layers import MLP, ColumnLinear, Parallel, RMSNorm, Rotary, RowLinear, VocabEmbedding
+
+log = logging.getLogger(__name__)
+
+ARCHITECTURES = ("llama", "mistral", "qwen2")
+
+
+class UnsupportedModelError(ValueError):
+    """This runner does not cover the model (the transformers backend does)."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    model_type: str
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    rms_norm_eps: float
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    max_position_embeddings: int
+
+    @classmethod
+    def from_config(cls, config) -> ModelSpec:
+        """From a transformers config; raises UnsupportedModelError for what this runner cannot run."""
+        model_type = getattr(config, "model_type", None)
+        if model_type not in ARCHITECTURES:
+            raise UnsupportedModelError(f"model type {model_type!r} (supported: {', '.join(ARCHITECTURES)})")
+        if getattr(config, "hidden_act", "silu") != "silu":
+            raise UnsupportedModelError(f"activation {config.hidden_act!r}")
+        if getattr(config, "mlp_bias", False):
+            raise UnsupportedModelError("MLP biases")
+        window = getattr(config, "sliding_window", None)
+        sliding = window and getattr(config, "use_sliding_window", model_type == "mistral")
+        if sliding and window < config.max_position_embeddings:
+            raise UnsupportedModelError(f"sliding-window attention ({window} tokens)")
+        heads = config.num_attention_heads
+        return cls(
+            model_type=model_type,
+            hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size,
+            num_layers=config.num_hidden_layers,
+            num_heads=heads,
+            num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+            head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+            vocab_size=config.vocab_size,
+            rms_norm_eps=config.rms_norm_eps,
+            tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+            qkv_bias=model_type == "qwen2" or bool(getattr(config, "attention_bias", False)),
+            max_position_embeddings=config.max_position_embeddings,
+        )
+
+
+class Weights:
+    """Reads tensors (or this rank's slice of them) from a directory of safetensors files."""
+
+    def __init__(self, directory: Path, dtype: torch.dtype, device: torch.device) -> None:
+        index = directory / "model.safetensors.index.json"
+        if index.exists():
+            names = json.loads(index.read_text())["weight_map"]
+            self.files = {name: directory / file for name, file in names.items()}
+        else:
+            self.files = {}
+            for path in sorted(directory.glob("*.safetensors")):
+                with safe_open(path, "pt") as f:
+                    self.files.update(dict.fromkeys(f.keys(), path))
+        self.dtype = dtype
+        self.device = device
+
+    def has(self, name: str) -> bool:
+        return name in self.files
+
+    def get(self, name: str, dim: int | None = None, part: tuple[int, int] | None = None) -> torch.Tensor:
+        """The tensor ``name``, or its [start, end) slice along ``dim``."""
+        if name not in self.files:
+            raise UnsupportedModelError(f"missing tensor {name}")
+        with safe_open(self.files[name], "pt") as f:
+            if part is None:
+                tensor = f.get_tensor(name)
+            else:
+                s = f.get_slice(name)
+                index = [slice(None)] * len(s.get_shape())
+                index[dim] = slice(*part)
+                tensor = s[tuple(index)]
+        return tensor.to(dtype=self.dtype, device=self.device).contiguous()
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, spec: ModelSpec, w: Weights, prefix: str, parallel: Parallel) -> None:
+        super().__init__()
+        d = spec.head_dim
+        q_part = parallel.split(spec.num_heads, "attention heads")
+        kv_part = parallel.split(spec.num_kv_heads, "key/value heads")
+        self.num_heads = q_part[1] - q_part[0]
+        self.num_kv_heads = kv_part[1] - kv_part[0]
+        self.head_dim = d
+        a = f"{prefix}.self_attn"
+
+        def rows(name: str, part: tuple[int, int]) -> torch.Tensor:
+            return w.get(name, 0, (part[0] * d, part[1] * d))
+
+        qkv = torch.cat([rows(f"{a}.q_proj.weight", q_part), rows(f"{a}.k_proj.weight", kv_part),
+                         rows(f"{a}.v_proj.weight", kv_part)])  # fmt: skip
+        bias = None
+        if spec.qkv_bias:
+            bias = torch.cat([rows(f"{a}.q_proj.bias", q_part), rows(f"{a}.k_proj.bias", kv_part),
+                              rows(f"{a}.v_proj.bias", kv_part)])  # fmt: skip
+        self.qkv = ColumnLinear(qkv, bias)
+        self.o = RowLinear(w.get(f"{a}.o_proj.weight", 1, (q_part[0] * d, q_part[1] * d)), parallel)
+        m = f"{prefix}.mlp"
+        ff = parallel.split(spec.intermediate_size, "MLP width")
+        gate_up = torch.cat([w.get(f"{m}.gate_proj.weight", 0, ff), w.get(f"{m}.up_proj.weight", 0, ff)])
+        self.mlp = MLP(ColumnLinear(gate_up), RowLinear(w.get(f"{m}.down_proj.weight", 1, ff), parallel))
+        self.input_norm = RMSNorm(w.get(f"{prefix}.input_layernorm.weight"), spec.rms_norm_eps)
+        self.post_norm = RMSNorm(w.get(f"{prefix}.post_attention_layernorm.weight"), spec.rms_norm_eps)
+        self.q_size = self.num_heads * d
+        self.kv_size = self.num_kv_heads * d
+
+    def forward(
+        self,
+        h: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        k_pool: torch.Tensor,
+        v_pool: torch.Tensor,
+        meta: StepMeta,
+    ) -> torch.Tensor:
+        tokens = h.shape[0]
+        q, k, v = self.qkv(self.input_norm(h)).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = Rotary.apply(q.view(tokens, self.num_heads, self.head_dim), cos, sin)
+        k = Rotary.apply(k.view(tokens, self.num_kv_heads, self.head_dim), cos, sin)
+        v = v.view(tokens, self.num_kv_heads, self.head_dim)
+        h = h + self.o(paged_attention(q, k, v, k_pool, v_pool, meta))
+        return h + self.mlp(self.post_norm(h))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config, spec: ModelSpec, w: Weights, parallel: Parallel, max_positions: int) -> None:
+        super().__init__()
+        self.spec = spec
+        self.parallel = parallel
+        vocab = (
+            parallel.split(spec.vocab_size, "vocabulary") if parallel.world_size > 1 else (0, spec.vocab_size)
+        )
+        embed = w.get("model.embed_tokens.weight", 0, vocab if parallel.world_size > 1 else None)
+        self.embed = VocabEmbedding(embed, vocab[0], parallel)
+        self.layers = nn.ModuleList(
+            DecoderLayer(spec, w, f"model.layers.{i}", parallel) for i in range(spec.num_layers)
+        )
+        self.norm = RMSNorm(w.get("model.norm.weight"), spec.rms_norm_eps)
+        if spec.tie_word_embeddings or not w.has("lm_head.weight"):
+            self.lm_head = self.embed.weight
+        else:
+            self.lm_head = nn.Parameter(
+                w.get("lm_head.weight", 0, vocab if parallel.world_size > 1 else None), requires_grad=False
+            )
+        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+        rope = LlamaRotaryEmbedding(config)
+        self.rotary = Rotary(rope.inv_freq, rope.attention_scaling, max_positions, w.dtype)
+        self.rotary.cos = self.rotary.cos.to(w.device)
+        self.rotary.sin = self.rotary.sin.to(w.device)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: StepMeta,
+        cache: PagedKVCache,
+        logit_rows: torch.Tensor,
+    ) -> torch.Tensor:
+        """Runs one step's tokens; returns float32 logits [len(logit_rows), vocab] for the rows asked."""
+        h = self.embed(ids)
+        cos, sin = self.rotary.tables(positions)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, cache.k[i], cache.v[i], meta)
+        h = self.norm(h if logit_rows is None else h.index_select(0, logit_rows))
+        logits = torch.nn.functional.linear(h, self.lm_head)
+        if self.parallel.world_size > 1:
+            logits = self.parallel.all_gather(logits)
+        return logits.float()

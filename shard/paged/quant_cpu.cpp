@@ -1,0 +1,212 @@
+// Weight-only int8 / int4 matrix products for the CPU: y[m, n] = x[m, k] . W[n, k]^T, x and y float32.
+//
+// Built at run time by shard/paged/quant.py (torch.utils.cpp_extension, -O3 -march=native) and called as
+// torch.ops.paged_quant.int8_linear and torch.ops.paged_quant.int4_linear.
+//
+// int8: W = q[n, k] (int8) * scale[n] (float32), one scale per output channel.
+// int4: W in blocks of 32 along k, each 20 bytes: fp16 d, fp16 m, then 16 bytes of nibbles where byte j
+//       holds q[j] (low nibble) and q[j + 16] (high nibble); w = q * d + m (q in 0..15), as GGUF's Q4_1.
+//
+// Decoding is bandwidth bound: the weights are read once per call, dequantized in registers and multiplied
+// with every row of x at once (m <= 4), or dequantized for 4 output channels into a small float buffer
+// that stays in L1 and reused by every 4-row tile of x (m > 4). Work is split over output channels with
+// at::parallel_for (torch's own thread pool). The vector code uses GCC vector extensions, so the compiler
+// emits AVX-512, AVX2 or SSE, whatever -march=native allows.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+typedef float v16f __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+typedef int8_t v16s8 __attribute__((vector_size(16)));
+typedef uint8_t v16u8 __attribute__((vector_size(16)));
+
+constexpr int64_t BLOCK = 32;        // k elements per inner step (and per int4 block)
+constexpr int64_t INT4_BYTES = 20;   // bytes per int4 block
+constexpr int64_t NT = 4;            // output channels per tile
+
+inline v16f load(const float* p) {
+  v16f v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline void store(float* p, v16f v) { std::memcpy(p, &v, sizeof(v)); }
+
+inline float hsum(v16f v) {
+  float s = 0.f;
+  for (int i = 0; i < 16; ++i) s += v[i];
+  return s;
+}
+
+inline float half_at(const uint8_t* p) {
+  uint16_t bits;
+  std::memcpy(&bits, p, 2);
+  return static_cast<float>(c10::Half(bits, c10::Half::from_bits()));
+}
+
+// One row's 32 weights starting at column k0, dequantized (int8: without the channel scale).
+struct Int8Rows {
+  const int8_t* q;
+  const float* scale;
+  int64_t k;
+  inline void get(int64_t row, int64_t k0, v16f& lo, v16f& hi) const {
+    const int8_t* p = q + row * k + k0;
+    v16s8 a, b;
+    std::memcpy(&a, p, 16);
+    std::memcpy(&b, p + 16, 16);
+    lo = __builtin_convertvector(__builtin_convertvector(a, v16i), v16f);
+    hi = __builtin_convertvector(__builtin_convertvector(b, v16i), v16f);
+  }
+  inline float post(int64_t row) const { return scale[row]; }
+};
+
+struct Int4Rows {
+  const uint8_t* blocks;
+  int64_t k;
+  inline void get(int64_t row, int64_t k0, v16f& lo, v16f& hi) const {
+    const uint8_t* p = blocks + (row * (k / BLOCK) + k0 / BLOCK) * INT4_BYTES;
+    const float d = half_at(p), m = half_at(p + 2);
+    v16u8 b;
+    std::memcpy(&b, p + 4, 16);
+    const v16i v = __builtin_convertvector(b, v16i);
+    lo = __builtin_convertvector(v & 15, v16f) * d + m;
+    hi = __builtin_convertvector(v >> 4, v16f) * d + m;
+  }
+  inline float post(int64_t) const { return 1.f; }
+};
+
+// m <= 4: each weight is dequantized once, in registers, and used by every row of x.
+template <int M, class Rows>
+void small_m(const float* x, const Rows& w, int64_t k, int64_t n0, int64_t n1, float* y, int64_t n) {
+  for (int64_t j0 = n0; j0 < n1; j0 += NT) {
+    const int64_t nt = std::min<int64_t>(NT, n1 - j0);
+    v16f acc[M][NT] = {};
+    for (int64_t k0 = 0; k0 < k; k0 += BLOCK) {
+      v16f xl[M], xh[M];
+      for (int i = 0; i < M; ++i) {
+        xl[i] = load(x + i * k + k0);
+        xh[i] = load(x + i * k + k0 + 16);
+      }
+      for (int64_t t = 0; t < NT; ++t) {
+        if (t >= nt) break;
+        v16f lo, hi;
+        w.get(j0 + t, k0, lo, hi);
+        for (int i = 0; i < M; ++i) acc[i][t] += xl[i] * lo + xh[i] * hi;
+      }
+    }
+    for (int64_t t = 0; t < nt; ++t) {
+      const float s = w.post(j0 + t);
+      for (int i = 0; i < M; ++i) y[i * n + j0 + t] = hsum(acc[i][t]) * s;
+    }
+  }
+}
+
+// 4 rows of x against 4 dequantized weight rows held in buf ([NT][k] floats).
+template <int M>
+void tile(const float* x, int64_t k, const float* buf, int64_t nt, const float* post, float* y, int64_t n) {
+  v16f acc[M][NT] = {};
+  for (int64_t k0 = 0; k0 < k; k0 += 16) {
+    v16f xv[M];
+    for (int i = 0; i < M; ++i) xv[i] = load(x + i * k + k0);
+    for (int64_t t = 0; t < NT; ++t) {
+      const v16f wv = load(buf + t * k + k0);
+      for (int i = 0; i < M; ++i) acc[i][t] += xv[i] * wv;
+    }
+  }
+  for (int64_t t = 0; t < nt; ++t)
+    for (int i = 0; i < M; ++i) y[i * n + t] = hsum(acc[i][t]) * post[t];
+}
+
+template <class Rows>
+void large_m(const float* x, int64_t m, const Rows& w, int64_t k, int64_t n0, int64_t n1, float* y,
+             int64_t n) {
+  std::vector<float> buf(NT * k);
+  for (int64_t j0 = n0; j0 < n1; j0 += NT) {
+    const int64_t nt = std::min<int64_t>(NT, n1 - j0);
+    float post[NT] = {};
+    for (int64_t t = 0; t < NT; ++t) {
+      float* row = buf.data() + t * k;
+      if (t >= nt) {
+        std::memset(row, 0, k * sizeof(float));
+        continue;
+      }
+      for (int64_t k0 = 0; k0 < k; k0 += BLOCK) {
+        v16f lo, hi;
+        w.get(j0 + t, k0, lo, hi);
+        store(row + k0, lo);
+        store(row + k0 + 16, hi);
+      }
+      post[t] = w.post(j0 + t);
+    }
+    int64_t i = 0;
+    for (; i + 4 <= m; i += 4) tile<4>(x + i * k, k, buf.data(), nt, post, y + i * n + j0, n);
+    switch (m - i) {
+      case 3: tile<3>(x + i * k, k, buf.data(), nt, post, y + i * n + j0, n); break;
+      case 2: tile<2>(x + i * k, k, buf.data(), nt, post, y + i * n + j0, n); break;
+      case 1: tile<1>(x + i * k, k, buf.data(), nt, post, y + i * n + j0, n); break;
+      default: break;
+    }
+  }
+}
+
+template <class Rows>
+at::Tensor run(const at::Tensor& x, const Rows& w, int64_t n, int64_t k) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.size(1) == k && x.is_contiguous(),
+              "x must be a contiguous float32 [m, ", k, "] tensor");
+  TORCH_CHECK(k % BLOCK == 0, "k must be a multiple of ", BLOCK);
+  const int64_t m = x.size(0);
+  at::Tensor y = at::empty({m, n}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  if (m == 0) return y;
+  // Tiles of NT output channels; a grain of at least 64 channels keeps tiny matrices on one thread.
+  const int64_t tiles = (n + NT - 1) / NT;
+  at::parallel_for(0, tiles, 16, [&](int64_t t0, int64_t t1) {
+    const int64_t n0 = t0 * NT, n1 = std::min(n, t1 * NT);
+    switch (m) {
+      case 1: small_m<1>(xp, w, k, n0, n1, yp, n); break;
+      case 2: small_m<2>(xp, w, k, n0, n1, yp, n); break;
+      case 3: small_m<3>(xp, w, k, n0, n1, yp, n); break;
+      case 4: small_m<4>(xp, w, k, n0, n1, yp, n); break;
+      default: large_m(xp, m, w, k, n0, n1, yp, n); break;
+    }
+  });
+  return y;
+}
+
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale) {
+  TORCH_CHECK(q.scalar_type() == at::kChar && q.dim() == 2 && q.is_contiguous(), "q: int8 [n, k]");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.numel() == q.size(0), "scale: float32 [n]");
+  const int64_t n = q.size(0), k = q.size(1);
+  return run(x, Int8Rows{q.data_ptr<int8_t>(), scale.data_ptr<float>(), k}, n, k);
+}
+
+at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& blocks, int64_t k) {
+  TORCH_CHECK(blocks.scalar_type() == at::kByte && blocks.is_contiguous() && k % BLOCK == 0 &&
+                  blocks.dim() == 2 && blocks.size(1) == k / BLOCK * INT4_BYTES,
+              "blocks: uint8 [n, k / 32 * 20]");
+  return run(x, Int4Rows{blocks.data_ptr<uint8_t>(), k}, blocks.size(0), k);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(paged_quant, lib) {
+  lib.def("int8_linear(Tensor x, Tensor q, Tensor scale) -> Tensor");
+  lib.def("int4_linear(Tensor x, Tensor blocks, int k) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(paged_quant, CPU, lib) {
+  lib.impl("int8_linear", &int8_linear);
+  lib.impl("int4_linear", &int4_linear);
+}

@@ -1,0 +1,193 @@
+"""The paged backend: block accounting, prefix caching, forks, eviction, and the backend choice."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from shard.backends import load_backend
+from shard.backends.hf import HFBackend
+from shard.backends.paged import PagedBackend
+from shard.config import ShardConfig
+from shard.engine import Engine, make_engine
+from shard.paged.kv_cache import BlockAllocator, CacheFullError, PagedKVCache
+from shard.paged.model import ModelSpec, UnsupportedModelError
+from shard.types import RequestSpec, SamplingParams
+
+pytestmark = pytest.mark.timeout(120)
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture()
+def paged(tiny_model_dir: Path) -> PagedBackend:
+    return PagedBackend(tiny_model_dir, CPU, kv_cache_bytes=2 * 2**20, block_size=4)
+
+
+def free_blocks(backend: PagedBackend) -> int:
+    return backend.cache.allocator.num_free
+
+
+def generate(engine: Engine, rid: int, ids: list[int], steps: int, params: SamplingParams | None = None):
+    tokens = engine.prefill(
+        rid, [RequestSpec(rid, ids, params or SamplingParams(), max_new_tokens=steps)], 999
+    )
+    out = list(tokens.token_ids)
+    for _ in range(steps - 1):
+        result, _ = engine.decode([(rid, [rid])])
+        out += result.token_ids
+    engine.clear(rid)
+    return out
+
+
+def test_blocks_come_back_when_requests_leave(paged: PagedBackend) -> None:
+    total = paged.cache.allocator.num_blocks
+    engine = make_engine(paged)
+    engine.prefill(1, [RequestSpec(1, list(range(3, 30))), RequestSpec(2, list(range(5, 12)))], 999)
+    for _ in range(6):
+        engine.decode([(1, [1, 2])])
+    held = total - free_blocks(paged)
+    assert held == -(-34 // 4) + -(-14 // 4)
+    engine.decode([(1, [2])])  # request 1 leaves: its blocks return at once
+    assert total - free_blocks(paged) == -(-15 // 4)
+    engine.clear()
+    assert free_blocks(paged) == total
+
+
+def test_prefix_cache_reuses_blocks_and_changes_nothing(paged: PagedBackend, tiny_model_dir: Path) -> None:
+    system = list(range(3, 40))  # 37 tokens: 9 full blocks of 4
+    cold = generate(Engine(HFBackend(tiny_model_dir, CPU)), 1, [*system, 50, 51], 8)
+    engine = make_engine(paged)
+    first = generate(engine, 1, [*system, 50, 51], 8)
+    hits_before = paged.cache.allocator.hits
+    second = generate(engine, 2, [*system, 50, 51], 8)
+    other = generate(engine, 3, [*system, 60], 8)
+    assert first == second == cold
+    assert paged.cache.allocator.hits - hits_before >= 2 * 9
+    assert other == generate(Engine(HFBackend(tiny_model_dir, CPU)), 1, [*system, 60], 8)
+    assert free_blocks(paged) == paged.cache.allocator.num_blocks  # cached blocks are evictable, not held
+
+
+def test_shared_prefill_forks_the_sequence(paged: PagedBackend) -> None:
+    engine = make_engine(paged)
+    prompt = list(range(3, 21))  # 18 tokens: the last block is partial and must be copied, not shared
+    params = [SamplingParams(do_sample=True, temperature=1.0, seed=s) for s in (1, 2, 3)]
+    alone = [generate(engine, 9, prompt, 6, p) for p in params]
+    result = engine.prefill(
+        1, [RequestSpec(i, prompt, p, max_new_tokens=6) for i, p in enumerate(params)], 999
+    )
+    out = {rid: [t] for rid, t in zip(result.request_ids, result.token_ids, strict=True)}
+    for _ in range(5):
+        step, _ = engine.decode([(1, [0, 1, 2])])
+        for rid, token in zip(step.request_ids, step.token_ids, strict=True):
+            out[rid].append(token)
+    assert [out[i] for i in range(3)] == alone
+    engine.clear()
+    assert free_blocks(paged) == paged.cache.allocator.num_blocks
+
+
+def test_allocator_evicts_least_recently_used_cached_blocks() -> None:
+    a = BlockAllocator(num_blocks=3, block_size=4)
+    blocks = [a.allocate() for _ in range(3)]
+    for i, block in enumerate(blocks):
+        a.register(block, hash(("h", i)))
+    with pytest.raises(CacheFullError):
+        a.allocate()
+    for block in blocks:
+        a.release(block)
+    assert a.lookup(hash(("h", 0))) == blocks[0]  # found again, and now held
+    a.release(blocks[0])  # most recently used
+    fresh = a.allocate()
+    assert fresh == blocks[1]  # the least recently used cached block went first
+    assert a.lookup(hash(("h", 1))) is None
+    assert a.lookup(hash(("h", 0))) == blocks[0]
+
+
+def test_cache_full_is_an_error_not_a_corruption(tiny_model_dir: Path) -> None:
+    backend = PagedBackend(tiny_model_dir, CPU, kv_cache_bytes=1, block_size=4)  # one block
+    with pytest.raises(CacheFullError):
+        backend.prefill([list(range(3, 12))], [False])
+    assert backend.cache.allocator.num_free == 1
+
+
+def test_kv_cache_open_skips_the_last_token() -> None:
+    cache = PagedKVCache(1, 8, 4, 1, 2, torch.float32, CPU)
+    seq = cache.open(list(range(8)), use_prefix_cache=True)
+    cache.reserve(seq, 8)
+    seq.computed = 8
+    cache.seal(seq)
+    cache.release(seq)
+    again = cache.open(list(range(8)), use_prefix_cache=True)
+    assert again.computed == 4  # the second block holds the last token, whose logits must be computed
+
+
+def test_backend_choice(tiny_model_dir: Path) -> None:
+    assert load_backend(ShardConfig(tiny_model_dir), CPU).info.name == "paged"
+    assert load_backend(ShardConfig(tiny_model_dir, backend="transformers"), CPU).info.name == "transformers"
+    with pytest.raises(ValueError, match="known"):
+        load_backend(ShardConfig(tiny_model_dir, backend="nope"), CPU)
+
+
+def test_unsupported_models_are_named() -> None:
+    from transformers import GPT2Config, MistralConfig
+
+    with pytest.raises(UnsupportedModelError, match="gpt2"):
+        ModelSpec.from_config(GPT2Config())
+    with pytest.raises(UnsupportedModelError, match="sliding"):
+        ModelSpec.from_config(MistralConfig(sliding_window=16, max_position_embeddings=64))
+
+
+def test_a_long_prompt_joins_in_chunks_while_others_stream(paged: PagedBackend, tiny_model_dir: Path) -> None:
+    hf = Engine(HFBackend(tiny_model_dir, CPU))
+    short, long_prompt = list(range(3, 9)), [3 + (i * 7) % 200 for i in range(150)]
+    expected_long = generate(hf, 1, long_prompt, 5)
+    expected_short = generate(hf, 1, short, 40)
+    engine = make_engine(paged)
+    out: dict[int, list[int]] = {1: [], 2: []}
+
+    def collect(result) -> None:
+        for rid, token in zip(result.request_ids, result.token_ids, strict=True):
+            out[rid].append(token)
+
+    collect(engine.prefill(1, [RequestSpec(1, short, max_new_tokens=40)], 999))
+    collect(engine.decode([(1, [1])])[0])
+    joined = engine.prefill(2, [RequestSpec(2, long_prompt, max_new_tokens=5, prefill_logprobs=True)], 999)
+    assert joined.request_ids == []  # the prompt runs beside the stream, not before it
+    running = [(1, [1]), (2, [2])]
+    steps_until_first = 0
+    prompt_logprobs = None
+    while running:
+        wanted = [(bid, [r for r in ids if len(out[r]) < (40 if r == 1 else 5)]) for bid, ids in running]
+        result, cached = engine.decode(wanted)
+        assert 1 in result.request_ids or len(out[1]) == 40  # the stream got a token at every step
+        if not out[2]:
+            steps_until_first += 1
+        prompt_logprobs = prompt_logprobs or next((p for p in result.prefill if p.request_id == 2), None)
+        collect(result)
+        if cached is None:
+            break
+        running = [(cached.id, cached.request_ids)]
+    assert out == {1: expected_short, 2: expected_long}
+    assert steps_until_first == -(-150 // 31)  # 31 prompt tokens a step beside one decode (16 free tokens)
+    reference = hf.prefill(7, [RequestSpec(7, long_prompt, prefill_logprobs=True)], 999).prefill[0]
+    assert torch.allclose(
+        torch.tensor(prompt_logprobs.logprobs[1:]), torch.tensor(reference.logprobs[1:]), atol=1e-4
+    )
+    engine.clear()
+    assert free_blocks(paged) == paged.cache.allocator.num_blocks
+
+
+def test_unwritten_cache_memory_never_leaks_into_attention(tiny_model_dir: Path) -> None:
+    """Fresh pool memory may hold NaN bit patterns; masked slots must not turn them into NaN outputs."""
+    backend = PagedBackend(tiny_model_dir, CPU, kv_cache_bytes=2 * 2**20, block_size=16)
+    backend.cache.k.fill_(float("nan"))
+    backend.cache.v.fill_(float("nan"))
+    backend.cache.touched.zero_()
+    engine = make_engine(backend)
+    result = engine.prefill(1, [RequestSpec(1, list(range(3, 8))), RequestSpec(2, list(range(3, 30)))], 999)
+    assert result.failures == []
+    for _ in range(4):
+        result, _ = engine.decode([(1, [1, 2])])
+        assert result.failures == [] and len(result.token_ids) == 2

@@ -1,0 +1,61 @@
+"""``text-generation-benchmark router``: the fake shard and the real router as child processes on loopback,
+the serve load generator against them; complete results, and nothing left running afterwards."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import psutil
+import pytest
+
+from benchmark.cli import main
+
+pytestmark = pytest.mark.timeout(240)
+
+STREAMS, TOKENS, REQUESTS = 4, 12, 10
+
+
+def test_router_against_fake_shard(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out, raw = tmp_path / "router.json", tmp_path / "raw"
+    argv = [
+        "router", "--tokenizer", str(tiny_model_dir), "--concurrency", str(STREAMS),
+        "--max-new-tokens", str(TOKENS), "--requests-per-level", str(REQUESTS),
+        "--output", str(out), "--raw-dir", str(raw), "--no-progress",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    assert psutil.Process().children(recursive=True) == []  # the router and the fake shard are gone
+
+    data = json.loads(out.read_text())
+    assert data["command"] == "router" and data["config"]["concurrency"] == [STREAMS]
+    (level,) = data["levels"]
+    m = level["metrics"]
+    assert level["concurrency"] == STREAMS
+    assert (m["num_requests"], m["num_ok"], m["num_errors"]) == (REQUESTS, REQUESTS, 0)
+    assert m["output_tokens"] == REQUESTS * TOKENS and m["token_count_mismatches"] == 0
+    assert m["output_tokens_per_s"] > 0 and m["ttft_s"]["count"] == REQUESTS
+    assert m["itl_s"]["count"] == REQUESTS * (TOKENS - 1)
+    # The fake shard saw full-batch decode steps and the router's CPU time was read.
+    step = level["router_step_ms"]
+    assert step is not None and step["count"] > 0 and 0 < step["median"] <= step["p99"]
+    assert level["prefills"] >= 1 and level["router_cpu_s"] > 0 and level["router_cpu_us_per_token"] > 0
+    assert data["summary"]["output_tokens_per_s"] == {str(STREAMS): m["output_tokens_per_s"]}
+
+    # Every request of the raw serve results: ok, exactly TOKENS streamed tokens, as the router counted.
+    records = json.loads((raw / f"router-serve-{STREAMS}.json").read_text())["levels"][0]["records"]
+    assert len(records) == REQUESTS
+    for r in records:
+        assert r["ok"] and r["finish_reason"] == "length", r
+        assert r["output_tokens"] == r["server_output_tokens"] == len(r["token_times_s"]) == TOKENS
+
+    table = capsys.readouterr().out
+    assert str(STREAMS) in table and "tokens/s" in table
+
+
+def test_router_needs_a_tokenizer_that_exists(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    argv = ["router", "--tokenizer", str(tmp_path / "nowhere"), "--concurrency", "2", "--no-progress"]
+    assert main(argv) == 1
+    assert "router exited" in capsys.readouterr().err
+    assert psutil.Process().children(recursive=True) == []
