@@ -54,9 +54,9 @@ bench: $(STAMP) proto
 	BIN=$(BIN) benchmark/standard.sh
 
 # The router's own overhead: the real router in front of the test utilities' fake shard (answers at once),
-# loaded at 64, 256 and 1,024 concurrent streams; into docs/benchmarks/router-overhead.json.
+# loaded at 64, 256 and 1,024 concurrent streams, three rounds; into docs/benchmarks/router-overhead.json.
 bench-router: $(STAMP) proto
-	$(BIN)/text-generation-benchmark router --concurrency 64,256,1024 --max-new-tokens 256 \
+	$(BIN)/text-generation-benchmark router --concurrency 64,256,1024 --max-new-tokens 256 --repeat 3 \
 		--output docs/benchmarks/router-overhead.json
 
 clean:

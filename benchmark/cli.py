@@ -262,9 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument(
         "--output-dir", metavar="DIR", default="plots", help="folder of the PNG files (default: %(default)s)"
     )
-    from benchmark import baseline, floor, router_bench, shard_bench  # subcommands with their own modules
+    from benchmark import baseline, floor, quantize, router_bench, scenarios, shard_bench  # subcommands
 
-    for module in (shard_bench, floor, baseline, router_bench):
+    for module in (shard_bench, floor, baseline, router_bench, scenarios, quantize):
         module.register(commands)
     return parser
 

@@ -26,6 +26,7 @@ import os
 import platform
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,6 +39,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from benchmark._version import __version__
+from benchmark.config import REQUESTS_PER_CONCURRENCY
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -46,6 +48,7 @@ FAKE_SHARD = REPO / "tests" / "fake_shard.py"
 # The fake shard's tokens: ordinary words of the tokenizer (any vocabulary has them).
 TOKEN_TEXT = " The capital of France is Paris and the capital of Germany is Berlin"
 MAX_INPUT_LENGTH = 256
+MIN_REQUESTS = 1024
 STARTUP_TIMEOUT_S = 300.0
 STOP_TIMEOUT_S = 60.0
 PR_SET_PDEATHSIG = 1
@@ -56,12 +59,22 @@ class RouterBenchConfig:
     tokenizer: str
     concurrency: tuple[int, ...] = (64, 256, 1024)
     max_new_tokens: int = 256
+    # None: max(MIN_REQUESTS, 4 x concurrency) (see requests_for)
     requests_per_level: int | None = None
+    # Every level this many times (the rounds interleave, so a busy spell on the machine hits one round).
+    repeat: int = 1
     api: str = "tgi"
     output: str | None = None
     raw_dir: str | None = None
     request_timeout_s: float = 300.0
     level_timeout_s: float = 900.0
+
+    def requests_for(self, concurrency: int) -> int:
+        """Requests of one level: at least MIN_REQUESTS, so that a small level lasts long enough for the
+        steady state to dominate, and 4 per stream."""
+        if self.requests_per_level is not None:
+            return self.requests_per_level
+        return max(MIN_REQUESTS, REQUESTS_PER_CONCURRENCY * concurrency)
 
     def router_limits(self) -> dict[str, int]:
         """Router flags that admit the largest level whole: every stream in one running batch."""
@@ -199,7 +212,7 @@ def run_level(
         url=f"http://127.0.0.1:{port}",
         api=config.api,
         concurrency=(concurrency,),
-        requests_per_level=config.requests_per_level,
+        requests_per_level=config.requests_for(concurrency),
         params=GenerationParams(max_new_tokens=config.max_new_tokens, ignore_eos=True),
         request_timeout_s=config.request_timeout_s,
         level_timeout_s=config.level_timeout_s,
@@ -257,14 +270,18 @@ def run_level(
 def run_router_benchmark(
     config: RouterBenchConfig, progress: Callable[[str], None] = lambda _: None
 ) -> dict[str, Any]:
-    """Every level in order; the results as JSON (raises RuntimeError when a level cannot run)."""
+    """Every level in order, ``repeat`` rounds; the results as JSON (raises RuntimeError when a level
+    cannot run). The summary gives, per level, the median and the best over the rounds."""
     if not FAKE_SHARD.is_file():
         raise RuntimeError(f"the fake shard ({FAKE_SHARD}) is not here: this command needs a source checkout")
     started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     levels = []
     with tempfile.TemporaryDirectory(prefix="tgi-router-bench-") as workdir:
-        for concurrency in config.concurrency:
-            levels.append(run_level(config, concurrency, Path(workdir), progress))
+        for round_ in range(1, config.repeat + 1):
+            if config.repeat > 1:
+                progress(f"round {round_}/{config.repeat}")
+            for concurrency in config.concurrency:
+                levels.append({"round": round_, **run_level(config, concurrency, Path(workdir), progress)})
     return {
         "tool": "text-generation-benchmark",
         "version": __version__,
@@ -276,20 +293,34 @@ def run_router_benchmark(
             "python": platform.python_version(),
             "platform": platform.platform(),
         },
-        "config": {**asdict(config), "router_flags": config.router_limits(), "api": config.api},
-        "summary": {
-            "output_tokens_per_s": {
-                str(lv["concurrency"]): lv["metrics"]["output_tokens_per_s"] for lv in levels
-            },
-            "router_step_ms_median": {
-                str(lv["concurrency"]): (lv["router_step_ms"] or {}).get("median") for lv in levels
-            },
-            "router_cpu_us_per_token": {
-                str(lv["concurrency"]): lv["router_cpu_us_per_token"] for lv in levels
-            },
-        },
+        "config": {**asdict(config), "router_flags": config.router_limits()},
+        "summary": summarize(levels),
         "levels": levels,
     }
+
+
+def summarize(levels: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per concurrency: streamed tokens/s, median router step time (ms, at batch = streams) and router CPU
+    time per token (us), each as every round's value, their median and their best."""
+    figures: dict[str, Callable[[dict[str, Any]], float | None]] = {
+        "output_tokens_per_s": lambda lv: lv["metrics"]["output_tokens_per_s"],
+        "router_step_ms_median": lambda lv: (lv["router_step_ms"] or {}).get("median"),
+        "router_cpu_us_per_token": lambda lv: lv["router_cpu_us_per_token"],
+    }
+    higher_is_better = {"output_tokens_per_s"}
+    summary: dict[str, dict[str, Any]] = {}
+    for concurrency in dict.fromkeys(lv["concurrency"] for lv in levels):
+        rounds = [lv for lv in levels if lv["concurrency"] == concurrency]
+        summary[str(concurrency)] = {}
+        for name, get in figures.items():
+            values = [v for v in map(get, rounds) if v is not None]
+            best = (max if name in higher_is_better else min)(values) if values else None
+            summary[str(concurrency)][name] = {
+                "runs": values,
+                "median": statistics.median(values) if values else None,
+                "best": best,
+            }
+    return summary
 
 
 def _processor() -> str:
@@ -302,16 +333,24 @@ def _processor() -> str:
 
 def format_summary(data: dict[str, Any]) -> str:
     """One line per level; the step times are at batch = streams."""
-    head = ("streams", "requests", "errors", "tokens/s", "step ms p50", "step ms p90", "CPU us/token",
+    head = ("round", "streams", "requests", "errors", "tokens/s", "step ms p50", "step ms p90", "CPU us/token",
             "TPOT ms p50", "ITL ms p99")  # fmt: skip
     rows = [head]
     for lv in data["levels"]:
         m, step = lv["metrics"], lv["router_step_ms"] or {}
         rows.append((
-            str(lv["concurrency"]), str(m["num_requests"]), str(m["num_errors"]), f"{m['output_tokens_per_s']:.0f}",
+            str(lv["round"]), str(lv["concurrency"]), str(m["num_requests"]), str(m["num_errors"]),
+            f"{m['output_tokens_per_s']:.0f}",
             _num(step.get("median")), _num(step.get("p90")), _num(lv["router_cpu_us_per_token"]),
             _num(_ms(m["tpot_s"]["p50"])), _num(_ms(m["itl_s"]["p99"])),
         ))  # fmt: skip
+    if len({lv["round"] for lv in data["levels"]}) > 1:
+        for concurrency, figures in data["summary"].items():
+            rows.append((
+                "median", concurrency, "", "", f"{figures['output_tokens_per_s']['median']:.0f}",
+                _num(figures["router_step_ms_median"]["median"]), "", _num(figures["router_cpu_us_per_token"]["median"]),
+                "", "",
+            ))  # fmt: skip
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)) for row in rows)
 
@@ -372,7 +411,14 @@ def register(commands: Any) -> None:
         metavar="N",
         type=positive_int,
         default=None,
-        help="requests per level (default: serve's, max(8, 4 x concurrency))",
+        help=f"requests per level (default: max({MIN_REQUESTS}, {REQUESTS_PER_CONCURRENCY} x concurrency))",
+    )
+    p.add_argument(
+        "--repeat",
+        metavar="N",
+        type=positive_int,
+        default=1,
+        help="rounds over all levels; the summary gives each figure's median and best (default: 1)",
     )
     p.add_argument(
         "--api", default="tgi", choices=sorted(CLIENTS), help="API the clients call (default: %(default)s)"
@@ -400,6 +446,7 @@ def run_command(args: argparse.Namespace, *, stdout: TextIO | None = None) -> in
             concurrency=args.concurrency,
             max_new_tokens=args.max_new_tokens,
             requests_per_level=args.requests_per_level,
+            repeat=args.repeat,
             api=args.api,
             output=args.output,
             raw_dir=args.raw_dir,

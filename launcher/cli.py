@@ -37,6 +37,20 @@ def _parse_bool(name: str, value: str | None) -> bool | None:
     raise typer.Exit(2)
 
 
+def read_model_config(path: Path) -> dict:
+    """The model directory's config.json ({} when there is none, e.g. a converted CTranslate2 model)."""
+    import json
+
+    file = Path(path) / "config.json"
+    return json.loads(file.read_text()) if file.exists() else {}
+
+
+def cuda_device_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def print_env() -> None:
     """TGI's --env: what this launcher runs on."""
     import torch
@@ -69,7 +83,7 @@ def launch(
         int | None, _opt("NUM_SHARD", "Number of shards (default: visible GPUs, else 1).")
     ] = None,
     quantize: Annotated[
-        str | None, _opt("QUANTIZE", "bitsandbytes, bitsandbytes-nf4, bitsandbytes-fp4, gptq or ct2.")
+        str | None, _opt("QUANTIZE", "int8 or int4 (paged backend); bitsandbytes(-nf4/-fp4), gptq, ct2.")
     ] = None,
     dtype: Annotated[
         str | None, _opt("DTYPE", "float32, float16 or bfloat16 (default: float32 on CPU, bfloat16 on GPU).")
@@ -142,6 +156,12 @@ def launch(
         str,
         _opt("BACKEND", "auto (paged for Llama-family models, else transformers), paged or transformers."),
     ] = "auto",
+    ct2_threads: Annotated[
+        int, _opt("CT2_THREADS", "--quantize ct2: compute threads per step (0: the cores available).")
+    ] = 0,
+    ct2_max_batches: Annotated[
+        int, _opt("CT2_MAX_BATCHES", "--quantize ct2: CTranslate2 batches running side by side.")
+    ] = 32,
 ) -> None:
     """Serve a causal language model: TGI's native API and the OpenAI API over continuous batching."""
     setup_logging(os.environ.get("LOG_LEVEL", "INFO"), json_output)
@@ -182,6 +202,8 @@ def launch(
         graceful_termination_timeout=graceful_termination_timeout,
         fault_injection=fault_injection,
         backend=backend,
+        ct2_threads=ct2_threads,
+        ct2_max_batches=ct2_max_batches,
     )
     if env:
         print_env()
@@ -193,24 +215,33 @@ def launch(
     if trust_remote_code:
         log.warning("`--trust-remote-code` is set: the model's own code from the hub will run")
 
-    from .weights import WeightsConfig, WeightsError, resolve
+    from .weights import WeightsConfig, WeightsError, ct2_converted, hub_cache_dir, resolve
 
     try:
-        model = resolve(
-            WeightsConfig(
-                model_id=model_id,
-                revision=revision,
-                hub_cache=huggingface_hub_cache,
-                weights_cache_override=weights_cache_override,
-                token=os.environ.get("HUGGING_FACE_HUB_TOKEN") or os.environ.get("HF_TOKEN"),
-                offline=os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"),
-                trust_remote_code=trust_remote_code,
-            )
+        weights_config = WeightsConfig(
+            model_id=model_id,
+            revision=revision,
+            hub_cache=huggingface_hub_cache,
+            weights_cache_override=weights_cache_override,
+            token=os.environ.get("HUGGING_FACE_HUB_TOKEN") or os.environ.get("HF_TOKEN"),
+            offline=os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"),
+            trust_remote_code=trust_remote_code,
         )
+        model = resolve(weights_config)
+        if quantize == "ct2":  # converted once into the weights cache, loaded directly after
+            from common.quantize import ct2_compute_type, ct2_device
+
+            compute_type = ct2_compute_type(dtype, ct2_device())
+            model = ct2_converted(model, hub_cache_dir(weights_config), compute_type)
     except WeightsError as e:
         typer.echo(f"Error: {e}", err=True)
         raise typer.Exit(1) from None
     log.info("Serving %s (%s) from %s", model.model_id, model.weights, model.path)
+    try:
+        config.check_model(read_model_config(model.path), cuda_device_count())
+    except ArgumentError as e:
+        typer.echo(f"Error: {e}", err=True)
+        raise typer.Exit(2) from None
 
     from .supervisor import Supervisor
 

@@ -6,7 +6,13 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-QUANTIZE_CHOICES = ("bitsandbytes", "bitsandbytes-nf4", "bitsandbytes-fp4", "gptq", "ct2")
+from common.quantize import BITSANDBYTES, CT2
+from common.sharding import sharding_problem
+
+QUANTIZE_CHOICES = ("bitsandbytes", "bitsandbytes-nf4", "bitsandbytes-fp4", "gptq", "ct2", "int8", "int4")
+# The modes that run today: the paged backend's weight-only int8 / int4 (shard/paged/quant.py),
+# bitsandbytes on the transformers backend and CTranslate2 (common/quantize.py).
+QUANTIZE_SUPPORTED = ("int8", "int4", "bitsandbytes", "bitsandbytes-nf4", "bitsandbytes-fp4", "ct2")
 DTYPE_CHOICES = ("float32", "float16", "bfloat16")
 BACKEND_CHOICES = ("auto", "paged", "transformers")
 
@@ -55,15 +61,29 @@ class LauncherConfig:
     fault_injection: bool = False
     # Model backend for the shards: auto (paged where it applies), paged or transformers.
     backend: str = "auto"
+    # --quantize ct2: compute threads per step (0: the cores available), batches run side by side.
+    ct2_threads: int = 0
+    ct2_max_batches: int = 32
 
     def world_size(self) -> int:
         """TGI's find_num_shards: --num-shard, else the devices in CUDA_VISIBLE_DEVICES, else 1."""
         if self.num_shard is not None:
             return self.num_shard
         devices = os.environ.get("CUDA_VISIBLE_DEVICES") or os.environ.get("NVIDIA_VISIBLE_DEVICES")
-        if self.sharded and devices:
+        if self.sharded is not False and devices:
             return len([d for d in devices.split(",") if d.strip()])
         return 1
+
+    def check_model(self, model_config: dict, cuda_devices: int) -> None:
+        """The rules that need the model and the machine (after the weights step, before any process):
+        the model must split over the shards, and on CUDA each shard needs its own device."""
+        problem = sharding_problem(model_config, self.world_size())
+        if problem:
+            raise ArgumentError(problem)
+        if cuda_devices and self.world_size() > cuda_devices:
+            raise ArgumentError(
+                f"`--num-shard {self.world_size()}` is more than the {cuda_devices} CUDA devices available"
+            )
 
     def validate(self) -> None:
         """Raises ArgumentError on the first rule broken (TGI's rules, then this version's limits)."""
@@ -113,7 +133,16 @@ class LauncherConfig:
                 raise ArgumentError(
                     f"`quantize` must be one of {', '.join(QUANTIZE_CHOICES)}. Given: {self.quantize}"
                 )
-            raise ArgumentError(f"`--quantize {self.quantize}` is not supported yet")
+            if self.quantize == "gptq":
+                raise ArgumentError(
+                    "`--quantize gptq` is not supported: this server cannot load GPTQ checkpoints; use "
+                    "bitsandbytes, bitsandbytes-nf4, bitsandbytes-fp4 or ct2 (any checkpoint), or int8 / int4"
+                )
+            if self.quantize not in QUANTIZE_SUPPORTED:
+                raise ArgumentError(f"`--quantize {self.quantize}` is not supported yet")
+            self._validate_quantize()
+            if self.quantize in ("int8", "int4") and self.backend == "transformers":
+                raise ArgumentError(f"`--quantize {self.quantize}` needs the paged backend, not transformers")
         if self.num_shard is not None and self.num_shard < 1:
             raise ArgumentError(f"`num_shard` must be >= 1. Given: {self.num_shard}")
         if self.sharded and self.world_size() <= 1:
@@ -122,7 +151,44 @@ class LauncherConfig:
             )
         if self.sharded is False and self.world_size() > 1:
             raise ArgumentError(f"`sharded` is false but `num_shard` is {self.world_size()}")
-        if self.world_size() > 1:
-            raise ArgumentError(
-                f"`--num-shard {self.world_size()}`: tensor-parallel sharding is not supported yet; use one shard"
+        if self.world_size() > 1 and (self.quantize in BITSANDBYTES or self.quantize == CT2):
+            how = (
+                "CTranslate2's own tensor parallelism needs MPI-launched processes, which this launcher does "
+                "not start"
+                if self.quantize == CT2
+                else "bitsandbytes runs on the transformers backend, which has no tensor parallelism"
             )
+            raise ArgumentError(f"`--quantize {self.quantize}` runs in one shard: {how}. Use --num-shard 1")
+        if self.world_size() > 1 and self.backend == "transformers":
+            raise ArgumentError(
+                f"`--num-shard {self.world_size()}`: the transformers backend cannot shard; use --backend auto"
+            )
+
+    def _validate_quantize(self) -> None:
+        """bitsandbytes and ct2: the backend they run on, their libraries, ct2's compute type and threads."""
+        from common.quantize import INSTALL_HINT, ct2_compute_type, ct2_device, missing_libraries
+
+        if self.quantize in BITSANDBYTES and self.backend == "paged":
+            raise ArgumentError(f"`--quantize {self.quantize}` runs on the transformers backend, not paged")
+        if self.quantize == CT2 and self.backend != "auto":
+            raise ArgumentError(
+                "`--quantize ct2` runs on its own CTranslate2 engine: leave `--backend` at auto"
+            )
+        if self.quantize == CT2 and self.trust_remote_code:
+            raise ArgumentError(
+                "`--quantize ct2` converts the architectures CTranslate2 knows: no remote code"
+            )
+        if self.ct2_threads < 0:
+            raise ArgumentError(f"`ct2_threads` must be >= 0. Given: {self.ct2_threads}")
+        if self.ct2_max_batches < 1:
+            raise ArgumentError(f"`ct2_max_batches` must be >= 1. Given: {self.ct2_max_batches}")
+        missing = missing_libraries(self.quantize)
+        if missing:
+            raise ArgumentError(
+                f"`--quantize {self.quantize}` needs {', '.join(missing)}, which is not installed: {INSTALL_HINT}"
+            )
+        if self.quantize == CT2:
+            try:
+                ct2_compute_type(self.dtype, ct2_device())
+            except ValueError as e:
+                raise ArgumentError(str(e)) from None

@@ -129,6 +129,8 @@ class Supervisor:
             cmd += ["--dtype", c.dtype]
         if c.quantize:
             cmd += ["--quantize", c.quantize]
+        if c.quantize == "ct2":
+            cmd += ["--ct2-threads", str(c.ct2_threads), "--ct2-max-batches", str(c.ct2_max_batches)]
         if c.trust_remote_code:
             cmd.append("--trust-remote-code")
         if c.json_output:

@@ -424,7 +424,12 @@ def _silent_tqdm_class() -> type:
 
 
 def _cached_conversion(
-    hub_cache: Path, name: str, key: dict[str, Any], convert: Callable[[Path], None], label: str
+    hub_cache: Path,
+    name: str,
+    key: dict[str, Any],
+    convert: Callable[[Path], None],
+    label: str,
+    target: str = "safetensors",
 ) -> Path:
     """The weights-cache entry for `key`, running `convert(directory)` only when no complete entry exists.
 
@@ -456,7 +461,7 @@ def _cached_conversion(
             logger.info("Using cached conversion at %s", entry)
             return entry
         _remove_leftovers(root, entry)
-        logger.info("Converting %s to safetensors into %s (once)", label, entry)
+        logger.info("Converting %s to %s into %s (once)", label, target, entry)
         start = time.monotonic()
         staging = Path(tempfile.mkdtemp(prefix=f".tmp-{entry.name}-", dir=root))
         try:
@@ -740,6 +745,79 @@ def _safetensors_name(bin_name: str) -> str:
     if stem.startswith("pytorch_model"):
         stem = "model" + stem[len("pytorch_model") :]
     return f"{stem}.safetensors"
+
+
+# ---- CTranslate2 (--quantize ct2) ---------------------------------------------------------------------------------
+
+CT2_SUBDIR = "ct2"
+
+
+def ct2_converted(
+    model: ResolvedModel,
+    hub_cache: Path,
+    compute_type: str,
+    trust_remote_code: bool = False,
+    progress: bool = True,
+) -> ResolvedModel:
+    """`model` converted with ctranslate2's Transformers converter, once, into the weights cache.
+
+    The entry is keyed by model id, revision (or the weights files' fingerprints), compute type and
+    ctranslate2's major version; later starts load it directly. It holds the model's config, generation
+    config, tokenizer and chat template files (what the router and the shard read) beside the
+    CTranslate2 model in its `ct2/` subdirectory.
+    """
+    import ctranslate2
+
+    weights = _safetensors_files(model.path)
+    key = {
+        "kind": "ct2",
+        "model_id": model.model_id,
+        "revision": model.sha or model.revision,
+        "compute_type": compute_type,
+        "files": [_fingerprint(path) for path in weights],
+        "ctranslate2": ctranslate2.__version__.split(".")[0],
+    }
+    path = _cached_conversion(
+        hub_cache,
+        f"{model.model_id}-ct2-{compute_type}",
+        key,
+        lambda out: convert_ct2(model.path, out, compute_type, trust_remote_code, progress),
+        model.model_id,
+        target=f"CTranslate2 {compute_type}",
+    )
+    return ResolvedModel(
+        model_id=model.model_id,
+        path=path,
+        revision=model.revision,
+        sha=model.sha,
+        source=model.source,
+        weights=f"{model.weights}, converted to CTranslate2 {compute_type}",
+    )
+
+
+def convert_ct2(
+    source: Path, out: Path, compute_type: str, trust_remote_code: bool = False, progress: bool = True
+) -> None:
+    """Writes the transformers model `source` as a CTranslate2 model into `out/ct2`, its weights quantized to
+    `compute_type`, and copies its config, tokenizer and chat template files into `out`."""
+    from ctranslate2.converters import TransformersConverter
+    from transformers.utils import is_accelerate_available
+
+    for path in _regular_files(source):
+        if path.name.endswith(_SIDE_FILE_SUFFIXES) and not path.name.endswith(".index.json"):
+            shutil.copyfile(path, out / path.name)
+    with _transformers_progress(progress):
+        try:
+            converter = TransformersConverter(
+                str(source),
+                low_cpu_mem_usage=is_accelerate_available(),
+                trust_remote_code=trust_remote_code,
+            )
+            converter.convert(str(out / CT2_SUBDIR), quantization=compute_type)
+        except Exception as error:  # an architecture ctranslate2 cannot convert, a broken checkpoint
+            raise WeightsError(
+                f"Cannot convert {source} to CTranslate2: {type(error).__name__}: {_one_line(error)}"
+            ) from error
 
 
 # ---- small helpers ----------------------------------------------------------------------------------------------

@@ -180,6 +180,17 @@ def parse_options(fields: Fields, infer: Infer, max_n: int) -> Options:
     if limit is not None and min_tokens > limit:
         raise ValidationError(f"`min_tokens` ({min_tokens}) must be <= `max_tokens` ({limit})", "min_tokens")
     greedy = temperature == 0.0
+    infer.validator.check_supported(
+        {
+            "min_p": not greedy and bool(min_p),
+            "frequency_penalty": bool(frequency),
+            "presence_penalty": bool(presence),
+            "logit_bias": bool(bias),
+            "seed": seed is not None and not greedy,
+            "min_new_tokens": min_tokens > 0,
+        },
+        {"min_new_tokens": "min_tokens"},
+    )
     params = SamplingParams(
         temperature=1.0 if greedy or temperature is None else temperature,
         # top_k >= the vocabulary keeps every token: off (and never a number the shard's uint32 can't hold).

@@ -52,12 +52,13 @@ class Tokenizer:
         except KeyError:
             pass
         text = None
-        if self._byte_level and token_id not in self._added_ids and len(self._pieces) < 1 << 20:
+        if self._byte_level and token_id not in self._added_ids:
             piece = self.hf.convert_ids_to_tokens(token_id)
             byte_decoder = self._byte_decoder
             if isinstance(piece, str) and piece and byte_decoder and all(ch in byte_decoder for ch in piece):
                 with contextlib.suppress(UnicodeDecodeError):
                     text = bytes(byte_decoder[ch] for ch in piece).decode("utf-8")
+        if len(self._pieces) < 1 << 20:  # a bound far above any vocabulary
             self._pieces[token_id] = text
         return text
 

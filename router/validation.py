@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -167,9 +167,14 @@ def parse_parameters(params: object) -> GenerateParameters:
 class Validator:
     """Applies the server's limits to parsed parameters and tokenizes the prompt off the event loop."""
 
-    def __init__(self, config: RouterConfig, tokenizer: Tokenizer) -> None:
+    def __init__(
+        self, config: RouterConfig, tokenizer: Tokenizer, unsupported: Iterable[str] = (), backend: str = ""
+    ) -> None:
         self.config = config
         self.tokenizer = tokenizer
+        # Parameters the shards' backend cannot honour (InfoResponse.unsupported_parameters).
+        self.unsupported = frozenset(unsupported)
+        self.backend = backend
         self._pool = ThreadPoolExecutor(max_workers=config.validation_workers, thread_name_prefix="tokenize")
 
     def close(self) -> None:
@@ -230,6 +235,14 @@ class Validator:
             raise ValidationError(
                 f"`truncate` must be strictly positive and less than {c.max_input_length}. Given: {p.truncate}"
             )
+        self.check_supported(
+            {
+                "typical_p": typical_p < 1.0,
+                "frequency_penalty": bool(p.frequency_penalty),
+                "presence_penalty": bool(p.presence_penalty),
+                "seed": p.seed is not None and sampling,
+            }
+        )
         seed = p.seed if p.seed is not None else (random.getrandbits(64) if sampling else 0)
         return SamplingParams(
             temperature=temperature,
@@ -242,6 +255,17 @@ class Validator:
             frequency_penalty=p.frequency_penalty or 0.0,
             presence_penalty=p.presence_penalty or 0.0,
         )
+
+    def check_supported(self, used: dict[str, bool], fields: dict[str, str] | None = None) -> None:
+        """Refuses a parameter the request uses (``used[name]`` true) that the backend cannot honour;
+        ``fields`` renames a parameter to the request's own field name."""
+        for name, on in used.items():
+            if on and name in self.unsupported:
+                field_name = (fields or {}).get(name, name)
+                raise ValidationError(
+                    f"`{field_name}` is not supported by this server's {self.backend or 'model'} backend",
+                    field_name,
+                )
 
     def fault(self, p: GenerateParameters) -> str:
         """The test-only ``fault`` hook; ignored (like any unknown key) unless --fault-injection is on."""

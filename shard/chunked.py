@@ -3,13 +3,14 @@
 A prompt does not have to run whole, at once, while every running stream waits: ``Prefill`` registers
 new requests and, when nothing else is running, runs their prompts at once; otherwise their prompts run
 in chunks inside the following ``Decode`` steps, beside the running streams, under a token budget that
-keeps each step within about twice the cost of a plain decode step. A request whose prompt is complete
+keeps each step within about twice the cost of a plain decode step (``StepCosts``). A request whose prompt is complete
 gets its first token in that step and joins the running batch. Until then the router sees it in the
 cached batch's request ids, without a token.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -23,8 +24,42 @@ from .paged.kv_cache import Sequence
 from .types import RequestSpec, StepResult
 
 # Prompt tokens a step can take "for free" beside its decodes: below this many tokens a step costs about
-# one read of the weights, whatever it computes.
+# one read of the weights, whatever it computes. The floor of every chunk budget.
 FREE_TOKENS = {"cpu": 16, "cuda": 256}
+EWMA = 0.3
+
+
+class StepCosts:
+    """What steps cost here, learnt from the steps themselves: a decode step's seconds, and the seconds
+    one more prompt token adds to a step. Chunks are then sized so that a step with a chunk takes about
+    twice a plain decode step: running streams keep at least half their pace, and prompts go as fast as
+    that allows, on any device."""
+
+    def __init__(self, free_tokens: int) -> None:
+        self.free_tokens = free_tokens
+        self.decode_s: float | None = None
+        self.token_s: float | None = None
+
+    def budget(self, decoding: int) -> int | None:
+        """Prompt tokens for a step beside ``decoding`` running rows; None = no limit (nobody waits)."""
+        if decoding == 0:
+            return None
+        if self.decode_s is None or self.token_s is None:
+            return max(decoding, 2 * self.free_tokens - decoding)
+        return max(self.free_tokens, int(self.decode_s / self.token_s))
+
+    def observe(self, seconds: float, decoding: int, prompt_tokens: int) -> None:
+        if prompt_tokens == 0:
+            if decoding:
+                self.decode_s = _ewma(self.decode_s, seconds)
+            return
+        extra = seconds - (self.decode_s or 0.0) if decoding else seconds
+        if extra > 0:
+            self.token_s = _ewma(self.token_s, extra / prompt_tokens)
+
+
+def _ewma(old: float | None, new: float) -> float:
+    return new if old is None else (1 - EWMA) * old + EWMA * new
 
 
 @dataclass
@@ -42,14 +77,6 @@ class Pending:
     @property
     def remaining(self) -> int:
         return len(self.seq.tokens) - self.seq.computed
-
-
-def chunk_budget(decoding: int, free_tokens: int) -> int | None:
-    """Prompt tokens a step may add to ``decoding`` running rows and stay within about twice their cost
-    (cost ~ max(tokens, free_tokens)); None = no limit (nothing is decoding, nobody waits)."""
-    if decoding == 0:
-        return None
-    return max(decoding, 2 * free_tokens - decoding)
 
 
 def concat_results(results: list[StepResult]) -> StepResult:
@@ -85,7 +112,7 @@ class ChunkedEngine(Engine):
     def __init__(self, backend: PagedBackend, faults: Faults | None = None) -> None:
         super().__init__(backend, faults)
         self.pending: list[Pending] = []
-        self.free_tokens = FREE_TOKENS.get(backend.device.type, 16)
+        self.costs = StepCosts(FREE_TOKENS.get(backend.device.type, 16))
 
     # -- the protocol -----------------------------------------------------------------------------
     def prefill(self, batch_id: int, requests: list[RequestSpec], max_tokens: int) -> StepResult:
@@ -169,7 +196,10 @@ class ChunkedEngine(Engine):
         """Decodes ``batch`` (if any) and runs the next chunks of batch ``target``'s pending prompts in
         the same forward; prompts that complete get their first token and join the batch."""
         mine = [p for p in self.pending if p.batch_id == target]
-        budget = chunk_budget(len(batch) if batch is not None else 0, self.free_tokens)
+        decoding = len(batch) if batch is not None else 0
+        budget = self.costs.budget(decoding)
+        if budget is not None:  # timings differ between ranks; their chunk plans must not
+            budget = self.backend.parallel.agree(budget)
         plan: list[tuple[Pending, int]] = []
         for p in mine:
             take = p.remaining if budget is None else min(p.remaining, budget)
@@ -184,11 +214,13 @@ class ChunkedEngine(Engine):
             chunks = [Chunk(p.seq, take, p.want_logits) for p, take in plan]
             if batch is None and not chunks:
                 return StepResult([], [], []), self._cached(target, None)
+            started = time.perf_counter()
             decode_logits, chunk_logits = self.backend.step(
                 batch.state if batch is not None else None,
                 batch.next_ids if batch is not None else None,
                 chunks,
             )
+            self.costs.observe(time.perf_counter() - started, decoding, sum(c.length for c in chunks))
             results: list[StepResult] = []
             if batch is not None:
                 logits = self.faults.poison(batch.requests, decode_logits)

@@ -38,6 +38,12 @@ def serve(
     fault_injection: Annotated[
         bool, typer.Option(hidden=True, help="Test only: honour fault hooks.")
     ] = False,
+    ct2_threads: Annotated[
+        int, typer.Option(help="--quantize ct2: compute threads per step (0: the cores available).")
+    ] = 0,
+    ct2_max_batches: Annotated[
+        int, typer.Option(help="--quantize ct2: CTranslate2 batches running side by side.")
+    ] = 32,
 ) -> None:
     """Loads the model and serves the shard service on ``{uds_path}-{RANK}``."""
     rank = int(os.environ.get("RANK", "0"))
@@ -52,6 +58,8 @@ def serve(
         rank=rank,
         world_size=int(os.environ.get("WORLD_SIZE", "1")),
         fault_injection=fault_injection,
+        ct2_threads=ct2_threads,
+        ct2_max_batches=ct2_max_batches,
     )
     from .server import serve as run_server
 

@@ -18,6 +18,9 @@ class ShardConfig:
     world_size: int = 1
     # Test-only fault hooks (shard/faults.py); off unless the launcher's --fault-injection is given.
     fault_injection: bool = False
+    # --quantize ct2: compute threads per step (0: the cores available) and batches run side by side.
+    ct2_threads: int = 0
+    ct2_max_batches: int = 32
 
     @property
     def socket_path(self) -> str:

@@ -30,3 +30,40 @@ def select_device(dist: DistInfo) -> torch.device:
         torch.cuda.set_device(dist.local_rank)
         return torch.device("cuda", dist.local_rank)
     return torch.device("cpu")
+
+
+def init_parallel(dist: DistInfo, device: torch.device, timeout_s: float = 120.0):
+    """Joins the tensor-parallel group (NCCL on CUDA, gloo on CPU) and returns this rank's ``Parallel``:
+    how the paged layers sum partial results and gather the vocabulary slices. One rank: no group."""
+    from datetime import timedelta
+
+    import torch.distributed as td
+
+    from .paged.layers import Parallel
+
+    if dist.world_size == 1:
+        return Parallel()
+    td.init_process_group(
+        backend="nccl" if device.type == "cuda" else "gloo",
+        rank=dist.rank,
+        world_size=dist.world_size,
+        timeout=timedelta(seconds=timeout_s),
+        **({"device_id": device} if device.type == "cuda" else {}),
+    )
+
+    def all_reduce(x: torch.Tensor) -> torch.Tensor:
+        td.all_reduce(x)
+        return x
+
+    def all_gather(x: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(x) for _ in range(dist.world_size)]
+        td.all_gather(parts, x.contiguous())
+        return torch.cat(parts, dim=-1)
+
+    def agree(value: int) -> int:
+        """The smallest of every rank's ``value``: decisions that must be identical on all ranks."""
+        t = torch.tensor([value], dtype=torch.long, device=device)
+        td.all_reduce(t, op=td.ReduceOp.MIN)
+        return int(t.item())
+
+    return Parallel(dist.rank, dist.world_size, all_reduce, all_gather, agree)

@@ -25,7 +25,7 @@ from .backends import load_backend
 from .backends.base import BackendInfo
 from .batch import UnknownRequestError
 from .config import ShardConfig
-from .dist import DistInfo, select_device
+from .dist import DistInfo, init_parallel, select_device
 from .engine import Engine, UnknownBatchError, make_engine
 from .faults import Faults, is_fatal
 from .types import RequestSpec, SamplingParams, StepResult
@@ -92,6 +92,7 @@ def info_to_pb(info: BackendInfo, world_size: int) -> pb.InfoResponse:
         world_size=world_size,
         backend=info.name,
         vocab_size=info.vocab_size,
+        unsupported_parameters=list(info.unsupported_parameters),
     )
 
 
@@ -110,7 +111,9 @@ class ShardService(pb_grpc.TextGenerationServiceServicer):
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except Exception as e:
-            if is_fatal(e):
+            # With several ranks, a rank that failed mid-step may have skipped a collective the others
+            # wait in: the group cannot be trusted any more, so every failure is fatal there.
+            if is_fatal(e) or self.world_size > 1:
                 # The device cannot be trusted after this: fail the step, then exit so that the launcher
                 # takes the server down (a restart is the only recovery).
                 log.critical("Unrecoverable device error, the shard exits: %s", e)
@@ -184,16 +187,19 @@ async def serve(config: ShardConfig) -> None:
     """Loads the model, then answers on ``config.socket_path`` until SIGTERM/SIGINT."""
     dist = DistInfo(rank=config.rank, world_size=config.world_size, local_rank=DistInfo.from_env().local_rank)
     device = select_device(dist)
+    parallel = init_parallel(dist, device)
     started = time.perf_counter()
-    backend = load_backend(config, device)
+    backend = load_backend(config, device, parallel)
     log.info("Model ready in %.1f s", time.perf_counter() - started)
     if config.fault_injection:
         log.warning("Fault injection is on: requests can make this shard fail (tests only)")
 
+    faults = Faults(config.fault_injection)
+    # A backend with a decoding loop of its own (CTranslate2) brings its own engine.
+    own_engine = getattr(backend, "make_engine", None)
+    engine = own_engine(faults) if own_engine is not None else make_engine(backend, faults)
     server = grpc.aio.server(options=GRPC_OPTIONS)
-    pb_grpc.add_TextGenerationServiceServicer_to_server(
-        ShardService(make_engine(backend, Faults(config.fault_injection)), config.world_size), server
-    )
+    pb_grpc.add_TextGenerationServiceServicer_to_server(ShardService(engine, config.world_size), server)
     path = config.socket_path
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)

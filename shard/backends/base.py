@@ -22,6 +22,9 @@ class BackendInfo:
     eos_token_ids: list[int]
     vocab_size: int
     max_position_embeddings: int = 0
+    # Request parameters this backend cannot honour (names as in common.params.SamplingParams, plus
+    # "min_new_tokens"); the router refuses requests that use them.
+    unsupported_parameters: tuple[str, ...] = ()
 
 
 @dataclass

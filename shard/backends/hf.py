@@ -31,6 +31,22 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def bnb_config(quantize: str, compute_dtype: torch.dtype) -> object:
+    """transformers' BitsAndBytesConfig for ``--quantize bitsandbytes[-nf4|-fp4]``: LLM.int8, or 4-bit
+    NF4/FP4 weights computing in ``compute_dtype``."""
+    from common.quantize import BITSANDBYTES, require
+
+    require(quantize)
+    from transformers import BitsAndBytesConfig
+
+    mode = BITSANDBYTES[quantize]
+    if mode == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=mode, bnb_4bit_compute_dtype=compute_dtype
+    )
+
+
 @dataclass
 class HFState:
     """A batch's KV cache: ``attention_mask`` [batch, L] marks real slots; ``positions`` [batch] is each
@@ -50,22 +66,29 @@ class HFBackend:
         device: torch.device,
         dtype: str | None = None,
         trust_remote_code: bool = False,
+        quantize: str | None = None,
     ) -> None:
         from transformers import AutoModelForCausalLM, DynamicCache
 
         self.device = device
         torch_dtype = DTYPES[dtype] if dtype else default_dtype(device)
+        kwargs: dict = {}
+        if quantize:
+            # bitsandbytes quantizes the weights as they load, on the device they load to.
+            kwargs = {"quantization_config": bnb_config(quantize, torch_dtype), "device_map": {"": device}}
         self.model = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=torch_dtype, trust_remote_code=trust_remote_code
+            model_path, dtype=torch_dtype, trust_remote_code=trust_remote_code, **kwargs
         )
-        self.model.eval().to(device)
+        self.model.eval()
+        if not quantize:  # a bitsandbytes model is where it loaded (and refuses .to)
+            self.model.to(device)
         self._cache_class = DynamicCache
         params = inspect.signature(self.model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._has_logits_to_keep = "logits_to_keep" in params
         config = self.model.config.get_text_config()
         self.info = BackendInfo(
-            name="transformers",
+            name=f"transformers+{quantize}" if quantize else "transformers",
             dtype=str(torch_dtype).removeprefix("torch."),
             device_type=device.type,
             requires_padding=True,
@@ -73,7 +96,15 @@ class HFBackend:
             vocab_size=int(config.vocab_size),
             max_position_embeddings=int(getattr(config, "max_position_embeddings", 0) or 0),
         )
-        log.info("Loaded %s (%s, %s) from %s", type(self.model).__name__, self.info.dtype, device, model_path)
+        log.info(
+            "Loaded %s (%s, %s%s) from %s: %.0f MiB of weights",
+            type(self.model).__name__,
+            self.info.dtype,
+            device,
+            f", {quantize}" if quantize else "",
+            model_path,
+            self.model.get_memory_footprint() / 2**20,
+        )
 
     def _eos_ids(self) -> list[int]:
         eos = getattr(self.model.generation_config, "eos_token_id", None)

@@ -26,9 +26,11 @@ log = logging.getLogger(__name__)
 
 BLOCK_SIZE = 16
 # KV memory when the device cannot tell what is free: a share of the host's available memory, capped.
-CPU_KV_SHARE = 0.25
-CPU_KV_CAP_BYTES = 4 * 2**30
+CPU_KV_SHARE = 0.2
+CPU_KV_CAP_BYTES = 2 * 2**30
 CUDA_KV_SHARE = 0.85
+# More tokens than any batch could hold (128 requests x 2,048 tokens): a small model's pool stops here.
+MAX_POOL_TOKENS = 2**18
 
 
 @dataclass
@@ -45,13 +47,14 @@ class Chunk:
     want_all: bool = False
 
 
-def kv_budget_bytes(device: torch.device) -> int:
+def kv_budget_bytes(device: torch.device, world_size: int = 1) -> int:
     """Bytes for the KV pool: most of the free GPU memory, or a share of the host's available memory."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free * CUDA_KV_SHARE)
     available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return int(min(available * CPU_KV_SHARE, CPU_KV_CAP_BYTES))
+    # The ranks of a CPU server share the host's memory.
+    return int(min(available * CPU_KV_SHARE, CPU_KV_CAP_BYTES)) // world_size
 
 
 class PagedBackend:
@@ -65,6 +68,7 @@ class PagedBackend:
         parallel: Parallel | None = None,
         kv_cache_bytes: int | None = None,
         block_size: int = BLOCK_SIZE,
+        quantize: str | None = None,
     ) -> None:
         from transformers import AutoConfig, GenerationConfig
 
@@ -76,10 +80,20 @@ class PagedBackend:
         self.spec = spec = ModelSpec.from_config(config)
         self.model = LlamaModel(config, spec, Weights(path, torch_dtype, device), self.parallel,
                                 spec.max_position_embeddings)  # fmt: skip
+        if quantize:
+            from ..paged.quant import quantize_model
+
+            quantize_model(self.model, quantize)
         layer = self.model.layers[0]
         per_token = 2 * spec.num_layers * layer.num_kv_heads * spec.head_dim * torch_dtype.itemsize
-        budget = kv_cache_bytes if kv_cache_bytes is not None else kv_budget_bytes(device)
-        num_blocks = max(budget // (per_token * block_size), 1)
+        budget = (
+            kv_cache_bytes
+            if kv_cache_bytes is not None
+            else kv_budget_bytes(device, self.parallel.world_size)
+        )
+        num_blocks = max(min(budget // per_token, MAX_POOL_TOKENS) // block_size, 1)
+        # Every rank must evict and refuse alike: the pool is the smallest any rank can hold.
+        num_blocks = self.parallel.agree(num_blocks)
         self.cache = PagedKVCache(spec.num_layers, num_blocks, block_size, layer.num_kv_heads, spec.head_dim,
                                   torch_dtype, device)  # fmt: skip
         try:
@@ -104,6 +118,11 @@ class PagedBackend:
             "Paged KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB)",
             num_blocks, block_size, self.cache.num_tokens, num_blocks * block_size * per_token / 2**30,
         )  # fmt: skip
+        tensors = {t.data_ptr(): t for t in self.model.state_dict().values()}  # tied weights count once
+        weight_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        log.info(
+            "Weights on rank %d/%d: %.1f MB", self.parallel.rank, self.parallel.world_size, weight_bytes / 1e6
+        )
 
     # -- steps ------------------------------------------------------------------------------------
     def open(self, prompt: list[int], want_prompt_logits: bool) -> Sequence:
@@ -163,7 +182,8 @@ class PagedBackend:
             lengths = [len(s.tokens) for s in seqs]
             longest = max(lengths)
             width = -(-longest // bs)
-            table = torch.tensor([(s.blocks + [0] * width)[:width] for s in seqs], device=dev)
+            null = self.cache.null_block
+            table = torch.tensor([(s.blocks + [null] * width)[:width] for s in seqs], device=dev)
             span = torch.arange(longest, device=dev)
             slots = table[:, span // bs] * bs + span % bs
             lengths_t = torch.tensor(lengths, device=dev)

@@ -34,7 +34,7 @@ class StepMeta:
 
     write_slots: torch.Tensor
     num_decodes: int
-    # Decodes: [batch, max context] slots (padding points at block 0, kept finite) and [batch, 1, 1, max context] mask.
+    # Decodes: [batch, max context] slots (padding points at the zero null block) and [batch, 1, 1, max context] mask.
     decode_slots: torch.Tensor | None
     decode_mask: torch.Tensor | None
     prefills: list[PrefillChunk]

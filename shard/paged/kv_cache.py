@@ -110,21 +110,15 @@ class PagedKVCache:
         dtype: torch.dtype,
         device: torch.device,
     ) -> None:
-        shape = (num_layers, num_blocks * block_size, kv_heads, head_dim)
-        # torch.empty: the memory is reserved now and touched only as blocks are used.
-        self.k = torch.empty(shape, dtype=dtype, device=device)
-        self.v = torch.empty(shape, dtype=dtype, device=device)
+        # One more block than the allocator hands out: the null block, all zeros, which padding in a
+        # batch's block table points at. Zeroed memory is committed now (the pool is allocated once).
+        shape = (num_layers, (num_blocks + 1) * block_size, kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.block_size = block_size
+        self.null_block = num_blocks
         self.allocator = BlockAllocator(num_blocks, block_size)
         self.device = device
-        # Blocks never handed out still hold whatever the memory held (NaN bit patterns included).
-        # Attention reads a sequence's whole last block and masks the unwritten slots, and a zero weight
-        # times NaN is NaN: so a block is zeroed the first time it is used (later it holds old, finite K/V).
-        self.touched = torch.zeros(num_blocks, dtype=torch.bool)
-        # Padding in a batch's block table points at block 0: make it finite before anyone reads it.
-        self.k[:, :block_size].zero_()
-        self.v[:, :block_size].zero_()
-        self.touched[0] = True
 
     @property
     def num_tokens(self) -> int:
@@ -163,12 +157,12 @@ class PagedKVCache:
             seq.blocks.append(self._allocate())
 
     def _allocate(self) -> int:
+        """A block for a sequence, zeroed: attention reads a sequence's whole last block and masks the
+        slots not written yet, and a zero weight times a NaN left by an earlier owner would still be NaN."""
         block = self.allocator.allocate()
-        if not self.touched[block]:
-            bs = self.block_size
-            self.k[:, block * bs : (block + 1) * bs].zero_()
-            self.v[:, block * bs : (block + 1) * bs].zero_()
-            self.touched[block] = True
+        bs = self.block_size
+        self.k[:, block * bs : (block + 1) * bs].zero_()
+        self.v[:, block * bs : (block + 1) * bs].zero_()
         return block
 
     def slots(self, seq: Sequence, start: int, end: int) -> list[int]:

@@ -32,6 +32,8 @@ class Parallel:
     # Sums a tensor over the ranks (in place or not); concatenates the ranks' last dimensions.
     all_reduce: AllReduce = no_all_reduce
     all_gather: AllReduce = no_all_reduce
+    # The minimum of an int over the ranks: for choices every rank must make alike (pool size, chunks).
+    agree: Callable[[int], int] = int
 
     def split(self, size: int, what: str) -> tuple[int, int]:
         """This rank's [start, end) of ``size`` items split evenly (refused when it does not divide)."""

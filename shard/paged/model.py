@@ -15,13 +15,15 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from common.sharding import PAGED_ARCHITECTURES
+
 from .attention import StepMeta, paged_attention
 from .kv_cache import PagedKVCache
 from .layers import MLP, ColumnLinear, Parallel, RMSNorm, Rotary, RowLinear, VocabEmbedding
 
 log = logging.getLogger(__name__)
 
-ARCHITECTURES = ("llama", "mistral", "qwen2")
+ARCHITECTURES = PAGED_ARCHITECTURES
 
 
 class UnsupportedModelError(ValueError):
@@ -162,9 +164,10 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.spec = spec
         self.parallel = parallel
-        vocab = (
-            parallel.split(spec.vocab_size, "vocabulary") if parallel.world_size > 1 else (0, spec.vocab_size)
-        )
+        # The vocabulary is split in equal ranges (the last may be shorter): any vocabulary size shards.
+        self.vocab_part = -(-spec.vocab_size // parallel.world_size)
+        start = parallel.rank * self.vocab_part
+        vocab = (start, min(spec.vocab_size, start + self.vocab_part))
         embed = w.get("model.embed_tokens.weight", 0, vocab if parallel.world_size > 1 else None)
         self.embed = VocabEmbedding(embed, vocab[0], parallel)
         self.layers = nn.ModuleList(
@@ -181,6 +184,7 @@ class LlamaModel(nn.Module):
 
         rope = LlamaRotaryEmbedding(config)
         self.rotary = Rotary(rope.inv_freq, rope.attention_scaling, max_positions, w.dtype)
+        self.head: nn.Module | None = None  # a quantized LM head (shard/paged/quant.py) replaces F.linear
         self.rotary.cos = self.rotary.cos.to(w.device)
         self.rotary.sin = self.rotary.sin.to(w.device)
 
@@ -199,7 +203,10 @@ class LlamaModel(nn.Module):
         for i, layer in enumerate(self.layers):
             h = layer(h, cos, sin, cache.k[i], cache.v[i], meta)
         h = self.norm(h if logit_rows is None else h.index_select(0, logit_rows))
-        logits = torch.nn.functional.linear(h, self.lm_head)
+        logits = self.head(h) if self.head is not None else torch.nn.functional.linear(h, self.lm_head)
         if self.parallel.world_size > 1:
-            logits = self.parallel.all_gather(logits)
+            pad = self.vocab_part - logits.shape[-1]
+            if pad:
+                logits = torch.nn.functional.pad(logits, (0, pad))
+            logits = self.parallel.all_gather(logits)[:, : self.spec.vocab_size]
         return logits.float()

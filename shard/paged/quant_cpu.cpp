@@ -10,8 +10,8 @@
 // Decoding is bandwidth bound: the weights are read once per call, dequantized in registers and multiplied
 // with every row of x at once (m <= 4), or dequantized for 4 output channels into a small float buffer
 // that stays in L1 and reused by every 4-row tile of x (m > 4). Work is split over output channels with
-// at::parallel_for (torch's own thread pool). The vector code uses GCC vector extensions, so the compiler
-// emits AVX-512, AVX2 or SSE, whatever -march=native allows.
+// at::parallel_for (torch's own thread pool). The vector code has an AVX-512 and an AVX2+FMA version
+// (whichever -march=native allows) and a plain one the compiler vectorizes as it can.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -20,39 +20,115 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <immintrin.h>
+
 #include <cstdint>
 #include <cstring>
 #include <vector>
 
 namespace {
 
-typedef float v16f __attribute__((vector_size(64)));
-typedef int32_t v16i __attribute__((vector_size(64)));
-typedef int8_t v16s8 __attribute__((vector_size(16)));
-typedef uint8_t v16u8 __attribute__((vector_size(16)));
-
 constexpr int64_t BLOCK = 32;        // k elements per inner step (and per int4 block)
 constexpr int64_t INT4_BYTES = 20;   // bytes per int4 block
 constexpr int64_t NT = 4;            // output channels per tile
 
-inline v16f load(const float* p) {
-  v16f v;
-  std::memcpy(&v, p, sizeof(v));
+// V: 16 floats in registers (one AVX-512 register, two AVX2 registers, or a plain array).
+#if defined(__AVX512F__)
+struct V {
+  __m512 a;
+};
+inline V zero() { return {_mm512_setzero_ps()}; }
+inline V set1(float f) { return {_mm512_set1_ps(f)}; }
+inline V load(const float* p) { return {_mm512_loadu_ps(p)}; }
+inline void store(float* p, V v) { _mm512_storeu_ps(p, v.a); }
+inline V fma(V x, V y, V acc) { return {_mm512_fmadd_ps(x.a, y.a, acc.a)}; }
+inline float hsum(V v) { return _mm512_reduce_add_ps(v.a); }
+inline V from_i8(const int8_t* p) {
+  return {_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))))};
+}
+// 16 bytes -> low nibbles (elements 0..15) and high nibbles (16..31) as floats.
+inline void from_u4(const uint8_t* p, V& lo, V& hi) {
+  const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  lo = {_mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15)))};
+  hi = {_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4))};
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+struct V {
+  __m256 a, b;
+};
+inline V zero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+inline V set1(float f) { return {_mm256_set1_ps(f), _mm256_set1_ps(f)}; }
+inline V load(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+inline void store(float* p, V v) {
+  _mm256_storeu_ps(p, v.a);
+  _mm256_storeu_ps(p + 8, v.b);
+}
+inline V fma(V x, V y, V acc) { return {_mm256_fmadd_ps(x.a, y.a, acc.a), _mm256_fmadd_ps(x.b, y.b, acc.b)}; }
+inline float hsum(V v) {
+  const __m256 s = _mm256_add_ps(v.a, v.b);
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_add_ss(h, _mm_movehdup_ps(h));
+  return _mm_cvtss_f32(h);
+}
+inline V from_i8(const int8_t* p) {
+  const __m128i lo = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  const __m128i hi = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8));
+  return {_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi))};
+}
+inline void from_u4(const uint8_t* p, V& lo, V& hi) {
+  const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m256i a = _mm256_cvtepu8_epi32(x), b = _mm256_cvtepu8_epi32(_mm_srli_si128(x, 8));
+  const __m256i m = _mm256_set1_epi32(15);
+  lo = {_mm256_cvtepi32_ps(_mm256_and_si256(a, m)), _mm256_cvtepi32_ps(_mm256_and_si256(b, m))};
+  hi = {_mm256_cvtepi32_ps(_mm256_srli_epi32(a, 4)), _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4))};
+}
+#else
+struct V {
+  float a[16];
+};
+inline V zero() { return V{}; }
+inline V set1(float f) {
+  V v;
+  for (int i = 0; i < 16; ++i) v.a[i] = f;
   return v;
 }
-
-inline void store(float* p, v16f v) { std::memcpy(p, &v, sizeof(v)); }
-
-inline float hsum(v16f v) {
+inline V load(const float* p) {
+  V v;
+  std::memcpy(v.a, p, sizeof(v.a));
+  return v;
+}
+inline void store(float* p, V v) { std::memcpy(p, v.a, sizeof(v.a)); }
+inline V fma(V x, V y, V acc) {
+  for (int i = 0; i < 16; ++i) acc.a[i] += x.a[i] * y.a[i];
+  return acc;
+}
+inline float hsum(V v) {
   float s = 0.f;
-  for (int i = 0; i < 16; ++i) s += v[i];
+  for (int i = 0; i < 16; ++i) s += v.a[i];
   return s;
 }
+inline V from_i8(const int8_t* p) {
+  V v;
+  for (int i = 0; i < 16; ++i) v.a[i] = p[i];
+  return v;
+}
+inline void from_u4(const uint8_t* p, V& lo, V& hi) {
+  for (int i = 0; i < 16; ++i) {
+    lo.a[i] = p[i] & 15;
+    hi.a[i] = p[i] >> 4;
+  }
+}
+#endif
 
 inline float half_at(const uint8_t* p) {
   uint16_t bits;
   std::memcpy(&bits, p, 2);
+#if defined(__F16C__)
+  return _cvtsh_ss(bits);
+#else
   return static_cast<float>(c10::Half(bits, c10::Half::from_bits()));
+#endif
 }
 
 // One row's 32 weights starting at column k0, dequantized (int8: without the channel scale).
@@ -60,13 +136,10 @@ struct Int8Rows {
   const int8_t* q;
   const float* scale;
   int64_t k;
-  inline void get(int64_t row, int64_t k0, v16f& lo, v16f& hi) const {
+  inline void get(int64_t row, int64_t k0, V& lo, V& hi) const {
     const int8_t* p = q + row * k + k0;
-    v16s8 a, b;
-    std::memcpy(&a, p, 16);
-    std::memcpy(&b, p + 16, 16);
-    lo = __builtin_convertvector(__builtin_convertvector(a, v16i), v16f);
-    hi = __builtin_convertvector(__builtin_convertvector(b, v16i), v16f);
+    lo = from_i8(p);
+    hi = from_i8(p + 16);
   }
   inline float post(int64_t row) const { return scale[row]; }
 };
@@ -74,54 +147,59 @@ struct Int8Rows {
 struct Int4Rows {
   const uint8_t* blocks;
   int64_t k;
-  inline void get(int64_t row, int64_t k0, v16f& lo, v16f& hi) const {
+  inline void get(int64_t row, int64_t k0, V& lo, V& hi) const {
     const uint8_t* p = blocks + (row * (k / BLOCK) + k0 / BLOCK) * INT4_BYTES;
-    const float d = half_at(p), m = half_at(p + 2);
-    v16u8 b;
-    std::memcpy(&b, p + 4, 16);
-    const v16i v = __builtin_convertvector(b, v16i);
-    lo = __builtin_convertvector(v & 15, v16f) * d + m;
-    hi = __builtin_convertvector(v >> 4, v16f) * d + m;
+    const V d = set1(half_at(p)), m = set1(half_at(p + 2));
+    from_u4(p + 4, lo, hi);
+    lo = fma(lo, d, m);
+    hi = fma(hi, d, m);
   }
   inline float post(int64_t) const { return 1.f; }
 };
 
-// m <= 4: each weight is dequantized once, in registers, and used by every row of x.
-template <int M, class Rows>
-void small_m(const float* x, const Rows& w, int64_t k, int64_t n0, int64_t n1, float* y, int64_t n) {
-  for (int64_t j0 = n0; j0 < n1; j0 += NT) {
-    const int64_t nt = std::min<int64_t>(NT, n1 - j0);
-    v16f acc[M][NT] = {};
-    for (int64_t k0 = 0; k0 < k; k0 += BLOCK) {
-      v16f xl[M], xh[M];
-      for (int i = 0; i < M; ++i) {
-        xl[i] = load(x + i * k + k0);
-        xh[i] = load(x + i * k + k0 + 16);
-      }
-      for (int64_t t = 0; t < NT; ++t) {
-        if (t >= nt) break;
-        v16f lo, hi;
-        w.get(j0 + t, k0, lo, hi);
-        for (int i = 0; i < M; ++i) acc[i][t] += xl[i] * lo + xh[i] * hi;
-      }
+// m <= 4: each weight is dequantized once, in registers, and used by every row of x (T channels at once).
+template <int M, int T, class Rows>
+inline void small_tile(const float* x, const Rows& w, int64_t k, int64_t j0, float* y, int64_t n) {
+  V acc[M][T];
+  for (int i = 0; i < M; ++i)
+    for (int t = 0; t < T; ++t) acc[i][t] = zero();
+  for (int64_t k0 = 0; k0 < k; k0 += BLOCK) {
+    V xl[M], xh[M];
+    for (int i = 0; i < M; ++i) {
+      xl[i] = load(x + i * k + k0);
+      xh[i] = load(x + i * k + k0 + 16);
     }
-    for (int64_t t = 0; t < nt; ++t) {
-      const float s = w.post(j0 + t);
-      for (int i = 0; i < M; ++i) y[i * n + j0 + t] = hsum(acc[i][t]) * s;
+    for (int t = 0; t < T; ++t) {
+      V lo, hi;
+      w.get(j0 + t, k0, lo, hi);
+      for (int i = 0; i < M; ++i) acc[i][t] = fma(xh[i], hi, fma(xl[i], lo, acc[i][t]));
     }
   }
+  for (int t = 0; t < T; ++t) {
+    const float s = w.post(j0 + t);
+    for (int i = 0; i < M; ++i) y[i * n + j0 + t] = hsum(acc[i][t]) * s;
+  }
+}
+
+template <int M, class Rows>
+void small_m(const float* x, const Rows& w, int64_t k, int64_t n0, int64_t n1, float* y, int64_t n) {
+  int64_t j0 = n0;
+  for (; j0 + NT <= n1; j0 += NT) small_tile<M, NT>(x, w, k, j0, y, n);
+  for (; j0 < n1; ++j0) small_tile<M, 1>(x, w, k, j0, y, n);
 }
 
 // 4 rows of x against 4 dequantized weight rows held in buf ([NT][k] floats).
 template <int M>
 void tile(const float* x, int64_t k, const float* buf, int64_t nt, const float* post, float* y, int64_t n) {
-  v16f acc[M][NT] = {};
+  V acc[M][NT];
+  for (int i = 0; i < M; ++i)
+    for (int64_t t = 0; t < NT; ++t) acc[i][t] = zero();
   for (int64_t k0 = 0; k0 < k; k0 += 16) {
-    v16f xv[M];
+    V xv[M];
     for (int i = 0; i < M; ++i) xv[i] = load(x + i * k + k0);
     for (int64_t t = 0; t < NT; ++t) {
-      const v16f wv = load(buf + t * k + k0);
-      for (int i = 0; i < M; ++i) acc[i][t] += xv[i] * wv;
+      const V wv = load(buf + t * k + k0);
+      for (int i = 0; i < M; ++i) acc[i][t] = fma(xv[i], wv, acc[i][t]);
     }
   }
   for (int64_t t = 0; t < nt; ++t)
@@ -142,7 +220,7 @@ void large_m(const float* x, int64_t m, const Rows& w, int64_t k, int64_t n0, in
         continue;
       }
       for (int64_t k0 = 0; k0 < k; k0 += BLOCK) {
-        v16f lo, hi;
+        V lo, hi;
         w.get(j0 + t, k0, lo, hi);
         store(row + k0, lo);
         store(row + k0 + 16, hi);

@@ -80,7 +80,7 @@ def test_missing_model_is_a_one_line_error(tmp_path: Path) -> None:
             {},
             "`max_batch_prefill_tokens` must be >= `max_input_length`",
         ),
-        (["--quantize", "bitsandbytes-nf4"], {}, "not supported yet"),
+        (["--quantize", "gptq"], {}, "`--quantize gptq` is not supported"),
         (["--quantize", "int3"], {}, "`quantize` must be one of"),
         (["--num-shard", "2"], {}, "not supported yet"),
         (["--sharded", "true", "--num-shard", "1"], {}, "`sharded` is true"),

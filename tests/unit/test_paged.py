@@ -10,6 +10,7 @@ import torch
 from shard.backends import load_backend
 from shard.backends.hf import HFBackend
 from shard.backends.paged import PagedBackend
+from shard.chunked import StepCosts
 from shard.config import ShardConfig
 from shard.engine import Engine, make_engine
 from shard.paged.kv_cache import BlockAllocator, CacheFullError, PagedKVCache
@@ -170,7 +171,7 @@ def test_a_long_prompt_joins_in_chunks_while_others_stream(paged: PagedBackend, 
             break
         running = [(cached.id, cached.request_ids)]
     assert out == {1: expected_short, 2: expected_long}
-    assert steps_until_first == -(-150 // 31)  # 31 prompt tokens a step beside one decode (16 free tokens)
+    assert steps_until_first > 1  # the prompt ran in chunks, beside the stream
     reference = hf.prefill(7, [RequestSpec(7, long_prompt, prefill_logprobs=True)], 999).prefill[0]
     assert torch.allclose(
         torch.tensor(prompt_logprobs.logprobs[1:]), torch.tensor(reference.logprobs[1:]), atol=1e-4
@@ -180,14 +181,25 @@ def test_a_long_prompt_joins_in_chunks_while_others_stream(paged: PagedBackend, 
 
 
 def test_unwritten_cache_memory_never_leaks_into_attention(tiny_model_dir: Path) -> None:
-    """Fresh pool memory may hold NaN bit patterns; masked slots must not turn them into NaN outputs."""
+    """Blocks may hold NaN left by an earlier owner; masked slots must not turn them into NaN outputs."""
     backend = PagedBackend(tiny_model_dir, CPU, kv_cache_bytes=2 * 2**20, block_size=16)
-    backend.cache.k.fill_(float("nan"))
-    backend.cache.v.fill_(float("nan"))
-    backend.cache.touched.zero_()
+    null = backend.cache.null_block * 16
+    backend.cache.k[:, :null].fill_(float("nan"))  # as a request with NaN K/V would leave its blocks
+    backend.cache.v[:, :null].fill_(float("nan"))
     engine = make_engine(backend)
     result = engine.prefill(1, [RequestSpec(1, list(range(3, 8))), RequestSpec(2, list(range(3, 30)))], 999)
     assert result.failures == []
     for _ in range(4):
         result, _ = engine.decode([(1, [1, 2])])
         assert result.failures == [] and len(result.token_ids) == 2
+
+
+def test_step_costs_size_chunks_to_about_one_decode_step() -> None:
+    costs = StepCosts(free_tokens=16)
+    assert costs.budget(0) is None  # nobody decoding: no limit
+    assert costs.budget(4) == 28  # nothing learnt yet: the token-count rule
+    costs.observe(0.050, decoding=8, prompt_tokens=0)  # a decode step: 50 ms
+    costs.observe(0.150, decoding=8, prompt_tokens=100)  # 100 prompt tokens added 100 ms: 1 ms each
+    assert costs.budget(8) == 50  # 50 more tokens ~ one more decode step: about twice the step
+    costs.observe(0.001, decoding=8, prompt_tokens=0)
+    assert costs.budget(8) >= 16  # never below the floor

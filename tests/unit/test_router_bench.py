@@ -10,6 +10,7 @@ import psutil
 import pytest
 
 from benchmark.cli import main
+from benchmark.router_bench import summarize
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -41,7 +42,13 @@ def test_router_against_fake_shard(
     step = level["router_step_ms"]
     assert step is not None and step["count"] > 0 and 0 < step["median"] <= step["p99"]
     assert level["prefills"] >= 1 and level["router_cpu_s"] > 0 and level["router_cpu_us_per_token"] > 0
-    assert data["summary"]["output_tokens_per_s"] == {str(STREAMS): m["output_tokens_per_s"]}
+    assert level["round"] == 1
+    tokens_per_s = data["summary"][str(STREAMS)]["output_tokens_per_s"]
+    assert tokens_per_s == {
+        "runs": [m["output_tokens_per_s"]],
+        "median": m["output_tokens_per_s"],
+        "best": m["output_tokens_per_s"],
+    }
 
     # Every request of the raw serve results: ok, exactly TOKENS streamed tokens, as the router counted.
     records = json.loads((raw / f"router-serve-{STREAMS}.json").read_text())["levels"][0]["records"]
@@ -59,3 +66,26 @@ def test_router_needs_a_tokenizer_that_exists(tmp_path: Path, capsys: pytest.Cap
     assert main(argv) == 1
     assert "router exited" in capsys.readouterr().err
     assert psutil.Process().children(recursive=True) == []
+
+
+def test_summary_gives_each_levels_median_and_best_over_rounds() -> None:
+    def level(round_: int, streams: int, tokens_per_s: float, step_ms: float | None, cpu_us: float) -> dict:
+        step = None if step_ms is None else {"median": step_ms}
+        return {"round": round_, "concurrency": streams, "metrics": {"output_tokens_per_s": tokens_per_s},
+                "router_step_ms": step, "router_cpu_us_per_token": cpu_us}  # fmt: skip
+
+    levels = [
+        level(1, 64, 100.0, 2.0, 30.0), level(1, 256, 50.0, 9.0, 20.0),
+        level(2, 64, 300.0, 1.0, 10.0), level(2, 256, 70.0, None, 25.0),
+        level(3, 64, 200.0, 4.0, 20.0), level(3, 256, 60.0, 7.0, 22.0),
+    ]  # fmt: skip
+    summary = summarize(levels)
+    assert list(summary) == ["64", "256"]
+    assert summary["64"]["output_tokens_per_s"] == {
+        "runs": [100.0, 300.0, 200.0],
+        "median": 200.0,
+        "best": 300.0,
+    }
+    assert summary["64"]["router_step_ms_median"] == {"runs": [2.0, 1.0, 4.0], "median": 2.0, "best": 1.0}
+    assert summary["64"]["router_cpu_us_per_token"]["best"] == 10.0
+    assert summary["256"]["router_step_ms_median"] == {"runs": [9.0, 7.0], "median": 8.0, "best": 7.0}

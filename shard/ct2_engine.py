@@ -1,0 +1,472 @@
+"""The engine of the CTranslate2 backend: continuous batching over ctranslate2's own decoding loop.
+
+ctranslate2 runs a batch start to end in one call (``Generator.generate_batch``) and keeps its KV cache
+inside; a batch cannot grow once started. So each group of requests that arrive together (a ``Prefill``)
+runs as one batch (a *group*: the requests whose sampling options match and whose prompts have about the
+same length) on a worker thread of its own, and the engine paces every group one step per ``Decode``:
+
+- ``generate_batch`` gets a callback that ctranslate2 calls for every token. At the first token of a new
+  step the callback hands the previous step's tokens over and waits for the engine to release the group:
+  the worker computes each step once, with its KV cache, and never runs ahead by more than that step.
+- Joining: a ``Prefill`` starts new groups; their requests take part in the next ``Decode`` steps with
+  the others. Leaving: a request the router no longer lists is stopped at its next token (the callback
+  returns True, which ends that row of the batch); a group whose rows have all left ends and frees its
+  worker. When every worker is busy a new group waits (its requests are listed, without tokens, in the
+  cached batch, as a chunked prefill's are) and starts as soon as one is free.
+- Steps are paced group after group on CPU (each step uses every compute thread) and all at once on CUDA.
+- Prompts of one group may differ a little in length: ctranslate2 runs the shortest prompt at once and
+  feeds the longer prompts' last tokens one per step, so a longer prompt gets its first token a few steps
+  later (it is listed without a token until then).
+- Token log-probabilities come from ctranslate2 (``return_scores``); ``top_n_tokens`` from the step's
+  logits (``return_logits_vocab``, only for groups that ask); prompt log-probabilities
+  (``decoder_input_details``) from ``Generator.score_batch``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import math
+import threading
+import weakref
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .backends.ct2 import CT2Backend
+from .batch import UnknownRequestError
+from .engine import Cached, UnknownBatchError
+from .faults import Faults
+from .types import PromptLogprobs, RequestFailure, RequestSpec, StepResult
+
+log = logging.getLogger(__name__)
+
+
+def length_slack(length: int) -> int:
+    """How much longer than a group's shortest prompt another prompt of the group may be (in tokens)."""
+    return max(8, length // 8)
+
+
+@dataclass(frozen=True)
+class Options:
+    """The generate_batch options a group shares (ctranslate2 takes one set per batch)."""
+
+    sampling_topk: int
+    sampling_topp: float
+    sampling_temperature: float
+    repetition_penalty: float
+    logits: bool  # return_logits_vocab: a request wants top_n_tokens
+
+    @classmethod
+    def of(cls, r: RequestSpec) -> Options:
+        p = r.params
+        if p.sampling:
+            # top_k 0 = the whole vocabulary (ctranslate2's sampling_topk=0); 1 would be greedy.
+            topk, topp, temperature = p.top_k, p.top_p, p.temperature
+        else:
+            topk, topp, temperature = 1, 1.0, 1.0
+        return cls(topk, topp, temperature, p.repetition_penalty, r.top_n_tokens > 0)
+
+
+@dataclass
+class Token:
+    """One token a group's callback received."""
+
+    row: Row
+    token_id: int
+    logprob: float
+    top_ids: list[int] = field(default_factory=list)
+    top_logprobs: list[float] = field(default_factory=list)
+
+
+@dataclass
+class Row:
+    request: RequestSpec
+    batch_id: int
+    group: Group
+    index: int
+    started: bool = False  # has had its first token
+    stop: bool = False  # the router dropped it: end its row of the batch at its next token
+    ended: bool = False  # ctranslate2 calls back no more for it
+    prompt: PromptLogprobs | None = None  # delivered with its first token
+
+
+class GroupError(RuntimeError):
+    pass
+
+
+class Group:
+    """One ctranslate2 batch on one worker thread, paused between steps by its callback."""
+
+    def __init__(self, requests: list[RequestSpec], batch_id: int, options: Options) -> None:
+        self.options = options
+        self.rows = [Row(r, batch_id, self, i) for i, r in enumerate(requests)]
+        self.cond = threading.Condition()
+        self.buffer: list[Token] = []  # the tokens of the step ctranslate2 is reporting
+        self.buffer_step = -1
+        self.ready: deque[list[Token]] = deque()  # complete steps the engine has not taken yet
+        self.published = 0  # steps handed over
+        self.released = 0  # steps the worker may go past
+        self.submitted = False
+        self.finished = False  # the job is over: no more steps, its worker is free
+        self.error: BaseException | None = None
+        self.aborted = False  # shutting down: end every row at once
+        self.top_n = max(r.top_n_tokens for r in requests)
+
+    @property
+    def live(self) -> bool:
+        """Whether a row may still produce tokens the router wants."""
+        return any(not (row.stop or row.ended) for row in self.rows)
+
+    # -- the worker's side (ctranslate2's thread) --------------------------------------------------
+    def callback(self, step: Any) -> bool:
+        with self.cond:
+            if step.step != self.buffer_step:
+                if self.buffer_step >= 0:  # a new step begins: the previous one is complete
+                    self._publish()
+                    # A group whose rows have all left goes on at once: its callbacks end them.
+                    while self.released < self.published and not self.aborted and self.live:
+                        self.cond.wait()
+                self.buffer_step = step.step
+            row = self.rows[step.batch_id]
+            if row.stop or self.aborted:
+                row.ended = True
+                return True
+            self.buffer.append(self._token(row, step))
+            if step.is_last:
+                row.ended = True
+            return False
+
+    def _token(self, row: Row, step: Any) -> Token:
+        token = Token(row, int(step.token_id), float(step.log_prob))
+        if self.options.logits and step.logits is not None:
+            logits = _to_numpy(step.logits).reshape(-1).astype(np.float64)
+            logprobs = logits - logits.max()
+            logprobs -= math.log(np.exp(logprobs).sum())
+            token.logprob = float(logprobs[token.token_id])
+            n = min(self.top_n, logprobs.shape[0])
+            if n:
+                top = np.argpartition(-logprobs, n - 1)[:n]
+                top = top[np.argsort(-logprobs[top], kind="stable")]
+                token.top_ids = [int(i) for i in top]
+                token.top_logprobs = [float(logprobs[i]) for i in top]
+        return token
+
+    def _publish(self) -> None:
+        self.ready.append(self.buffer)
+        self.buffer = []
+        self.published += 1
+        self.cond.notify_all()
+
+    def watch(self, results: list[Any]) -> None:
+        """Waits for the job to end (on a thread of its own); hands over its last step."""
+        error: BaseException | None = None
+        try:
+            for result in results:
+                result.result()
+        except BaseException as e:
+            error = e
+        with self.cond:
+            if self.buffer or self.buffer_step >= 0:
+                self._publish()
+            self.error = error
+            self.finished = True
+            for row in self.rows:
+                row.ended = True
+            self.cond.notify_all()
+
+    # -- the engine's side -------------------------------------------------------------------------
+    def release(self) -> None:
+        """Lets the worker compute the next step."""
+        with self.cond:
+            self.released = self.published
+            self.cond.notify_all()
+
+    def take(self) -> list[Token] | None:
+        """The next complete step (waits for it); None when the job ended without one."""
+        with self.cond:
+            while not self.ready and not self.finished:
+                self.cond.wait()
+            if self.ready:
+                return self.ready.popleft()
+            if self.error is not None:
+                raise GroupError(f"ctranslate2 failed: {type(self.error).__name__}: {self.error}")
+            return None
+
+    def abort(self) -> None:
+        with self.cond:
+            self.aborted = True
+            self.cond.notify_all()
+
+
+def _to_numpy(logits: Any) -> np.ndarray:
+    try:
+        return np.asarray(logits)
+    except (TypeError, ValueError, RuntimeError):  # a CUDA StorageView
+        import torch
+
+        return torch.as_tensor(logits, device="cuda").float().cpu().numpy()
+
+
+class CT2Engine:
+    """The engine protocol the gRPC servicer uses (prefill, decode, cached, clear) over ctranslate2."""
+
+    def __init__(self, backend: CT2Backend, faults: Faults | None = None) -> None:
+        self.backend = backend
+        self.faults = faults or Faults(enabled=False)
+        self.rows: dict[int, Row] = {}  # request id -> its row
+        self.batches: dict[int, list[int]] = {}  # router batch id -> request ids, in order
+        self.running: list[Group] = []  # submitted, not finished
+        self.waiting: list[Group] = []  # not submitted: every worker was busy
+        self.parallel = backend.device.type == "cuda"
+        ref = weakref.ref(self)
+        atexit.register(lambda: (engine := ref()) is not None and engine.close())
+
+    # -- the protocol -----------------------------------------------------------------------------
+    def prefill(self, batch_id: int, requests: list[RequestSpec], max_tokens: int) -> StepResult:
+        if not requests:
+            raise ValueError("a prefill batch needs at least one request")
+        if batch_id in self.batches:
+            raise ValueError(f"batch {batch_id} exists already")
+        self.faults.before_step(requests)
+        for r in requests:
+            self.backend.to_tokens(r.input_ids)  # fails now, not on a worker, for an unknown id
+        groups = self._groups(batch_id, requests)
+        self.batches[batch_id] = [r.id for r in requests]
+        for group in groups:
+            for row in group.rows:
+                self.rows[row.request.id] = row
+        self.waiting.extend(groups)
+        tokens: list[Token] = []
+        try:
+            tokens += self._start_waiting(batch_id)
+        except BaseException:
+            self.clear(batch_id)
+            raise
+        return self._result(tokens)
+
+    def decode(self, wanted: list[tuple[int, list[int]]]) -> tuple[StepResult, Cached | None]:
+        wanted = [(bid, ids) for bid, ids in wanted if ids or bid in self.batches]
+        missing = [bid for bid, _ in wanted if bid not in self.batches]
+        if missing:
+            raise UnknownBatchError(f"no cached batch {missing}")
+        if not wanted:
+            return StepResult([], [], []), None
+        for bid, ids in wanted:
+            unknown = set(ids) - set(self.batches[bid])
+            if unknown:
+                raise UnknownRequestError(f"batch {bid} holds no request {sorted(unknown)}")
+        target = wanted[0][0]
+        listed: list[int] = []
+        for bid, ids in wanted:
+            keep = set(ids)
+            for rid in self.batches.pop(bid):
+                if rid in keep:
+                    listed.append(rid)
+                else:
+                    self._drop(rid)
+        for rid in listed:
+            self.rows[rid].batch_id = target
+        if not listed:
+            self._release_closing()
+            return StepResult([], [], []), None
+        self.batches[target] = listed
+        try:
+            self.faults.before_step([self.rows[rid].request for rid in listed])
+            result = self._step(target)
+        except BaseException:
+            self.clear(target)
+            raise
+        return result, self.cached(target)
+
+    def cached(self, batch_id: int) -> Cached | None:
+        ids = self.batches.get(batch_id)
+        if not ids:
+            self.batches.pop(batch_id, None)
+            return None
+        requests = [self.rows[rid].request for rid in ids]
+        return Cached(batch_id, list(ids), sum(len(r.input_ids) + r.max_new_tokens for r in requests))
+
+    def clear(self, batch_id: int | None = None) -> None:
+        batch_ids = list(self.batches) if batch_id is None else [batch_id]
+        for bid in batch_ids:
+            for rid in self.batches.pop(bid, []):
+                self._drop(rid)
+        self._release_closing()
+
+    def close(self) -> None:
+        """Ends every batch at once (shutdown): a worker paused in a callback would keep the process."""
+        groups = [*self.running, *self.waiting]
+        for group in groups:
+            group.abort()
+        for group in groups:
+            with group.cond:
+                group.cond.wait_for(lambda g=group: g.finished or not g.submitted, timeout=5.0)
+        self.running.clear()
+        self.waiting.clear()
+
+    # -- groups -----------------------------------------------------------------------------------
+    def _groups(self, batch_id: int, requests: list[RequestSpec]) -> list[Group]:
+        """Requests with the same options and prompts within ``length_slack`` tokens, together."""
+        by_options: dict[Options, list[RequestSpec]] = {}
+        for r in requests:
+            by_options.setdefault(Options.of(r), []).append(r)
+        groups = []
+        for options, members in by_options.items():
+            members.sort(key=lambda r: len(r.input_ids))
+            current: list[RequestSpec] = []
+            for r in members:
+                if current and len(r.input_ids) > len(current[0].input_ids) + length_slack(
+                    len(current[0].input_ids)
+                ):
+                    groups.append(Group(current, batch_id, options))
+                    current = []
+                current.append(r)
+            groups.append(Group(current, batch_id, options))
+        return groups
+
+    def _start_waiting(self, batch_id: int) -> list[Token]:
+        """Starts the waiting groups of ``batch_id`` while workers are free; returns their first tokens."""
+        tokens: list[Token] = []
+        for group in [g for g in self.waiting if self._in(g, batch_id)]:
+            if not group.live:
+                self.waiting.remove(group)
+                continue
+            if not self._free_worker():
+                break
+            self.waiting.remove(group)
+            self._submit(group)
+            first = group.take()
+            if first is not None:
+                tokens += self._accept(group, first)
+        return tokens
+
+    @staticmethod
+    def _in(group: Group, batch_id: int) -> bool:
+        return any(row.batch_id == batch_id and not row.stop for row in group.rows)
+
+    def _free_worker(self) -> bool:
+        """Whether a worker can take a group now (waits for groups that are ending to end)."""
+        self.running = [g for g in self.running if not g.finished]
+        if len(self.running) < self.backend.max_batches:
+            return True
+        closing = [g for g in self.running if not g.live]
+        if not closing:
+            return False
+        for group in closing:
+            with group.cond:
+                while not group.finished:
+                    group.cond.wait()
+        self.running = [g for g in self.running if not g.finished]
+        return len(self.running) < self.backend.max_batches
+
+    def _submit(self, group: Group) -> None:
+        backend = self.backend
+        options = group.options
+        requests = [row.request for row in group.rows]
+        scored = [row for row in group.rows if row.request.prefill_logprobs]
+        if scored:
+            self._score(scored)
+        results = backend.generator.generate_batch(
+            [backend.to_tokens(r.input_ids) for r in requests],
+            max_length=max(r.max_new_tokens for r in requests),
+            include_prompt_in_result=False,
+            end_token=[],  # the router decides where a sequence ends
+            return_scores=True,
+            return_logits_vocab=options.logits,
+            sampling_topk=options.sampling_topk,
+            sampling_topp=options.sampling_topp,
+            sampling_temperature=options.sampling_temperature,
+            repetition_penalty=options.repetition_penalty,
+            callback=group.callback,
+            asynchronous=True,
+        )
+        group.submitted = True
+        self.running.append(group)
+        threading.Thread(target=group.watch, args=(results,), name="ct2-watch", daemon=True).start()
+
+    def _score(self, rows: list[Row]) -> None:
+        """Prompt log-probabilities (decoder_input_details) from ctranslate2's scoring."""
+        prompts = [row.request.input_ids for row in rows]
+        results = self.backend.generator.score_batch(
+            [self.backend.to_tokens(p) for p in prompts], max_input_length=0
+        )
+        for row, prompt, result in zip(rows, prompts, results, strict=True):
+            values = [float(v) for v in result.log_probs][: len(prompt) - 1]
+            row.prompt = PromptLogprobs(row.request.id, list(prompt), [math.nan, *values])
+
+    def _accept(self, group: Group, tokens: list[Token]) -> list[Token]:
+        """A step's tokens, less those of rows the router has dropped since."""
+        return [t for t in tokens if not t.row.stop and self.rows.get(t.row.request.id) is t.row]
+
+    def _step(self, target: int) -> StepResult:
+        """One step of every group of batch ``target``, then the waiting groups that can start."""
+        self._release_closing()
+        groups = [g for g in self.running if g.live and self._in(g, target)]
+        tokens: list[Token] = []
+        failed: list[RequestFailure] = []
+        if self.parallel:
+            for group in groups:
+                group.release()
+        for group in groups:
+            if not self.parallel:
+                group.release()
+            step = group.take()
+            if step is not None:
+                tokens += self._accept(group, step)
+        got = {id(t.row) for t in tokens}
+        for group in groups:
+            if group.finished:
+                # The job is over: a row the router still lists cannot get another token.
+                for row in group.rows:
+                    if not row.stop and self.rows.get(row.request.id) is row and id(row) not in got:
+                        failed.append(RequestFailure(row.request.id, "the CTranslate2 batch ended early"))
+        tokens += self._start_waiting(target)
+        for failure in failed:
+            self._forget(failure.request_id)
+        result = self._result(tokens)
+        result.failures = failed
+        return result
+
+    def _release_closing(self) -> None:
+        """Forgets the groups whose job is over (their worker is free)."""
+        self.running = [g for g in self.running if not g.finished]
+
+    def _drop(self, request_id: int) -> None:
+        row = self.rows.pop(request_id, None)
+        if row is None:
+            return
+        with row.group.cond:
+            row.stop = True
+            row.group.cond.notify_all()  # a paused worker whose rows have all left goes on and ends them
+        if not row.group.submitted and not row.group.live and row.group in self.waiting:
+            self.waiting.remove(row.group)
+
+    def _forget(self, request_id: int) -> None:
+        row = self.rows.pop(request_id, None)
+        if row is None:
+            return
+        ids = self.batches.get(row.batch_id)
+        if ids is not None and request_id in ids:
+            ids.remove(request_id)
+
+    def _result(self, tokens: list[Token]) -> StepResult:
+        """The step's tokens as the columns the servicer sends (each row's first token brings its prompt
+        log-probabilities along)."""
+        width = max((len(t.top_ids) for t in tokens), default=0)
+        result = StepResult([], [], [], top_n=width)
+        for token in tokens:
+            row = token.row
+            result.request_ids.append(row.request.id)
+            result.token_ids.append(token.token_id)
+            result.logprobs.append(token.logprob)
+            pad = width - len(token.top_ids)
+            result.top_ids += token.top_ids + [0] * pad
+            result.top_logprobs += token.top_logprobs + [float("-inf")] * pad
+            if not row.started:
+                row.started = True
+                if row.prompt is not None:
+                    result.prefill.append(row.prompt)
+        return result

@@ -1,0 +1,205 @@
+"""Weight-only int8 and int4 linear layers for the paged backend (``--quantize int8`` / ``--quantize int4``).
+
+The weights are quantized at load time from the float checkpoint; activations stay in the model's dtype.
+
+- ``int8``: one int8 per weight and one float32 scale per output channel (symmetric, max-abs / 127).
+- ``int4``: blocks of 32 weights along the input dimension, each with an fp16 scale ``d`` and an fp16
+  offset ``m``: ``w = q * d + m``, ``q`` in 0..15 (GGUF's Q4_1 layout; 5 bits a weight with the scales).
+  The LM head stays int8 in this mode (its errors move every logit at once).
+
+On the CPU the products run in kernels of our own (``quant_cpu.cpp``, compiled once per machine with
+``-march=native`` through torch's extension builder and cached): the weights are dequantized in registers,
+so a decode step reads 4x (int8) or 6x (int4) fewer bytes than float32. Measurements and the rejected
+alternatives (torch's packed int8/int4 kernels, torch.compile, ONNX Runtime's MatMulNBits) are in
+docs/benchmarks.md and benchmark/quant_kernels.py. From ``LARGE_M`` rows on (prefill), where the product
+is compute bound, the layer dequantizes its weight to float and calls the float GEMM instead.
+Without the kernels (no compiler, another device) every call takes that dequantizing path: correct, but
+slower than float32.
+
+Tensor parallelism: each rank quantizes only its own slice (a column slice's rows, a row slice's
+columns), so the per-channel scales and the blocks never cross ranks; RowLinear still sums across ranks.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import ColumnLinear, Parallel, RowLinear
+
+log = logging.getLogger(__name__)
+
+MODES = ("int8", "int4")
+GROUP = 32  # int4 block size (weights along the input dimension); also the kernels' k granularity
+INT4_BLOCK_BYTES = 20  # fp16 d, fp16 m, 16 bytes of nibbles
+# From this many rows on, dequantize and use the float GEMM (see docs/benchmarks.md, "Quantized kernels").
+LARGE_M = 128
+
+_SOURCE = Path(__file__).with_name("quant_cpu.cpp")
+_lock = threading.Lock()
+_loaded: bool | None = None
+
+
+def load_kernels() -> bool:
+    """Builds (first time on this machine) and loads the CPU kernels; False when that is not possible."""
+    global _loaded
+    with _lock:
+        if _loaded is None:
+            try:
+                from torch.utils.cpp_extension import load
+
+                load(
+                    name="paged_quant_cpu",
+                    sources=[str(_SOURCE)],
+                    extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno"],
+                    extra_ldflags=["-fopenmp"],
+                    is_python_module=False,
+                )
+                _loaded = hasattr(torch.ops.paged_quant, "int8_linear")
+            except Exception as e:  # no compiler, no headers, a read-only cache...
+                log.warning("Quantized CPU kernels unavailable (%s): weights are dequantized per call", e)
+                _loaded = False
+        return _loaded
+
+
+# -- quantization --------------------------------------------------------------------------------------
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[n, k] float -> (int8 [n, k], float32 scales [n]): symmetric, one scale per output channel."""
+    w = weight.float()
+    scale = (w.abs().amax(dim=1) / 127).clamp_min(torch.finfo(torch.float32).tiny)
+    q = (w / scale.unsqueeze(1)).round_().clamp_(-127, 127).to(torch.int8)
+    return q.contiguous(), scale.contiguous()
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.float() * scale.unsqueeze(1)
+
+
+def quantize_int4(weight: torch.Tensor) -> torch.Tensor:
+    """[n, k] float (k a multiple of 32) -> uint8 blocks [n, k / 32 * 20] (fp16 d, fp16 m, 16 bytes)."""
+    n, k = weight.shape
+    if k % GROUP:
+        raise ValueError(f"int4 needs an input width divisible by {GROUP}, got {k}")
+    g = weight.float().reshape(n, k // GROUP, GROUP)
+    low, high = g.amin(-1), g.amax(-1)
+    d = ((high - low) / 15).half()
+    m = low.half()
+    df, mf = d.float().unsqueeze(-1), m.float().unsqueeze(-1)
+    q = torch.where(df > 0, (g - mf) / torch.where(df > 0, df, 1.0), 0.0).round_().clamp_(0, 15)
+    q = q.to(torch.uint8)
+    nibbles = q[..., :16] | (q[..., 16:] << 4)
+    scales = torch.stack([d, m], dim=-1).view(torch.uint8)  # [n, k/32, 4]
+    return torch.cat([scales, nibbles], dim=-1).reshape(n, -1).contiguous()
+
+
+def dequantize_int4(blocks: torch.Tensor, k: int) -> torch.Tensor:
+    n = blocks.shape[0]
+    b = blocks.reshape(n, k // GROUP, INT4_BLOCK_BYTES)
+    dm = b[..., :4].contiguous().view(torch.float16).float()  # [n, k/32, 2]
+    nib = b[..., 4:]
+    q = torch.cat([nib & 15, nib >> 4], dim=-1).float()
+    return (q * dm[..., :1] + dm[..., 1:]).reshape(n, k)
+
+
+# -- the layer -----------------------------------------------------------------------------------------
+
+
+class QuantLinear(nn.Module):
+    """y = x W^T (+ b) with W held as int8 or int4; W is [n, k] as in ``F.linear``."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, mode: str) -> None:
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"unknown quantization {mode!r}; known: {', '.join(MODES)}")
+        self.mode = mode
+        self.out_features, self.in_features = weight.shape
+        self.dtype = weight.dtype
+        if mode == "int8":
+            q, scale = quantize_int8(weight)
+            self.register_buffer("q", q)
+            self.register_buffer("scale", scale)
+        else:
+            self.register_buffer("blocks", quantize_int4(weight))
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.fast = weight.device.type == "cpu" and self.in_features % GROUP == 0 and load_kernels()
+
+    def dequantized(self) -> torch.Tensor:
+        if self.mode == "int8":
+            w = dequantize_int8(self.q, self.scale)
+        else:
+            w = dequantize_int4(self.blocks, self.in_features)
+        return w.to(self.dtype)
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        rows = x.reshape(-1, self.in_features)
+        if self.fast and rows.shape[0] < LARGE_M:
+            xf = rows.to(torch.float32).contiguous()
+            if self.mode == "int8":
+                y = torch.ops.paged_quant.int8_linear(xf, self.q, self.scale)
+            else:
+                y = torch.ops.paged_quant.int4_linear(xf, self.blocks, self.in_features)
+            y = y.to(x.dtype)
+            if self.bias is not None:
+                y = y + self.bias
+        else:
+            y = F.linear(rows, self.dequantized(), self.bias)
+        return y.view(*shape[:-1], self.out_features)
+
+
+class QuantColumnLinear(QuantLinear):
+    """ColumnLinear with a quantized weight (this rank's output channels)."""
+
+
+class QuantRowLinear(QuantLinear):
+    """RowLinear with a quantized weight (this rank's input slice); sums the partial products across ranks."""
+
+    def __init__(self, weight: torch.Tensor, mode: str, parallel: Parallel) -> None:
+        super().__init__(weight, None, mode)
+        self.parallel = parallel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.parallel.all_reduce(super().forward(x))
+
+
+def quantize_model(model: nn.Module, mode: str) -> None:
+    """Replaces every decoder layer's linear layers (q/k/v, o, gate/up, down) and the LM head, in place.
+
+    The LM head is int8 in both modes. A layer whose input width the kernels cannot take stays float."""
+    if mode not in MODES:
+        raise ValueError(f"unknown quantization {mode!r}; known: {', '.join(MODES)}")
+    before = after = 0
+    for layer in model.layers:
+        for owner, name in ((layer, "qkv"), (layer, "o"), (layer.mlp, "gate_up"), (layer.mlp, "down")):
+            old = getattr(owner, name)
+            k = old.weight.shape[1]
+            if mode == "int4" and k % GROUP:
+                log.warning("%s: input width %d is not a multiple of %d: left in float", name, k, GROUP)
+                continue
+            before += old.weight.numel() * old.weight.element_size()
+            if isinstance(old, RowLinear):
+                new: QuantLinear = QuantRowLinear(old.weight.data, mode, old.parallel)
+            elif isinstance(old, ColumnLinear):
+                new = QuantColumnLinear(old.weight.data, None if old.bias is None else old.bias.data, mode)
+            else:
+                raise TypeError(f"cannot quantize {type(old).__name__}")
+            after += new.nbytes()
+            setattr(owner, name, new)
+    head = model.lm_head
+    model.head = QuantLinear(head.data, None, "int8")
+    if head is not model.embed.weight:  # an untied head's float copy is no longer needed
+        model.lm_head = None
+    log.info(
+        "Quantized to %s: decoder linear layers %.0f MB -> %.0f MB; LM head %.0f MB -> %.0f MB (int8)",
+        mode, before / 1e6, after / 1e6, head.numel() * head.element_size() / 1e6, model.head.nbytes() / 1e6,
+    )  # fmt: skip

@@ -1,0 +1,156 @@
+"""Weight-only int8 / int4 linear layers of the paged backend (shard/paged/quant.py, --quantize int8|int4)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from launcher.config import ArgumentError, LauncherConfig
+from shard.backends import load_backend
+from shard.backends.paged import PagedBackend
+from shard.config import ShardConfig
+from shard.engine import make_engine
+from shard.paged import quant
+from shard.paged.layers import Parallel
+from shard.paged.quant import QuantColumnLinear, QuantLinear, QuantRowLinear
+from shard.types import RequestSpec, SamplingParams
+
+pytestmark = pytest.mark.timeout(300)
+
+CPU = torch.device("cpu")
+# Relative error bounds, ||y - y_f32|| / ||y_f32||, on Gaussian weights (measured: about 0.011 for int8
+# and 0.12 for int4; Gaussian weights are the hard case for 16 levels).
+INT8_REL = 0.02
+INT4_REL = 0.16
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.fixture(scope="module")
+def kernels() -> bool:
+    return quant.load_kernels()
+
+
+def test_int8_round_trip_is_within_half_a_step() -> None:
+    w = torch.randn(40, 96)
+    q, scale = quant.quantize_int8(w)
+    assert q.dtype == torch.int8 and scale.shape == (40,)
+    assert ((quant.dequantize_int8(q, scale) - w).abs() <= scale[:, None] / 2 + 1e-6).all()
+
+
+def test_int4_round_trip_and_layout() -> None:
+    w = torch.randn(8, 64)
+    blocks = quant.quantize_int4(w)
+    assert blocks.dtype == torch.uint8 and blocks.shape == (8, 2 * quant.INT4_BLOCK_BYTES)
+    back = quant.dequantize_int4(blocks, 64)
+    step = (w.reshape(8, 2, 32).amax(-1) - w.reshape(8, 2, 32).amin(-1)) / 15
+    assert ((back - w).abs().reshape(8, 2, 32) <= step[..., None] * 0.51 + 1e-3).all()
+    # Weights with 16 levels per block (a Q4_1 checkpoint's, such as the default model's) come back exactly.
+    levels = torch.randint(0, 16, (8, 2, 32))
+    levels[..., 0], levels[..., 1] = 0, 15  # Q4_1 maps each block's minimum to 0 and its maximum to 15
+    levels = levels.reshape(8, 64).float() * 0.0625 - 0.5
+    assert torch.equal(quant.dequantize_int4(quant.quantize_int4(levels), 64), levels)
+    with pytest.raises(ValueError, match="divisible by 32"):
+        quant.quantize_int4(torch.randn(4, 48))
+
+
+@pytest.mark.parametrize("mode, bound", [("int8", INT8_REL), ("int4", INT4_REL)])
+@pytest.mark.parametrize("m", [1, 3, 4, 7, 64, 200])
+def test_quantized_linear_is_close_to_float32(kernels: bool, mode: str, bound: float, m: int) -> None:
+    torch.manual_seed(m)
+    k, n = 192, 70  # n not a multiple of the kernels' 4-channel tile
+    w, b, x = torch.randn(n, k), torch.randn(n), torch.randn(2, m, k)
+    layer = QuantLinear(w, b, mode)
+    y = layer(x)
+    assert y.shape == (2, m, n)
+    assert rel(y, F.linear(x, w, b)) < bound
+    # The kernels compute exactly the product with the dequantized weight (up to float rounding).
+    torch.testing.assert_close(y, F.linear(x, layer.dequantized(), b), rtol=1e-4, atol=1e-4)
+    if kernels:
+        assert layer.fast
+
+
+def test_kernels_match_the_reference_path(kernels: bool) -> None:
+    if not kernels:
+        pytest.skip("the CPU kernels did not build here")
+    torch.manual_seed(0)
+    for mode in quant.MODES:
+        layer = QuantLinear(torch.randn(33, 64), None, mode)
+        x = torch.randn(5, 64)
+        fast = layer(x)
+        layer.fast = False
+        torch.testing.assert_close(fast, layer(x), rtol=1e-5, atol=1e-5)
+
+
+def test_row_linear_all_reduces_and_ranks_quantize_their_own_slice() -> None:
+    torch.manual_seed(1)
+    w, x = torch.randn(24, 128), torch.randn(3, 128)
+    # Two ranks, each holding half of the input features; the "all-reduce" sums the two ranks' outputs.
+    partial: list[torch.Tensor] = []
+    layers = [
+        QuantRowLinear(
+            w[:, r * 64 : (r + 1) * 64].clone(), "int8", Parallel(r, 2, lambda t: partial.append(t) or t)
+        )
+        for r in range(2)
+    ]
+    for r, layer in enumerate(layers):
+        layer(x[:, r * 64 : (r + 1) * 64])
+    assert rel(partial[0] + partial[1], x @ w.T) < INT8_REL
+    col = QuantColumnLinear(w[:12].clone(), None, "int4")
+    assert col(x).shape == (3, 12)
+
+
+def greedy(backend: PagedBackend, prompt: list[int], steps: int) -> list[int]:
+    engine = make_engine(backend)
+    tokens = list(
+        engine.prefill(1, [RequestSpec(1, prompt, SamplingParams(), max_new_tokens=steps)], 9).token_ids
+    )
+    for _ in range(steps - 1):
+        result, _ = engine.decode([(1, [1])])
+        tokens += result.token_ids
+    engine.clear()
+    return tokens
+
+
+def test_paged_backend_int8_and_int4_follow_float32(tiny_model_dir: Path) -> None:
+    prompt = list(range(5, 25))
+    reference = greedy(PagedBackend(tiny_model_dir, CPU, kv_cache_bytes=2**20), prompt, 8)
+    int8 = PagedBackend(tiny_model_dir, CPU, kv_cache_bytes=2**20, quantize="int8")
+    layer = int8.model.layers[0]
+    assert isinstance(layer.qkv, QuantColumnLinear) and isinstance(layer.o, QuantRowLinear)
+    assert isinstance(layer.mlp.gate_up, QuantColumnLinear) and isinstance(layer.mlp.down, QuantRowLinear)
+    assert int8.model.head is not None and int8.model.lm_head is None  # untied head: the float copy is gone
+    assert greedy(int8, prompt, 8)[:4] == reference[:4]
+    int4 = PagedBackend(tiny_model_dir, CPU, kv_cache_bytes=2**20, quantize="int4")
+    assert len(greedy(int4, prompt, 8)) == 8
+
+
+def test_load_backend_routes_int8_to_paged_and_refuses_transformers(tiny_model_dir: Path) -> None:
+    backend = load_backend(ShardConfig(model_path=str(tiny_model_dir), quantize="int8"), CPU)
+    assert isinstance(backend, PagedBackend)
+    with pytest.raises(ValueError, match="needs the paged backend"):
+        load_backend(
+            ShardConfig(model_path=str(tiny_model_dir), quantize="int4", backend="transformers"), CPU
+        )
+
+
+def test_load_backend_refuses_int8_for_a_model_the_paged_backend_cannot_run(tmp_path: Path) -> None:
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="paged backend cannot run this model"):
+        load_backend(ShardConfig(model_path=str(tmp_path), quantize="int8"), CPU)
+
+
+def test_launcher_accepts_the_int_modes() -> None:
+    for mode in ("int8", "int4"):
+        LauncherConfig(quantize=mode).validate()
+    with pytest.raises(ArgumentError, match="needs the paged backend"):
+        LauncherConfig(quantize="int8", backend="transformers").validate()
+    with pytest.raises(ArgumentError, match="must be one of"):
+        LauncherConfig(quantize="int3").validate()
