@@ -59,5 +59,10 @@ bench-router: $(STAMP) proto
 	$(BIN)/text-generation-benchmark router --concurrency 64,256,1024 --max-new-tokens 256 --repeat 3 \
 		--output docs/benchmarks/router-overhead.json
 
+# Every --quantize mode on the default model: weight memory, start times, speed, perplexity next to float32
+# (the library alone on the same tokens), ct2's time per token at positions 50 and 500; docs/benchmarks.md.
+bench-quantize: $(STAMP) proto
+	$(BIN)/text-generation-benchmark quantize --output docs/benchmarks/quantize.json
+
 clean:
 	rm -rf $(VENV) build dist *.egg-info proto/generate_pb2*.py proto/generate_pb2*.pyi

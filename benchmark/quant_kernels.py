@@ -20,7 +20,11 @@ Candidates (each skipped, with the reason recorded, when it cannot run here):
   C++ code; the second with ``mode="max-autotune-no-cudagraphs"``).
 - ``ort_int8`` / ``ort_int4`` (and ``_q8``: ``accuracy_level=4``, int8 activations): ONNX Runtime's
   ``MatMulNBits`` (blocks of 32), when ``onnxruntime`` and ``onnx`` import.
-- ``ours_int8`` / ``ours_int4``: ``shard/paged/quant_cpu.cpp`` (what ``--quantize int8|int4`` runs).
+- ``ours_int8`` / ``ours_int4``: ``shard/paged/quant_cpu.cpp`` (what ``--quantize int8|int4`` runs);
+  ``ours_int8`` quantizes x to int8 in blocks of 32 and uses AVX512-VNNI where the CPU has it;
+  ``ours_int8_f32act`` and ``ours_int4`` keep x in float32 and dequantize the weights in registers.
+- ``deq4_f32``: int4 blocks dequantized to float32, then ``F.linear`` (what ``--quantize int4`` does
+  from ``LARGE_M`` rows on).
 """
 
 from __future__ import annotations
@@ -99,6 +103,16 @@ def cand_deq(torch, F):
     return "int8", make
 
 
+def cand_deq4(torch, F):
+    from shard.paged.quant import dequantize_int4, quantize_int4
+
+    def make(k, n, c):
+        blocks = [quantize_int4(torch.randn(n, k)) for _ in range(c)]
+        return [lambda x, b=b, k=k: F.linear(x, dequantize_int4(b, k)) for b in blocks]
+
+    return "int4", make
+
+
 def cand_int8pack(torch, F):
     def make(k, n, c):
         return [
@@ -136,11 +150,13 @@ def cand_compile(torch, F, mode=None):
     return "int8", make
 
 
-def cand_ours(torch, F, mode):
+def cand_ours(torch, F, mode, vnni=True):
     from shard.paged.quant import load_kernels, quantize_int4
 
     if not load_kernels():
         raise RuntimeError("the kernels did not build")
+    if torch.ops.paged_quant.set_int8_vnni(vnni) != vnni:
+        raise RuntimeError("this CPU has no AVX512-VNNI")
     if mode == "int8":
 
         def make(k, n, c):
@@ -186,6 +202,9 @@ def cand_ort(torch, F, bits, accuracy_level, threads):
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
+        opts.add_session_config_entry(
+            "session.intra_op.allow_spinning", "0"
+        )  # torch's threads share the cores
         return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
     def make(k, n, c):
@@ -202,6 +221,7 @@ def candidates(torch, F, threads: int, wanted: set[str] | None):
     table = {
         "f32": lambda: cand_f32(torch, F),
         "deq_f32": lambda: cand_deq(torch, F),
+        "deq4_f32": lambda: cand_deq4(torch, F),
         "torch_int8pack": lambda: cand_int8pack(torch, F),
         "torch_int4pack": lambda: cand_int4pack(torch, F),
         "compile_int8": lambda: cand_compile(torch, F),
@@ -211,6 +231,7 @@ def candidates(torch, F, threads: int, wanted: set[str] | None):
         "ort_int4": lambda: cand_ort(torch, F, 4, 0, threads),
         "ort_int4_q8": lambda: cand_ort(torch, F, 4, 4, threads),
         "ours_int8": lambda: cand_ours(torch, F, "int8"),
+        "ours_int8_f32act": lambda: cand_ours(torch, F, "int8", vnni=False),
         "ours_int4": lambda: cand_ours(torch, F, "int4"),
     }
     for name, build in table.items():
@@ -247,7 +268,7 @@ def run(args: argparse.Namespace) -> dict:
                 print(f"skip {name}: {skipped[name]}", file=sys.stderr)
                 continue
             for shape, (k, n) in shapes.items():
-                if name.startswith(("torch_", "deq_")) and shape == "lm_head" and not args.slow_lm_head:
+                if name.startswith(("torch_", "deq")) and shape == "lm_head" and not args.slow_lm_head:
                     continue  # seconds per call: nothing to learn from the LM head
                 try:
                     calls = make(k, n, copies(k, n, BYTES[fmt], args.stream_mb))

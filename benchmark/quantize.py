@@ -338,6 +338,14 @@ def run_quantize(config: QuantizeConfig, progress: Callable[[str], None]) -> lis
     return results
 
 
+def _shown(path: Path) -> str:
+    """A path as the report shows it: relative to the repository when inside it."""
+    try:
+        return str(path.absolute().relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
 def _fmt(value: float | None, digits: int = 1) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -361,6 +369,10 @@ def format_table(results: list[ModeResult], streams: int) -> str:
     lines = [HEADER.format(streams=streams), "|" + "---|" * 9]
     lines += [format_row(r) for r in results]
     for r in results:
+        if r.conversion_s is not None or r.shard_load_s:
+            loads = " / ".join(f"{s:.1f} s" for s in r.shard_load_s)
+            conversion = f"conversion {r.conversion_s:.1f} s; " if r.conversion_s is not None else ""
+            lines.append(f"\n{r.mode} start: {conversion}shard load (first / cached start) {loads}")
         if r.ms_per_token:
             cells = ", ".join(f"position {k}: {v:.1f} ms" for k, v in r.ms_per_token.items())
             values = list(r.ms_per_token.values())
@@ -442,7 +454,7 @@ def run_command(args: argparse.Namespace, *, stdout: TextIO | None = None) -> in
         path = Path(config.output)
         path.parent.mkdir(parents=True, exist_ok=True)
         report = {
-            "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
+            "config": {k: _shown(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
             "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
             "results": [{**asdict(r), "ppl_gap": r.ppl_gap} for r in results],
         }

@@ -82,7 +82,8 @@ class ShardBenchConfig:
 
     @property
     def sockets(self) -> list[str]:
-        return [f"{self.uds_path}-{rank}" for rank in range(self.num_shard)]
+        """Rank 0's socket: it relays every call to the other ranks (shard/relay.py)."""
+        return [f"{self.uds_path}-0"]
 
     @property
     def decode_steps(self) -> int:
@@ -396,7 +397,9 @@ def register(commands: Any) -> None:
         default=ShardBenchConfig.uds_path,
         help="shard socket prefix; connects to PREFIX-0 .. PREFIX-(N-1) (default: %(default)s)",
     )
-    p.add_argument("--num-shard", type=positive_int, default=1, help="number of shards (default: 1)")
+    p.add_argument(
+        "--num-shard", type=positive_int, default=1, help="shards in the server; rank 0 relays (default: 1)"
+    )
     p.add_argument(
         "--batch-sizes",
         metavar="B1,B2,...",

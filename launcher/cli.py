@@ -119,6 +119,12 @@ def launch(
     ] = "/tmp/text-generation-server",
     master_addr: Annotated[str, _opt("MASTER_ADDR", "torch.distributed master address.")] = "localhost",
     master_port: Annotated[int, _opt("MASTER_PORT", "torch.distributed master port.")] = 29500,
+    nnodes: Annotated[
+        int, _opt("NNODES", "Machines the server spans, each running --num-shard shards (see README).")
+    ] = 1,
+    node_rank: Annotated[
+        int, _opt("NODE_RANK", "This machine's node, 0 to nnodes - 1; node 0 runs the router.")
+    ] = 0,
     huggingface_hub_cache: Annotated[
         Path | None, _opt("HUGGINGFACE_HUB_CACHE", "Hub cache directory.")
     ] = None,
@@ -189,6 +195,8 @@ def launch(
         shard_uds_path=shard_uds_path,
         master_addr=master_addr,
         master_port=master_port,
+        nnodes=nnodes,
+        node_rank=node_rank,
         huggingface_hub_cache=huggingface_hub_cache,
         weights_cache_override=weights_cache_override,
         json_output=json_output,

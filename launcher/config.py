@@ -46,6 +46,9 @@ class LauncherConfig:
     shard_uds_path: str = "/tmp/text-generation-server"
     master_addr: str = "localhost"
     master_port: int = 29500
+    # Several machines: this launcher's node among ``nnodes``; node 0 runs the router (docs/architecture.md).
+    nnodes: int = 1
+    node_rank: int = 0
     huggingface_hub_cache: Path | None = None
     weights_cache_override: Path | None = None
     json_output: bool = False
@@ -74,12 +77,21 @@ class LauncherConfig:
             return len([d for d in devices.split(",") if d.strip()])
         return 1
 
+    def global_world_size(self) -> int:
+        """The ranks of the whole server: this node's shards times the nodes (each runs as many)."""
+        return self.world_size() * self.nnodes
+
+    def _shards(self) -> str:
+        """The flags that set the ranks, for messages."""
+        flag = f"--num-shard {self.world_size()}"
+        return flag if self.nnodes == 1 else f"{flag} x --nnodes {self.nnodes}"
+
     def check_model(self, model_config: dict, cuda_devices: int) -> None:
         """The rules that need the model and the machine (after the weights step, before any process):
-        the model must split over the shards, and on CUDA each shard needs its own device."""
-        problem = sharding_problem(model_config, self.world_size())
+        the model must split over every rank of every node, and on CUDA each shard needs its own device."""
+        problem = sharding_problem(model_config, self.global_world_size())
         if problem:
-            raise ArgumentError(problem)
+            raise ArgumentError(problem if self.nnodes == 1 else f"{problem} ({self._shards()})")
         if cuda_devices and self.world_size() > cuda_devices:
             raise ArgumentError(
                 f"`--num-shard {self.world_size()}` is more than the {cuda_devices} CUDA devices available"
@@ -145,13 +157,21 @@ class LauncherConfig:
                 raise ArgumentError(f"`--quantize {self.quantize}` needs the paged backend, not transformers")
         if self.num_shard is not None and self.num_shard < 1:
             raise ArgumentError(f"`num_shard` must be >= 1. Given: {self.num_shard}")
-        if self.sharded and self.world_size() <= 1:
+        if self.nnodes < 1:
+            raise ArgumentError(f"`nnodes` must be >= 1. Given: {self.nnodes}")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ArgumentError(
+                f"`node_rank` must be >= 0 and < `nnodes`. Given: {self.node_rank} and {self.nnodes}"
+            )
+        if self.sharded and self.global_world_size() <= 1:
             raise ArgumentError(
                 "`sharded` is true but there is only one shard (set --num-shard or CUDA_VISIBLE_DEVICES)"
             )
-        if self.sharded is False and self.world_size() > 1:
-            raise ArgumentError(f"`sharded` is false but `num_shard` is {self.world_size()}")
-        if self.world_size() > 1 and (self.quantize in BITSANDBYTES or self.quantize == CT2):
+        if self.sharded is False and self.global_world_size() > 1:
+            raise ArgumentError(
+                f"`sharded` is false but there are {self.global_world_size()} shards ({self._shards()})"
+            )
+        if self.global_world_size() > 1 and (self.quantize in BITSANDBYTES or self.quantize == CT2):
             how = (
                 "CTranslate2's own tensor parallelism needs MPI-launched processes, which this launcher does "
                 "not start"
@@ -159,9 +179,9 @@ class LauncherConfig:
                 else "bitsandbytes runs on the transformers backend, which has no tensor parallelism"
             )
             raise ArgumentError(f"`--quantize {self.quantize}` runs in one shard: {how}. Use --num-shard 1")
-        if self.world_size() > 1 and self.backend == "transformers":
+        if self.global_world_size() > 1 and self.backend == "transformers":
             raise ArgumentError(
-                f"`--num-shard {self.world_size()}`: the transformers backend cannot shard; use --backend auto"
+                f"`{self._shards()}`: the transformers backend cannot shard; use --backend auto"
             )
 
     def _validate_quantize(self) -> None:

@@ -110,7 +110,10 @@ class Supervisor:
     def __init__(self, config: LauncherConfig, model: ResolvedModel) -> None:
         self.config = config
         self.model = model
-        self.world_size = config.world_size()
+        # This node runs ranks node_rank * N .. node_rank * N + N - 1 of the server's world_size.
+        self.local_shards = config.world_size()
+        self.world_size = config.global_world_size()
+        self.first_rank = config.node_rank * self.local_shards
         self.shards: list[Child] = []
         self.router: Child | None = None
         self.signals = 0
@@ -120,6 +123,14 @@ class Supervisor:
     # -- commands ---------------------------------------------------------------------------------
     def shard_socket(self, rank: int) -> str:
         return f"{self.config.shard_uds_path}-{rank}"
+
+    def ranks(self) -> range:
+        """The global ranks of this node's shards."""
+        return range(self.first_rank, self.first_rank + self.local_shards)
+
+    def shard_name(self, rank: int) -> str:
+        local = rank - self.first_rank
+        return f"shard-{local}" if self.config.nnodes == 1 else f"shard-{local} (rank {rank})"
 
     def shard_command(self) -> list[str]:
         c = self.config
@@ -145,7 +156,7 @@ class Supervisor:
         env.update(
             RANK=str(rank),
             WORLD_SIZE=str(self.world_size),
-            LOCAL_RANK=str(rank),
+            LOCAL_RANK=str(rank - self.first_rank),
             MASTER_ADDR=self.config.master_addr,
             MASTER_PORT=str(self.config.master_port),
             PYTHONUNBUFFERED="1",
@@ -228,20 +239,32 @@ class Supervisor:
             self.shutdown()
 
     def _run(self) -> int:
-        for rank in range(self.world_size):
+        for rank in self.ranks():
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.shard_socket(rank))
-            shard = Child(f"shard-{rank}", self.shard_command(), self.shard_env(rank))
+            shard = Child(self.shard_name(rank), self.shard_command(), self.shard_env(rank))
             log.info("Starting shard %d", rank)
             shard.start()
             self.shards.append(shard)
         if not self._wait_shards_ready():
             return 0 if self._stop_requested.is_set() else 1
-        self.router = Child("router", self.router_command(), self.router_env())
-        log.info("Starting router on http://%s:%d", self.config.hostname, self.config.port)
-        self.router.start()
+        if self.config.node_rank == 0:
+            self.router = Child("router", self.router_command(), self.router_env())
+            log.info("Starting router on http://%s:%d", self.config.hostname, self.config.port)
+            self.router.start()
+        else:  # the router on node 0 reaches these shards through rank 0 (shard/relay.py)
+            log.info(
+                "Node %d of %d serving ranks %s",
+                self.config.node_rank,
+                self.config.nnodes,
+                list(self.ranks()),
+            )
         while not self._stop_requested.wait(0.1):
             dead = self._dead_child()
+            if dead is not None and self.config.node_rank > 0 and dead.exit_code() == 0:
+                # Rank 0 told its followers to stop: node 0 was shut down on purpose.
+                log.info("%s stopped: node 0 shut the server down", dead.name)
+                return 0
             if dead is not None:
                 self._report_death(dead)
                 return 1
@@ -253,7 +276,7 @@ class Supervisor:
         from proto import pb, pb_grpc
 
         started = time.monotonic()
-        pending = set(range(self.world_size))
+        pending = set(self.ranks())
         last_note = started
         while pending:
             if self._stop_requested.is_set():
@@ -290,6 +313,10 @@ class Supervisor:
         time.sleep(0.2)  # let the relay thread print the child's last lines
         lines = "\n".join(f"  {line}" for line in child.tail)
         log.error("%s exited with code %s. Last output:\n%s", child.name, child.exit_code(), lines)
+        # With several ranks, one's death soon ends the others (they lose it in a collective).
+        for other in self._children():
+            if other is not child and other.exit_code() is not None:
+                log.error("%s exited with code %s too", other.name, other.exit_code())
 
     def shutdown(self) -> None:
         """Router first (it drains in-flight requests), then the shards; removes the sockets."""
@@ -302,7 +329,7 @@ class Supervisor:
             t.start()
         for t in threads:
             t.join()
-        for rank in range(self.world_size):
+        for rank in self.ranks():
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.shard_socket(rank))
         log.info("Shut down")

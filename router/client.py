@@ -1,4 +1,5 @@
-"""gRPC fan-out to the shards: every call goes to every rank; rank 0's answer is the one used."""
+"""gRPC client of the shards. The router passes rank 0's socket only: rank 0 relays model work to the
+other ranks (shard/relay.py). Given several sockets, every call goes to each and the first answer is used."""
 
 from __future__ import annotations
 

@@ -50,4 +50,6 @@ class RouterConfig:
         return self.served_model_names or (self.model_id,)
 
     def shard_sockets(self) -> list[str]:
-        return [f"{self.shard_uds_path}-{rank}" for rank in range(self.num_shard)]
+        """Rank 0's socket only: rank 0 relays the calls to the other ranks (shard/relay.py), which may
+        run on other machines; ``num_shard`` is what /info reports."""
+        return [f"{self.shard_uds_path}-0"]

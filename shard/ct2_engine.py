@@ -28,6 +28,7 @@ import atexit
 import logging
 import math
 import threading
+import time
 import weakref
 from collections import deque
 from dataclasses import dataclass, field
@@ -42,6 +43,9 @@ from .faults import Faults
 from .types import PromptLogprobs, RequestFailure, RequestSpec, StepResult
 
 log = logging.getLogger(__name__)
+
+# How long shutting down waits for the running batches to end (each ends at its next callback).
+CLOSE_TIMEOUT_S = 20.0
 
 
 def length_slack(length: int) -> int:
@@ -238,10 +242,12 @@ class CT2Engine:
         for group in groups:
             for row in group.rows:
                 self.rows[row.request.id] = row
+        earlier = any(g.live for g in self.waiting)  # they start first, in order, in the next steps
         self.waiting.extend(groups)
         tokens: list[Token] = []
         try:
-            tokens += self._start_waiting(batch_id)
+            if not earlier:
+                tokens += self._start_waiting(batch_id)
         except BaseException:
             self.clear(batch_id)
             raise
@@ -301,9 +307,13 @@ class CT2Engine:
         groups = [*self.running, *self.waiting]
         for group in groups:
             group.abort()
+        deadline = time.monotonic() + CLOSE_TIMEOUT_S
         for group in groups:
             with group.cond:
-                group.cond.wait_for(lambda g=group: g.finished or not g.submitted, timeout=5.0)
+                group.cond.wait_for(
+                    lambda g=group: g.finished or not g.submitted,
+                    timeout=max(0.0, deadline - time.monotonic()),
+                )
         self.running.clear()
         self.waiting.clear()
 

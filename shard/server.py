@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -26,8 +27,9 @@ from .backends.base import BackendInfo
 from .batch import UnknownRequestError
 from .config import ShardConfig
 from .dist import DistInfo, init_parallel, select_device
-from .engine import Engine, UnknownBatchError, make_engine
+from .engine import Cached, Engine, UnknownBatchError, make_engine
 from .faults import Faults, is_fatal
+from .relay import HEARTBEAT_S, PeerLostError, Relay
 from .types import RequestSpec, SamplingParams, StepResult
 
 log = logging.getLogger(__name__)
@@ -96,20 +98,75 @@ def info_to_pb(info: BackendInfo, world_size: int) -> pb.InfoResponse:
     )
 
 
+def _warmup(engine: Engine, request: pb.WarmupRequest) -> int:
+    batch = request.batch
+    engine.prefill(batch.id, [request_from_pb(r) for r in batch.requests], batch.max_tokens)
+    engine.decode([(batch.id, [r.id for r in batch.requests])])
+    engine.clear(batch.id)
+    return engine.backend.max_supported_total_tokens() or 0
+
+
+def _prefill(engine: Engine, request: pb.PrefillRequest) -> StepResult:
+    batch = request.batch
+    return engine.prefill(batch.id, [request_from_pb(r) for r in batch.requests], batch.max_tokens)
+
+
+def _decode(engine: Engine, request: pb.DecodeRequest) -> tuple[StepResult, Cached | None]:
+    return engine.decode([(b.id, list(b.request_ids)) for b in request.batches])
+
+
+def _clear(engine: Engine, request: pb.ClearCacheRequest) -> None:
+    engine.clear(request.id if request.HasField("id") else None)
+
+
+# The RPCs that run model work: every rank runs each of them, in the same order (shard/relay.py).
+MODEL_WORK: dict[str, tuple[type, Callable[[Engine, object], object]]] = {
+    "Warmup": (pb.WarmupRequest, _warmup),
+    "Prefill": (pb.PrefillRequest, _prefill),
+    "Decode": (pb.DecodeRequest, _decode),
+    "ClearCache": (pb.ClearCacheRequest, _clear),
+}
+
+
+def follow_step(engine: Engine, method: str, payload: bytes) -> None:
+    """A follower runs one relayed call; rank 0 answered the router's own mistakes and went on."""
+    request_type, work = MODEL_WORK[method]
+    try:
+        work(engine, request_type.FromString(payload))
+    except (UnknownBatchError, UnknownRequestError, ValueError) as e:
+        log.debug("%s refused, as on rank 0: %s", method, e)
+
+
 class ShardService(pb_grpc.TextGenerationServiceServicer):
-    def __init__(self, engine: Engine, world_size: int) -> None:
+    def __init__(self, engine: Engine, world_size: int, relay: Relay | None = None) -> None:
         self.engine = engine
         self.world_size = world_size
+        self.relay = relay
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
 
-    async def _run(self, context: grpc.aio.ServicerContext, fn: Callable[..., T], *args: object) -> T:
-        """Runs model work on the worker thread; maps failures to gRPC status codes."""
+    async def _run(self, context: grpc.aio.ServicerContext, method: str, request: object) -> T:
+        """Runs model work on the worker thread (relayed first to the other ranks); maps failures to
+        gRPC status codes."""
+        relay = self.relay
+        if relay is not None and not relay.leader:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"rank {relay.rank} follows rank 0")
+        work = MODEL_WORK[method][1]
+
+        def job() -> T:
+            if relay is not None:
+                relay.send(method, request.SerializeToString())
+            return work(self.engine, request)
+
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
+            return await asyncio.get_running_loop().run_in_executor(self._worker, job)
         except (UnknownBatchError, UnknownRequestError) as e:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except PeerLostError as e:
+            log.critical("Lost rank %d, the shard exits: %s", e.rank, e.cause)
+            asyncio.get_running_loop().call_later(0.2, os._exit, 1)
+            await context.abort(grpc.StatusCode.INTERNAL, str(e))
         except Exception as e:
             # With several ranks, a rank that failed mid-step may have skipped a collective the others
             # wait in: the group cannot be trusted any more, so every failure is fatal there.
@@ -136,22 +193,14 @@ class ShardService(pb_grpc.TextGenerationServiceServicer):
         return pb.HealthResponse()
 
     async def Warmup(self, request: pb.WarmupRequest, context: grpc.aio.ServicerContext) -> pb.WarmupResponse:
-        def warmup() -> int:
-            batch = request.batch
-            self.engine.prefill(batch.id, [request_from_pb(r) for r in batch.requests], batch.max_tokens)
-            self.engine.decode([(batch.id, [r.id for r in batch.requests])])
-            self.engine.clear(batch.id)
-            return self.engine.backend.max_supported_total_tokens() or 0
-
-        return pb.WarmupResponse(max_supported_total_tokens=await self._run(context, warmup))
+        return pb.WarmupResponse(max_supported_total_tokens=await self._run(context, "Warmup", request))
 
     async def Prefill(
         self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext
     ) -> pb.PrefillResponse:
         start = time.perf_counter_ns()
         batch = request.batch
-        requests = [request_from_pb(r) for r in batch.requests]
-        result = await self._run(context, self.engine.prefill, batch.id, requests, batch.max_tokens)
+        result = await self._run(context, "Prefill", request)
         total = time.perf_counter_ns() - start
         kept = self.engine.cached(batch.id)
         cached = pb.CachedBatch(
@@ -163,8 +212,7 @@ class ShardService(pb_grpc.TextGenerationServiceServicer):
 
     async def Decode(self, request: pb.DecodeRequest, context: grpc.aio.ServicerContext) -> pb.DecodeResponse:
         start = time.perf_counter_ns()
-        wanted = [(b.id, list(b.request_ids)) for b in request.batches]
-        result, batch = await self._run(context, self.engine.decode, wanted)
+        result, batch = await self._run(context, "Decode", request)
         total = time.perf_counter_ns() - start
         response = pb.DecodeResponse(
             generations=generations_to_pb(result), total_ns=total, cache=self._cache_stats()
@@ -178,8 +226,7 @@ class ShardService(pb_grpc.TextGenerationServiceServicer):
     async def ClearCache(
         self, request: pb.ClearCacheRequest, context: grpc.aio.ServicerContext
     ) -> pb.ClearCacheResponse:
-        batch_id = request.id if request.HasField("id") else None
-        await self._run(context, self.engine.clear, batch_id)
+        await self._run(context, "ClearCache", request)
         return pb.ClearCacheResponse()
 
 
@@ -188,6 +235,8 @@ async def serve(config: ShardConfig) -> None:
     dist = DistInfo(rank=config.rank, world_size=config.world_size, local_rank=DistInfo.from_env().local_rank)
     device = select_device(dist)
     parallel = init_parallel(dist, device)
+    # Rank 0 relays the router's calls to the other ranks (the router talks to rank 0 only).
+    relay = Relay(config.rank, config.world_size) if config.world_size > 1 else None
     started = time.perf_counter()
     backend = load_backend(config, device, parallel)
     log.info("Model ready in %.1f s", time.perf_counter() - started)
@@ -198,8 +247,11 @@ async def serve(config: ShardConfig) -> None:
     # A backend with a decoding loop of its own (CTranslate2) brings its own engine.
     own_engine = getattr(backend, "make_engine", None)
     engine = own_engine(faults) if own_engine is not None else make_engine(backend, faults)
+    if relay is not None:  # rank 0 answers only once every rank has loaded the model
+        relay.wait_followers() if relay.leader else relay.ready()
+    service = ShardService(engine, config.world_size, relay)
     server = grpc.aio.server(options=GRPC_OPTIONS)
-    pb_grpc.add_TextGenerationServiceServicer_to_server(ShardService(engine, config.world_size), server)
+    pb_grpc.add_TextGenerationServiceServicer_to_server(service, server)
     path = config.socket_path
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
@@ -211,10 +263,56 @@ async def serve(config: ShardConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    heartbeat = None
+    if relay is not None and relay.leader:
+        heartbeat = asyncio.create_task(_heartbeat(service, relay))
+    elif relay is not None:
+        threading.Thread(target=_follow, args=(engine, relay, loop, stop), name="model", daemon=True).start()
     try:
         await stop.wait()
         log.info("Shard %d stopping", config.rank)
+        if relay is not None:
+            relay.stopping = True
+        if heartbeat is not None:
+            heartbeat.cancel()
         await server.stop(grace=1.0)
+        if relay is not None and relay.leader:
+            await loop.run_in_executor(service._worker, relay.stop)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
+    if relay is not None:  # no torch.distributed teardown: a follower's thread may still wait in a receive
+        logging.shutdown()
+        os._exit(0)
+
+
+def _lost(error: PeerLostError) -> None:
+    log.critical("Lost rank %d, the shard exits: %s", error.rank, error.cause)
+    logging.shutdown()
+    os._exit(1)
+
+
+async def _heartbeat(service: ShardService, relay: Relay) -> None:
+    """Rank 0 pings the followers between steps: a rank that died or hangs takes the server down."""
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(HEARTBEAT_S)
+        try:
+            await loop.run_in_executor(service._worker, relay.ping)
+        except PeerLostError as e:
+            if not relay.stopping:
+                _lost(e)
+
+
+def _follow(engine: Engine, relay: Relay, loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
+    """A follower's model thread: rank 0's calls, in its order, until it says stop (then exit 0)."""
+    try:
+        relay.follow(lambda method, payload: follow_step(engine, method, payload))
+    except PeerLostError as e:
+        if not relay.stopping:
+            _lost(e)
+        return
+    except BaseException:
+        log.critical("A relayed step failed, the shard exits", exc_info=True)
+        os._exit(1)
+    loop.call_soon_threadsafe(stop.set)

@@ -3,6 +3,9 @@
 - ``paged``: the Llama-family runner (shard/paged/): paged KV cache, prefix caching, no padding.
 - ``transformers``: any transformers causal LM, with a left-padded resident KV cache.
 - ``auto`` (the default): ``paged`` for the architectures it covers, else ``transformers``.
+
+``--quantize bitsandbytes[-nf4|-fp4]`` runs on ``transformers`` (weights quantized at load);
+``--quantize ct2`` on ``ct2.CT2Backend``, which brings its own engine (shard/ct2_engine.py).
 """
 
 from __future__ import annotations

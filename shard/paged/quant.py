@@ -1,6 +1,7 @@
 """Weight-only int8 and int4 linear layers for the paged backend (``--quantize int8`` / ``--quantize int4``).
 
-The weights are quantized at load time from the float checkpoint; activations stay in the model's dtype.
+The weights are quantized at load time from the float checkpoint; between layers the activations stay in
+the model's dtype.
 
 - ``int8``: one int8 per weight and one float32 scale per output channel (symmetric, max-abs / 127).
 - ``int4``: blocks of 32 weights along the input dimension, each with an fp16 scale ``d`` and an fp16
@@ -8,13 +9,14 @@ The weights are quantized at load time from the float checkpoint; activations st
   The LM head stays int8 in this mode (its errors move every logit at once).
 
 On the CPU the products run in kernels of our own (``quant_cpu.cpp``, compiled once per machine with
-``-march=native`` through torch's extension builder and cached): the weights are dequantized in registers,
-so a decode step reads 4x (int8) or 6x (int4) fewer bytes than float32. Measurements and the rejected
-alternatives (torch's packed int8/int4 kernels, torch.compile, ONNX Runtime's MatMulNBits) are in
-docs/benchmarks.md and benchmark/quant_kernels.py. From ``LARGE_M`` rows on (prefill), where the product
-is compute bound, the layer dequantizes its weight to float and calls the float GEMM instead.
-Without the kernels (no compiler, another device) every call takes that dequantizing path: correct, but
-slower than float32.
+``-march=native`` through torch's extension builder and cached). int8 on a CPU with AVX512-VNNI quantizes
+the activations too, in blocks of 32, and multiplies int8 by int8 (about 0.5% more relative error, up
+to 3x float32's speed, most at 8 to 32 rows); int4 (and int8 elsewhere) dequantizes the weights in registers and keeps
+the activations in float. Either way a decode step reads 4x (int8) or 6x (int4) fewer weight bytes than
+float32. From ``LARGE_M`` rows on (prefill) the float-activation kernels give way to dequantize-then-float
+GEMM. The measurements, and the alternatives that lost (torch's packed int8/int4 kernels, torch.compile,
+ONNX Runtime's MatMulNBits), are in docs/benchmarks.md and benchmark/quant_kernels.py. Without the kernels
+(no compiler, another device) every call dequantizes: correct, but slower than float32.
 
 Tensor parallelism: each rank quantizes only its own slice (a column slice's rows, a row slice's
 columns), so the per-channel scales and the blocks never cross ranks; RowLinear still sums across ranks.
@@ -37,17 +39,19 @@ log = logging.getLogger(__name__)
 MODES = ("int8", "int4")
 GROUP = 32  # int4 block size (weights along the input dimension); also the kernels' k granularity
 INT4_BLOCK_BYTES = 20  # fp16 d, fp16 m, 16 bytes of nibbles
-# From this many rows on, dequantize and use the float GEMM (see docs/benchmarks.md, "Quantized kernels").
-LARGE_M = 128
+# From this many rows on (prefill), the float-activation kernels (int4; int8 without VNNI) give way to
+# dequantize-then-float-GEMM; int8 with VNNI stays faster than float32 at any m (docs/benchmarks.md).
+LARGE_M = 64
 
 _SOURCE = Path(__file__).with_name("quant_cpu.cpp")
 _lock = threading.Lock()
 _loaded: bool | None = None
+_int8_vnni = False
 
 
 def load_kernels() -> bool:
     """Builds (first time on this machine) and loads the CPU kernels; False when that is not possible."""
-    global _loaded
+    global _loaded, _int8_vnni
     with _lock:
         if _loaded is None:
             try:
@@ -60,7 +64,8 @@ def load_kernels() -> bool:
                     extra_ldflags=["-fopenmp"],
                     is_python_module=False,
                 )
-                _loaded = hasattr(torch.ops.paged_quant, "int8_linear")
+                _int8_vnni = bool(torch.ops.paged_quant.set_int8_vnni(True))
+                _loaded = True
             except Exception as e:  # no compiler, no headers, a read-only cache...
                 log.warning("Quantized CPU kernels unavailable (%s): weights are dequantized per call", e)
                 _loaded = False
@@ -129,6 +134,8 @@ class QuantLinear(nn.Module):
             self.register_buffer("blocks", quantize_int4(weight))
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.fast = weight.device.type == "cpu" and self.in_features % GROUP == 0 and load_kernels()
+        # Rows from which the float GEMM on the dequantized weight is faster than the kernel.
+        self.large_m = 1 << 62 if mode == "int8" and _int8_vnni and self.in_features % 64 == 0 else LARGE_M
 
     def dequantized(self) -> torch.Tensor:
         if self.mode == "int8":
@@ -143,7 +150,7 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         rows = x.reshape(-1, self.in_features)
-        if self.fast and rows.shape[0] < LARGE_M:
+        if self.fast and rows.shape[0] < self.large_m:
             xf = rows.to(torch.float32).contiguous()
             if self.mode == "int8":
                 y = torch.ops.paged_quant.int8_linear(xf, self.q, self.scale)

@@ -7,10 +7,19 @@
 // int4: W in blocks of 32 along k, each 20 bytes: fp16 d, fp16 m, then 16 bytes of nibbles where byte j
 //       holds q[j] (low nibble) and q[j + 16] (high nibble); w = q * d + m (q in 0..15), as GGUF's Q4_1.
 //
-// Decoding is bandwidth bound: the weights are read once per call, dequantized in registers and multiplied
-// with every row of x at once (m <= 4), or dequantized for 4 output channels into a small float buffer
-// that stays in L1 and reused by every 4-row tile of x (m > 4). Work is split over output channels with
-// at::parallel_for (torch's own thread pool). The vector code has an AVX-512 and an AVX2+FMA version
+// int8 on a CPU with AVX512-VNNI: x is quantized to int8 in blocks of 32 (one float scale each) and the
+// products run on vpdpbusd, 64 byte products per instruction: up to 3x float32's speed, most at m = 8 to
+// 32, where the product is compute bound. x's rounding adds about 0.5% relative error to the output (the weights' own
+// is about 1%). set_int8_vnni(false) selects the float-activation kernel below instead.
+//
+// int4, and int8 without VNNI: x stays float32 and the weights are dequantized in registers, either
+// multiplied with every row of x at once (m <= 4), or dequantized for 4 output channels into a small float
+// buffer that stays in L1 and is reused by every 4-row tile of x (m > 4). These compute exactly the
+// product with the dequantized weight. (An int4 VNNI kernel was tried: it was no faster than this one at
+// m <= 64 here, and it would add x's rounding error to a mode that is lossless on Q4_1 checkpoints.)
+//
+// Work is split over output channels with at::parallel_for (torch's own OpenMP pool: the extension is
+// linked with -fopenmp and shares torch's libgomp). The vector code has AVX-512 and AVX2+FMA versions
 // (whichever -march=native allows) and a plain one the compiler vectorizes as it can.
 
 #include <ATen/Parallel.h>
@@ -263,11 +272,121 @@ at::Tensor run(const at::Tensor& x, const Rows& w, int64_t n, int64_t k) {
   return y;
 }
 
+bool int8_float_activations = false;  // set_int8_vnni(false): int8 keeps x in float32 too
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+// int8 x int8 with AVX512-VNNI (vpdpbusd: 64 byte products a cycle). x is quantized per row in blocks of
+// 32 (a float scale each, as GGUF's Q8_0) and offset by 128 to make it unsigned; the 128 x sum(w) that the
+// offset adds is taken back out of each lane before the lane's block scale is applied.
+constexpr bool HAS_VNNI = true;
+constexpr int64_t CHUNK = 64;  // bytes per vpdpbusd: two 32-blocks of x
+
+struct QuantizedX {
+  std::vector<uint8_t> q;   // [m][k]: round(x / s) + 128
+  std::vector<float> lanes; // [m][k / 64][16]: s of the chunk's first block in lanes 0-7, second in 8-15
+};
+
+inline void quantize_x(const float* x, int64_t m, int64_t k, QuantizedX& out) {
+  out.q.resize(m * k);
+  out.lanes.resize(m * (k / CHUNK) * 16);
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t b = 0; b < k / BLOCK; ++b) {
+      const float* xb = x + i * k + b * BLOCK;
+      const __m512 lo = _mm512_loadu_ps(xb), hi = _mm512_loadu_ps(xb + 16);
+      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+      const float s = amax / 127.f;
+      const __m512 inv = _mm512_set1_ps(s > 0.f ? 1.f / s : 0.f);
+      const __m512i off = _mm512_set1_epi32(128);
+      const __m512i qlo = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(lo, inv)), off);
+      const __m512i qhi = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(hi, inv)), off);
+      uint8_t* dst = out.q.data() + i * k + b * BLOCK;
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm512_cvtusepi32_epi8(qlo));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 16), _mm512_cvtusepi32_epi8(qhi));
+      float* lanes = out.lanes.data() + (i * (k / CHUNK) + b / 2) * 16 + (b % 2) * 8;
+      for (int l = 0; l < 8; ++l) lanes[l] = s;
+    }
+  }
+}
+
+template <int M, int T>
+inline void vnni_tile(const QuantizedX& xq, int64_t i0, const int8_t* w, const float* scale, int64_t k,
+                      int64_t j0, float* y, int64_t n) {
+  const int64_t chunks = k / CHUNK;
+  const __m512i c128 = _mm512_set1_epi8(static_cast<char>(0x80));
+  __m512 acc[M][T];
+  for (int i = 0; i < M; ++i)
+    for (int t = 0; t < T; ++t) acc[i][t] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < chunks; ++c) {
+    __m512i wv[T], neg[T];
+    for (int t = 0; t < T; ++t) {
+      wv[t] = _mm512_loadu_si512(w + (j0 + t) * k + c * CHUNK);
+      neg[t] = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_dpbusd_epi32(_mm512_setzero_si512(), c128, wv[t]));
+    }
+    for (int i = 0; i < M; ++i) {
+      const __m512i xv = _mm512_loadu_si512(xq.q.data() + (i0 + i) * k + c * CHUNK);
+      const __m512 sv = _mm512_loadu_ps(xq.lanes.data() + ((i0 + i) * chunks + c) * 16);
+      for (int t = 0; t < T; ++t) {
+        const __m512i d = _mm512_dpbusd_epi32(neg[t], xv, wv[t]);
+        acc[i][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sv, acc[i][t]);
+      }
+    }
+  }
+  for (int t = 0; t < T; ++t)
+    for (int i = 0; i < M; ++i) y[(i0 + i) * n + j0 + t] = _mm512_reduce_add_ps(acc[i][t]) * scale[j0 + t];
+}
+
+template <int T>
+inline void vnni_rows(const QuantizedX& xq, int64_t m, const int8_t* w, const float* scale, int64_t k,
+                      int64_t j0, float* y, int64_t n) {
+  int64_t i = 0;
+  for (; i + 4 <= m; i += 4) vnni_tile<4, T>(xq, i, w, scale, k, j0, y, n);
+  switch (m - i) {
+    case 3: vnni_tile<3, T>(xq, i, w, scale, k, j0, y, n); break;
+    case 2: vnni_tile<2, T>(xq, i, w, scale, k, j0, y, n); break;
+    case 1: vnni_tile<1, T>(xq, i, w, scale, k, j0, y, n); break;
+    default: break;
+  }
+}
+
+at::Tensor int8_linear_vnni(const at::Tensor& x, const int8_t* w, const float* scale, int64_t n, int64_t k) {
+  const int64_t m = x.size(0);
+  at::Tensor y = at::empty({m, n}, x.options());
+  if (m == 0) return y;
+  QuantizedX xq;
+  quantize_x(x.data_ptr<float>(), m, k, xq);
+  float* yp = y.data_ptr<float>();
+  const int64_t tiles = (n + NT - 1) / NT;
+  at::parallel_for(0, tiles, 16, [&](int64_t t0, int64_t t1) {
+    const int64_t n1 = std::min(n, t1 * NT);
+    int64_t j0 = t0 * NT;
+    for (; j0 + NT <= n1; j0 += NT) vnni_rows<NT>(xq, m, w, scale, k, j0, yp, n);
+    for (; j0 < n1; ++j0) vnni_rows<1>(xq, m, w, scale, k, j0, yp, n);
+  });
+  return y;
+}
+
+#else
+constexpr bool HAS_VNNI = false;
+#endif
+
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale) {
   TORCH_CHECK(q.scalar_type() == at::kChar && q.dim() == 2 && q.is_contiguous(), "q: int8 [n, k]");
   TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.numel() == q.size(0), "scale: float32 [n]");
   const int64_t n = q.size(0), k = q.size(1);
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  if (k % CHUNK == 0 && !int8_float_activations) {
+    TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.size(1) == k && x.is_contiguous(),
+                "x must be a contiguous float32 [m, ", k, "] tensor");
+    return int8_linear_vnni(x, q.data_ptr<int8_t>(), scale.data_ptr<float>(), n, k);
+  }
+#endif
   return run(x, Int8Rows{q.data_ptr<int8_t>(), scale.data_ptr<float>(), k}, n, k);
+}
+
+// Which int8 kernel runs: VNNI with int8 activations (where the CPU has it), or float activations.
+bool set_int8_vnni(bool on) {
+  int8_float_activations = !(on && HAS_VNNI);
+  return !int8_float_activations;
 }
 
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& blocks, int64_t k) {
@@ -282,6 +401,7 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& blocks, int64_t k)
 TORCH_LIBRARY(paged_quant, lib) {
   lib.def("int8_linear(Tensor x, Tensor q, Tensor scale) -> Tensor");
   lib.def("int4_linear(Tensor x, Tensor blocks, int k) -> Tensor");
+  lib.def("set_int8_vnni(bool on) -> bool", &set_int8_vnni);
 }
 
 TORCH_LIBRARY_IMPL(paged_quant, CPU, lib) {

@@ -82,7 +82,8 @@ def test_missing_model_is_a_one_line_error(tmp_path: Path) -> None:
         ),
         (["--quantize", "gptq"], {}, "`--quantize gptq` is not supported"),
         (["--quantize", "int3"], {}, "`quantize` must be one of"),
-        (["--num-shard", "2"], {}, "not supported yet"),
+        (["--num-shard", "2"], {}, "9 attention heads are not divisible by --num-shard 2"),
+        (["--nnodes", "2", "--node-rank", "2"], {}, "`node_rank` must be >= 0 and < `nnodes`"),
         (["--sharded", "true", "--num-shard", "1"], {}, "`sharded` is true"),
         (["--dtype", "float64"], {}, "`dtype` must be one of"),
     ],
@@ -104,5 +105,7 @@ def test_every_flag_reads_its_environment_variable() -> None:
         "MAX_BATCH_PREFILL_TOKENS",
         "SHARD_UDS_PATH",
         "PORT",
+        "NNODES",
+        "NODE_RANK",
     ):
         assert env_var in result.stdout

@@ -3,6 +3,9 @@
 The default model (9 heads, 3 KV heads) runs on 3 shards and is refused on 2; a tiny random model with
 even head counts runs on 2. Greedy token ids must equal the single-shard ones for 20 prompts, streamed
 and in concurrent batches. A killed shard takes the server down.
+
+Two "nodes" on loopback (two launchers, --nnodes 2, one shard each, one master port) answer as one shard;
+stopping node 0 stops node 1 (exit 0), and a shard killed on node 1 takes node 0 down (exit 1).
 """
 
 from __future__ import annotations
@@ -15,11 +18,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
+import psutil
 import pytest
 import requests
 
 from .conftest import stop_and_check
-from .harness import Launched
+from .harness import Launched, free_port
 from .test_launcher import run_launcher
 
 pytestmark = pytest.mark.timeout(900)
@@ -106,11 +110,80 @@ def test_a_killed_shard_takes_the_sharded_server_down(tiny_model_dir: Path, tmp_
             server.kill_all()
 
 
+def start_two_nodes(model_dir: Path, tmp_path: Path) -> tuple[Launched, Launched]:
+    """Node 0 (shard rank 0 and the router) and node 1 (rank 1), as two machines would run them."""
+    common = ["--model-id", str(model_dir), "--nnodes", "2", "--num-shard", "1",
+              "--master-addr", "127.0.0.1", "--master-port", str(free_port())]  # fmt: skip
+    node0 = Launched([*common, "--node-rank", "0"]).start(tmp_path)
+    node1 = Launched([*common, "--node-rank", "1"]).start(tmp_path)
+    try:
+        node0.wait_healthy(300)
+    except BaseException:
+        node0.kill_all()
+        node1.kill_all()
+        raise
+    node1.children()  # remembered, for leftovers()
+    return node0, node1
+
+
+def shard_of(server: Launched) -> psutil.Process:
+    return next(p for p in server.children() if "-m shard" in " ".join(p.cmdline()))
+
+
+def test_two_nodes_answer_as_one_and_stop_together(
+    tiny_model_dir: Path, reference: dict, tmp_path: Path
+) -> None:
+    node0, node1 = start_two_nodes(tiny_model_dir, tmp_path)
+    try:
+        assert requests.get(f"{node0.url}/info", timeout=10).json()["num_shard"] == 2
+        assert shard_of(node1).environ()["RANK"] == "1" and "Node 1 of 2 serving ranks [1]" in node1.log()
+        assert greedy_ids(node0, PROMPTS, False) == reference["plain"]
+        assert greedy_ids(node0, PROMPTS, True) == reference["stream"]
+        # A clean stop of node 0 stops node 1 cleanly too: rank 0 tells its followers to stop.
+        stopped_at = time.monotonic()
+        stop_and_check(node0)
+        code = node1.wait_exit(60)
+        print(f"\n2 nodes: 20 prompts identical to 1 shard; node 0 stopped, node 1 exit {code} after "
+              f"{time.monotonic() - stopped_at:.1f} s")  # fmt: skip
+        assert code == 0, node1.log()[-3000:]
+        assert "shard-0 (rank 1) stopped: node 0 shut the server down" in node1.log()
+        assert node1.leftovers() == [] and node1.stale_sockets() == []
+    finally:
+        for node in (node0, node1):
+            if node.process is not None and node.process.poll() is None:
+                node.kill_all()
+
+
+def test_a_shard_killed_on_node_1_takes_node_0_down(tiny_model_dir: Path, tmp_path: Path) -> None:
+    node0, node1 = start_two_nodes(tiny_model_dir, tmp_path)
+    try:
+        killed_at = time.monotonic()
+        shard_of(node1).kill()
+        code1 = node1.wait_exit(30)
+        code0 = node0.wait_exit(30)
+        print(f"\nrank 1 killed on node 1: node 1 exit {code1}, node 0 exit {code0} after "
+              f"{time.monotonic() - killed_at:.1f} s")  # fmt: skip
+        assert code1 != 0 and "shard-0 (rank 1) exited with code -9" in node1.log()
+        assert code0 != 0 and "Lost rank 1" in node0.log()
+        assert "shard-0 (rank 0) exited with code 1" in node0.log()
+        for node in (node0, node1):
+            assert node.leftovers() == [] and node.stale_sockets() == []
+    finally:
+        for node in (node0, node1):
+            if node.process is not None and node.process.poll() is None:
+                node.kill_all()
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
         (["--num-shard", "2"], "9 attention heads are not divisible by --num-shard 2"),
         (["--num-shard", "3", "--backend", "transformers"], "the transformers backend cannot shard"),
+        (
+            ["--nnodes", "2"],
+            "9 attention heads are not divisible by --num-shard 2 (--num-shard 1 x --nnodes 2)",
+        ),
+        (["--nnodes", "2", "--node-rank", "2"], "`node_rank` must be >= 0 and < `nnodes`. Given: 2 and 2"),
     ],
 )
 def test_impossible_splits_are_refused_before_start(args: list[str], message: str, test_cache: Path) -> None:

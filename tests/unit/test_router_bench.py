@@ -17,6 +17,11 @@ pytestmark = pytest.mark.timeout(240)
 STREAMS, TOKENS, REQUESTS = 4, 12, 10
 
 
+def children() -> set[int]:
+    """This process's descendants (other tests' fixtures may hold some of their own)."""
+    return {p.pid for p in psutil.Process().children(recursive=True)}
+
+
 def test_router_against_fake_shard(
     tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -26,8 +31,9 @@ def test_router_against_fake_shard(
         "--max-new-tokens", str(TOKENS), "--requests-per-level", str(REQUESTS),
         "--output", str(out), "--raw-dir", str(raw), "--no-progress",
     ]  # fmt: skip
+    before = children()
     assert main(argv) == 0
-    assert psutil.Process().children(recursive=True) == []  # the router and the fake shard are gone
+    assert children() - before == set()  # the router and the fake shard are gone
 
     data = json.loads(out.read_text())
     assert data["command"] == "router" and data["config"]["concurrency"] == [STREAMS]
@@ -38,9 +44,11 @@ def test_router_against_fake_shard(
     assert m["output_tokens"] == REQUESTS * TOKENS and m["token_count_mismatches"] == 0
     assert m["output_tokens_per_s"] > 0 and m["ttft_s"]["count"] == REQUESTS
     assert m["itl_s"]["count"] == REQUESTS * (TOKENS - 1)
-    # The fake shard saw full-batch decode steps and the router's CPU time was read.
+    # The fake shard timed decode steps and the router's CPU time was read. On a loaded machine the
+    # streams may never all share one step, so the full-batch figure is checked only when there is one.
+    assert sum(level["decode_steps_by_batch"].values()) > 0
     step = level["router_step_ms"]
-    assert step is not None and step["count"] > 0 and 0 < step["median"] <= step["p99"]
+    assert step is None or (step["count"] > 0 and 0 < step["median"] <= step["p99"])
     assert level["prefills"] >= 1 and level["router_cpu_s"] > 0 and level["router_cpu_us_per_token"] > 0
     assert level["round"] == 1
     tokens_per_s = data["summary"][str(STREAMS)]["output_tokens_per_s"]
@@ -63,9 +71,10 @@ def test_router_against_fake_shard(
 
 def test_router_needs_a_tokenizer_that_exists(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     argv = ["router", "--tokenizer", str(tmp_path / "nowhere"), "--concurrency", "2", "--no-progress"]
+    before = children()
     assert main(argv) == 1
     assert "router exited" in capsys.readouterr().err
-    assert psutil.Process().children(recursive=True) == []
+    assert children() - before == set()
 
 
 def test_summary_gives_each_levels_median_and_best_over_rounds() -> None:
