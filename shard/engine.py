@@ -203,8 +203,11 @@ class Engine:
 
 
 def make_engine(backend: Backend, faults: Faults | None = None) -> Engine:
-    """The chunked-prefill engine for backends that can mix prompt chunks into decode steps, else the
-    plain one."""
+    """The engine for ``backend``: its own when it has a decoding loop of its own (CTranslate2), the
+    chunked-prefill one when it can mix prompt chunks into decode steps, else the plain one."""
+    own_engine = getattr(backend, "make_engine", None)
+    if own_engine is not None:
+        return own_engine(faults)
     if hasattr(backend, "step"):
         from .chunked import ChunkedEngine
 

@@ -243,10 +243,7 @@ async def serve(config: ShardConfig) -> None:
     if config.fault_injection:
         log.warning("Fault injection is on: requests can make this shard fail (tests only)")
 
-    faults = Faults(config.fault_injection)
-    # A backend with a decoding loop of its own (CTranslate2) brings its own engine.
-    own_engine = getattr(backend, "make_engine", None)
-    engine = own_engine(faults) if own_engine is not None else make_engine(backend, faults)
+    engine = make_engine(backend, Faults(config.fault_injection))
     if relay is not None:  # rank 0 answers only once every rank has loaded the model
         relay.wait_followers() if relay.leader else relay.ready()
     service = ShardService(engine, config.world_size, relay)

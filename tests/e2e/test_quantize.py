@@ -2,7 +2,7 @@
 through the launcher and the same continuous-batching path as full precision (which test_default_model
 covers). One server per mode; short generations, to keep the suite's time in bounds.
 
-(The paged backend's own --quantize int8 / int4 are tested in test_quantize_int.py.)"""
+The paged backend's own weight-only --quantize int8 is tested here too."""
 
 from __future__ import annotations
 
@@ -91,6 +91,18 @@ def test_bitsandbytes(mode: str, test_cache: Path, tmp_path: Path) -> None:
         if mode == "bitsandbytes-nf4":  # requests decode together, through the same batching path
             streams = concurrent_streams(server, 3)
             assert all(len(s) == 3 and s[-1]["generated_text"] for s in streams)
+    finally:
+        stop_and_check(server)
+
+
+@pytest.mark.timeout(900)
+def test_paged_int8_answers_the_capital_of_france(test_cache: Path, tmp_path: Path) -> None:
+    server, _ = start(test_cache, tmp_path, "--quantize", "int8")
+    try:
+        assert "Paris" in answer(server, max_new_tokens=20)
+        assert "Quantized to int8" in server.log()
+        info = requests.get(f"{server.url}/info", timeout=10).json()
+        assert info["model_device_type"] == "cpu"
     finally:
         stop_and_check(server)
 
