@@ -300,11 +300,14 @@ def run_router_benchmark(
 
 
 def summarize(levels: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per concurrency: streamed tokens/s, median router step time (ms, at batch = streams) and router CPU
-    time per token (us), each as every round's value, their median and their best."""
+    """Per concurrency: streamed tokens/s, median and mean router step time (ms, at batch = streams) and
+    router CPU time per token (us), each as every round's value, their median and their best. (The mean
+    counts the steps that also write to the connections or serve new requests, which the median can
+    leave out.)"""
     figures: dict[str, Callable[[dict[str, Any]], float | None]] = {
         "output_tokens_per_s": lambda lv: lv["metrics"]["output_tokens_per_s"],
         "router_step_ms_median": lambda lv: (lv["router_step_ms"] or {}).get("median"),
+        "router_step_ms_mean": lambda lv: (lv["router_step_ms"] or {}).get("mean"),
         "router_cpu_us_per_token": lambda lv: lv["router_cpu_us_per_token"],
     }
     higher_is_better = {"output_tokens_per_s"}
@@ -333,22 +336,23 @@ def _processor() -> str:
 
 def format_summary(data: dict[str, Any]) -> str:
     """One line per level; the step times are at batch = streams."""
-    head = ("round", "streams", "requests", "errors", "tokens/s", "step ms p50", "step ms p90", "CPU us/token",
-            "TPOT ms p50", "ITL ms p99")  # fmt: skip
+    head = ("round", "streams", "requests", "errors", "tokens/s", "step ms p50", "step ms mean", "step ms p90",
+            "CPU us/token", "TPOT ms p50", "ITL ms p99")  # fmt: skip
     rows = [head]
     for lv in data["levels"]:
         m, step = lv["metrics"], lv["router_step_ms"] or {}
         rows.append((
             str(lv["round"]), str(lv["concurrency"]), str(m["num_requests"]), str(m["num_errors"]),
             f"{m['output_tokens_per_s']:.0f}",
-            _num(step.get("median")), _num(step.get("p90")), _num(lv["router_cpu_us_per_token"]),
+            _num(step.get("median")), _num(step.get("mean")), _num(step.get("p90")), _num(lv["router_cpu_us_per_token"]),
             _num(_ms(m["tpot_s"]["p50"])), _num(_ms(m["itl_s"]["p99"])),
         ))  # fmt: skip
     if len({lv["round"] for lv in data["levels"]}) > 1:
         for concurrency, figures in data["summary"].items():
             rows.append((
                 "median", concurrency, "", "", f"{figures['output_tokens_per_s']['median']:.0f}",
-                _num(figures["router_step_ms_median"]["median"]), "", _num(figures["router_cpu_us_per_token"]["median"]),
+                _num(figures["router_step_ms_median"]["median"]), _num(figures["router_step_ms_mean"]["median"]), "",
+                _num(figures["router_cpu_us_per_token"]["median"]),
                 "", "",
             ))  # fmt: skip
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]

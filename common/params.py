@@ -22,7 +22,8 @@ class SamplingParams:
     min_p: float = 0.0
     # (token id, bias) pairs added to the raw logits.
     logit_bias: tuple[tuple[int, float], ...] = ()
-    watermark: bool = False
+    # (logits processor name, argument) pairs this request uses (shard/processors/), sorted by name.
+    processors: tuple[tuple[str, str], ...] = ()
 
     @property
     def has_warpers(self) -> bool:

@@ -51,6 +51,23 @@ def cuda_device_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+def print_plugins(enabled: tuple[str, ...]) -> None:
+    """--list-plugins: every installed plugin, whether it loads, and whether it runs."""
+    from common.plugins import PluginError, discover
+
+    rows = [("GROUP", "NAME", "PACKAGE", "STATUS")]
+    for p in discover():
+        try:
+            p.load()
+            status = "built-in" if p.builtin else ("enabled" if p.name in enabled else "optional (--plugin)")
+        except PluginError as e:
+            status = f"broken: {e.__cause__ or e}"
+        rows.append((p.group, p.name, f"{p.distribution} {p.version}", status))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for row in rows:
+        typer.echo("  ".join([*(cell.ljust(w) for cell, w in zip(row[:3], widths, strict=True)), row[3]]))
+
+
 def print_env() -> None:
     """TGI's --env: what this launcher runs on."""
     import torch
@@ -168,9 +185,25 @@ def launch(
     ct2_max_batches: Annotated[
         int, _opt("CT2_MAX_BATCHES", "--quantize ct2: CTranslate2 batches running side by side.")
     ] = 32,
+    plugin: Annotated[
+        list[str] | None,
+        _opt("PLUGIN", "Enable an optional plugin by name (repeatable); see --list-plugins."),
+    ] = None,
+    list_plugins: Annotated[
+        bool, _opt("LIST_PLUGINS", "Print the installed plugins and exit.", is_eager=False)
+    ] = False,
+    watermark_gamma: Annotated[
+        float, _opt("WATERMARK_GAMMA", "Watermark: fraction of the vocabulary in each green list.")
+    ] = 0.5,
+    watermark_delta: Annotated[
+        float, _opt("WATERMARK_DELTA", "Watermark: logit boost of green-list tokens.")
+    ] = 2.0,
 ) -> None:
     """Serve a causal language model: TGI's native API and the OpenAI API over continuous batching."""
     setup_logging(os.environ.get("LOG_LEVEL", "INFO"), json_output)
+    if list_plugins:
+        print_plugins(tuple(plugin or ()))
+        raise typer.Exit(0)
     config = LauncherConfig(
         model_id=model_id,
         revision=revision,
@@ -212,12 +245,29 @@ def launch(
         backend=backend,
         ct2_threads=ct2_threads,
         ct2_max_batches=ct2_max_batches,
+        plugins=tuple(plugin or ()),
+        watermark_gamma=watermark_gamma,
+        watermark_delta=watermark_delta,
     )
     if env:
         print_env()
     try:
         config.validate()
     except ArgumentError as e:
+        typer.echo(f"Error: {e}", err=True)
+        raise typer.Exit(2) from None
+    from common.plugins import PluginError, check_enabled
+
+    try:
+        for enabled in check_enabled(config.plugins):
+            if enabled.group == "logits_processors" and config.quantize == "ct2":
+                raise PluginError(
+                    f"--plugin {enabled.name}: a logits processor cannot run on --quantize ct2 "
+                    "(CTranslate2 samples inside its own decoding loop)"
+                )
+            log.info("Plugin %s (%s, from %s %s) enabled", enabled.name, enabled.group, enabled.distribution,
+                     enabled.version)  # fmt: skip
+    except PluginError as e:
         typer.echo(f"Error: {e}", err=True)
         raise typer.Exit(2) from None
     if trust_remote_code:

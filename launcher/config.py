@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +68,19 @@ class LauncherConfig:
     # --quantize ct2: compute threads per step (0: the cores available), batches run side by side.
     ct2_threads: int = 0
     ct2_max_batches: int = 32
+    # Optional plugins to enable (common/plugins.py), and the watermark processor's settings.
+    plugins: tuple[str, ...] = field(default_factory=tuple)
+    watermark_gamma: float = 0.5
+    watermark_delta: float = 2.0
+
+    def _plugin_backend(self) -> bool:
+        from common.plugins import PluginError, find
+
+        try:
+            find("backends", self.backend)
+        except PluginError:
+            return False
+        return True
 
     def world_size(self) -> int:
         """TGI's find_num_shards: --num-shard, else the devices in CUDA_VISIBLE_DEVICES, else 1."""
@@ -134,10 +148,15 @@ class LauncherConfig:
             raise ArgumentError("`api_key` must not be empty")
         if self.max_concurrent_requests <= 0:
             raise ArgumentError("`max_concurrent_requests` must be > 0")
-        if self.backend not in BACKEND_CHOICES:
+        if self.backend not in BACKEND_CHOICES and not self._plugin_backend():
             raise ArgumentError(
-                f"`backend` must be one of {', '.join(BACKEND_CHOICES)}. Given: {self.backend}"
+                f"`backend` must be one of {', '.join(BACKEND_CHOICES)} or an installed backend plugin. "
+                f"Given: {self.backend}"
             )
+        if not 0.0 < self.watermark_gamma < 1.0:
+            raise ArgumentError(f"`watermark_gamma` must be > 0 and < 1. Given: {self.watermark_gamma}")
+        if not (self.watermark_delta >= 0.0 and math.isfinite(self.watermark_delta)):
+            raise ArgumentError(f"`watermark_delta` must be >= 0. Given: {self.watermark_delta}")
         if self.dtype is not None and self.dtype not in DTYPE_CHOICES:
             raise ArgumentError(f"`dtype` must be one of {', '.join(DTYPE_CHOICES)}. Given: {self.dtype}")
         if self.quantize is not None:

@@ -148,6 +148,9 @@ class Supervisor:
             cmd.append("--json-output")
         if c.fault_injection:
             cmd.append("--fault-injection")
+        for name in c.plugins:
+            cmd += ["--plugin", name]
+        cmd += ["--watermark-gamma", str(c.watermark_gamma), "--watermark-delta", str(c.watermark_delta)]
         return cmd
 
     def shard_env(self, rank: int) -> dict[str, str]:
@@ -205,6 +208,8 @@ class Supervisor:
             cmd.append("--metrics-require-auth")
         if c.fault_injection:
             cmd.append("--fault-injection")
+        for name in c.plugins:
+            cmd += ["--plugin", name]
         return cmd
 
     def router_env(self) -> dict[str, str]:

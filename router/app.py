@@ -11,6 +11,8 @@ import signal
 
 from aiohttp import web
 
+from common import plugins
+
 from . import middleware, openai_api, tgi_api
 from .chat import ChatPrompter
 from .client import ShardClient
@@ -85,7 +87,19 @@ def create_app(config: RouterConfig) -> web.Application:
     app.router.add_get("/docs", _docs)
     app.on_startup.append(_on_startup)
     app.on_cleanup.append(_on_cleanup)
+    add_extensions(app, config)
     return app
+
+
+def add_extensions(app: web.Application, config: RouterConfig) -> None:
+    """Lets each active router-extension plugin add its routes and middlewares (common/plugins.py)."""
+    for plugin in plugins.active("router_extensions", config.plugins):
+        extend = plugin.load()
+        try:
+            extend(app, config)
+        except Exception as e:
+            raise plugins.PluginError(f"plugin {plugin.name!r} failed to extend the router: {e}") from e
+        log.info("Router extension %s (from %s %s) added", plugin.name, plugin.distribution, plugin.version)
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:

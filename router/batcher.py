@@ -26,6 +26,9 @@ from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
+# The top alternatives of a row that asked for none (shared, never mutated).
+NO_TOP: list[tuple[int, float]] = []
+
 
 def request_to_pb(entry: Entry) -> pb.Request:
     r = entry.request
@@ -45,7 +48,7 @@ def request_to_pb(entry: Entry) -> pb.Request:
             presence_penalty=p.presence_penalty,
             min_p=p.min_p,
             logit_bias=dict(p.logit_bias),
-            watermark=p.watermark,
+            processors=dict(p.processors),
         ),
         max_new_tokens=r.max_new_tokens,
         prefill_logprobs=r.decoder_input_details,
@@ -168,7 +171,7 @@ class Batcher:
         if response is None:
             return []
         self._deliver(response.generations)
-        return self._live([response.batch])
+        return self._live([response.batch])[0]
 
     async def _decode(
         self, batches: list[pb.CachedBatch], pending: pb.Generations | None
@@ -176,12 +179,12 @@ class Batcher:
         """One decode step, pipelined with the router's own work.
 
         The next request goes out as soon as a response is in: the requests it names are the ones that
-        this response did not end by length or EOS (a cheap check on token ids). The response's tokens
-        are then turned into text and events while the shard computes the step after. A request that a
-        stop string ends is found during that delivery and leaves one step later (the shard computes one
-        token for it that nobody sees). Returns the next batches and the generations still to deliver."""
-        wanted = self._live(batches)
-        ids = [rid for b in wanted for rid in b.request_ids]
+        this response did not end by length or EOS (a cheap check on token ids). Once it has been sent,
+        the response's tokens are turned into text and events while the shard computes the step after.
+        A request that a stop string ends is found during that delivery and leaves one step later (the
+        shard computes one token for it that nobody sees). Returns the next batches and the generations
+        still to deliver."""
+        wanted, ids = self._live(batches)
         if not ids:
             if pending is not None:
                 self._deliver(pending)
@@ -193,11 +196,12 @@ class Batcher:
             self.metrics.batch_current_size.set(len(ids))
             self.metrics.batch_current_max_tokens.set(self._held_tokens())
         call = asyncio.ensure_future(
-            self._step("decode", self.client.decode(wanted), [b.id for b in wanted], ids)
+            self._step("decode", self.client.start_decode(wanted), [b.id for b in wanted], ids)
         )
         if self._response_at is not None:
             self.metrics.batch_router_duration.observe(time.perf_counter() - self._response_at)
         if pending is not None:
+            await asyncio.sleep(0)  # gRPC's own task sends the call: let it run before delivering
             self._deliver(pending)
         response = await call
         if response is None:
@@ -207,20 +211,29 @@ class Batcher:
         g = response.generations
         if not response.HasField("batch"):
             return [], g
-        # The cached batch may hold requests still running their prompt in chunks: no token for them yet.
-        tokens = dict(zip(g.request_ids, g.token_ids, strict=True))
-        survivors = [rid for rid in response.batch.request_ids if self._continues(rid, tokens.get(rid))]
-        return [pb.CachedBatch(id=response.batch.id, request_ids=survivors)], g
+        return [pb.CachedBatch(id=response.batch.id, request_ids=self._survivors(response.batch, g))], g
 
-    def _continues(self, rid: int, token_id: int | None) -> bool:
-        """Whether a request goes on after this token, or without one (a disconnected one leaves here)."""
+    def _alive(self, rid: int) -> Entry | None:
+        """The running entry of ``rid``; None when it is gone, or cancelled (it leaves now)."""
         entry = self.running.get(rid)
-        if entry is None:
-            return False
-        if entry.cancelled:
+        if entry is not None and entry.cancelled:
             self._leave(entry, None)
-            return False
-        return token_id is None or not entry.state.will_finish(token_id)
+            return None
+        return entry
+
+    def _survivors(self, batch: pb.CachedBatch, g: pb.Generations) -> list[int]:
+        """The batch's requests that go on after this step's token, or without one: the cached batch may
+        hold requests still running their prompt in chunks. A disconnected one leaves here."""
+        tokens = dict(zip(g.request_ids, g.token_ids, strict=True))
+        survivors = []
+        for rid in batch.request_ids:
+            entry = self._alive(rid)
+            if entry is None:
+                continue
+            token_id = tokens.get(rid)
+            if token_id is None or not entry.state.will_finish(token_id):
+                survivors.append(rid)
+        return survivors
 
     async def _clear(self, batch_id: int) -> None:
         try:
@@ -249,55 +262,66 @@ class Batcher:
         self.generation_health = True
         return response
 
-    def _live(self, batches: list[pb.CachedBatch]) -> list[pb.CachedBatch]:
-        """The batches cut down to requests still wanted (finished and disconnected ones leave). A batch
-        left empty stays in the list, so that the shard is told to drop it."""
+    def _live(self, batches: list[pb.CachedBatch]) -> tuple[list[pb.CachedBatch], list[int]]:
+        """The batches cut down to requests still wanted (finished and disconnected ones leave), and all
+        their request ids. A batch left empty stays in the list, so that the shard is told to drop it."""
         out = []
+        ids: list[int] = []
         for batch in batches:
-            keep = []
-            for rid in batch.request_ids:
-                entry = self.running.get(rid)
-                if entry is None:
-                    continue
-                if entry.cancelled:
-                    self._leave(entry, None)
-                    continue
-                keep.append(rid)
+            keep = [rid for rid in batch.request_ids if self._alive(rid) is not None]
+            ids += keep
             out.append(pb.CachedBatch(id=batch.id, request_ids=keep, max_tokens=batch.max_tokens))
-        return out
+        return out, ids
 
     def _deliver(self, g: pb.Generations) -> None:
         """Turns one step's token ids into each request's next event.
 
-        Most tokens' text is known without decoding (``GenerationState.begin``); the other rows'
-        detokenization windows are decoded in one batch call (in Rust, in parallel) rather than two calls
-        per row: this loop is the router's own time per step."""
+        This loop is the router's own time per step. Plain tokens (``GenerationState.plain``: text known
+        without decoding, nothing ends) take one pass over plain lists. The other rows go to
+        ``_deliver_rows``: their detokenization windows are decoded in one batch call (in Rust, in
+        parallel) rather than two calls per row."""
         for failure in g.failures:  # requests that failed alone; they are in no column below
             entry = self.running.get(failure.request_id)
             if entry is not None:
                 entry.events.put(GenerationError(failure.message))
                 self._leave(entry, "generation")
-        prefill = {p.request_id: p for p in g.prefill}
-        width = g.top_n
-        top_ids, top_logprobs = (list(g.top_ids), list(g.top_logprobs)) if width else ((), ())
-        rows = []
-        windows: list[list[int]] = []
         running = self.running
+        logprobs = list(g.logprobs)
+        simple = not g.prefill and not g.top_n
+        others = []
         for row, (rid, token_id) in enumerate(zip(g.request_ids, g.token_ids, strict=True)):
             entry = running.get(rid)
             if entry is None or entry.cancelled:
                 continue
+            event = entry.state.plain(token_id, logprobs[row]) if simple else None
+            if event is None:
+                others.append((row, entry, token_id))
+            else:
+                entry.events.put(event)
+        if others:
+            self._deliver_rows(g, others, logprobs)
+
+    def _deliver_rows(
+        self, g: pb.Generations, rows: list[tuple[int, Entry, int]], logprobs: list[float]
+    ) -> None:
+        """``_deliver`` for the rows that need more than ``plain``: detokenization in context, the last
+        token, stop strings, prompt log-probabilities, top tokens."""
+        items = []
+        windows: list[list[int]] = []
+        for row, entry, token_id in rows:
             text = entry.state.begin(token_id)  # None (no text), the text, or windows to decode
             if type(text) is tuple:
                 windows.extend(text)
-            rows.append((row, entry, token_id, text))
+            items.append((row, entry, token_id, text))
         texts = self.tokenizer.decode_batch(windows) if windows else []
-        logprobs = g.logprobs
+        prefill = {p.request_id: p for p in g.prefill}
+        width = g.top_n
+        top_ids, top_logprobs = (list(g.top_ids), list(g.top_logprobs)) if width else ((), ())
         position = 0
-        for row, entry, token_id, text in rows:
+        for row, entry, token_id, text in items:
             if prefill and entry.id in prefill:
                 entry.state.set_prefill(list(prefill[entry.id].ids), list(prefill[entry.id].logprobs))
-            top = []
+            top = NO_TOP
             if width and entry.request.top_n_tokens:
                 span = slice(row * width, (row + 1) * width)
                 top = list(zip(top_ids[span], top_logprobs[span], strict=True))

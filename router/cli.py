@@ -49,6 +49,7 @@ def serve(
     graceful_termination_timeout: Annotated[float, typer.Option()] = 90.0,
     metrics_require_auth: Annotated[bool, typer.Option()] = False,
     fault_injection: Annotated[bool, typer.Option(hidden=True)] = False,
+    plugin: Annotated[list[str] | None, typer.Option(help="Enable an optional plugin (repeatable).")] = None,
     logger_level: Annotated[str, typer.Option()] = "INFO",
 ) -> None:
     """Serves HTTP; the API key comes from the API_KEY environment variable (never on a command line)."""
@@ -88,6 +89,7 @@ def serve(
             payload_limit=payload_limit,
             graceful_termination_timeout=graceful_termination_timeout,
             fault_injection=fault_injection,
+            plugins=tuple(plugin or ()),
         )
     )
 

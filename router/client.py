@@ -31,6 +31,8 @@ class ShardClient:
         await asyncio.gather(*(c.close() for c in self._channels))
 
     async def _all(self, call: Callable[[pb_grpc.TextGenerationServiceStub], Awaitable[T]]) -> T:
+        if len(self._stubs) == 1:  # the router's case: no gather (a task per call) on the per-step path
+            return await call(self._stubs[0])
         results = await asyncio.gather(*(call(stub) for stub in self._stubs))
         return results[0]
 
@@ -48,7 +50,16 @@ class ShardClient:
         return await self._all(lambda s: s.Prefill(pb.PrefillRequest(batch=batch)))
 
     async def decode(self, batches: list[pb.CachedBatch]) -> pb.DecodeResponse:
-        return await self._all(lambda s: s.Decode(pb.DecodeRequest(batches=batches)))
+        return await self.start_decode(batches)
+
+    def start_decode(self, batches: list[pb.CachedBatch]) -> Awaitable[pb.DecodeResponse]:
+        """Starts a Decode call now (gRPC's task for it sends the request at the loop's next turn, without
+        waiting for the caller to await it); returns what to await for its answer."""
+        request = pb.DecodeRequest(batches=batches)
+        calls = [stub.Decode(request) for stub in self._stubs]
+        if len(calls) == 1:
+            return calls[0]
+        return _first(asyncio.gather(*calls))
 
     async def clear_cache(self, batch_id: int | None = None) -> None:
         request = pb.ClearCacheRequest() if batch_id is None else pb.ClearCacheRequest(id=batch_id)
@@ -66,3 +77,7 @@ class ShardClient:
                 if loop.time() > deadline:
                     raise
                 await asyncio.sleep(0.2)
+
+
+async def _first(results: Awaitable[list[T]]) -> T:
+    return (await results)[0]

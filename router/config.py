@@ -44,6 +44,8 @@ class RouterConfig:
     graceful_termination_timeout: float = 90.0
     # Test-only: honour the `fault` request parameter (see shard/faults.py).
     fault_injection: bool = False
+    # Optional plugins enabled with --plugin: their router extensions add routes and middlewares.
+    plugins: tuple[str, ...] = ()
 
     @property
     def model_names(self) -> tuple[str, ...]:

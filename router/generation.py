@@ -57,7 +57,14 @@ class StreamEvent:
     finished: Finished | None = None
 
 
+# The top tokens of an event that asked for none (shared: nobody mutates an event's list).
+NO_TOP_TOKENS: list[Token] = []
+
+
 class GenerationState:
+    """One request's tokens, text and ending. ``begin`` then ``push`` account each generated token (the
+    batching loop's per-token path: the facts it checks are precomputed here, once per request)."""
+
     def __init__(self, request: ValidRequest, tokenizer: Tokenizer, eos_ids: frozenset[int]) -> None:
         self.request = request
         self.tokenizer = tokenizer
@@ -68,6 +75,18 @@ class GenerationState:
         self.tokens: list[Token] = []
         self.top_tokens: list[list[Token]] = []
         self.prefill: list[Token] = []
+        self.max_new_tokens = request.max_new_tokens
+        self.min_new_tokens = request.min_new_tokens
+        self.special_ids = tokenizer.special_ids
+        stop_ids = frozenset(request.stop_token_ids)
+        # Tokens that end the request (past min_new_tokens) and tokens that add no text.
+        self.end_ids = self.eos_ids | stop_ids
+        self.silent_ids = self.end_ids | (self.special_ids if request.skip_special_tokens else frozenset())
+        self.has_stops = bool(self.stops.stops)
+        # ``plain`` applies: no stop strings, no top tokens; and the ids it leaves to ``begin``/``push``.
+        self.plain_ok = not self.has_stops and not request.top_n_tokens
+        self.not_plain_ids = self.end_ids | self.special_ids
+        self.piece = tokenizer.piece
 
     @property
     def generated_tokens(self) -> int:
@@ -82,27 +101,47 @@ class GenerationState:
     def will_finish(self, token_id: int) -> bool:
         """Whether this next token ends the request by length or end-of-sequence (a stop string can end
         it too, which only detokenization tells)."""
-        r = self.request
         count = len(self.tokens) + 1
-        if count >= r.max_new_tokens:
+        if count >= self.max_new_tokens:
             return True
-        return count >= r.min_new_tokens and (token_id in self.eos_ids or token_id in r.stop_token_ids)
+        return count >= self.min_new_tokens and token_id in self.end_ids
 
     def silent(self, token_id: int) -> bool:
         """An end-of-sequence or skipped special token: it adds no text."""
-        r = self.request
+        return token_id in self.silent_ids
+
+    def plain(self, token_id: int, logprob: float) -> StreamEvent | None:
+        """``begin`` and ``push`` in one for the common token: one that ends nothing (``_ends_nothing``)
+        and whose text is known without decoding. Returns its event; None, changing nothing, for any
+        other token."""
+        if not self._ends_nothing(token_id):
+            return None
+        text = self.detokenizer.push_piece(token_id, self.piece(token_id))
+        if text is None:
+            return None
+        return self._plain_event(token_id, text, logprob)
+
+    def _ends_nothing(self, token_id: int) -> bool:
+        """Whether this next token is plain: not the last one, not an end-of-sequence or special token,
+        and the request watches no stop strings and wants no top tokens."""
         return (
-            token_id in self.eos_ids
-            or token_id in r.stop_token_ids
-            or (r.skip_special_tokens and token_id in self.tokenizer.special_ids)
+            self.plain_ok
+            and token_id not in self.not_plain_ids
+            and len(self.tokens) + 1 < self.max_new_tokens
         )
+
+    def _plain_event(self, token_id: int, text: str, logprob: float) -> StreamEvent:
+        self.text_parts.append(text)
+        token = Token(token_id, text, logprob, False)
+        self.tokens.append(token)
+        return StreamEvent(token, text, NO_TOP_TOKENS)
 
     def begin(self, token_id: int) -> str | tuple[list[int], list[int]] | None:
         """First half of ``push`` for a caller that decodes many requests' tokens at once: None for a
         token that adds no text (``silent``), the token's text when it is known without decoding (the
         common case, see ``IncrementalDetokenizer.push_piece``), else the two id windows to decode (pass
         the decoded pair to ``push`` as ``texts``; a str goes as ``text``)."""
-        if self.silent(token_id):
+        if token_id in self.silent_ids:
             return None
         detokenizer = self.detokenizer
         text = detokenizer.push_piece(token_id, self.tokenizer.piece(token_id))
@@ -120,10 +159,23 @@ class GenerationState:
 
         ``texts``: the decoded ``detokenizer.windows(token_id)``, or ``text``: the token's text, when the
         caller has already called ``begin`` (or ``windows``); otherwise the token is decoded here."""
+        if text is not None and self._ends_nothing(token_id):
+            return self._plain_event(token_id, text, logprob)
+        return self._push(token_id, logprob, top, texts, text)
+
+    def _push(
+        self,
+        token_id: int,
+        logprob: float,
+        top: list[tuple[int, float]],
+        texts: tuple[str, str] | None,
+        text: str | None,
+    ) -> StreamEvent:
+        """``push`` for any token: stop strings, special tokens, top tokens, the last token."""
         r = self.request
         count = len(self.tokens) + 1
-        may_end = count >= r.min_new_tokens
-        special = token_id in self.tokenizer.special_ids
+        may_end = count >= self.min_new_tokens
+        special = token_id in self.special_ids
         stopped = False
         if text is None:
             if texts is not None:
@@ -134,9 +186,9 @@ class GenerationState:
             delta = ""
         else:
             delta = text
-            if may_end and self.stops.stops:
+            if may_end and self.has_stops:
                 delta, stopped = self.stops.push(delta)
-        if count >= r.max_new_tokens:
+        if count >= self.max_new_tokens:
             finish_reason = "length"
         elif may_end and token_id in self.eos_ids:
             finish_reason = "eos_token"
@@ -152,7 +204,7 @@ class GenerationState:
         # TGI shows a special token's own string (clients skip it by its `special` flag).
         token = Token(token_id, self.tokenizer.token_text(token_id) if special else delta, logprob, special)
         self.tokens.append(token)
-        top_tokens: list[Token] = []
+        top_tokens = NO_TOP_TOKENS
         if r.top_n_tokens:
             top_tokens = [
                 Token(i, self.tokenizer.token_text(i), lp, self.tokenizer.is_special(i))

@@ -44,7 +44,9 @@ class Infer:
             [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         )
         self.metrics = Metrics(config.max_input_length, config.max_total_tokens)
-        self.validator = Validator(config, tokenizer, info.unsupported_parameters, info.backend)
+        self.validator = Validator(
+            config, tokenizer, info.unsupported_parameters, info.backend, info.processors
+        )
         self.queue = Queue(info.requires_padding)
         self.max_batch_total_tokens = config.max_batch_total_tokens or max(
             16000, config.max_total_tokens, config.max_batch_prefill_tokens

@@ -15,7 +15,7 @@ import json
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -43,6 +43,8 @@ from .openai_params import (
     parse_options,
     refuse_unsupported,
 )
+from .queue import Entry
+from .sse import DirectSSE, json_text
 from .state import get_infer, state
 from .tokenizer import Tokenizer
 from .validation import ValidRequest
@@ -110,32 +112,70 @@ async def _run_all(infer: Infer, requests: list[ValidRequest]) -> list[Finished]
         return list(await asyncio.gather(*(infer.generate(e) for e in entries)))
 
 
-async def _stream_all(infer: Infer, requests: list[ValidRequest]) -> AsyncIterator[tuple[int, StreamEvent]]:
-    """Every request's events, tagged with its index, as they come; raises the first error."""
-    queue: asyncio.Queue[tuple[int, StreamEvent | InferError]] = asyncio.Queue()
+EventBytes = Callable[[int, StreamEvent], bytes]
 
-    async def pump(index: int, entry) -> None:
+
+async def _stream_all(
+    infer: Infer,
+    requests: list[ValidRequest],
+    response: web.StreamResponse,
+    transport: asyncio.Transport | None,
+    event_bytes: EventBytes,
+) -> int:
+    """Streams every request's events as ``event_bytes(index, event)`` (b"" for an event without a
+    chunk); returns how many tokens they generated in all, or raises the first error (the other requests
+    are then cancelled).
+
+    As on TGI's stream, the batching loop writes the plain token events itself (``DirectSSE``, on
+    ``transport``: see ``DirectSSE.open``); a task per request writes the others (the last one, errors
+    aside, and every event while the client is slow to read)."""
+
+    async def pump(index: int, entry: Entry) -> int:
+        sse = DirectSSE.attach(transport, entry.events, lambda event, _: event_bytes(index, event))
+        last: StreamEvent | None = None
         try:
-            async for event in infer.stream(entry):
-                queue.put_nowait((index, event))
-        except InferError as e:
-            queue.put_nowait((index, e))
+            async for events in infer.stream_batches(entry):
+                data = sse.render(events)
+                if data:
+                    await response.write(data)
+                last = events[-1]
+        finally:
+            sse.close(entry.events)  # the connection may serve another request next
+        return last.finished.generated_tokens if last is not None and last.finished is not None else 0
 
     async with contextlib.AsyncExitStack() as stack:
         entries = [await stack.enter_async_context(infer.request(r)) for r in requests]
         tasks = [asyncio.create_task(pump(i, e)) for i, e in enumerate(entries)]
         try:
-            remaining = len(entries)
-            while remaining:
-                index, event = await queue.get()
-                if isinstance(event, InferError):
-                    raise event
-                yield index, event
-                if event.finished is not None:
-                    remaining -= 1
+            return sum(await asyncio.gather(*tasks))
         finally:
             for task in tasks:
                 task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)  # nothing of theirs follows
+
+
+class _TextChunks:
+    """The SSE bytes of ``make(index, text)`` (a chunk in which only one text varies), built from bytes
+    cached per index around the text: the same bytes as ``_data(make(index, text))``, without encoding
+    the whole chunk per token."""
+
+    def __init__(self, make: Callable[[int, str], dict[str, Any]]) -> None:
+        self.make = make
+        self.parts: dict[int, tuple[bytes, bytes]] = {}
+
+    def __call__(self, index: int, text: str) -> bytes:
+        parts = self.parts.get(index)
+        if parts is None:
+            parts = self.parts[index] = self._split(index)
+        return parts[0] + json_text(text) + parts[1]
+
+    def _split(self, index: int) -> tuple[bytes, bytes]:
+        marker = uuid.uuid4().hex
+        encoded = _data(self.make(index, marker))
+        before, found, after = encoded.partition(json_text(marker))
+        if not found or json_text(marker) in after:
+            raise AssertionError("the chunk's text marker is not unique")
+        return before, after
 
 
 def _finish_reason(finished: Finished | None) -> str | None:
@@ -174,26 +214,23 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
-async def _sse(request: web.Request) -> web.StreamResponse:
-    response = web.StreamResponse(
-        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    )
-    await response.prepare(request)
-    return response
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def _data(payload: dict[str, Any] | str) -> bytes:
+    """One SSE event: ``data: `` and the payload (a JSON object, or a string as is)."""
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+    return f"data: {data}\n\n".encode()
 
 
 async def _send(response: web.StreamResponse, payload: dict[str, Any] | str) -> None:
-    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
-    await response.write(f"data: {data}\n\n".encode())
+    await response.write(_data(payload))
 
 
-async def _stream_errors_and_done(
-    response: web.StreamResponse, body: AsyncIterator[None]
-) -> web.StreamResponse:
+async def _stream_errors_and_done(response: web.StreamResponse, body: Awaitable[None]) -> web.StreamResponse:
     """Runs a stream body; a failure mid-stream becomes an error chunk; ``[DONE]`` always ends it."""
     try:
-        async for _ in body:
-            pass
+        await body
     except InferError as e:
         await _send(response, json.loads(error_to_openai(e).text))
     await _send(response, "[DONE]")
@@ -268,7 +305,8 @@ async def _chat_stream(
     request: web.Request, infer: Infer, requests: list[ValidRequest], head: dict[str, Any], options: Options,
     logprobs: bool,
 ) -> web.StreamResponse:  # fmt: skip
-    response = await _sse(request)
+    response = web.StreamResponse(headers=SSE_HEADERS)
+    transport = await DirectSSE.open(request, response)
     head = {**head, "object": "chat.completion.chunk"}
     extra = {"usage": None} if options.include_usage else {}
 
@@ -279,22 +317,27 @@ async def _chat_stream(
             **extra,
         }
 
-    async def body() -> AsyncIterator[None]:
+    content = _TextChunks(lambda index, text: chunk(index, {"content": text}))
+
+    def event_bytes(index: int, event: StreamEvent) -> bytes:
+        """The event's chunk (the batching loop's per-token path for plain tokens); b"" for none."""
+        if event.finished is None and event.delta and not logprobs:
+            return content(index, event.delta)
+        visible = _visible(event.token, requests[index])
+        lp = (
+            {"content": [_chat_logprob(infer.tokenizer, event.token, event.top_tokens)], "refusal": None}
+            if logprobs and visible
+            else None
+        )
+        if event.delta or lp is not None or event.finished is not None:
+            delta = {"content": event.delta} if event.delta or event.finished is None else {}
+            return _data(chunk(index, delta, _finish_reason(event.finished), lp))
+        return b""
+
+    async def body() -> None:
         for index in range(len(requests)):
             await _send(response, chunk(index, {"role": "assistant", "content": ""}))
-        generated = 0
-        async for index, event in _stream_all(infer, requests):
-            generated += 1
-            visible = _visible(event.token, requests[index])
-            lp = (
-                {"content": [_chat_logprob(infer.tokenizer, event.token, event.top_tokens)], "refusal": None}
-                if logprobs and visible
-                else None
-            )
-            if event.delta or lp is not None or event.finished is not None:
-                delta = {"content": event.delta} if event.delta or event.finished is None else {}
-                await _send(response, chunk(index, delta, _finish_reason(event.finished), lp))
-            yield
+        generated = await _stream_all(infer, requests, response, transport, event_bytes)
         if options.include_usage:
             await _send(
                 response, {**head, "choices": [], "usage": _usage(requests[0].input_length, generated)}
@@ -429,7 +472,8 @@ async def _completions_stream(
     request: web.Request, infer: Infer, groups: list[list[ValidRequest]], head: dict[str, Any], options: Options,
     logprobs: int | None, echo: bool,
 ) -> web.StreamResponse:  # fmt: skip
-    response = await _sse(request)
+    response = web.StreamResponse(headers=SSE_HEADERS)
+    transport = await DirectSSE.open(request, response)
     head = {**head, "object": "text_completion"}
     extra = {"usage": None} if options.include_usage else {}
     requests = [r for group in groups for r in group]
@@ -441,22 +485,26 @@ async def _completions_stream(
             **extra,
         }
 
-    async def body() -> AsyncIterator[None]:
+    text_chunk = _TextChunks(lambda index, text: chunk(index, text, None, None))
+
+    def event_bytes(index: int, event: StreamEvent) -> bytes:
+        """The event's chunk (the batching loop's per-token path for plain tokens); b"" for none."""
+        if event.finished is None and event.delta and logprobs is None:
+            return text_chunk(index, event.delta)
+        lp = None
+        if logprobs is not None and _visible(event.token, requests[index]):
+            top = {infer.tokenizer.token_text(t.id): _logprob(t.logprob) for t in event.top_tokens}
+            lp = {"tokens": [infer.tokenizer.token_text(event.token.id)], "token_logprobs": [_logprob(event.token.logprob)],
+                  "top_logprobs": [top], "text_offset": [0]}  # fmt: skip
+        if event.delta or lp is not None or event.finished is not None:
+            return _data(chunk(index, event.delta, _finish_reason(event.finished), lp))
+        return b""
+
+    async def body() -> None:
         if echo:
             for index, valid in enumerate(requests):
                 await _send(response, chunk(index, valid.inputs, None, None))
-        generated = 0
-        async for index, event in _stream_all(infer, requests):
-            generated += 1
-            valid = requests[index]
-            lp = None
-            if logprobs is not None and _visible(event.token, valid):
-                top = {infer.tokenizer.token_text(t.id): _logprob(t.logprob) for t in event.top_tokens}
-                lp = {"tokens": [infer.tokenizer.token_text(event.token.id)], "token_logprobs": [_logprob(event.token.logprob)],
-                      "top_logprobs": [top], "text_offset": [0]}  # fmt: skip
-            if event.delta or lp is not None or event.finished is not None:
-                await _send(response, chunk(index, event.delta, _finish_reason(event.finished), lp))
-            yield
+        generated = await _stream_all(infer, requests, response, transport, event_bytes)
         if options.include_usage:
             usage = _usage(sum(g[0].input_length for g in groups), generated)
             await _send(response, {**head, "choices": [], "usage": usage})

@@ -11,6 +11,7 @@ from typing import Any
 from common.params import SamplingParams
 
 from .errors import InferError, ValidationError
+from .grammar import from_response_format
 from .infer import Infer
 from .validation import U64_MAX, ValidRequest
 
@@ -179,6 +180,13 @@ def parse_options(fields: Fields, infer: Infer, max_n: int) -> Options:
     limit = max_tokens if max_tokens is not None else max_completion_tokens
     if limit is not None and min_tokens > limit:
         raise ValidationError(f"`min_tokens` ({min_tokens}) must be <= `max_tokens` ({limit})", "min_tokens")
+    processors: list[tuple[str, str]] = []
+    constraint = from_response_format(fields.raw("response_format"))
+    if constraint is not None:
+        infer.validator.require_processor("grammar", "response_format")
+        if min_tokens:  # a complete output allows only EOS, which min_tokens forbids: nothing is left
+            raise ValidationError("`min_tokens` cannot be used with a `response_format`", "min_tokens")
+        processors.append(("grammar", constraint))
     greedy = temperature == 0.0
     infer.validator.check_supported(
         {
@@ -202,6 +210,7 @@ def parse_options(fields: Fields, infer: Infer, max_n: int) -> Options:
         frequency_penalty=frequency or 0.0,
         presence_penalty=presence or 0.0,
         logit_bias=tuple(bias),
+        processors=tuple(sorted(processors)),
     )
     return Options(
         params=params,
@@ -220,9 +229,6 @@ def parse_options(fields: Fields, infer: Infer, max_n: int) -> Options:
 
 def refuse_unsupported(fields: Fields) -> None:
     """Features this server does not have yet: a clear 400, never a silent unconstrained answer."""
-    response_format = fields.raw("response_format")
-    if response_format is not None and response_format != {"type": "text"}:
-        raise ValidationError("`response_format` other than text is not supported yet", "response_format")
     tools = fields.raw("tools")
     if tools:
         raise ValidationError("`tools` are not supported yet", "tools")

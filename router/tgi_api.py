@@ -20,7 +20,7 @@ from .body import read_json_object
 from .errors import InferError, UnhealthyError, ValidationError
 from .generation import Finished, StreamEvent, Token
 from .infer import Infer
-from .sse import DirectSSE
+from .sse import DirectSSE, json_text
 from .state import get_infer, state
 from .validation import GenerateParameters, ValidRequest, parse_parameters
 
@@ -71,31 +71,29 @@ def stream_event_json(event: StreamEvent, index: int, details: bool, input_lengt
     return body
 
 
-# Token text -> its JSON string: a few thousand distinct pieces make up almost every stream.
-_TEXT_JSON: dict[str, str] = {}
-
-
-def _text_json(text: str) -> str:
-    encoded = _TEXT_JSON.get(text)
-    if encoded is None:
-        encoded = json.dumps(text, ensure_ascii=False)
-        if len(_TEXT_JSON) < 65536:
-            _TEXT_JSON[text] = encoded
-    return encoded
+# A plain token's event (no top tokens, not the last), with a finite log-probability (%r) or none.
+_PLAIN_EVENT = (
+    b'data: {"index": %d, "token": {"id": %d, "text": %b, "logprob": %r, "special": %b}, '
+    b'"generated_text": null, "details": null}\n\n'
+)
+_PLAIN_EVENT_NULL_LOGPROB = (
+    b'data: {"index": %d, "token": {"id": %d, "text": %b, "logprob": null, "special": %b}, '
+    b'"generated_text": null, "details": null}\n\n'
+)
 
 
 def stream_event_bytes(event: StreamEvent, index: int, details: bool, input_length: int) -> bytes:
-    """One SSE event. The common case (a plain token) is formatted directly: it is the per-token hot path."""
+    """One SSE event. The common case (a plain token) is formatted directly: it is the per-token hot path,
+    and gives the same bytes as ``json.dumps(stream_event_json(...), ensure_ascii=False)``."""
     if event.finished is not None or event.top_tokens:
         payload = json.dumps(stream_event_json(event, index, details, input_length), ensure_ascii=False)
         return b"data: " + payload.encode() + b"\n\n"
     t = event.token
     logprob = t.logprob
-    return (
-        f'data: {{"index": {index}, "token": {{"id": {t.id}, "text": {_text_json(t.text)}, "logprob": '
-        f"{'null' if logprob is None or not math.isfinite(logprob) else repr(logprob)}, "
-        f'"special": {"true" if t.special else "false"}}}, "generated_text": null, "details": null}}\n\n'
-    ).encode()
+    special = b"true" if t.special else b"false"
+    if logprob is not None and logprob - logprob == 0.0:  # finite
+        return _PLAIN_EVENT % (index, t.id, json_text(t.text), logprob, special)
+    return _PLAIN_EVENT_NULL_LOGPROB % (index, t.id, json_text(t.text), special)
 
 
 def _timing_headers(
@@ -218,7 +216,7 @@ async def generate_stream(request: web.Request, body: dict[str, Any] | None = No
                 infer.metrics.request_failure.labels(error.error_type).inc()
                 await response.write(b"data: " + json.dumps(error.body()).encode() + b"\n\n")
             finally:
-                entry.events.direct = None  # the connection may serve another request next
+                sse.close(entry.events)  # the connection may serve another request next
         await response.write_eof()
         return response
 

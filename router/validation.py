@@ -19,6 +19,7 @@ from common.params import SamplingParams
 
 from .config import RouterConfig
 from .errors import ContextLengthError, ValidationError
+from .grammar import from_tgi
 from .tokenizer import Tokenizer
 
 U64_MAX = 2**64 - 1
@@ -43,6 +44,8 @@ class GenerateParameters:
     stop: list[str] = field(default_factory=list)
     truncate: int | None = None
     watermark: bool = False
+    # The `grammar` processor's canonical argument (router/grammar.py), None = unconstrained.
+    grammar: str | None = None
     details: bool = False
     decoder_input_details: bool = False
     seed: int | None = None
@@ -136,8 +139,6 @@ def parse_parameters(params: object) -> GenerateParameters:
         stop = [stop]
     if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
         raise ValidationError("`stop` must be an array of strings")
-    if params.get("grammar") is not None:
-        raise ValidationError("`grammar` is not supported yet")
     if params.get("adapter_id") is not None:
         raise ValidationError("`adapter_id` is not supported: this server loads no LoRA adapters")
     return GenerateParameters(
@@ -155,6 +156,7 @@ def parse_parameters(params: object) -> GenerateParameters:
         stop=stop,
         truncate=_get_int(params, "truncate", 2**32 - 1),
         watermark=bool(_get_bool(params, "watermark")),
+        grammar=from_tgi(params.get("grammar")),
         details=bool(_get_bool(params, "details")),
         decoder_input_details=bool(_get_bool(params, "decoder_input_details")),
         seed=_get_int(params, "seed", U64_MAX),
@@ -168,13 +170,20 @@ class Validator:
     """Applies the server's limits to parsed parameters and tokenizes the prompt off the event loop."""
 
     def __init__(
-        self, config: RouterConfig, tokenizer: Tokenizer, unsupported: Iterable[str] = (), backend: str = ""
+        self,
+        config: RouterConfig,
+        tokenizer: Tokenizer,
+        unsupported: Iterable[str] = (),
+        backend: str = "",
+        processors: Iterable[str] = (),
     ) -> None:
         self.config = config
         self.tokenizer = tokenizer
         # Parameters the shards' backend cannot honour (InfoResponse.unsupported_parameters).
         self.unsupported = frozenset(unsupported)
         self.backend = backend
+        # Logits processors the shards run (InfoResponse.processors), which requests may name.
+        self.processors = frozenset(processors)
         self._pool = ThreadPoolExecutor(max_workers=config.validation_workers, thread_name_prefix="tokenize")
 
     def close(self) -> None:
@@ -229,8 +238,13 @@ class Validator:
             )
         if p.decoder_input_details and stream:
             raise ValidationError("`decoder_input_details` == true is not supported when streaming tokens")
+        processors: list[tuple[str, str]] = []
         if p.watermark:
-            raise ValidationError("`watermark` is not supported yet")
+            self.require_processor("watermark", "watermark")
+            processors.append(("watermark", ""))
+        if p.grammar is not None:
+            self.require_processor("grammar", "grammar")
+            processors.append(("grammar", p.grammar))
         if p.truncate is not None and not 0 < p.truncate <= c.max_input_length:
             raise ValidationError(
                 f"`truncate` must be strictly positive and less than {c.max_input_length}. Given: {p.truncate}"
@@ -254,7 +268,16 @@ class Validator:
             repetition_penalty=1.0 if p.repetition_penalty is None else p.repetition_penalty,
             frequency_penalty=p.frequency_penalty or 0.0,
             presence_penalty=p.presence_penalty or 0.0,
+            processors=tuple(sorted(processors)),
         )
+
+    def require_processor(self, name: str, field_name: str) -> None:
+        """Refuses a request field that needs the logits processor ``name`` when the shards lack it."""
+        if name not in self.processors:
+            raise ValidationError(
+                f"`{field_name}` is not supported by this server's {self.backend or 'model'} backend",
+                field_name,
+            )
 
     def check_supported(self, used: dict[str, bool], fields: dict[str, str] | None = None) -> None:
         """Refuses a parameter the request uses (``used[name]`` true) that the backend cannot honour;

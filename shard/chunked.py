@@ -21,6 +21,7 @@ from .batch import Batch, UnknownRequestError
 from .engine import Cached, Engine, UnknownBatchError
 from .faults import Faults
 from .paged.kv_cache import Sequence
+from .processors import Processors
 from .types import RequestSpec, StepResult
 
 # Prompt tokens a step can take "for free" beside its decodes: below this many tokens a step costs about
@@ -109,8 +110,10 @@ def concat_results(results: list[StepResult]) -> StepResult:
 class ChunkedEngine(Engine):
     backend: PagedBackend
 
-    def __init__(self, backend: PagedBackend, faults: Faults | None = None) -> None:
-        super().__init__(backend, faults)
+    def __init__(
+        self, backend: PagedBackend, faults: Faults | None = None, processors: Processors | None = None
+    ) -> None:
+        super().__init__(backend, faults, processors)
         self.pending: list[Pending] = []
         self.costs = StepCosts(FREE_TOKENS.get(backend.device.type, 16))
 
@@ -119,6 +122,7 @@ class ChunkedEngine(Engine):
         if not requests:
             raise ValueError("a prefill batch needs at least one request")
         self.faults.before_step(requests)
+        requests, refused = self._admit(requests)
         groups: dict[tuple[int, ...], list[RequestSpec]] = {}
         for r in requests:
             groups.setdefault(tuple(r.input_ids), []).append(r)
@@ -134,9 +138,11 @@ class ChunkedEngine(Engine):
                 self.backend.cache.release(p.seq)
             raise
         self.pending.extend(added)
-        if self.batches:  # streams are running: the prompts run in chunks beside them, in Decode
-            return StepResult([], [], [])
-        return self._step(batch_id, None)[0]
+        if self.batches or not added:  # streams are running: the prompts run in chunks beside them
+            return StepResult([], [], [], failures=refused)
+        result = self._step(batch_id, None)[0]
+        result.failures += refused
+        return result
 
     def decode(self, wanted: list[tuple[int, list[int]]]) -> tuple[StepResult, Cached | None]:
         pending_ids = {r.id: p for p in self.pending for r in p.requests}

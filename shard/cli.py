@@ -44,6 +44,9 @@ def serve(
     ct2_max_batches: Annotated[
         int, typer.Option(help="--quantize ct2: CTranslate2 batches running side by side.")
     ] = 32,
+    plugin: Annotated[list[str] | None, typer.Option(help="Enable an optional plugin (repeatable).")] = None,
+    watermark_gamma: Annotated[float, typer.Option(help="Watermark green-list fraction.")] = 0.5,
+    watermark_delta: Annotated[float, typer.Option(help="Watermark green-list logit boost.")] = 2.0,
 ) -> None:
     """Loads the model and serves the shard service on ``{uds_path}-{RANK}``."""
     rank = int(os.environ.get("RANK", "0"))
@@ -60,6 +63,9 @@ def serve(
         fault_injection=fault_injection,
         ct2_threads=ct2_threads,
         ct2_max_batches=ct2_max_batches,
+        plugins=tuple(plugin or ()),
+        watermark_gamma=watermark_gamma,
+        watermark_delta=watermark_delta,
     )
     from .server import serve as run_server
 

@@ -21,6 +21,11 @@ class ShardConfig:
     # --quantize ct2: compute threads per step (0: the cores available) and batches run side by side.
     ct2_threads: int = 0
     ct2_max_batches: int = 32
+    # Optional plugins enabled with --plugin (common/plugins.py); built-in ones are always loaded.
+    plugins: tuple[str, ...] = ()
+    # The watermark processor's green-list fraction and logit boost (TGI's --watermark-gamma/-delta).
+    watermark_gamma: float = 0.5
+    watermark_delta: float = 2.0
 
     @property
     def socket_path(self) -> str:

@@ -11,6 +11,7 @@ import torch
 from .backends.base import Backend, PrefillOutput
 from .batch import Batch
 from .faults import Faults
+from .processors import ProcessorArgumentError, Processors
 from .sampling import Choice, Sampler, TokenHistory
 from .types import PromptLogprobs, RequestFailure, RequestSpec, StepResult
 
@@ -45,9 +46,12 @@ def prompt_logprobs(request_id: int, ids: list[int], logits: torch.Tensor) -> Pr
 class Engine:
     """Holds the shard's cached batches and runs steps on them through a backend."""
 
-    def __init__(self, backend: Backend, faults: Faults | None = None) -> None:
+    def __init__(
+        self, backend: Backend, faults: Faults | None = None, processors: Processors | None = None
+    ) -> None:
         self.backend = backend
         self.faults = faults or Faults(enabled=False)
+        self.processors = processors or Processors([])
         self.batches: dict[int, Batch] = {}
 
     def prefill(self, batch_id: int, requests: list[RequestSpec], max_tokens: int) -> StepResult:
@@ -55,11 +59,28 @@ class Engine:
         if not requests:
             raise ValueError("a prefill batch needs at least one request")
         self.faults.before_step(requests)
+        requests, refused = self._admit(requests)
+        if not requests:
+            return StepResult([], [], [], failures=refused)
         out = self._prefill_shared([r.input_ids for r in requests], [r.prefill_logprobs for r in requests])
         batch, result = self._start(batch_id, requests, out, max_tokens)
         if batch is not None:
             self.batches[batch_id] = batch
+        result.failures += refused
         return result
+
+    def _admit(self, requests: list[RequestSpec]) -> tuple[list[RequestSpec], list[RequestFailure]]:
+        """Splits off the requests whose logits-processor arguments are refused: each fails on its own
+        (the router validates them first, so this is a second line of defence)."""
+        admitted, refused = [], []
+        for r in requests:
+            try:
+                self.processors.new_states(dict(r.params.processors), r.input_ids)
+            except ProcessorArgumentError as e:
+                refused.append(RequestFailure(r.id, str(e)))
+            else:
+                admitted.append(r)
+        return admitted, refused
 
     def _start(
         self, batch_id: int, requests: list[RequestSpec], out: PrefillOutput, max_tokens: int
@@ -76,6 +97,8 @@ class Engine:
                 device,
                 [r.min_new_tokens for r in requests],
                 [eos + r.stop_token_ids for r in requests],
+                self.processors,
+                [self.processors.new_states(dict(r.params.processors), r.input_ids) for r in requests],
             )
             choice = sampler.choose(out.logits, history)
             history.append(choice.ids)
@@ -202,14 +225,17 @@ class Engine:
         )
 
 
-def make_engine(backend: Backend, faults: Faults | None = None) -> Engine:
-    """The engine for ``backend``: its own when it has a decoding loop of its own (CTranslate2), the
-    chunked-prefill one when it can mix prompt chunks into decode steps, else the plain one."""
+def make_engine(
+    backend: Backend, faults: Faults | None = None, processors: Processors | None = None
+) -> Engine:
+    """The engine for ``backend``: its own when it has a decoding loop of its own (CTranslate2, which runs
+    no logits processors), the chunked-prefill one when it can mix prompt chunks into decode steps, else
+    the plain one."""
     own_engine = getattr(backend, "make_engine", None)
     if own_engine is not None:
         return own_engine(faults)
     if hasattr(backend, "step"):
         from .chunked import ChunkedEngine
 
-        return ChunkedEngine(backend, faults)  # type: ignore[arg-type]
-    return Engine(backend, faults)
+        return ChunkedEngine(backend, faults, processors)  # type: ignore[arg-type]
+    return Engine(backend, faults, processors)

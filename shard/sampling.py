@@ -1,8 +1,9 @@
 """Next-token choice for a whole batch at once, each row with its own parameters.
 
 Order of the logits processors follows TGI and transformers: logit bias, end-of-sequence masking while a
-row is under its ``min_tokens``, penalties (repetition, then OpenAI frequency and presence), temperature,
-top-k, top-p, min-p, typical-p. A row samples when it asks for it (``do_sample``) or
+row is under its ``min_tokens``, penalties (repetition, then OpenAI frequency and presence), the plugin
+processors a row uses (shard/processors/: watermark, grammar, ...), temperature, top-k, top-p, min-p,
+typical-p. A row samples when it asks for it (``do_sample``) or
 sets any warper; otherwise it is greedy. Random draws come from a counter-based hash of (seed, step), so a
 request with a seed produces the same tokens whatever else shares its batch, and no per-row generator
 objects are needed.
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .processors import Processors, RowStates
 from .types import SamplingParams
 
 _MASK32 = 0xFFFFFFFF
@@ -25,7 +27,7 @@ def _mul32(x: torch.Tensor, constant: int) -> torch.Tensor:
     return (x * lo + (((x * hi) & 0xFFFF) << 16)) & _MASK32
 
 
-def _mix32(x: torch.Tensor) -> torch.Tensor:
+def mix32(x: torch.Tensor) -> torch.Tensor:
     """A 32-bit integer hash with good avalanche (Wellons' lowbias32)."""
     x = x ^ (x >> 16)
     x = _mul32(x, 0x7FEB352D)
@@ -36,9 +38,9 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 
 def uniform(seed_lo: torch.Tensor, seed_hi: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
     """One float64 uniform in [0, 1) per row, a pure function of the 64-bit seed and the step."""
-    h = _mix32(seed_lo ^ _mix32(seed_hi ^ 0x9E3779B9))
-    h1 = _mix32(h ^ _mix32(step & _MASK32))
-    h2 = _mix32(h1 ^ 0x85EBCA6B)
+    h = mix32(seed_lo ^ mix32(seed_hi ^ 0x9E3779B9))
+    h1 = mix32(h ^ mix32(step & _MASK32))
+    h2 = mix32(h1 ^ 0x85EBCA6B)
     return ((h1 >> 8).double() * float(1 << 24) + (h2 >> 8).double()) / float(1 << 48)
 
 
@@ -103,13 +105,18 @@ class Sampler:
         device: torch.device,
         min_tokens: list[int] | None = None,
         end_ids: list[tuple[int, ...]] | None = None,
+        processors: Processors | None = None,
+        states: list[RowStates] | None = None,
     ) -> None:
-        """``min_tokens[i]``: steps during which row i may not pick any of ``end_ids[i]``."""
+        """``min_tokens[i]``: steps during which row i may not pick any of ``end_ids[i]``; ``states[i]``:
+        row i's logits-processor states (``processors.new_states``)."""
         self.params = params
         self.top_n = top_n
         self.device = device
         self.min_tokens = min_tokens or [0] * len(params)
         self.end_ids = end_ids or [()] * len(params)
+        self.processors = processors
+        self.states = states or [{} for _ in params]
         self.steps = torch.zeros(len(params), dtype=torch.long, device=device)
         self._build()
 
@@ -148,6 +155,7 @@ class Sampler:
             self.end_table = col([list(ids) + [-1] * (width - len(ids)) for ids in self.end_ids], torch.long)
             self.min_tokens_t = col(self.min_tokens, torch.long)
         self.max_top_n = max(self.top_n, default=0)
+        self.uses = self.processors.uses(self.states, dev) if self.processors else []
 
     def select(self, indices: list[int]) -> Sampler:
         out = Sampler(
@@ -156,6 +164,8 @@ class Sampler:
             self.device,
             [self.min_tokens[i] for i in indices],
             [self.end_ids[i] for i in indices],
+            self.processors,
+            [self.states[i] for i in indices],
         )
         out.steps = self.steps[torch.tensor(indices, dtype=torch.long, device=self.device)]
         return out
@@ -168,6 +178,8 @@ class Sampler:
             samplers[0].device,
             [m for s in samplers for m in s.min_tokens],
             [e for s in samplers for e in s.end_ids],
+            next((s.processors for s in samplers if s.processors), None),
+            [state for s in samplers for state in s.states],
         )
         out.steps = torch.cat([s.steps for s in samplers])
         return out
@@ -181,6 +193,9 @@ class Sampler:
             scores = self._mask_end(scores)
         if self.any_repetition or self.any_frequency:
             scores = self._penalize(scores, history)
+        if self.uses:
+            last_ids = history.ids.gather(1, (history.lengths - 1).unsqueeze(1)).squeeze(1)
+            scores = Processors.apply(self.uses, scores, self.states, last_ids)
         if self.any_temperature:
             scores = scores / self.temperature.unsqueeze(1)
         if self.any_top_k or self.any_top_p:
@@ -200,6 +215,8 @@ class Sampler:
             top_logprobs, top_ids = logprobs.topk(self.max_top_n, dim=-1)
         else:
             top_logprobs = top_ids = logprobs.new_empty((logprobs.shape[0], 0))
+        if self.uses:
+            Processors.advance(self.uses, self.states, ids.tolist())
         self.steps += 1
         return Choice(ids, chosen, top_ids, top_logprobs)
 

@@ -20,6 +20,7 @@ from typing import TypeVar
 import grpc
 import torch
 
+from common.plugins import active
 from proto import pb, pb_grpc
 
 from .backends import load_backend
@@ -29,6 +30,7 @@ from .config import ShardConfig
 from .dist import DistInfo, init_parallel, select_device
 from .engine import Cached, Engine, UnknownBatchError, make_engine
 from .faults import Faults, is_fatal
+from .processors import ProcessorContext, load_processors
 from .relay import HEARTBEAT_S, PeerLostError, Relay
 from .types import RequestSpec, SamplingParams, StepResult
 
@@ -58,7 +60,7 @@ def request_from_pb(r: pb.Request) -> RequestSpec:
             presence_penalty=p.presence_penalty,
             min_p=p.min_p,
             logit_bias=tuple(sorted(p.logit_bias.items())),
-            watermark=p.watermark,
+            processors=tuple(sorted(p.processors.items())),
         ),
         max_new_tokens=r.max_new_tokens,
         prefill_logprobs=r.prefill_logprobs,
@@ -84,7 +86,7 @@ def generations_to_pb(result: StepResult) -> pb.Generations:
     )
 
 
-def info_to_pb(info: BackendInfo, world_size: int) -> pb.InfoResponse:
+def info_to_pb(info: BackendInfo, world_size: int, processors: list[str]) -> pb.InfoResponse:
     return pb.InfoResponse(
         requires_padding=info.requires_padding,
         dtype=info.dtype,
@@ -95,6 +97,7 @@ def info_to_pb(info: BackendInfo, world_size: int) -> pb.InfoResponse:
         backend=info.name,
         vocab_size=info.vocab_size,
         unsupported_parameters=list(info.unsupported_parameters),
+        processors=processors,
     )
 
 
@@ -187,7 +190,9 @@ class ShardService(pb_grpc.TextGenerationServiceServicer):
         return None if stats is None else pb.CacheStats(**stats())
 
     async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
-        return info_to_pb(self.engine.backend.info, self.world_size)
+        processors = getattr(self.engine, "processors", None)
+        names = processors.names if processors is not None else []
+        return info_to_pb(self.engine.backend.info, self.world_size, names)
 
     async def Health(self, request: pb.HealthRequest, context: grpc.aio.ServicerContext) -> pb.HealthResponse:
         return pb.HealthResponse()
@@ -243,7 +248,23 @@ async def serve(config: ShardConfig) -> None:
     if config.fault_injection:
         log.warning("Fault injection is on: requests can make this shard fail (tests only)")
 
-    engine = make_engine(backend, Faults(config.fault_injection))
+    processors = None
+    if getattr(backend, "make_engine", None) is not None:  # a backend with its own engine runs none
+        optional = [p.name for p in active("logits_processors", config.plugins) if not p.builtin]
+        if optional:
+            raise ValueError(
+                f"--plugin {optional[0]}: the {backend.info.name} engine runs no logits processors"
+            )
+    else:
+        context = ProcessorContext(
+            model_path=config.model_path,
+            vocab_size=backend.info.vocab_size,
+            eos_token_ids=tuple(backend.info.eos_token_ids),
+            device=device,
+            options={"watermark_gamma": config.watermark_gamma, "watermark_delta": config.watermark_delta},
+        )
+        processors = load_processors(config.plugins, context)
+    engine = make_engine(backend, Faults(config.fault_injection), processors)
     if relay is not None:  # rank 0 answers only once every rank has loaded the model
         relay.wait_followers() if relay.leader else relay.ready()
     service = ShardService(engine, config.world_size, relay)

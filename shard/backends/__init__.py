@@ -1,7 +1,11 @@
 """Model backends behind one small protocol (``base.Backend``); ``load_backend`` picks one by name.
 
+Each backend is an entry point of the ``text_generation.backends`` group (pyproject.toml), a factory
+``(ShardConfig, device, Parallel) -> Backend``; a plugin package adds its own the same way.
+
 - ``paged``: the Llama-family runner (shard/paged/): paged KV cache, prefix caching, no padding.
 - ``transformers``: any transformers causal LM, with a left-padded resident KV cache.
+- ``ct2``: CTranslate2 (``--quantize ct2``).
 - ``auto`` (the default): ``paged`` for the architectures it covers, else ``transformers``.
 
 ``--quantize bitsandbytes[-nf4|-fp4]`` runs on ``transformers`` (weights quantized at load);
@@ -14,6 +18,7 @@ import logging
 
 import torch
 
+from common import plugins
 from common.quantize import BITSANDBYTES, CT2
 
 from ..config import ShardConfig
@@ -22,59 +27,56 @@ from .base import Backend
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "paged", "transformers")
 # Weight-only quantization of the paged backend (shard/paged/quant.py).
 PAGED_QUANTIZE = ("int8", "int4")
 
 
 def load_backend(config: ShardConfig, device: torch.device, parallel: Parallel | None = None) -> Backend:
-    """Builds the backend ``config.backend`` names, or fails with a message listing the known ones.
+    """Builds the backend ``config.backend`` names (``auto`` picks one from the model and ``--quantize``)
+    through its entry point in the ``text_generation.backends`` group, where plugins add their own.
     With several ranks (``parallel``), only the paged backend can shard the model."""
     parallel = parallel or Parallel()
-    if parallel.world_size > 1 and (
-        config.quantize in (CT2, *BITSANDBYTES) or config.backend == "transformers"
-    ):
-        raise ValueError(
-            f"{config.quantize or config.backend} cannot be sharded over {parallel.world_size} ranks"
-        )
+    name = backend_name(config)
+    if parallel.world_size > 1 and name != "paged":
+        raise ValueError(f"{config.quantize or name} cannot be sharded over {parallel.world_size} ranks")
+    try:
+        factory = plugins.find("backends", name).load()
+    except plugins.PluginError as e:
+        raise ValueError(f"backend {name!r}: {e}") from None
+    if name != "paged" or config.backend == "paged":
+        return factory(config, device, parallel)
+    from ..paged.model import UnsupportedModelError
+
+    try:
+        return factory(config, device, parallel)
+    except UnsupportedModelError as e:
+        if config.quantize in PAGED_QUANTIZE:
+            raise ValueError(
+                f"the paged backend cannot run this model (--quantize {config.quantize} needs it): {e}"
+            ) from None
+        if parallel.world_size > 1:
+            raise ValueError(f"this model cannot be sharded: {e}") from None
+        log.info("Paged backend not applicable (%s): using transformers", e)
+    return plugins.find("backends", "transformers").load()(config, device, parallel)
+
+
+def backend_name(config: ShardConfig) -> str:
+    """The backend that runs ``config``: its ``--quantize`` mode's, else the one ``--backend`` names
+    (``auto``: paged, which falls back to transformers for models it does not cover)."""
     if config.quantize == CT2:
         if config.backend != "auto":
             raise ValueError("--quantize ct2 runs on its own CTranslate2 engine: leave --backend at auto")
-        from common.quantize import cores_available
-
-        from .ct2 import CT2Backend
-
-        threads = config.ct2_threads or cores_available()
-        return CT2Backend(config.model_path, config.dtype, threads, config.ct2_max_batches)
+        return "ct2"
     if config.quantize in BITSANDBYTES:
         if config.backend == "paged":
             raise ValueError(f"--quantize {config.quantize} runs on the transformers backend, not paged")
-        from .hf import HFBackend
-
-        return HFBackend(
-            config.model_path, device, config.dtype, config.trust_remote_code, quantize=config.quantize
-        )
-    paged_quantize = config.quantize in PAGED_QUANTIZE
-    if config.quantize and not paged_quantize:
+        return "transformers"
+    if config.quantize and config.quantize not in PAGED_QUANTIZE:
         raise ValueError(f"--quantize {config.quantize} is not supported yet")
-    if paged_quantize and (config.backend == "transformers" or config.trust_remote_code):
-        raise ValueError(f"--quantize {config.quantize} needs the paged backend (not transformers)")
-    if config.backend not in BACKENDS:
-        raise ValueError(f"unknown backend {config.backend!r}; known: {', '.join(BACKENDS)}")
-    if config.backend in ("auto", "paged") and not config.trust_remote_code:
-        from ..paged.model import UnsupportedModelError
-        from .paged import PagedBackend
-
-        try:
-            quantize = config.quantize if paged_quantize else None
-            return PagedBackend(config.model_path, device, config.dtype, parallel, quantize=quantize)
-        except UnsupportedModelError as e:
-            if config.backend == "paged" or paged_quantize:
-                needed = f" (--quantize {config.quantize} needs it)" if paged_quantize else ""
-                raise ValueError(f"the paged backend cannot run this model{needed}: {e}") from None
-            if parallel.world_size > 1:
-                raise ValueError(f"this model cannot be sharded: {e}") from None
-            log.info("Paged backend not applicable (%s): using transformers", e)
-    from .hf import HFBackend
-
-    return HFBackend(config.model_path, device, config.dtype, config.trust_remote_code)
+    if config.quantize in PAGED_QUANTIZE:
+        if config.backend not in ("auto", "paged") or config.trust_remote_code:
+            raise ValueError(f"--quantize {config.quantize} needs the paged backend (not {config.backend})")
+        return "paged"
+    if config.backend == "auto":
+        return "transformers" if config.trust_remote_code else "paged"
+    return config.backend

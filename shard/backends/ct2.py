@@ -17,6 +17,8 @@ import torch
 
 from common.quantize import CT2_UNSUPPORTED_PARAMETERS, ct2_compute_type, ct2_device, require
 
+from ..config import ShardConfig
+from ..paged.layers import Parallel
 from .base import BackendInfo
 
 log = logging.getLogger(__name__)
@@ -114,3 +116,11 @@ class CT2Backend:
 
     def max_supported_total_tokens(self) -> int | None:
         return None
+
+
+def load(config: ShardConfig, device: torch.device, parallel: Parallel) -> CT2Backend:
+    """The ``ct2`` entry point of ``text_generation.backends`` (``--quantize ct2``; one rank only)."""
+    from common.quantize import cores_available
+
+    threads = config.ct2_threads or cores_available()
+    return CT2Backend(config.model_path, config.dtype, threads, config.ct2_max_batches)

@@ -17,6 +17,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from common.quantize import BITSANDBYTES
+
+from ..config import ShardConfig
+from ..paged.layers import Parallel
 from .base import BackendInfo, PrefillOutput
 
 log = logging.getLogger(__name__)
@@ -184,3 +188,9 @@ class HFBackend:
 
     def max_supported_total_tokens(self) -> int | None:
         return None
+
+
+def load(config: ShardConfig, device: torch.device, parallel: Parallel) -> HFBackend:
+    """The ``transformers`` entry point of ``text_generation.backends`` (one rank only)."""
+    quantize = config.quantize if config.quantize in BITSANDBYTES else None
+    return HFBackend(config.model_path, device, config.dtype, config.trust_remote_code, quantize=quantize)

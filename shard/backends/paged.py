@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from ..config import ShardConfig
 from ..paged.attention import PrefillChunk, StepMeta
 from ..paged.kv_cache import PagedKVCache, Sequence
 from ..paged.layers import Parallel
@@ -84,6 +85,10 @@ class PagedBackend:
             from ..paged.quant import quantize_model
 
             quantize_model(self.model, quantize)
+        elif device.type == "cpu":  # decode steps stream the weights through the dense CPU kernel
+            from ..paged.model import use_dense_kernels
+
+            use_dense_kernels(self.model)
         layer = self.model.layers[0]
         per_token = 2 * spec.num_layers * layer.num_kv_heads * spec.head_dim * torch_dtype.itemsize
         budget = (
@@ -262,3 +267,9 @@ class PagedBackend:
             "prefix_queries": a.queries,
             "prefix_hits": a.hits,
         }
+
+
+def load(config: ShardConfig, device: torch.device, parallel: Parallel) -> PagedBackend:
+    """The ``paged`` entry point of ``text_generation.backends``."""
+    quantize = config.quantize if config.quantize in ("int8", "int4") else None
+    return PagedBackend(config.model_path, device, config.dtype, parallel, quantize=quantize)

@@ -43,6 +43,20 @@ class Parallel:
         return self.rank * part, (self.rank + 1) * part
 
 
+# Products of at most this many rows (decode steps) use the dense CPU kernel when it is on (``dense``).
+DENSE_ROWS = 4
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dense: bool) -> torch.Tensor:
+    """x W^T (+ b). With ``dense`` (CPU, float32/bfloat16 weights), small products go through
+    shard/paged/quant_cpu.cpp's ``dense_linear``, which streams W at close to the memory bandwidth (MKL's
+    sgemv on an [n, k] weight reaches about half of it); larger ones, and everything else, through torch."""
+    if dense and x.shape[0] <= DENSE_ROWS:
+        y = torch.ops.paged_quant.dense_linear(x.float().contiguous(), weight).to(x.dtype)
+        return y if bias is None else y + bias
+    return F.linear(x, weight, bias)
+
+
 class ColumnLinear(nn.Module):
     """y = x W^T (+ b) for this rank's slice of the output features."""
 
@@ -50,9 +64,10 @@ class ColumnLinear(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.dense = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self.dense)
 
 
 class RowLinear(nn.Module):
@@ -62,9 +77,10 @@ class RowLinear(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.parallel = parallel
+        self.dense = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.parallel.all_reduce(F.linear(x, self.weight))
+        return self.parallel.all_reduce(linear(x, self.weight, None, self.dense))
 
 
 class RMSNorm(nn.Module):

@@ -19,7 +19,7 @@ from common.sharding import PAGED_ARCHITECTURES
 
 from .attention import StepMeta, paged_attention
 from .kv_cache import PagedKVCache
-from .layers import MLP, ColumnLinear, Parallel, RMSNorm, Rotary, RowLinear, VocabEmbedding
+from .layers import MLP, ColumnLinear, Parallel, RMSNorm, Rotary, RowLinear, VocabEmbedding, linear
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +185,7 @@ class LlamaModel(nn.Module):
         rope = LlamaRotaryEmbedding(config)
         self.rotary = Rotary(rope.inv_freq, rope.attention_scaling, max_positions, w.dtype)
         self.head: nn.Module | None = None  # a quantized LM head (shard/paged/quant.py) replaces F.linear
+        self.dense_head = False  # see layers.linear
         self.rotary.cos = self.rotary.cos.to(w.device)
         self.rotary.sin = self.rotary.sin.to(w.device)
 
@@ -203,10 +204,26 @@ class LlamaModel(nn.Module):
         for i, layer in enumerate(self.layers):
             h = layer(h, cos, sin, cache.k[i], cache.v[i], meta)
         h = self.norm(h if logit_rows is None else h.index_select(0, logit_rows))
-        logits = self.head(h) if self.head is not None else torch.nn.functional.linear(h, self.lm_head)
+        logits = self.head(h) if self.head is not None else linear(h, self.lm_head, None, self.dense_head)
         if self.parallel.world_size > 1:
             pad = self.vocab_part - logits.shape[-1]
             if pad:
                 logits = torch.nn.functional.pad(logits, (0, pad))
             logits = self.parallel.all_gather(logits)[:, : self.spec.vocab_size]
         return logits.float()
+
+
+def use_dense_kernels(model: LlamaModel) -> bool:
+    """Routes the model's small float32/bfloat16 products (decode steps) through the dense CPU kernel;
+    False (nothing changed) when the kernels cannot be built here or the weights are another dtype."""
+    from .quant import load_kernels
+
+    if model.lm_head.device.type != "cpu" or model.lm_head.dtype not in (torch.float32, torch.bfloat16):
+        return False
+    if not load_kernels():
+        return False
+    for module in model.modules():
+        if isinstance(module, ColumnLinear | RowLinear):
+            module.dense = True
+    model.dense_head = model.lm_head.dim() == 2 and model.lm_head.is_contiguous()
+    return True

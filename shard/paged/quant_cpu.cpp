@@ -55,6 +55,11 @@ inline float hsum(V v) { return _mm512_reduce_add_ps(v.a); }
 inline V from_i8(const int8_t* p) {
   return {_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))))};
 }
+// 16 bfloat16 -> floats (a bfloat16 is the high half of a float32).
+inline V from_bf16(const uint16_t* p) {
+  const __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return {_mm512_castsi512_ps(_mm512_slli_epi32(v, 16))};
+}
 // 16 bytes -> low nibbles (elements 0..15) and high nibbles (16..31) as floats.
 inline void from_u4(const uint8_t* p, V& lo, V& hi) {
   const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
@@ -84,6 +89,12 @@ inline V from_i8(const int8_t* p) {
   const __m128i lo = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
   const __m128i hi = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8));
   return {_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi))};
+}
+inline V from_bf16(const uint16_t* p) {
+  const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m128i hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8));
+  return {_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(lo), 16)),
+          _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(hi), 16))};
 }
 inline void from_u4(const uint8_t* p, V& lo, V& hi) {
   const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
@@ -122,6 +133,14 @@ inline V from_i8(const int8_t* p) {
   for (int i = 0; i < 16; ++i) v.a[i] = p[i];
   return v;
 }
+inline V from_bf16(const uint16_t* p) {
+  V v;
+  for (int i = 0; i < 16; ++i) {
+    const uint32_t bits = static_cast<uint32_t>(p[i]) << 16;
+    std::memcpy(&v.a[i], &bits, 4);
+  }
+  return v;
+}
 inline void from_u4(const uint8_t* p, V& lo, V& hi) {
   for (int i = 0; i < 16; ++i) {
     lo.a[i] = p[i] & 15;
@@ -151,6 +170,31 @@ struct Int8Rows {
     hi = from_i8(p + 16);
   }
   inline float post(int64_t row) const { return scale[row]; }
+};
+
+// Unquantized weights, for the m <= 4 products of a float32 or bfloat16 model (decode steps): streamed once
+// with 4 channels in flight, which reads them close to the memory bandwidth, where MKL's sgemv on an
+// [n, k] matrix reached about half of it here (docs/benchmarks.md).
+struct F32Rows {
+  const float* w;
+  int64_t k;
+  inline void get(int64_t row, int64_t k0, V& lo, V& hi) const {
+    const float* p = w + row * k + k0;
+    lo = load(p);
+    hi = load(p + 16);
+  }
+  inline float post(int64_t) const { return 1.f; }
+};
+
+struct BF16Rows {
+  const uint16_t* w;
+  int64_t k;
+  inline void get(int64_t row, int64_t k0, V& lo, V& hi) const {
+    const uint16_t* p = w + row * k + k0;
+    lo = from_bf16(p);
+    hi = from_bf16(p + 16);
+  }
+  inline float post(int64_t) const { return 1.f; }
 };
 
 struct Int4Rows {
@@ -193,6 +237,8 @@ inline void small_tile(const float* x, const Rows& w, int64_t k, int64_t j0, flo
 template <int M, class Rows>
 void small_m(const float* x, const Rows& w, int64_t k, int64_t n0, int64_t n1, float* y, int64_t n) {
   int64_t j0 = n0;
+  if (M == 1)
+    for (; j0 + 2 * NT <= n1; j0 += 2 * NT) small_tile<M, 2 * NT>(x, w, k, j0, y, n);
   for (; j0 + NT <= n1; j0 += NT) small_tile<M, NT>(x, w, k, j0, y, n);
   for (; j0 < n1; ++j0) small_tile<M, 1>(x, w, k, j0, y, n);
 }
@@ -398,13 +444,25 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& blocks, int64_t k)
 
 }  // namespace
 
+// y = x . w^T for an unquantized float32 or bfloat16 w [n, k] and float32 x [m, k], m <= 4 (decode steps).
+at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& w) {
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), "w: contiguous [n, k]");
+  TORCH_CHECK(x.size(0) <= 4, "dense_linear is for at most 4 rows");
+  const int64_t n = w.size(0), k = w.size(1);
+  if (w.scalar_type() == at::kFloat) return run(x, F32Rows{w.data_ptr<float>(), k}, n, k);
+  TORCH_CHECK(w.scalar_type() == at::kBFloat16, "w: float32 or bfloat16");
+  return run(x, BF16Rows{reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()), k}, n, k);
+}
+
 TORCH_LIBRARY(paged_quant, lib) {
+  lib.def("dense_linear(Tensor x, Tensor w) -> Tensor");
   lib.def("int8_linear(Tensor x, Tensor q, Tensor scale) -> Tensor");
   lib.def("int4_linear(Tensor x, Tensor blocks, int k) -> Tensor");
   lib.def("set_int8_vnni(bool on) -> bool", &set_int8_vnni);
 }
 
 TORCH_LIBRARY_IMPL(paged_quant, CPU, lib) {
+  lib.impl("dense_linear", &dense_linear);
   lib.impl("int8_linear", &int8_linear);
   lib.impl("int4_linear", &int4_linear);
 }

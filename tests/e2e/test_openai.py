@@ -165,9 +165,9 @@ def test_errors_arrive_as_typed_exceptions(client: openai.OpenAI, model: str) ->
     with pytest.raises(openai.BadRequestError) as error:
         client.chat.completions.create(model=model, messages=QUESTION, max_tokens=4000)
     assert error.value.body["code"] == "context_length_exceeded" and "2048" in error.value.body["message"]
-    with pytest.raises(openai.BadRequestError, match="response_format"):
+    with pytest.raises(openai.BadRequestError, match="response_format"):  # json_schema without its spec
         client.chat.completions.create(
-            model=model, messages=QUESTION, response_format={"type": "json_object"}
+            model=model, messages=QUESTION, response_format={"type": "json_schema"}
         )
     with pytest.raises(openai.BadRequestError, match="tools"):
         client.chat.completions.create(

@@ -146,6 +146,8 @@ def test_ct2_serves_and_its_second_start_uses_the_cache(test_cache: Path, tmp_pa
         # Parameters CTranslate2 cannot honour are refused, by name, on both APIs.
         response = generate(first, "Hi", typical_p=0.5)
         assert response.status_code == 422 and "typical_p" in response.json()["error"]
+        response = generate(first, "Hi", watermark=True)  # CTranslate2's engine runs no logits processors
+        assert response.status_code == 422 and "`watermark`" in response.json()["error"]
         response = requests.post(
             f"{first.url}/v1/completions",
             json={"prompt": "Hi", "max_tokens": 2, "logit_bias": {"5": 1}},

@@ -284,7 +284,7 @@ def test_stop_accepts_string_and_list() -> None:
 @pytest.mark.parametrize("field", ["grammar", "adapter_id"])
 def test_unsupported_features_are_422(field: str) -> None:
     with pytest.raises(ValidationError) as excinfo:
-        parse_parameters({field: {"type": "json", "value": {}} if field == "grammar" else "lora"})
+        parse_parameters({field: {"type": "yaml", "value": {}} if field == "grammar" else "lora"})
     assert names_field(message(excinfo), field)
 
 
