@@ -8,7 +8,7 @@ BIN=${BIN:-.venv/bin}
 OUT=${OUT:-docs/benchmarks}
 PORT=${PORT:-3999}
 LLAMA_PORT=${LLAMA_PORT:-8099}
-LEVELS=${LEVELS:-1,8,32}
+LEVELS=${LEVELS:-1,8,32,64}
 TOKENS=${TOKENS:-64}
 INPUT=${INPUT:-32}
 mkdir -p "$OUT"
@@ -28,18 +28,28 @@ $BIN/text-generation-benchmark baseline --model-dir "$MODEL_DIR" --batch-sizes "
 SWEEP=(--api openai-completions --concurrency "$LEVELS" --max-new-tokens "$TOKENS" --input-tokens "$INPUT"
        --ignore-eos --seed 0)
 
-$BIN/text-generation-launcher --hostname 127.0.0.1 --port "$PORT" --shard-uds-path /tmp/tgi-bench &
-pid=$!
-trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null' EXIT
-wait_healthy "http://127.0.0.1:$PORT/health"
-$BIN/text-generation-benchmark serve --url "http://127.0.0.1:$PORT" "${SWEEP[@]}" --label ours \
-  --output "$OUT/serve-ours.json"
-kill $pid; wait $pid || true
-trap - EXIT
-files=("$OUT/serve-ours.json")
+run_ours() {  # label, output file, extra launcher flags...
+  local label=$1 out=$2
+  shift 2
+  $BIN/text-generation-launcher --hostname 127.0.0.1 --port "$PORT" --shard-uds-path /tmp/tgi-bench "$@" &
+  pid=$!
+  trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null' EXIT
+  wait_healthy "http://127.0.0.1:$PORT/health"
+  $BIN/text-generation-benchmark serve --url "http://127.0.0.1:$PORT" "${SWEEP[@]}" --label "$label" \
+    --output "$out"
+  kill $pid; wait $pid || true
+  trap - EXIT
+  files+=("$out")
+}
+
+files=()
+run_ours ours "$OUT/serve-ours.json"
+# bfloat16 weights and activations: half the bytes per decode step, and on CPUs with AVX512-BF16 or AMX
+# about twice float32's matrix-multiply rate (docs/benchmarks.md).
+run_ours "ours bf16" "$OUT/serve-ours-bf16.json" --dtype bfloat16
 
 if [ -n "${LLAMA_SERVER:-}" ]; then
-  "$LLAMA_SERVER" -m "$GGUF" --host 127.0.0.1 --port "$LLAMA_PORT" -t 2 --parallel 32 -c 8192 > "$OUT/llama-server.log" 2>&1 &
+  "$LLAMA_SERVER" -m "$GGUF" --host 127.0.0.1 --port "$LLAMA_PORT" -t 2 --parallel 64 -c 16384 > "$OUT/llama-server.log" 2>&1 &
   lpid=$!
   trap 'kill $lpid 2>/dev/null; wait $lpid 2>/dev/null' EXIT
   wait_healthy "http://127.0.0.1:$LLAMA_PORT/health"
