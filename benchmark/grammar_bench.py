@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from router.tokenizer import byte_level_alphabet
+
 SCHEMAS: dict[str, dict[str, Any]] = {
     "person": {
         "type": "object",
@@ -221,20 +223,6 @@ class XGrammar(Library):
         return matcher.is_completed()
 
 
-def _byte_decoder() -> dict[str, int]:
-    """GPT-2's byte-level alphabet: printable character -> byte."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    bs += list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs, strict=True)}
-
-
 class OutlinesCore(Library):
     name = "outlines-core"
 
@@ -244,7 +232,7 @@ class OutlinesCore(Library):
 
         self.oc = outlines_core
         data = json.loads(tokenizer_json)
-        decoder = _byte_decoder()
+        decoder = byte_level_alphabet()
         special = {t["id"] for t in data.get("added_tokens", []) if t.get("special")}
         tokens: dict[bytes, list[int]] = {}
         for text, token_id in data["model"]["vocab"].items():

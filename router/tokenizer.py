@@ -89,15 +89,20 @@ class Tokenizer:
         decoder = getattr(getattr(self.hf, "backend_tokenizer", None), "decoder", None)
         if decoder is None or "ByteLevel" not in type(decoder).__name__ + repr(decoder):
             return None
-        printable = [
-            *range(ord("!"), ord("~") + 1),
-            *range(ord("¡"), ord("¬") + 1),
-            *range(ord("®"), ord("ÿ") + 1),
-        ]
-        codes, extra = list(printable), 0
-        for b in range(256):
-            if b not in printable:
-                printable.append(b)
-                codes.append(256 + extra)
-                extra += 1
-        return {chr(c): b for b, c in zip(printable, codes, strict=True)}
+        return byte_level_alphabet()
+
+
+def byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: the printable character that stands for each byte -> the byte."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    codes, extra = list(printable), 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            codes.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, codes, strict=True)}
