@@ -19,7 +19,7 @@ from ..config import ShardConfig
 from ..paged.attention import PrefillChunk, StepMeta
 from ..paged.kv_cache import PagedKVCache, Sequence
 from ..paged.layers import Parallel
-from ..paged.model import LlamaModel, ModelSpec, Weights
+from ..paged.model import LlamaModel, ModelSpec, Weights, use_cpu_kernels
 from .base import BackendInfo, PrefillOutput
 from .hf import DTYPES, default_dtype
 
@@ -70,6 +70,7 @@ class PagedBackend:
         kv_cache_bytes: int | None = None,
         block_size: int = BLOCK_SIZE,
         quantize: str | None = None,
+        cpu_kernels: bool = True,
     ) -> None:
         from transformers import AutoConfig, GenerationConfig
 
@@ -85,10 +86,8 @@ class PagedBackend:
             from ..paged.quant import quantize_model
 
             quantize_model(self.model, quantize)
-        elif device.type == "cpu":  # decode steps stream the weights through the dense CPU kernel
-            from ..paged.model import use_dense_kernels
-
-            use_dense_kernels(self.model)
+        if device.type == "cpu" and cpu_kernels:  # unquantized decode products also use the dense kernel
+            use_cpu_kernels(self.model, dense=not quantize)
         layer = self.model.layers[0]
         per_token = 2 * spec.num_layers * layer.num_kv_heads * spec.head_dim * torch_dtype.itemsize
         budget = (
@@ -175,7 +174,7 @@ class PagedBackend:
         seqs = state.seqs if state is not None else []
         bs = self.cache.block_size
         dev = self.device
-        meta = StepMeta(torch.empty(0, dtype=torch.long), len(seqs), None, None, [])
+        meta = StepMeta(torch.empty(0, dtype=torch.long), len(seqs), [], bs)
         parts_ids: list[torch.Tensor] = []
         parts_pos: list[torch.Tensor] = []
         parts_write: list[torch.Tensor] = []
@@ -189,15 +188,18 @@ class PagedBackend:
             width = -(-longest // bs)
             null = self.cache.null_block
             table = torch.tensor([(s.blocks + [null] * width)[:width] for s in seqs], device=dev)
-            span = torch.arange(longest, device=dev)
-            slots = table[:, span // bs] * bs + span % bs
             lengths_t = torch.tensor(lengths, device=dev)
-            meta.decode_slots = slots
-            meta.decode_mask = (span.unsqueeze(0) < lengths_t.unsqueeze(1)).view(len(seqs), 1, 1, longest)
+            meta.decode_table, meta.decode_lengths = table, lengths_t
+            if not self.model.fused:
+                span = torch.arange(longest, device=dev)
+                meta.decode_slots = table[:, span // bs] * bs + span % bs
+                meta.decode_mask = (span.unsqueeze(0) < lengths_t.unsqueeze(1)).view(len(seqs), 1, 1, longest)
             positions = lengths_t - 1
             parts_ids.append(input_ids.to(dev))
             parts_pos.append(positions)
-            parts_write.append(slots.gather(1, positions.unsqueeze(1)).squeeze(1))
+            parts_write.append(
+                table.gather(1, (positions // bs).unsqueeze(1)).squeeze(1) * bs + positions % bs
+            )
         row = len(seqs)
         spans: list[tuple[int, int]] = []
         for chunk in chunks:

@@ -3,9 +3,11 @@
 A step's tokens are laid out decodes first (one token per sequence), then prefill chunks (several tokens
 of one sequence each). New K/V are written to their slots first; then
 
-- decodes attend as one batch: each sequence's context slots are gathered into ``[batch, len, kv, d]``
-  (shorter ones masked), and the query heads of one KV head are treated as that head's query rows, so
-  grouped-query attention needs no copy of K/V per query head;
+- decodes attend as one batch. On the CPU with the kernels built (``decode_slots`` left None), the
+  ``decode_attention`` kernel (step_cpu.cpp) reads each sequence's keys and values where they lie in the
+  pool, through its block table. Otherwise each sequence's context slots are gathered into
+  ``[batch, len, kv, d]`` (shorter ones masked) for scaled_dot_product_attention, with the query heads of
+  one KV head as that head's query rows, so grouped-query attention needs no copy of K/V per query head;
 - each prefill chunk attends to its whole context (cached prefix + earlier chunks + itself), causally.
 """
 
@@ -34,10 +36,15 @@ class StepMeta:
 
     write_slots: torch.Tensor
     num_decodes: int
-    # Decodes: [batch, max context] slots (padding points at the zero null block) and [batch, 1, 1, max context] mask.
-    decode_slots: torch.Tensor | None
-    decode_mask: torch.Tensor | None
     prefills: list[PrefillChunk]
+    block_size: int
+    # Decodes: each sequence's block table [batch, width] (padded with the zero null block) and context
+    # length [batch], for the kernel; for the torch path also its context slots [batch, max context] and a
+    # [batch, 1, 1, max context] mask.
+    decode_table: torch.Tensor | None = None
+    decode_lengths: torch.Tensor | None = None
+    decode_slots: torch.Tensor | None = None
+    decode_mask: torch.Tensor | None = None
 
 
 def paged_attention(
@@ -56,7 +63,18 @@ def paged_attention(
     v_pool.index_copy_(0, meta.write_slots, v)
     outs = []
     b = meta.num_decodes
-    if b:
+    if b and meta.decode_slots is None:
+        outs.append(
+            torch.ops.paged_step.decode_attention(
+                q[:b].reshape(b, heads * dim),
+                k_pool,
+                v_pool,
+                meta.decode_table,
+                meta.decode_lengths,
+                meta.block_size,
+            )
+        )
+    elif b:
         shape = (*meta.decode_slots.shape, kv_heads, dim)
         flat = meta.decode_slots.view(-1)
         # index_select, not advanced indexing: the latter is orders of magnitude slower here on CPU.

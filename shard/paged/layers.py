@@ -88,8 +88,11 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.eps = eps
+        self.fused = False  # step_cpu.cpp's rms_norm: one pass instead of torch's chain of operations
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return torch.ops.paged_step.rms_norm(x, self.weight, self.eps)
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
@@ -101,20 +104,56 @@ class Rotary:
     ) -> None:
         positions = torch.arange(max_positions, dtype=torch.float32, device=inv_freq.device)
         freqs = torch.outer(positions, inv_freq.float())
-        self.cos = (freqs.cos() * scaling).to(dtype)
-        self.sin = (freqs.sin() * scaling).to(dtype)
+        self.cos32 = freqs.cos() * scaling  # [positions, head_dim / 2]
+        self.sin32 = freqs.sin() * scaling
+        self.cos = self.cos32.to(dtype)
+        self.sin = self.sin32.to(dtype)
+        self.fused = False  # step_cpu.cpp's rotary_ on the fused q/k/v product, in place
 
-    def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin for these positions, shaped [tokens, 1, head_dim / 2] (one lookup per step)."""
-        return self.cos.index_select(0, positions).unsqueeze(1), self.sin.index_select(
-            0, positions
-        ).unsqueeze(1)
+    def to(self, device: torch.device) -> None:
+        for name in ("cos32", "sin32", "cos", "sin"):
+            setattr(self, name, getattr(self, name).to(device))
+
+    def step(self, positions: torch.Tensor) -> RotaryStep:
+        """What every layer of a step needs to rotate its queries and keys (one table lookup per step)."""
+        if self.fused:
+            return RotaryStep(positions, None, None, self)
+        cos = self.cos.index_select(0, positions).unsqueeze(1)  # [tokens, 1, head_dim / 2]
+        sin = self.sin.index_select(0, positions).unsqueeze(1)
+        return RotaryStep(positions, cos, sin, self)
 
     @staticmethod
     def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Rotates [tokens, heads, head_dim] (the half-split layout of Hugging Face checkpoints)."""
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+@dataclass
+class RotaryStep:
+    """One step's rotary embedding: its positions, and their cos/sin rows on the torch path."""
+
+    positions: torch.Tensor
+    cos: torch.Tensor | None
+    sin: torch.Tensor | None
+    rotary: Rotary
+
+    def qkv(
+        self, qkv: torch.Tensor, heads: int, kv_heads: int, head_dim: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Splits a fused product [tokens, (heads + 2 kv_heads) head_dim] into q, k, v shaped
+        [tokens, heads, head_dim], q and k rotated (in place in ``qkv`` on the fused path)."""
+        tokens = qkv.shape[0]
+        if self.cos is None:
+            r = self.rotary
+            torch.ops.paged_step.rotary_(qkv, self.positions, r.cos32, r.sin32, heads + kv_heads, head_dim)
+        q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+        q = q.view(tokens, heads, head_dim)
+        k = k.view(tokens, kv_heads, head_dim)
+        if self.cos is not None:
+            q = Rotary.apply(q, self.cos, self.sin)
+            k = Rotary.apply(k, self.cos, self.sin)
+        return q, k, v.view(tokens, kv_heads, head_dim)
 
 
 class MLP(nn.Module):

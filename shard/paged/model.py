@@ -19,7 +19,17 @@ from common.sharding import PAGED_ARCHITECTURES
 
 from .attention import StepMeta, paged_attention
 from .kv_cache import PagedKVCache
-from .layers import MLP, ColumnLinear, Parallel, RMSNorm, Rotary, RowLinear, VocabEmbedding, linear
+from .layers import (
+    MLP,
+    ColumnLinear,
+    Parallel,
+    RMSNorm,
+    Rotary,
+    RotaryStep,
+    RowLinear,
+    VocabEmbedding,
+    linear,
+)
 
 log = logging.getLogger(__name__)
 
@@ -138,23 +148,12 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(ColumnLinear(gate_up), RowLinear(w.get(f"{m}.down_proj.weight", 1, ff), parallel))
         self.input_norm = RMSNorm(w.get(f"{prefix}.input_layernorm.weight"), spec.rms_norm_eps)
         self.post_norm = RMSNorm(w.get(f"{prefix}.post_attention_layernorm.weight"), spec.rms_norm_eps)
-        self.q_size = self.num_heads * d
-        self.kv_size = self.num_kv_heads * d
 
     def forward(
-        self,
-        h: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        k_pool: torch.Tensor,
-        v_pool: torch.Tensor,
-        meta: StepMeta,
+        self, h: torch.Tensor, rope: RotaryStep, k_pool: torch.Tensor, v_pool: torch.Tensor, meta: StepMeta
     ) -> torch.Tensor:
-        tokens = h.shape[0]
-        q, k, v = self.qkv(self.input_norm(h)).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = Rotary.apply(q.view(tokens, self.num_heads, self.head_dim), cos, sin)
-        k = Rotary.apply(k.view(tokens, self.num_kv_heads, self.head_dim), cos, sin)
-        v = v.view(tokens, self.num_kv_heads, self.head_dim)
+        qkv = self.qkv(self.input_norm(h))
+        q, k, v = rope.qkv(qkv, self.num_heads, self.num_kv_heads, self.head_dim)
         h = h + self.o(paged_attention(q, k, v, k_pool, v_pool, meta))
         return h + self.mlp(self.post_norm(h))
 
@@ -186,8 +185,10 @@ class LlamaModel(nn.Module):
         self.rotary = Rotary(rope.inv_freq, rope.attention_scaling, max_positions, w.dtype)
         self.head: nn.Module | None = None  # a quantized LM head (shard/paged/quant.py) replaces F.linear
         self.dense_head = False  # see layers.linear
-        self.rotary.cos = self.rotary.cos.to(w.device)
-        self.rotary.sin = self.rotary.sin.to(w.device)
+        self.rotary.to(w.device)
+        # step_cpu.cpp's attention, RMSNorm and rotary kernels (use_cpu_kernels); with it off the backend
+        # builds the torch path's gathered slots and masks.
+        self.fused = False
 
     @torch.inference_mode()
     def forward(
@@ -200,9 +201,9 @@ class LlamaModel(nn.Module):
     ) -> torch.Tensor:
         """Runs one step's tokens; returns float32 logits [len(logit_rows), vocab] for the rows asked."""
         h = self.embed(ids)
-        cos, sin = self.rotary.tables(positions)
+        rope = self.rotary.step(positions)
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, cache.k[i], cache.v[i], meta)
+            h = layer(h, rope, cache.k[i], cache.v[i], meta)
         h = self.norm(h if logit_rows is None else h.index_select(0, logit_rows))
         logits = self.head(h) if self.head is not None else linear(h, self.lm_head, None, self.dense_head)
         if self.parallel.world_size > 1:
@@ -213,17 +214,26 @@ class LlamaModel(nn.Module):
         return logits.float()
 
 
-def use_dense_kernels(model: LlamaModel) -> bool:
-    """Routes the model's small float32/bfloat16 products (decode steps) through the dense CPU kernel;
-    False (nothing changed) when the kernels cannot be built here or the weights are another dtype."""
-    from .quant import load_kernels
+def use_cpu_kernels(model: LlamaModel, dense: bool) -> bool:
+    """Runs a CPU model's attention, RMSNorms and rotary embedding through step_cpu.cpp's kernels, and with
+    ``dense`` its small float32/bfloat16 products (decode steps) through quant_cpu.cpp's dense kernel.
+    False (nothing changed) when the kernels cannot be built here or the model's dtype or shapes are
+    outside them."""
+    from .kernels import load_kernels
 
-    if model.lm_head.device.type != "cpu" or model.lm_head.dtype not in (torch.float32, torch.bfloat16):
+    norm = model.norm.weight
+    if norm.device.type != "cpu" or norm.dtype not in (torch.float32, torch.bfloat16):
+        return False
+    spec = model.spec
+    if spec.head_dim % 16 or spec.head_dim > 256 or spec.num_heads > 64 * spec.num_kv_heads:
         return False
     if not load_kernels():
         return False
     for module in model.modules():
-        if isinstance(module, ColumnLinear | RowLinear):
+        if isinstance(module, RMSNorm):
+            module.fused = True
+        elif dense and isinstance(module, ColumnLinear | RowLinear):
             module.dense = True
-    model.dense_head = model.lm_head.dim() == 2 and model.lm_head.is_contiguous()
+    model.rotary.fused = model.fused = True
+    model.dense_head = dense and model.lm_head.dim() == 2 and model.lm_head.is_contiguous()
     return True

@@ -8,8 +8,7 @@ the model's dtype.
   offset ``m``: ``w = q * d + m``, ``q`` in 0..15 (GGUF's Q4_1 layout; 5 bits a weight with the scales).
   The LM head stays int8 in this mode (its errors move every logit at once).
 
-On the CPU the products run in kernels of our own (``quant_cpu.cpp``, compiled once per machine with
-``-march=native`` through torch's extension builder and cached). int8 on a CPU with AVX512-VNNI quantizes
+On the CPU the products run in kernels of our own (``quant_cpu.cpp``, built by ``kernels.py``). int8 on a CPU with AVX512-VNNI quantizes
 the activations too, in blocks of 32, and multiplies int8 by int8 (about 0.5% more relative error, up
 to 3x float32's speed, most at 8 to 32 rows); int4 (and int8 elsewhere) dequantizes the weights in registers and keeps
 the activations in float. Either way a decode step reads 4x (int8) or 6x (int4) fewer weight bytes than
@@ -25,13 +24,12 @@ columns), so the per-channel scales and the blocks never cross ranks; RowLinear 
 from __future__ import annotations
 
 import logging
-import threading
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .kernels import int8_vnni, load_kernels
 from .layers import ColumnLinear, Parallel, RowLinear
 
 log = logging.getLogger(__name__)
@@ -42,35 +40,6 @@ INT4_BLOCK_BYTES = 20  # fp16 d, fp16 m, 16 bytes of nibbles
 # From this many rows on (prefill), the float-activation kernels (int4; int8 without VNNI) give way to
 # dequantize-then-float-GEMM; int8 with VNNI stays faster than float32 at any m (docs/benchmarks.md).
 LARGE_M = 64
-
-_SOURCE = Path(__file__).with_name("quant_cpu.cpp")
-_lock = threading.Lock()
-_loaded: bool | None = None
-_int8_vnni = False
-
-
-def load_kernels() -> bool:
-    """Builds (first time on this machine) and loads the CPU kernels; False when that is not possible."""
-    global _loaded, _int8_vnni
-    with _lock:
-        if _loaded is None:
-            try:
-                from torch.utils.cpp_extension import load
-
-                load(
-                    name="paged_quant_cpu",
-                    sources=[str(_SOURCE)],
-                    extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno"],
-                    extra_ldflags=["-fopenmp"],
-                    is_python_module=False,
-                )
-                _int8_vnni = bool(torch.ops.paged_quant.set_int8_vnni(True))
-                _loaded = True
-            except Exception as e:  # no compiler, no headers, a read-only cache...
-                log.warning("Quantized CPU kernels unavailable (%s): weights are dequantized per call", e)
-                _loaded = False
-        return _loaded
-
 
 # -- quantization --------------------------------------------------------------------------------------
 
@@ -135,7 +104,7 @@ class QuantLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.fast = weight.device.type == "cpu" and self.in_features % GROUP == 0 and load_kernels()
         # Rows from which the float GEMM on the dequantized weight is faster than the kernel.
-        self.large_m = 1 << 62 if mode == "int8" and _int8_vnni and self.in_features % 64 == 0 else LARGE_M
+        self.large_m = 1 << 62 if mode == "int8" and int8_vnni() and self.in_features % 64 == 0 else LARGE_M
 
     def dequantized(self) -> torch.Tensor:
         if self.mode == "int8":

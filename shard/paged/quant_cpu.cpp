@@ -29,6 +29,8 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "simd.h"
+
 #include <immintrin.h>
 
 #include <cstdint>
@@ -37,127 +39,11 @@
 
 namespace {
 
+using namespace paged_simd;
+
 constexpr int64_t BLOCK = 32;        // k elements per inner step (and per int4 block)
 constexpr int64_t INT4_BYTES = 20;   // bytes per int4 block
 constexpr int64_t NT = 4;            // output channels per tile
-
-// V: 16 floats in registers (one AVX-512 register, two AVX2 registers, or a plain array).
-#if defined(__AVX512F__)
-struct V {
-  __m512 a;
-};
-inline V zero() { return {_mm512_setzero_ps()}; }
-inline V set1(float f) { return {_mm512_set1_ps(f)}; }
-inline V load(const float* p) { return {_mm512_loadu_ps(p)}; }
-inline void store(float* p, V v) { _mm512_storeu_ps(p, v.a); }
-inline V fma(V x, V y, V acc) { return {_mm512_fmadd_ps(x.a, y.a, acc.a)}; }
-inline float hsum(V v) { return _mm512_reduce_add_ps(v.a); }
-inline V from_i8(const int8_t* p) {
-  return {_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))))};
-}
-// 16 bfloat16 -> floats (a bfloat16 is the high half of a float32).
-inline V from_bf16(const uint16_t* p) {
-  const __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return {_mm512_castsi512_ps(_mm512_slli_epi32(v, 16))};
-}
-// 16 bytes -> low nibbles (elements 0..15) and high nibbles (16..31) as floats.
-inline void from_u4(const uint8_t* p, V& lo, V& hi) {
-  const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  lo = {_mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15)))};
-  hi = {_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4))};
-}
-#elif defined(__AVX2__) && defined(__FMA__)
-struct V {
-  __m256 a, b;
-};
-inline V zero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
-inline V set1(float f) { return {_mm256_set1_ps(f), _mm256_set1_ps(f)}; }
-inline V load(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
-inline void store(float* p, V v) {
-  _mm256_storeu_ps(p, v.a);
-  _mm256_storeu_ps(p + 8, v.b);
-}
-inline V fma(V x, V y, V acc) { return {_mm256_fmadd_ps(x.a, y.a, acc.a), _mm256_fmadd_ps(x.b, y.b, acc.b)}; }
-inline float hsum(V v) {
-  const __m256 s = _mm256_add_ps(v.a, v.b);
-  __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-  h = _mm_add_ss(h, _mm_movehdup_ps(h));
-  return _mm_cvtss_f32(h);
-}
-inline V from_i8(const int8_t* p) {
-  const __m128i lo = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
-  const __m128i hi = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8));
-  return {_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi))};
-}
-inline V from_bf16(const uint16_t* p) {
-  const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  const __m128i hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8));
-  return {_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(lo), 16)),
-          _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(hi), 16))};
-}
-inline void from_u4(const uint8_t* p, V& lo, V& hi) {
-  const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  const __m256i a = _mm256_cvtepu8_epi32(x), b = _mm256_cvtepu8_epi32(_mm_srli_si128(x, 8));
-  const __m256i m = _mm256_set1_epi32(15);
-  lo = {_mm256_cvtepi32_ps(_mm256_and_si256(a, m)), _mm256_cvtepi32_ps(_mm256_and_si256(b, m))};
-  hi = {_mm256_cvtepi32_ps(_mm256_srli_epi32(a, 4)), _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4))};
-}
-#else
-struct V {
-  float a[16];
-};
-inline V zero() { return V{}; }
-inline V set1(float f) {
-  V v;
-  for (int i = 0; i < 16; ++i) v.a[i] = f;
-  return v;
-}
-inline V load(const float* p) {
-  V v;
-  std::memcpy(v.a, p, sizeof(v.a));
-  return v;
-}
-inline void store(float* p, V v) { std::memcpy(p, v.a, sizeof(v.a)); }
-inline V fma(V x, V y, V acc) {
-  for (int i = 0; i < 16; ++i) acc.a[i] += x.a[i] * y.a[i];
-  return acc;
-}
-inline float hsum(V v) {
-  float s = 0.f;
-  for (int i = 0; i < 16; ++i) s += v.a[i];
-  return s;
-}
-inline V from_i8(const int8_t* p) {
-  V v;
-  for (int i = 0; i < 16; ++i) v.a[i] = p[i];
-  return v;
-}
-inline V from_bf16(const uint16_t* p) {
-  V v;
-  for (int i = 0; i < 16; ++i) {
-    const uint32_t bits = static_cast<uint32_t>(p[i]) << 16;
-    std::memcpy(&v.a[i], &bits, 4);
-  }
-  return v;
-}
-inline void from_u4(const uint8_t* p, V& lo, V& hi) {
-  for (int i = 0; i < 16; ++i) {
-    lo.a[i] = p[i] & 15;
-    hi.a[i] = p[i] >> 4;
-  }
-}
-#endif
-
-inline float half_at(const uint8_t* p) {
-  uint16_t bits;
-  std::memcpy(&bits, p, 2);
-#if defined(__F16C__)
-  return _cvtsh_ss(bits);
-#else
-  return static_cast<float>(c10::Half(bits, c10::Half::from_bits()));
-#endif
-}
 
 // One row's 32 weights starting at column k0, dequantized (int8: without the channel scale).
 struct Int8Rows {

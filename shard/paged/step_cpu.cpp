@@ -1,0 +1,270 @@
+// The decode step's kernels besides the matrix products, for the CPU: attention straight over the paged
+// KV pool, RMSNorm, and rotary embedding in place. Each replaces a chain of small torch operations whose
+// dispatch and memory traffic cost more than their arithmetic at decode sizes (docs/benchmarks.md).
+//
+// Built with quant_cpu.cpp by shard/paged/kernels.py and called as torch.ops.paged_step.*. Tensors are
+// float32 or bfloat16; the arithmetic is float32 either way, rounded once on output.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include "simd.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+using namespace paged_simd;
+
+// 16 elements of a float32 or bfloat16 row as floats.
+inline V load16(const float* p) { return load(p); }
+inline V load16(const c10::BFloat16* p) { return from_bf16(reinterpret_cast<const uint16_t*>(p)); }
+
+inline void store_row(float* dst, const float* src, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
+inline void store_row(c10::BFloat16* dst, const float* src, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = c10::BFloat16(src[i]);
+}
+
+template <class T>
+inline float to_float(T x) {
+  return static_cast<float>(x);
+}
+
+// One sequence, KV heads [h0, h1): the `group` query heads that share each KV head attend to the
+// sequence's `len` cached positions, read through its block table one slot at a time, every KV head of a
+// slot together (a slot's heads are adjacent in the pool). Scores are kept for the whole context: a pass
+// over the keys, a softmax, a pass over the values.
+template <class T>
+void attend(const T* q, const T* k_pool, const T* v_pool, const int64_t* blocks, int64_t len, int64_t bs,
+            int64_t kv_heads, int64_t h0, int64_t h1, int64_t group, int64_t d, float scale, T* out,
+            std::vector<float>& scratch) {
+  const int64_t dv = d / 16, rows = (h1 - h0) * group;  // query rows, row r = (h - h0) * group + g
+  scratch.resize(rows * (len + 2 * d));
+  float* scores = scratch.data();  // [rows][len]
+  float* acc = scores + rows * len;  // [rows][d]
+  float* query = acc + rows * d;  // [rows][d], scaled
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* qr = q + (h0 * group + r) * d;
+    for (int64_t i = 0; i < d; ++i) query[r * d + i] = to_float(qr[i]) * scale;
+  }
+  const int64_t stride = kv_heads * d;  // elements per slot
+  for (int64_t t0 = 0; t0 < len; t0 += bs) {
+    const int64_t t1 = std::min(len, t0 + bs);
+    const T* kp = k_pool + blocks[t0 / bs] * bs * stride + h0 * d;
+    for (int64_t t = t0; t < t1; ++t, kp += stride) {
+      for (int64_t r = 0; r < rows; ++r) {
+        const T* kh = kp + (r / group) * d;
+        V s = zero();
+        for (int64_t c = 0; c < dv; ++c) s = fma(load(query + r * d + c * 16), load16(kh + c * 16), s);
+        scores[r * len + t] = hsum(s);
+      }
+    }
+  }
+  std::vector<float> inv_sum(rows);
+  for (int64_t r = 0; r < rows; ++r) {
+    float* sc = scores + r * len;
+    float m = -INFINITY;
+    for (int64_t t = 0; t < len; ++t) m = sc[t] > m ? sc[t] : m;
+    const V mv = set1(m);
+    V sum = zero();
+    int64_t t = 0;
+    for (; t + 16 <= len; t += 16) {
+      const V e = exp_nonpositive(sub(load(sc + t), mv));
+      store(sc + t, e);
+      sum = add(sum, e);
+    }
+    float total = hsum(sum);
+    for (; t < len; ++t) {
+      sc[t] = std::exp(sc[t] - m);
+      total += sc[t];
+    }
+    inv_sum[r] = 1.f / total;
+    for (int64_t i = 0; i < d; ++i) acc[r * d + i] = 0.f;
+  }
+  for (int64_t t0 = 0; t0 < len; t0 += bs) {
+    const int64_t t1 = std::min(len, t0 + bs);
+    const T* vp = v_pool + blocks[t0 / bs] * bs * stride + h0 * d;
+    for (int64_t t = t0; t < t1; ++t, vp += stride) {
+      for (int64_t h = 0; h < h1 - h0; ++h) {
+        for (int64_t c = 0; c < dv; ++c) {
+          const V vv = load16(vp + h * d + c * 16);
+          for (int64_t g = 0; g < group; ++g) {
+            const int64_t r = h * group + g;
+            float* a = acc + r * d + c * 16;
+            store(a, fma(set1(scores[r * len + t]), vv, load(a)));
+          }
+        }
+      }
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    float* a = acc + r * d;
+    for (int64_t i = 0; i < d; ++i) a[i] *= inv_sum[r];
+    store_row(out + (h0 * group + r) * d, a, d);
+  }
+}
+
+template <class T>
+void decode_attention_impl(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
+                           const at::Tensor& table, const at::Tensor& lengths, int64_t bs, at::Tensor& out) {
+  const int64_t b = table.size(0), width = table.size(1);
+  const int64_t kv_heads = k_pool.size(1), d = k_pool.size(2);
+  const int64_t heads = q.size(1) / d, group = heads / kv_heads;
+  const int64_t q_stride = q.stride(0);
+  const T* qp = q.data_ptr<T>();
+  const T* kp = k_pool.data_ptr<T>();
+  const T* vp = v_pool.data_ptr<T>();
+  const int64_t* tp = table.data_ptr<int64_t>();
+  const int64_t* lp = lengths.data_ptr<int64_t>();
+  T* op = out.data_ptr<T>();
+  const float scale = 1.f / std::sqrt(static_cast<float>(d));
+  // A sequence per work item, all its KV heads at once, so that each cache line of the pool is read
+  // once; with fewer sequences than threads, a KV head per item instead.
+  const int64_t split = b < at::get_num_threads() ? kv_heads : 1, per = kv_heads / split;
+  at::parallel_for(0, b * split, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> scratch;
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t s = i / split, h0 = (i % split) * per;
+      attend<T>(qp + s * q_stride, kp, vp, tp + s * width, lp[s], bs, kv_heads, h0, h0 + per, group, d, scale,
+                op + s * heads * d, scratch);
+    }
+  });
+}
+
+// q [b, heads * d] (rows may be strided: a slice of the fused q/k/v product), pools [slots, kv_heads, d],
+// table [b, width] block numbers, lengths [b] (each sequence's context, its newest token already written)
+// -> [b, heads * d]. Query head j reads KV head j / (heads / kv_heads).
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
+                            const at::Tensor& table, const at::Tensor& lengths, int64_t block_size) {
+  TORCH_CHECK(k_pool.dim() == 3 && k_pool.is_contiguous() && v_pool.is_contiguous() &&
+                  v_pool.sizes() == k_pool.sizes(), "pools: contiguous [slots, kv_heads, d]");
+  const int64_t kv_heads = k_pool.size(1), d = k_pool.size(2);
+  TORCH_CHECK(d % 16 == 0 && d <= 256, "head size must be a multiple of 16, at most 256");
+  TORCH_CHECK(q.dim() == 2 && q.stride(1) == 1 && q.size(1) % (kv_heads * d) == 0,
+              "q: [b, heads * d] with unit column stride");
+  TORCH_CHECK(q.scalar_type() == k_pool.scalar_type() && v_pool.scalar_type() == k_pool.scalar_type(),
+              "q and the pools must share a dtype");
+  TORCH_CHECK(table.scalar_type() == at::kLong && table.dim() == 2 && table.is_contiguous() &&
+                  table.size(0) == q.size(0), "table: int64 [b, width]");
+  TORCH_CHECK(lengths.scalar_type() == at::kLong && lengths.numel() == q.size(0) && lengths.is_contiguous(),
+              "lengths: int64 [b]");
+  const int64_t* lp = lengths.data_ptr<int64_t>();
+  for (int64_t s = 0; s < q.size(0); ++s)
+    TORCH_CHECK(lp[s] >= 1 && lp[s] <= table.size(1) * block_size, "length outside the block table");
+  at::Tensor out = at::empty({q.size(0), q.size(1)}, q.options());
+  if (q.scalar_type() == at::kFloat)
+    decode_attention_impl<float>(q, k_pool, v_pool, table, lengths, block_size, out);
+  else if (q.scalar_type() == at::kBFloat16)
+    decode_attention_impl<c10::BFloat16>(q, k_pool, v_pool, table, lengths, block_size, out);
+  else
+    TORCH_CHECK(false, "decode_attention: float32 or bfloat16");
+  return out;
+}
+
+template <class T>
+void rms_norm_impl(const at::Tensor& x, const at::Tensor& w, double eps, at::Tensor& y) {
+  const int64_t m = x.size(0), n = x.size(1);
+  const T* xp = x.data_ptr<T>();
+  const T* wp = w.data_ptr<T>();
+  T* yp = y.data_ptr<T>();
+  at::parallel_for(0, m, 32, [&](int64_t r0, int64_t r1) {
+    std::vector<float> row(n);
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* xr = xp + r * n;
+      double ss = 0.0;
+      for (int64_t i = 0; i < n; ++i) {
+        row[i] = to_float(xr[i]);
+        ss += static_cast<double>(row[i]) * row[i];
+      }
+      const float inv = 1.f / std::sqrt(static_cast<float>(ss / n) + static_cast<float>(eps));
+      for (int64_t i = 0; i < n; ++i) row[i] = to_float(wp[i]) * static_cast<float>(T(row[i] * inv));
+      store_row(yp + r * n, row.data(), n);
+    }
+  });
+}
+
+// x [m, n] -> x / sqrt(mean(x^2) + eps) * w, as transformers' LlamaRMSNorm (normalized in float32, rounded
+// to x's dtype, then scaled by w).
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && w.dim() == 1 && w.is_contiguous() && w.size(0) == x.size(1),
+              "rms_norm: contiguous x [m, n] and w [n]");
+  TORCH_CHECK(x.scalar_type() == w.scalar_type(), "rms_norm: x and w must share a dtype");
+  at::Tensor y = at::empty_like(x);
+  if (x.scalar_type() == at::kFloat)
+    rms_norm_impl<float>(x, w, eps, y);
+  else if (x.scalar_type() == at::kBFloat16)
+    rms_norm_impl<c10::BFloat16>(x, w, eps, y);
+  else
+    TORCH_CHECK(false, "rms_norm: float32 or bfloat16");
+  return y;
+}
+
+template <class T>
+void rotary_impl(at::Tensor& x, const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin,
+                 int64_t heads, int64_t d) {
+  const int64_t tokens = x.size(0), row_stride = x.stride(0), half = d / 2;
+  T* xp = x.data_ptr<T>();
+  const int64_t* pp = positions.data_ptr<int64_t>();
+  const float* cp = cos.data_ptr<float>();
+  const float* sp = sin.data_ptr<float>();
+  at::parallel_for(0, tokens, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* c = cp + pp[r] * half;
+      const float* s = sp + pp[r] * half;
+      for (int64_t h = 0; h < heads; ++h) {
+        T* a = xp + r * row_stride + h * d;
+        T* b = a + half;
+        for (int64_t i = 0; i < half; ++i) {
+          const float x1 = to_float(a[i]), x2 = to_float(b[i]);
+          a[i] = T(x1 * c[i] - x2 * s[i]);
+          b[i] = T(x2 * c[i] + x1 * s[i]);
+        }
+      }
+    }
+  });
+}
+
+// Rotates, in place, the first `heads` heads of size d of each row of x [tokens, >= heads * d] (queries
+// then keys of the fused product) by the row's position; cos and sin are float32 [max positions, d / 2]
+// (the half-split layout of Hugging Face checkpoints).
+void rotary_(at::Tensor x, const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin,
+             int64_t heads, int64_t d) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.size(1) >= heads * d && d % 2 == 0,
+              "rotary_: x [tokens, >= heads * d] with unit column stride");
+  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.is_contiguous() &&
+                  positions.numel() == x.size(0), "rotary_: int64 positions [tokens]");
+  TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.is_contiguous() &&
+                  sin.is_contiguous() && cos.dim() == 2 && cos.size(1) == d / 2 && sin.sizes() == cos.sizes(),
+              "rotary_: float32 cos and sin [max positions, d / 2]");
+  const int64_t* pp = positions.data_ptr<int64_t>();
+  for (int64_t r = 0; r < positions.numel(); ++r)
+    TORCH_CHECK(pp[r] >= 0 && pp[r] < cos.size(0), "rotary_: position outside the table");
+  if (x.scalar_type() == at::kFloat)
+    rotary_impl<float>(x, positions, cos, sin, heads, d);
+  else if (x.scalar_type() == at::kBFloat16)
+    rotary_impl<c10::BFloat16>(x, positions, cos, sin, heads, d);
+  else
+    TORCH_CHECK(false, "rotary_: float32 or bfloat16");
+}
+
+}  // namespace
+
+TORCH_LIBRARY(paged_step, lib) {
+  lib.def("decode_attention(Tensor q, Tensor k_pool, Tensor v_pool, Tensor table, Tensor lengths, int block_size) -> Tensor");
+  lib.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
+  lib.def("rotary_(Tensor(a!) x, Tensor positions, Tensor cos, Tensor sin, int heads, int d) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(paged_step, CPU, lib) {
+  lib.impl("decode_attention", &decode_attention);
+  lib.impl("rms_norm", &rms_norm);
+  lib.impl("rotary_", &rotary_);
+}

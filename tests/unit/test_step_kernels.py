@@ -1,0 +1,134 @@
+"""The decode step's CPU kernels (shard/paged/step_cpu.cpp) against plain torch, and the paged model with
+them against the model without them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from shard.backends.paged import PagedBackend
+from shard.paged.kernels import load_kernels
+from shard.paged.layers import Rotary
+
+pytestmark = [pytest.mark.timeout(300)]
+
+CPU = torch.device("cpu")
+DTYPES = [torch.float32, torch.bfloat16]
+# bfloat16 outputs are rounded once (8 bits of mantissa); float32 ones agree to the last bits.
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernels() -> None:
+    if not load_kernels():
+        pytest.skip("the CPU kernels cannot be built here")
+
+
+def reference_attention(q, k_pool, v_pool, table, lengths, block_size):
+    """Gathers each sequence's context and runs scaled_dot_product_attention in float32."""
+    kv, d = k_pool.shape[1:]
+    out = []
+    for s, length in enumerate(lengths.tolist()):
+        t = torch.arange(length)
+        slots = table[s, t // block_size] * block_size + t % block_size
+        keys = k_pool[slots].float().transpose(0, 1)  # [kv, len, d]
+        values = v_pool[slots].float().transpose(0, 1)
+        query = q[s].float().view(kv, -1, d)  # the query heads of KV head h are rows h * group...
+        out.append(F.scaled_dot_product_attention(query, keys, values).reshape(-1))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("heads", "kv_heads", "d"), [(9, 3, 64), (4, 4, 16), (8, 1, 32)])
+def test_decode_attention_matches_gathered_sdpa(dtype, heads, kv_heads, d) -> None:
+    torch.manual_seed(0)
+    block_size, num_blocks = 16, 40
+    k_pool = torch.randn(num_blocks * block_size, kv_heads, d).to(dtype)
+    v_pool = torch.randn(num_blocks * block_size, kv_heads, d).to(dtype)
+    lengths = torch.tensor([1, 16, 17, 100, 33, 128])
+    table = torch.stack([torch.randperm(num_blocks)[:8] for _ in lengths])
+    # q is a strided slice of a fused q/k/v product, as in the model.
+    qkv = torch.randn(len(lengths), (heads + 2 * kv_heads) * d).to(dtype)
+    q = qkv[:, : heads * d]
+    out = torch.ops.paged_step.decode_attention(q, k_pool, v_pool, table, lengths, block_size)
+    assert out.dtype == dtype and out.shape == (len(lengths), heads * d)
+    want = reference_attention(q, k_pool, v_pool, table, lengths, block_size)
+    torch.testing.assert_close(out.float(), want, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+def test_decode_attention_threads_alike() -> None:
+    """One sequence splits its KV heads over the threads; many split by sequence: same numbers."""
+    torch.manual_seed(1)
+    k_pool, v_pool = torch.randn(2, 64, 4, 32).unbind(0)
+    q = torch.randn(3, 8 * 32)
+    table = torch.tensor([[0, 1], [2, 3], [1, 0]])
+    lengths = torch.tensor([30, 5, 17])
+    together = torch.ops.paged_step.decode_attention(q, k_pool, v_pool, table, lengths, 16)
+    for s in range(3):
+        alone = torch.ops.paged_step.decode_attention(q[s : s + 1], k_pool, v_pool, table[s : s + 1],
+                                                      lengths[s : s + 1], 16)  # fmt: skip
+        torch.testing.assert_close(alone, together[s : s + 1], atol=1e-6, rtol=1e-6)
+
+
+def test_decode_attention_refuses_bad_arguments() -> None:
+    k_pool = torch.zeros(32, 2, 16)
+    q = torch.zeros(1, 4 * 16)
+    table = torch.tensor([[0, 1]])
+    with pytest.raises(RuntimeError, match="length outside the block table"):
+        torch.ops.paged_step.decode_attention(q, k_pool, k_pool, table, torch.tensor([33]), 16)
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        torch.ops.paged_step.decode_attention(torch.zeros(1, 24), *torch.zeros(2, 32, 2, 12), table,
+                                              torch.tensor([3]), 16)  # fmt: skip
+    with pytest.raises(RuntimeError, match="share a dtype"):
+        torch.ops.paged_step.decode_attention(q.double(), k_pool, k_pool, table, torch.tensor([3]), 16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_matches_transformers_formula(dtype) -> None:
+    torch.manual_seed(2)
+    x, w = torch.randn(7, 576).to(dtype), torch.randn(576).to(dtype)
+    xf = x.float()
+    want = w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)
+    got = torch.ops.paged_step.rms_norm(x, w, 1e-5)
+    torch.testing.assert_close(got.float(), want.float(), atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rotary_in_place_matches_the_torch_path(dtype) -> None:
+    torch.manual_seed(3)
+    heads, kv_heads, d = 6, 2, 32
+    rotary = Rotary(1.0 / 10000 ** (torch.arange(0, d, 2).float() / d), 1.0, 256, dtype)
+    positions = torch.tensor([0, 1, 5, 255, 17])
+    qkv = torch.randn(5, (heads + 2 * kv_heads) * d).to(dtype)
+    want = rotary.step(positions).qkv(qkv.clone(), heads, kv_heads, d)
+    rotary.fused = True
+    got = rotary.step(positions).qkv(qkv, heads, kv_heads, d)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a.float(), b.float(), atol=TOL[dtype], rtol=TOL[dtype])
+    assert torch.equal(got[2], want[2])  # values are not rotated
+    with pytest.raises(RuntimeError, match="position outside the table"):
+        rotary.step(torch.tensor([0, 1, 2, 3, 256])).qkv(qkv, heads, kv_heads, d)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_model_with_kernels_matches_model_without(tiny_model_dir: Path, dtype: str) -> None:
+    """Prefill and several decode steps of a batch: the same logits with the kernels and without."""
+    runs = []
+    for cpu_kernels in (True, False):
+        backend = PagedBackend(tiny_model_dir, CPU, dtype, kv_cache_bytes=2**20, block_size=4,
+                               cpu_kernels=cpu_kernels)  # fmt: skip
+        assert backend.model.fused is cpu_kernels
+        prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13], list(range(20, 39))]
+        out = backend.prefill(prompts, [False] * 3)
+        logits = [out.logits]
+        ids = out.logits.argmax(-1)
+        for _ in range(6):
+            step = backend.decode(out.state, ids)
+            logits.append(step)
+            ids = step.argmax(-1)
+        runs.append(torch.stack(logits))
+    tol = 1e-4 if dtype == "float32" else 0.1
+    torch.testing.assert_close(runs[0], runs[1], atol=tol, rtol=tol)
