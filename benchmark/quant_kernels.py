@@ -22,7 +22,8 @@ Candidates (each skipped, with the reason recorded, when it cannot run here):
   ``MatMulNBits`` (blocks of 32), when ``onnxruntime`` and ``onnx`` import.
 - ``ours_int8`` / ``ours_int4``: ``shard/paged/quant_cpu.cpp`` (what ``--quantize int8|int4`` runs);
   ``ours_int8`` quantizes x to int8 in blocks of 32 and uses AVX512-VNNI where the CPU has it;
-  ``ours_int8_f32act`` and ``ours_int4`` keep x in float32 and dequantize the weights in registers.
+  ``ours_int8_f32act`` keeps x in float32 and dequantizes the weights in registers; ``ours_int4`` quantizes x
+  to int8 (blocks of 32) and runs integer dot products.
 - ``deq4_f32``: int4 blocks dequantized to float32, then ``F.linear`` (what ``--quantize int4`` does
   from ``LARGE_M`` rows on).
 """
@@ -107,8 +108,8 @@ def cand_deq4(torch, F):
     from shard.paged.quant import dequantize_int4, quantize_int4
 
     def make(k, n, c):
-        blocks = [quantize_int4(torch.randn(n, k)) for _ in range(c)]
-        return [lambda x, b=b, k=k: F.linear(x, dequantize_int4(b, k)) for b in blocks]
+        packed = [quantize_int4(torch.randn(n, k)) for _ in range(c)]
+        return [lambda x, p=p, k=k: F.linear(x, dequantize_int4(*p, k)) for p in packed]
 
     return "int4", make
 
@@ -168,8 +169,8 @@ def cand_ours(torch, F, mode, vnni=True):
     else:
 
         def make(k, n, c):
-            blocks = [quantize_int4(torch.randn(n, k)) for _ in range(c)]
-            return [lambda x, b=b, k=k: torch.ops.paged_quant.int4_linear(x, b, k) for b in blocks]
+            packed = [quantize_int4(torch.randn(n, k)) for _ in range(c)]
+            return [lambda x, p=p, k=k: torch.ops.paged_quant.int4_linear(x, *p, k) for p in packed]
 
     return mode, make
 

@@ -8,11 +8,13 @@ the model's dtype.
   offset ``m``: ``w = q * d + m``, ``q`` in 0..15 (GGUF's Q4_1 layout; 5 bits a weight with the scales).
   The LM head stays int8 in this mode (its errors move every logit at once).
 
-On the CPU the products run in kernels of our own (``quant_cpu.cpp``, built by ``kernels.py``). int8 on a CPU with AVX512-VNNI quantizes
-the activations too, in blocks of 32, and multiplies int8 by int8 (about 0.5% more relative error, up
-to 3x float32's speed, most at 8 to 32 rows); int4 (and int8 elsewhere) dequantizes the weights in registers and keeps
-the activations in float. Either way a decode step reads 4x (int8) or 6x (int4) fewer weight bytes than
-float32. From ``LARGE_M`` rows on (prefill) the float-activation kernels give way to dequantize-then-float
+On the CPU the products run in kernels of our own (``quant_cpu.cpp``, built by ``kernels.py``). int8 on a
+CPU with AVX512-VNNI quantizes the activations too, in blocks of 32, and multiplies int8 by int8 (about
+0.5% more relative error, up to 3x float32's speed, most at 8 to 32 rows); elsewhere it dequantizes the
+weights in registers and keeps the activations in float. int4 always quantizes the activations (blocks of
+32, as llama.cpp pairs Q4_1 weights with Q8_1 activations) and runs integer dot products of 64 weights at
+a time. Either way a decode step reads 4x (int8) or 6x (int4) fewer weight bytes than float32. From
+``LARGE_M`` rows on (prefill) the int4 kernel (and int8's without VNNI) gives way to dequantize-then-float
 GEMM. The measurements, and the alternatives that lost (torch's packed int8/int4 kernels, torch.compile,
 ONNX Runtime's MatMulNBits), are in docs/benchmarks.md and benchmark/quant_kernels.py. Without the kernels
 (no compiler, another device) every call dequantizes: correct, but slower than float32.
@@ -36,8 +38,11 @@ log = logging.getLogger(__name__)
 
 MODES = ("int8", "int4")
 GROUP = 32  # int4 block size (weights along the input dimension); also the kernels' k granularity
-INT4_BLOCK_BYTES = 20  # fp16 d, fp16 m, 16 bytes of nibbles
-# From this many rows on (prefill), the float-activation kernels (int4; int8 without VNNI) give way to
+CHUNK = 64  # int4 weights per integer dot product in the kernel: two blocks
+# Weight CHUNK_ORDER[p] of a 64-weight chunk sits at byte position p of its unpacked form, so that the
+# kernel's 16 lanes of 4 bytes alternate between the chunk's two blocks (quant_cpu.cpp's chunk_order).
+CHUNK_ORDER = torch.tensor([(p // 4 % 2) * 32 + p // 8 * 4 + p % 4 for p in range(CHUNK)])
+# From this many rows on (prefill), the int4 kernel and int8's float-activation one give way to
 # dequantize-then-float-GEMM; int8 with VNNI stays faster than float32 at any m (docs/benchmarks.md).
 LARGE_M = 64
 
@@ -56,30 +61,47 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.float() * scale.unsqueeze(1)
 
 
-def quantize_int4(weight: torch.Tensor) -> torch.Tensor:
-    """[n, k] float (k a multiple of 32) -> uint8 blocks [n, k / 32 * 20] (fp16 d, fp16 m, 16 bytes)."""
+def int4_widths(k: int) -> tuple[int, int]:
+    """The kernel's padded widths for an input width k: k to a multiple of 64 (whole chunks), and the
+    number of offsets per row to a multiple of 16 (whole vectors)."""
+    return -(-k // CHUNK) * CHUNK, -(-(k // GROUP) // 16) * 16
+
+
+def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[n, k] float (k a multiple of 32) -> (nibbles uint8 [n, kp / 2], scales float16 [n, kp / 32 + mp]).
+
+    Blocks of 32 along k: ``w = q * d + m`` with ``q`` in 0..15, ``d = (max - min) / 15``, ``m = min``. Each
+    chunk of 64 weights (two blocks) is 32 bytes, byte j holding the chunk's weights CHUNK_ORDER[j] (low
+    nibble) and CHUNK_ORDER[j + 32] (high); a row's scales are its d's, then its m's padded with zeros
+    (``int4_widths``: kp, mp)."""
     n, k = weight.shape
     if k % GROUP:
         raise ValueError(f"int4 needs an input width divisible by {GROUP}, got {k}")
-    g = weight.float().reshape(n, k // GROUP, GROUP)
+    kp, mp = int4_widths(k)
+    g = F.pad(weight.float(), (0, kp - k)).reshape(n, kp // GROUP, GROUP)
     low, high = g.amin(-1), g.amax(-1)
     d = ((high - low) / 15).half()
     m = low.half()
     df, mf = d.float().unsqueeze(-1), m.float().unsqueeze(-1)
     q = torch.where(df > 0, (g - mf) / torch.where(df > 0, df, 1.0), 0.0).round_().clamp_(0, 15)
-    q = q.to(torch.uint8)
-    nibbles = q[..., :16] | (q[..., 16:] << 4)
-    scales = torch.stack([d, m], dim=-1).view(torch.uint8)  # [n, k/32, 4]
-    return torch.cat([scales, nibbles], dim=-1).reshape(n, -1).contiguous()
+    q = q.to(torch.uint8).reshape(n, kp // CHUNK, CHUNK)[..., CHUNK_ORDER]
+    nibbles = (q[..., : CHUNK // 2] | (q[..., CHUNK // 2 :] << 4)).reshape(n, kp // 2)
+    offsets = F.pad(m[:, : k // GROUP], (0, mp - k // GROUP))
+    return nibbles.contiguous(), torch.cat([d, offsets], dim=1).contiguous()
 
 
-def dequantize_int4(blocks: torch.Tensor, k: int) -> torch.Tensor:
-    n = blocks.shape[0]
-    b = blocks.reshape(n, k // GROUP, INT4_BLOCK_BYTES)
-    dm = b[..., :4].contiguous().view(torch.float16).float()  # [n, k/32, 2]
-    nib = b[..., 4:]
-    q = torch.cat([nib & 15, nib >> 4], dim=-1).float()
-    return (q * dm[..., :1] + dm[..., 1:]).reshape(n, k)
+def dequantize_int4(nibbles: torch.Tensor, scales: torch.Tensor, k: int) -> torch.Tensor:
+    n = nibbles.shape[0]
+    kp, _ = int4_widths(k)
+    blocks = kp // GROUP
+    b = nibbles.reshape(n, kp // CHUNK, CHUNK // 2)
+    ordered = torch.cat([b & 15, b >> 4], dim=-1)
+    q = torch.empty_like(ordered)
+    q[..., CHUNK_ORDER] = ordered
+    q = q.reshape(n, blocks, GROUP).float()
+    d = scales[:, :blocks].float().unsqueeze(-1)
+    m = scales[:, blocks : 2 * blocks].float().unsqueeze(-1)
+    return (q * d + m).reshape(n, kp)[:, :k]
 
 
 # -- the layer -----------------------------------------------------------------------------------------
@@ -100,7 +122,9 @@ class QuantLinear(nn.Module):
             self.register_buffer("q", q)
             self.register_buffer("scale", scale)
         else:
-            self.register_buffer("blocks", quantize_int4(weight))
+            nibbles, scales = quantize_int4(weight)
+            self.register_buffer("nibbles", nibbles)
+            self.register_buffer("scales", scales)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.fast = weight.device.type == "cpu" and self.in_features % GROUP == 0 and load_kernels()
         # Rows from which the float GEMM on the dequantized weight is faster than the kernel.
@@ -110,7 +134,7 @@ class QuantLinear(nn.Module):
         if self.mode == "int8":
             w = dequantize_int8(self.q, self.scale)
         else:
-            w = dequantize_int4(self.blocks, self.in_features)
+            w = dequantize_int4(self.nibbles, self.scales, self.in_features)
         return w.to(self.dtype)
 
     def nbytes(self) -> int:
@@ -124,7 +148,7 @@ class QuantLinear(nn.Module):
             if self.mode == "int8":
                 y = torch.ops.paged_quant.int8_linear(xf, self.q, self.scale)
             else:
-                y = torch.ops.paged_quant.int4_linear(xf, self.blocks, self.in_features)
+                y = torch.ops.paged_quant.int4_linear(xf, self.nibbles, self.scales, self.in_features)
             y = y.to(x.dtype)
             if self.bias is not None:
                 y = y + self.bias

@@ -1,26 +1,30 @@
 // Weight-only int8 / int4 matrix products for the CPU: y[m, n] = x[m, k] . W[n, k]^T, x and y float32.
 //
-// Built at run time by shard/paged/quant.py (torch.utils.cpp_extension, -O3 -march=native) and called as
-// torch.ops.paged_quant.int8_linear and torch.ops.paged_quant.int4_linear.
+// Built at run time by shard/paged/kernels.py (torch.utils.cpp_extension, -O3 -march=native) and called as
+// torch.ops.paged_quant.int8_linear, int4_linear and dense_linear.
 //
 // int8: W = q[n, k] (int8) * scale[n] (float32), one scale per output channel.
-// int4: W in blocks of 32 along k, each 20 bytes: fp16 d, fp16 m, then 16 bytes of nibbles where byte j
-//       holds q[j] (low nibble) and q[j + 16] (high nibble); w = q * d + m (q in 0..15), as GGUF's Q4_1.
+// int4: w = q * d + m (q in 0..15) in blocks of 32 along k with an fp16 scale d and offset m each, as
+//       GGUF's Q4_1. Stored as nibbles [n, kp / 2] (kp: k padded to a multiple of 64; each 64-weight chunk
+//       is 32 bytes in chunk_order) and scales [n, kp / 32 + mp] fp16: the d's, then the m's padded to a
+//       multiple of 16 (shard/paged/quant.py writes both).
 //
-// int8 on a CPU with AVX512-VNNI: x is quantized to int8 in blocks of 32 (one float scale each) and the
+// Where the CPU has AVX512-VNNI, int8 quantizes x to int8 in blocks of 32 (one float scale each) and the
 // products run on vpdpbusd, 64 byte products per instruction: up to 3x float32's speed, most at m = 8 to
-// 32, where the product is compute bound. x's rounding adds about 0.5% relative error to the output (the weights' own
-// is about 1%). set_int8_vnni(false) selects the float-activation kernel below instead.
+// 32, where the product is compute bound. x's rounding adds about 0.5% relative error to the output (the
+// weights' own is about 1%). set_int8_vnni(false) selects the float-activation kernel below instead.
 //
-// int4, and int8 without VNNI: x stays float32 and the weights are dequantized in registers, either
-// multiplied with every row of x at once (m <= 4), or dequantized for 4 output channels into a small float
-// buffer that stays in L1 and is reused by every 4-row tile of x (m > 4). These compute exactly the
-// product with the dequantized weight. (An int4 VNNI kernel was tried: it was no faster than this one at
-// m <= 64 here, and it would add x's rounding error to a mode that is lossless on Q4_1 checkpoints.)
+// int4 always quantizes x so (as llama.cpp does for Q4_1): integer dot products of 64 weights at a time,
+// vpdpbusd with VNNI, vpmaddubsw + vpmaddwd on AVX-512 without it or on AVX2. Decoding one token reads the
+// nibbles at about twice the rate of the float-activation kernel this replaced (docs/benchmarks.md).
+//
+// int8 without VNNI, and the dense float32/bfloat16 kernel: x stays float32 and the weights are converted in
+// registers, either multiplied with every row of x at once (m <= 4), or converted for 4 output channels
+// into a small float buffer that stays in L1 and is reused by every 4-row tile of x (m > 4).
 //
 // Work is split over output channels with at::parallel_for (torch's own OpenMP pool: the extension is
-// linked with -fopenmp and shares torch's libgomp). The vector code has AVX-512 and AVX2+FMA versions
-// (whichever -march=native allows) and a plain one the compiler vectorizes as it can.
+// linked with -fopenmp and shares torch's libgomp). The vector code (simd.h) has AVX-512 and AVX2+FMA
+// versions (whichever -march=native allows) and a plain one the compiler vectorizes as it can.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -33,6 +37,8 @@
 
 #include <immintrin.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -42,7 +48,6 @@ namespace {
 using namespace paged_simd;
 
 constexpr int64_t BLOCK = 32;        // k elements per inner step (and per int4 block)
-constexpr int64_t INT4_BYTES = 20;   // bytes per int4 block
 constexpr int64_t NT = 4;            // output channels per tile
 
 // One row's 32 weights starting at column k0, dequantized (int8: without the channel scale).
@@ -79,19 +84,6 @@ struct BF16Rows {
     const uint16_t* p = w + row * k + k0;
     lo = from_bf16(p);
     hi = from_bf16(p + 16);
-  }
-  inline float post(int64_t) const { return 1.f; }
-};
-
-struct Int4Rows {
-  const uint8_t* blocks;
-  int64_t k;
-  inline void get(int64_t row, int64_t k0, V& lo, V& hi) const {
-    const uint8_t* p = blocks + (row * (k / BLOCK) + k0 / BLOCK) * INT4_BYTES;
-    const V d = set1(half_at(p)), m = set1(half_at(p + 2));
-    from_u4(p + 4, lo, hi);
-    lo = fma(lo, d, m);
-    hi = fma(hi, d, m);
   }
   inline float post(int64_t) const { return 1.f; }
 };
@@ -321,11 +313,145 @@ bool set_int8_vnni(bool on) {
   return !int8_float_activations;
 }
 
-at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& blocks, int64_t k) {
-  TORCH_CHECK(blocks.scalar_type() == at::kByte && blocks.is_contiguous() && k % BLOCK == 0 &&
-                  blocks.dim() == 2 && blocks.size(1) == k / BLOCK * INT4_BYTES,
-              "blocks: uint8 [n, k / 32 * 20]");
-  return run(x, Int4Rows{blocks.data_ptr<uint8_t>(), k}, blocks.size(0), k);
+// int4: x is quantized to int8 in blocks of 32 (GGUF's Q8_1: a float scale s each, and the block's float
+// sum for the offsets), then each 64-weight chunk is one integer dot product (dot_u8s8):
+//   sum_j x_j w_j ~ sum over blocks b of d_b s_b (sum_j q_j xq_j) + m_b (sum_j x_j) + d_b c_b,
+//   c_b = 8 (sum_j x_j - s_b sum_j xq_j),
+// the last term taking out x's rounding error against the middle level 8 of q: what is left is the error
+// against q - 8, which is centred, so that x's rounding costs about 0.5% of the output, not 1 to 2%.
+// The chunk's bytes are ordered so that its 16 lanes alternate between its two blocks (CHUNK_ORDER): a
+// pair of weight scales loaded once then covers the whole chunk.
+constexpr int64_t CHUNK4 = 64;
+// Byte p of a chunk (after unpack_u4) holds weight CHUNK_ORDER[p] of the chunk: lanes (4 bytes) alternate
+// between the first block (weights 0..31) and the second (32..63). shard/paged/quant.py packs alike.
+constexpr int chunk_order(int p) { return (p / 4 % 2) * 32 + p / 8 * 4 + p % 4; }
+
+struct QuantizedX4 {
+  int64_t kp, mp;            // padded widths: k to a multiple of 64; blocks to a multiple of 16
+  std::vector<int8_t> q;     // [m][kp], chunk order
+  std::vector<float> lanes;  // [m][kp / 64][16]: the block scale of each lane
+  std::vector<float> sums;   // [m][mp]: each block's float sum (zero past the last block)
+  std::vector<float> corr;   // [m][mp]: each block's c_b (zero past the last block)
+};
+
+inline void quantize_x4(const float* x, int64_t m, int64_t k, QuantizedX4& out) {
+  const int64_t chunks = out.kp / CHUNK4;
+  out.q.assign(m * out.kp, 0);
+  out.lanes.assign(m * chunks * 16, 0.f);
+  out.sums.assign(m * out.mp, 0.f);
+  out.corr.assign(m * out.mp, 0.f);
+  for (int64_t i = 0; i < m; ++i) {
+    const float* xi = x + i * k;
+    for (int64_t c = 0; c < chunks; ++c) {
+      float inv[2] = {0.f, 0.f}, scale[2] = {0.f, 0.f};
+      for (int64_t h = 0; h < 2; ++h) {
+        const int64_t b = 2 * c + h;
+        if (b * BLOCK >= k) break;  // a padding block: zero
+        float amax = 0.f, sum = 0.f;
+        for (int64_t j = 0; j < BLOCK; ++j) {
+          const float v = xi[b * BLOCK + j];
+          amax = std::max(amax, std::abs(v));
+          sum += v;
+        }
+        scale[h] = amax / 127.f;
+        inv[h] = amax > 0.f ? 127.f / amax : 0.f;
+        out.sums[i * out.mp + b] = sum;
+      }
+      int8_t* dst = out.q.data() + i * out.kp + c * CHUNK4;
+      int32_t qsum[2] = {0, 0};
+      for (int p = 0; p < CHUNK4; ++p) {
+        const int64_t col = c * CHUNK4 + chunk_order(p);
+        if (col >= k) continue;
+        const int h = chunk_order(p) / 32;
+        dst[p] = static_cast<int8_t>(std::nearbyint(xi[col] * inv[h]));
+        qsum[h] += dst[p];
+      }
+      for (int64_t h = 0; h < 2 && (2 * c + h) * BLOCK < k; ++h) {
+        const int64_t b = i * out.mp + 2 * c + h;
+        out.corr[b] = 8.f * (out.sums[b] - scale[h] * static_cast<float>(qsum[h]));
+      }
+      float* lanes = out.lanes.data() + (i * chunks + c) * 16;
+      for (int l = 0; l < 16; ++l) lanes[l] = scale[l % 2];
+    }
+  }
+}
+
+// M rows of x against T output channels. A row of weights is kp / 2 bytes of nibbles (nib) and, in
+// scales, kp / 32 fp16 scales d then mp fp16 offsets m (zero past the last block).
+template <int M, int T>
+inline void int4_tile(const QuantizedX4& xq, int64_t i0, const uint8_t* nib, const uint16_t* scales, int64_t j0,
+                      float* y, int64_t n) {
+  const int64_t kp = xq.kp, chunks = kp / CHUNK4, nb = kp / BLOCK, srow = nb + xq.mp;
+  V acc[M][T];
+  for (int i = 0; i < M; ++i)
+    for (int t = 0; t < T; ++t) acc[i][t] = zero();
+  for (int64_t c = 0; c < chunks; ++c) {
+    Q w[T];
+    V d[T];
+    for (int t = 0; t < T; ++t) {
+      w[t] = unpack_u4(nib + (j0 + t) * (kp / 2) + c * (CHUNK4 / 2));
+      d[t] = from_f16_pair(scales + (j0 + t) * srow + 2 * c);
+    }
+    for (int i = 0; i < M; ++i) {
+      const Q xv = load_q(xq.q.data() + (i0 + i) * kp + c * CHUNK4);
+      const V sx = load(xq.lanes.data() + ((i0 + i) * chunks + c) * 16);
+      for (int t = 0; t < T; ++t) acc[i][t] = fma(dot_u8s8(w[t], xv), mul(d[t], sx), acc[i][t]);
+    }
+  }
+  for (int t = 0; t < T; ++t) {
+    // The d's are read up to mp too: past the last block, into the m's, against a zero c_b.
+    const uint16_t* row = scales + (j0 + t) * srow;
+    for (int i = 0; i < M; ++i) {
+      const float* sums = xq.sums.data() + (i0 + i) * xq.mp;
+      const float* corr = xq.corr.data() + (i0 + i) * xq.mp;
+      V off = zero();
+      for (int64_t b = 0; b < xq.mp; b += 16)
+        off = fma(from_f16(row + b), load(corr + b), fma(from_f16(row + nb + b), load(sums + b), off));
+      y[(i0 + i) * n + j0 + t] = hsum(acc[i][t]) + hsum(off);
+    }
+  }
+}
+
+template <int T>
+inline void int4_rows(const QuantizedX4& xq, int64_t m, const uint8_t* nib, const uint16_t* scales, int64_t j0,
+                      float* y, int64_t n) {
+  int64_t i = 0;
+  for (; i + 4 <= m; i += 4) int4_tile<4, T>(xq, i, nib, scales, j0, y, n);
+  switch (m - i) {
+    case 3: int4_tile<3, T>(xq, i, nib, scales, j0, y, n); break;
+    case 2: int4_tile<2, T>(xq, i, nib, scales, j0, y, n); break;
+    case 1: int4_tile<1, T>(xq, i, nib, scales, j0, y, n); break;
+    default: break;
+  }
+}
+
+at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& nibbles, const at::Tensor& scales, int64_t k) {
+  TORCH_CHECK(k > 0 && k % BLOCK == 0, "k must be a positive multiple of ", BLOCK);
+  QuantizedX4 xq;
+  xq.kp = (k + CHUNK4 - 1) / CHUNK4 * CHUNK4;
+  xq.mp = (k / BLOCK + 15) / 16 * 16;
+  TORCH_CHECK(nibbles.scalar_type() == at::kByte && nibbles.dim() == 2 && nibbles.is_contiguous() &&
+                  nibbles.size(1) == xq.kp / 2, "nibbles: uint8 [n, k / 2], k padded to a multiple of 64");
+  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.dim() == 2 && scales.is_contiguous() &&
+                  scales.size(0) == nibbles.size(0) && scales.size(1) == xq.kp / BLOCK + xq.mp,
+              "scales: float16 [n, blocks + padded blocks]");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.size(1) == k && x.is_contiguous(),
+              "x must be a contiguous float32 [m, ", k, "] tensor");
+  const int64_t m = x.size(0), n = nibbles.size(0);
+  at::Tensor y = at::empty({m, n}, x.options());
+  if (m == 0) return y;
+  quantize_x4(x.data_ptr<float>(), m, k, xq);
+  const uint8_t* nib = nibbles.data_ptr<uint8_t>();
+  const uint16_t* sc = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
+  float* yp = y.data_ptr<float>();
+  const int64_t tiles = (n + NT - 1) / NT;
+  at::parallel_for(0, tiles, 16, [&](int64_t t0, int64_t t1) {
+    const int64_t n1 = std::min(n, t1 * NT);
+    int64_t j0 = t0 * NT;
+    for (; j0 + NT <= n1; j0 += NT) int4_rows<NT>(xq, m, nib, sc, j0, yp, n);
+    for (; j0 < n1; ++j0) int4_rows<1>(xq, m, nib, sc, j0, yp, n);
+  });
+  return y;
 }
 
 }  // namespace
@@ -343,7 +469,7 @@ at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& w) {
 TORCH_LIBRARY(paged_quant, lib) {
   lib.def("dense_linear(Tensor x, Tensor w) -> Tensor");
   lib.def("int8_linear(Tensor x, Tensor q, Tensor scale) -> Tensor");
-  lib.def("int4_linear(Tensor x, Tensor blocks, int k) -> Tensor");
+  lib.def("int4_linear(Tensor x, Tensor nibbles, Tensor scales, int k) -> Tensor");
   lib.def("set_int8_vnni(bool on) -> bool", &set_int8_vnni);
 }
 

@@ -177,6 +177,107 @@ inline float half_at(const uint8_t* p) {
 #endif
 }
 
+// 16 fp16 values, and one pair of fp16 values repeated in alternate lanes (a, b, a, b, ...), as floats.
+#if defined(__AVX512F__)
+inline V from_f16(const uint16_t* p) {
+  return {_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))};
+}
+inline V from_f16_pair(const uint16_t* p) {
+  int32_t pair;
+  std::memcpy(&pair, p, 4);
+  return {_mm512_cvtph_ps(_mm256_set1_epi32(pair))};
+}
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+inline V from_f16(const uint16_t* p) {
+  return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
+          _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)))};
+}
+inline V from_f16_pair(const uint16_t* p) {
+  int32_t pair;
+  std::memcpy(&pair, p, 4);
+  const __m256 v = _mm256_cvtph_ps(_mm_set1_epi32(pair));
+  return {v, v};
+}
+#else
+inline V from_f16(const uint16_t* p) {
+  float f[16];
+  for (int i = 0; i < 16; ++i) f[i] = c10::detail::fp16_ieee_to_fp32_value(p[i]);
+  return load(f);
+}
+inline V from_f16_pair(const uint16_t* p) {
+  float f[16];
+  const float a = c10::detail::fp16_ieee_to_fp32_value(p[0]), b = c10::detail::fp16_ieee_to_fp32_value(p[1]);
+  for (int i = 0; i < 16; i += 2) f[i] = a, f[i + 1] = b;
+  return load(f);
+}
+#endif
+
+// Q: 64 bytes for integer dot products of unsigned weights (int4 values 0..15) with signed int8 activations.
+// dot_u8s8's lane l is the sum of the 4 products of bytes 4l..4l+3, as a float; vpdpbusd does it in one
+// instruction with AVX512-VNNI, vpmaddubsw + vpmaddwd elsewhere (no overflow: 2 x 15 x 127 < 2^15).
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+struct Q {
+  __m512i a;
+};
+inline Q load_q(const int8_t* p) { return {_mm512_loadu_si512(p)}; }
+// 32 bytes of nibbles -> their 32 low nibbles, then their 32 high nibbles.
+inline Q unpack_u4(const uint8_t* p) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), m = _mm256_set1_epi8(15);
+  const __m256i lo = _mm256_and_si256(raw, m), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m);
+  return {_mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1)};
+}
+inline V dot_u8s8(Q w, Q x) {
+#if defined(__AVX512VNNI__)
+  return {_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), w.a, x.a))};
+#else
+  return {_mm512_cvtepi32_ps(_mm512_madd_epi16(_mm512_maddubs_epi16(w.a, x.a), _mm512_set1_epi16(1)))};
+#endif
+}
+#elif !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+struct Q {
+  __m256i a, b;
+};
+inline Q load_q(const int8_t* p) {
+  return {_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)),
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32))};
+}
+inline Q unpack_u4(const uint8_t* p) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), m = _mm256_set1_epi8(15);
+  return {_mm256_and_si256(raw, m), _mm256_and_si256(_mm256_srli_epi16(raw, 4), m)};
+}
+inline V dot_u8s8(Q w, Q x) {
+  const __m256i one = _mm256_set1_epi16(1);
+  return {_mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(w.a, x.a), one)),
+          _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(w.b, x.b), one))};
+}
+#else
+struct Q {
+  uint8_t a[64];
+};
+inline Q load_q(const int8_t* p) {
+  Q q;
+  std::memcpy(q.a, p, 64);
+  return q;
+}
+inline Q unpack_u4(const uint8_t* p) {
+  Q q;
+  for (int i = 0; i < 32; ++i) {
+    q.a[i] = p[i] & 15;
+    q.a[i + 32] = p[i] >> 4;
+  }
+  return q;
+}
+inline V dot_u8s8(Q w, Q x) {
+  float f[16];
+  for (int l = 0; l < 16; ++l) {
+    int32_t s = 0;
+    for (int b = 4 * l; b < 4 * l + 4; ++b) s += static_cast<int32_t>(w.a[b]) * static_cast<int8_t>(x.a[b]);
+    f[l] = static_cast<float>(s);
+  }
+  return load(f);
+}
+#endif
+
 // e^x for x <= 0 (softmax arguments: scores minus their maximum), to about 2 ulp; below -87 it is 0.
 inline V exp_nonpositive(V x) {
   x = max(x, set1(-87.f));
