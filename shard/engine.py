@@ -177,7 +177,8 @@ class Engine:
     ) -> tuple[StepResult, Batch | None]:
         """Takes the rows whose logits or chosen token are not numbers out of the step's result and of the
         cached batch, as failures of their own requests: one bad row never costs its batch-mates."""
-        bad = torch.isnan(logits).any(dim=-1) | torch.isnan(choice.logprobs)
+        # A row's sum is NaN when any of its logits is (or when it holds both infinities: a lost row too).
+        bad = torch.isnan(logits.sum(dim=-1)) | torch.isnan(choice.logprobs)
         if not bool(bad.any()):
             return result, batch
         rows = bad.nonzero().flatten().tolist()

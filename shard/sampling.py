@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .paged.kernels import kernels_loaded
 from .processors import Processors, RowStates
 from .types import SamplingParams
 
@@ -206,15 +207,20 @@ class Sampler:
             scores = scores.masked_fill(probs < floor, float("-inf"))
         if self.any_typical:
             scores = self._typical(scores)
-        logprobs = torch.log_softmax(scores, dim=-1)
-        ids = torch.argmax(scores, dim=-1)
-        if self.any_sample:
-            ids = torch.where(self.sample, self._draw(logprobs), ids)
-        chosen = logprobs.gather(1, ids.unsqueeze(1)).squeeze(1)
-        if self.max_top_n > 0:
-            top_logprobs, top_ids = logprobs.topk(self.max_top_n, dim=-1)
+        if not self.any_sample and not self.max_top_n and scores.device.type == "cpu" and kernels_loaded():
+            # All greedy, no alternatives asked: one kernel call instead of log_softmax + argmax + gather.
+            ids, chosen = torch.ops.paged_step.greedy(scores.contiguous())
+            top_logprobs = top_ids = scores.new_empty((scores.shape[0], 0))
         else:
-            top_logprobs = top_ids = logprobs.new_empty((logprobs.shape[0], 0))
+            logprobs = torch.log_softmax(scores, dim=-1)
+            ids = torch.argmax(scores, dim=-1)
+            if self.any_sample:
+                ids = torch.where(self.sample, self._draw(logprobs), ids)
+            chosen = logprobs.gather(1, ids.unsqueeze(1)).squeeze(1)
+            if self.max_top_n > 0:
+                top_logprobs, top_ids = logprobs.topk(self.max_top_n, dim=-1)
+            else:
+                top_logprobs = top_ids = logprobs.new_empty((logprobs.shape[0], 0))
         if self.uses:
             Processors.advance(self.uses, self.states, ids.tolist())
         self.steps += 1

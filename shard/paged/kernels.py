@@ -48,6 +48,12 @@ def load_kernels() -> bool:
         return _loaded
 
 
+def kernels_loaded() -> bool:
+    """Whether the kernels are loaded in this process (never builds them: for callers outside the paged
+    runner, such as the sampler, that use them only when the paged backend already has)."""
+    return _loaded is True
+
+
 def int8_vnni() -> bool:
     """Whether the int8 kernel multiplies int8 by int8 on AVX512-VNNI (after ``load_kernels``)."""
     return _int8_vnni

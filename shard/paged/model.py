@@ -225,7 +225,7 @@ def use_cpu_kernels(model: LlamaModel, dense: bool) -> bool:
     if norm.device.type != "cpu" or norm.dtype not in (torch.float32, torch.bfloat16):
         return False
     spec = model.spec
-    if spec.head_dim % 16 or spec.head_dim > 256 or spec.num_heads > 64 * spec.num_kv_heads:
+    if spec.head_dim % 16 or spec.head_dim > 128:
         return False
     if not load_kernels():
         return False

@@ -177,6 +177,27 @@ inline float half_at(const uint8_t* p) {
 #endif
 }
 
+// The first lane of v equal to x, or -1.
+#if defined(__AVX512F__)
+inline int first_equal(V v, float x) {
+  const __mmask16 hits = _mm512_cmp_ps_mask(v.a, _mm512_set1_ps(x), _CMP_EQ_OQ);
+  return hits ? __builtin_ctz(hits) : -1;
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+inline int first_equal(V v, float x) {
+  const __m256 s = _mm256_set1_ps(x);
+  const int hits = _mm256_movemask_ps(_mm256_cmp_ps(v.a, s, _CMP_EQ_OQ)) |
+                   (_mm256_movemask_ps(_mm256_cmp_ps(v.b, s, _CMP_EQ_OQ)) << 8);
+  return hits ? __builtin_ctz(hits) : -1;
+}
+#else
+inline int first_equal(V v, float x) {
+  for (int i = 0; i < 16; ++i)
+    if (v.a[i] == x) return i;
+  return -1;
+}
+#endif
+
 // 16 fp16 values, and one pair of fp16 values repeated in alternate lanes (a, b, a, b, ...), as floats.
 #if defined(__AVX512F__)
 inline V from_f16(const uint16_t* p) {

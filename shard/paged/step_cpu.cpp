@@ -1,5 +1,5 @@
 // The decode step's kernels besides the matrix products, for the CPU: attention straight over the paged
-// KV pool, RMSNorm, and rotary embedding in place. Each replaces a chain of small torch operations whose
+// KV pool, RMSNorm, rotary embedding in place, and the greedy choice with its log-probability. Each replaces a chain of small torch operations whose
 // dispatch and memory traffic cost more than their arithmetic at decode sizes (docs/benchmarks.md).
 //
 // Built with quant_cpu.cpp by shard/paged/kernels.py and called as torch.ops.paged_step.*. Tensors are
@@ -15,9 +15,12 @@
 
 #include "simd.h"
 
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <tuple>
 #include <vector>
 
 namespace {
@@ -38,38 +41,50 @@ inline float to_float(T x) {
   return static_cast<float>(x);
 }
 
-// One sequence, KV heads [h0, h1): the `group` query heads that share each KV head attend to the
-// sequence's `len` cached positions, read through its block table one slot at a time, every KV head of a
-// slot together (a slot's heads are adjacent in the pool). Scores are kept for the whole context: a pass
-// over the keys, a softmax, a pass over the values.
+// Asks for the head's rows of the block at `next` (`count` slots, `stride` elements apart) ahead of use: the
+// blocks of a sequence lie anywhere in the pool, where the hardware's prefetcher cannot follow.
 template <class T>
-void attend(const T* q, const T* k_pool, const T* v_pool, const int64_t* blocks, int64_t len, int64_t bs,
-            int64_t kv_heads, int64_t h0, int64_t h1, int64_t group, int64_t d, float scale, T* out,
-            std::vector<float>& scratch) {
-  const int64_t dv = d / 16, rows = (h1 - h0) * group;  // query rows, row r = (h - h0) * group + g
-  scratch.resize(rows * (len + 2 * d));
-  float* scores = scratch.data();  // [rows][len]
-  float* acc = scores + rows * len;  // [rows][d]
-  float* query = acc + rows * d;  // [rows][d], scaled
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* qr = q + (h0 * group + r) * d;
-    for (int64_t i = 0; i < d; ++i) query[r * d + i] = to_float(qr[i]) * scale;
-  }
-  const int64_t stride = kv_heads * d;  // elements per slot
+inline void prefetch_block(const T* next, int64_t count, int64_t stride, int64_t d) {
+  for (int64_t j = 0; j < count; ++j)
+    for (int64_t b = 0; b < d * static_cast<int64_t>(sizeof(T)); b += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(next + j * stride) + b, _MM_HINT_T0);
+}
+
+// prefetch_block for the block holding position t (nothing past the end).
+template <class T>
+inline void prefetch_ahead(const T* head, const int64_t* blocks, int64_t t, int64_t len, int64_t bs, int64_t stride,
+                           int64_t d) {
+  if (t < len) prefetch_block(head + blocks[t / bs] * bs * stride, std::min(bs, len - t), stride, d);
+}
+
+// R query rows (R <= 4) that share one KV head, head size DV * 16, attend to a sequence's `len` cached
+// positions, read through its block table (a block's positions lie in consecutive slots, `stride`
+// elements apart). The rows' queries and accumulators stay in registers: a pass over the keys for the
+// scores, a softmax, a pass over the values.
+template <class T, int DV, int R>
+void attend_rows(const float* query, const T* k_head, const T* v_head, int64_t stride, const int64_t* blocks,
+                 int64_t len, int64_t bs, float* scores, T* out) {
+  constexpr int64_t D = DV * 16;
+  V qv[R][DV];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < DV; ++c) qv[r][c] = load(query + r * D + c * 16);
   for (int64_t t0 = 0; t0 < len; t0 += bs) {
     const int64_t t1 = std::min(len, t0 + bs);
-    const T* kp = k_pool + blocks[t0 / bs] * bs * stride + h0 * d;
+    const T* kp = k_head + blocks[t0 / bs] * bs * stride;
+    prefetch_ahead(k_head, blocks, t0 + bs, len, bs, stride, D);
+    if (t0 + bs >= len) prefetch_ahead(v_head, blocks, 0, len, bs, stride, D);  // the values come next
     for (int64_t t = t0; t < t1; ++t, kp += stride) {
-      for (int64_t r = 0; r < rows; ++r) {
-        const T* kh = kp + (r / group) * d;
-        V s = zero();
-        for (int64_t c = 0; c < dv; ++c) s = fma(load(query + r * d + c * 16), load16(kh + c * 16), s);
+      V kv[DV];
+      for (int c = 0; c < DV; ++c) kv[c] = load16(kp + c * 16);
+      for (int r = 0; r < R; ++r) {
+        V s = mul(qv[r][0], kv[0]);
+        for (int c = 1; c < DV; ++c) s = fma(qv[r][c], kv[c], s);
         scores[r * len + t] = hsum(s);
       }
     }
   }
-  std::vector<float> inv_sum(rows);
-  for (int64_t r = 0; r < rows; ++r) {
+  float inv_sum[R];
+  for (int r = 0; r < R; ++r) {
     float* sc = scores + r * len;
     float m = -INFINITY;
     for (int64_t t = 0; t < len; ++t) m = sc[t] > m ? sc[t] : m;
@@ -87,28 +102,72 @@ void attend(const T* q, const T* k_pool, const T* v_pool, const int64_t* blocks,
       total += sc[t];
     }
     inv_sum[r] = 1.f / total;
-    for (int64_t i = 0; i < d; ++i) acc[r * d + i] = 0.f;
   }
+  V acc[R][DV];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < DV; ++c) acc[r][c] = zero();
   for (int64_t t0 = 0; t0 < len; t0 += bs) {
     const int64_t t1 = std::min(len, t0 + bs);
-    const T* vp = v_pool + blocks[t0 / bs] * bs * stride + h0 * d;
+    const T* vp = v_head + blocks[t0 / bs] * bs * stride;
+    prefetch_ahead(v_head, blocks, t0 + bs, len, bs, stride, D);
     for (int64_t t = t0; t < t1; ++t, vp += stride) {
-      for (int64_t h = 0; h < h1 - h0; ++h) {
-        for (int64_t c = 0; c < dv; ++c) {
-          const V vv = load16(vp + h * d + c * 16);
-          for (int64_t g = 0; g < group; ++g) {
-            const int64_t r = h * group + g;
-            float* a = acc + r * d + c * 16;
-            store(a, fma(set1(scores[r * len + t]), vv, load(a)));
-          }
-        }
+      V vv[DV];
+      for (int c = 0; c < DV; ++c) vv[c] = load16(vp + c * 16);
+      for (int r = 0; r < R; ++r) {
+        const V p = set1(scores[r * len + t]);
+        for (int c = 0; c < DV; ++c) acc[r][c] = fma(p, vv[c], acc[r][c]);
       }
     }
   }
-  for (int64_t r = 0; r < rows; ++r) {
-    float* a = acc + r * d;
-    for (int64_t i = 0; i < d; ++i) a[i] *= inv_sum[r];
-    store_row(out + (h0 * group + r) * d, a, d);
+  float row[D];
+  for (int r = 0; r < R; ++r) {
+    const V inv = set1(inv_sum[r]);
+    for (int c = 0; c < DV; ++c) store(row + c * 16, mul(acc[r][c], inv));
+    store_row(out + r * D, row, D);
+  }
+}
+
+template <class T, int DV>
+void attend_group(const float* query, const T* k_head, const T* v_head, int64_t stride, const int64_t* blocks,
+                  int64_t len, int64_t bs, int64_t group, float* scores, T* out) {
+  constexpr int64_t D = DV * 16;
+  for (int64_t r = 0; r < group; r += 4) {
+    const float* qr = query + r * D;
+    T* o = out + r * D;
+    switch (std::min<int64_t>(4, group - r)) {
+      case 4: attend_rows<T, DV, 4>(qr, k_head, v_head, stride, blocks, len, bs, scores, o); break;
+      case 3: attend_rows<T, DV, 3>(qr, k_head, v_head, stride, blocks, len, bs, scores, o); break;
+      case 2: attend_rows<T, DV, 2>(qr, k_head, v_head, stride, blocks, len, bs, scores, o); break;
+      default: attend_rows<T, DV, 1>(qr, k_head, v_head, stride, blocks, len, bs, scores, o); break;
+    }
+  }
+}
+
+// One sequence, KV heads [h0, h1), each with the `group` query heads that share it.
+template <class T>
+void attend(const T* q, const T* k_pool, const T* v_pool, const int64_t* blocks, int64_t len, int64_t bs,
+            int64_t kv_heads, int64_t h0, int64_t h1, int64_t group, int64_t d, float scale, T* out,
+            std::vector<float>& scratch) {
+  scratch.resize(4 * len + group * d);
+  float* scores = scratch.data();        // [4][len]
+  float* query = scores + 4 * len;       // [group][d], scaled
+  const int64_t stride = kv_heads * d;   // elements per slot
+  for (int64_t h = h0; h < h1; ++h) {
+    const T* qh = q + h * group * d;
+    for (int64_t i = 0; i < group * d; ++i) query[i] = to_float(qh[i]) * scale;
+    const T* kh = k_pool + h * d;
+    const T* vh = v_pool + h * d;
+    T* oh = out + h * group * d;
+    switch (d / 16) {
+      case 1: attend_group<T, 1>(query, kh, vh, stride, blocks, len, bs, group, scores, oh); break;
+      case 2: attend_group<T, 2>(query, kh, vh, stride, blocks, len, bs, group, scores, oh); break;
+      case 3: attend_group<T, 3>(query, kh, vh, stride, blocks, len, bs, group, scores, oh); break;
+      case 4: attend_group<T, 4>(query, kh, vh, stride, blocks, len, bs, group, scores, oh); break;
+      case 5: attend_group<T, 5>(query, kh, vh, stride, blocks, len, bs, group, scores, oh); break;
+      case 6: attend_group<T, 6>(query, kh, vh, stride, blocks, len, bs, group, scores, oh); break;
+      case 7: attend_group<T, 7>(query, kh, vh, stride, blocks, len, bs, group, scores, oh); break;
+      default: attend_group<T, 8>(query, kh, vh, stride, blocks, len, bs, group, scores, oh); break;
+    }
   }
 }
 
@@ -147,7 +206,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_pool, const
   TORCH_CHECK(k_pool.dim() == 3 && k_pool.is_contiguous() && v_pool.is_contiguous() &&
                   v_pool.sizes() == k_pool.sizes(), "pools: contiguous [slots, kv_heads, d]");
   const int64_t kv_heads = k_pool.size(1), d = k_pool.size(2);
-  TORCH_CHECK(d % 16 == 0 && d <= 256, "head size must be a multiple of 16, at most 256");
+  TORCH_CHECK(d % 16 == 0 && d <= 128, "head size must be a multiple of 16, at most 128");
   TORCH_CHECK(q.dim() == 2 && q.stride(1) == 1 && q.size(1) % (kv_heads * d) == 0,
               "q: [b, heads * d] with unit column stride");
   TORCH_CHECK(q.scalar_type() == k_pool.scalar_type() && v_pool.scalar_type() == k_pool.scalar_type(),
@@ -255,16 +314,64 @@ void rotary_(at::Tensor x, const at::Tensor& positions, const at::Tensor& cos, c
     TORCH_CHECK(false, "rotary_: float32 or bfloat16");
 }
 
+// Greedy choice for rows of scores [b, vocab] float32: each row's first maximum and its log-probability
+// (log_softmax at that index), in three passes over the row (max; where; sum of exponentials) instead of
+// torch's log_softmax, argmax and gather, which write and read a whole [b, vocab] tensor more. A row with
+// a NaN (or +inf) gets a NaN log-probability, as log_softmax would give it.
+std::tuple<at::Tensor, at::Tensor> greedy(const at::Tensor& scores) {
+  TORCH_CHECK(scores.scalar_type() == at::kFloat && scores.dim() == 2 && scores.is_contiguous() &&
+                  scores.size(1) > 0, "greedy: contiguous float32 [b, vocab]");
+  const int64_t b = scores.size(0), n = scores.size(1), whole = n / 16 * 16;
+  at::Tensor ids = at::empty({b}, scores.options().dtype(at::kLong));
+  at::Tensor logprobs = at::empty({b}, scores.options());
+  const float* sp = scores.data_ptr<float>();
+  int64_t* ip = ids.data_ptr<int64_t>();
+  float* lp = logprobs.data_ptr<float>();
+  at::parallel_for(0, b, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* x = sp + r * n;
+      V mv = set1(-INFINITY);
+      for (int64_t i = 0; i < whole; i += 16) mv = max(mv, load(x + i));
+      float m = hmax(mv);
+      for (int64_t i = whole; i < n; ++i) m = x[i] > m ? x[i] : m;
+      int64_t at = -1;
+      for (int64_t i = 0; i < whole && at < 0; i += 16) {
+        const int lane = first_equal(load(x + i), m);
+        if (lane >= 0) at = i + lane;
+      }
+      for (int64_t i = whole; i < n && at < 0; ++i)
+        if (x[i] == m) at = i;
+      const V mm = set1(m);
+      V sum = zero(), check = zero();  // check: the sum of x - m, NaN when any x is (or m is infinite)
+      for (int64_t i = 0; i < whole; i += 16) {
+        const V d = sub(load(x + i), mm);
+        check = add(check, d);
+        sum = add(sum, exp_nonpositive(d));
+      }
+      float total = hsum(sum), checked = hsum(check);
+      for (int64_t i = whole; i < n; ++i) {
+        checked += x[i] - m;
+        total += std::exp(x[i] - m);
+      }
+      ip[r] = at < 0 ? 0 : at;
+      lp[r] = std::isnan(checked) || at < 0 ? NAN : -std::log(total);
+    }
+  });
+  return {ids, logprobs};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(paged_step, lib) {
   lib.def("decode_attention(Tensor q, Tensor k_pool, Tensor v_pool, Tensor table, Tensor lengths, int block_size) -> Tensor");
   lib.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
   lib.def("rotary_(Tensor(a!) x, Tensor positions, Tensor cos, Tensor sin, int heads, int d) -> ()");
+  lib.def("greedy(Tensor scores) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(paged_step, CPU, lib) {
   lib.impl("decode_attention", &decode_attention);
   lib.impl("rms_norm", &rms_norm);
   lib.impl("rotary_", &rotary_);
+  lib.impl("greedy", &greedy);
 }

@@ -42,7 +42,9 @@ def reference_attention(q, k_pool, v_pool, table, lengths, block_size):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(("heads", "kv_heads", "d"), [(9, 3, 64), (4, 4, 16), (8, 1, 32)])
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "d"), [(9, 3, 64), (4, 4, 16), (8, 1, 32), (10, 2, 128), (6, 2, 48)]
+)
 def test_decode_attention_matches_gathered_sdpa(dtype, heads, kv_heads, d) -> None:
     torch.manual_seed(0)
     block_size, num_blocks = 16, 40
@@ -132,3 +134,35 @@ def test_model_with_kernels_matches_model_without(tiny_model_dir: Path, dtype: s
         runs.append(torch.stack(logits))
     tol = 1e-4 if dtype == "float32" else 0.1
     torch.testing.assert_close(runs[0], runs[1], atol=tol, rtol=tol)
+
+
+def test_greedy_matches_log_softmax_and_argmax() -> None:
+    torch.manual_seed(4)
+    scores = torch.randn(6, 1001) * 4  # a vocabulary that is not a multiple of the vector width
+    scores[1, 10] = scores[1, 700] = scores[1].max() + 1  # a tie: the first maximum wins, as argmax's
+    scores[2, ::2] = float("-inf")  # masked by a processor
+    scores[3, 5] = float("nan")
+    scores[4, 1000] = 50.0  # the maximum in the scalar tail
+    ids, logprobs = torch.ops.paged_step.greedy(scores)
+    want = torch.log_softmax(scores, dim=-1).gather(1, scores.argmax(-1, keepdim=True)).squeeze(1)
+    ok = [0, 1, 2, 4, 5]
+    assert torch.equal(ids[ok], scores.argmax(-1)[ok]) and ids[1] == 10 and ids[4] == 1000
+    torch.testing.assert_close(logprobs[ok], want[ok], atol=1e-5, rtol=1e-5)
+    assert logprobs[3].isnan()  # a NaN row is a failed row, whichever id it names
+
+
+def test_sampler_greedy_rows_are_the_same_with_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    from shard import sampling
+    from shard.sampling import Sampler, TokenHistory
+    from shard.types import SamplingParams
+
+    torch.manual_seed(5)
+    logits = torch.randn(3, 300)
+    history = TokenHistory.from_prompts([[1, 2], [3], [4, 5, 6]], [4, 4, 4], CPU)
+    params = [SamplingParams(repetition_penalty=1.3), SamplingParams(), SamplingParams(temperature=0.5)]
+    choices = []
+    for loaded in (True, False):
+        monkeypatch.setattr(sampling, "kernels_loaded", lambda loaded=loaded: loaded)
+        choices.append(Sampler(params, [0] * 3, CPU).choose(logits, history))
+    assert torch.equal(choices[0].ids, choices[1].ids)
+    torch.testing.assert_close(choices[0].logprobs, choices[1].logprobs, atol=1e-5, rtol=1e-5)
