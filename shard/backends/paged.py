@@ -86,8 +86,8 @@ class PagedBackend:
             from ..paged.quant import quantize_model
 
             quantize_model(self.model, quantize)
-        if device.type == "cpu" and cpu_kernels:  # unquantized decode products also use the dense kernel
-            use_cpu_kernels(self.model, dense=not quantize)
+        if device.type == "cpu" and cpu_kernels:
+            use_cpu_kernels(self.model, unquantized=not quantize)
         layer = self.model.layers[0]
         per_token = 2 * spec.num_layers * layer.num_kv_heads * spec.head_dim * torch_dtype.itemsize
         budget = (
@@ -122,8 +122,7 @@ class PagedBackend:
             "Paged KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB)",
             num_blocks, block_size, self.cache.num_tokens, num_blocks * block_size * per_token / 2**30,
         )  # fmt: skip
-        tensors = {t.data_ptr(): t for t in self.model.state_dict().values()}  # tied weights count once
-        weight_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        weight_bytes = self.model.weight_bytes()
         log.info(
             "Weights on rank %d/%d: %.1f MB", self.parallel.rank, self.parallel.world_size, weight_bytes / 1e6
         )

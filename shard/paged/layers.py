@@ -43,17 +43,35 @@ class Parallel:
         return self.rank * part, (self.rank + 1) * part
 
 
-# Products of at most this many rows (decode steps) use the dense CPU kernel when it is on (``dense``).
-DENSE_ROWS = 4
+def pack_weight(weight: torch.Tensor) -> torch.Tensor | None:
+    """A CPU float32/bfloat16 weight [n, k] in oneDNN's blocked layout, for ``linear``'s ``packed``; None
+    where torch has no oneDNN or for any other dtype or device."""
+    if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    if not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        return torch.ops.mkldnn._reorder_linear_weight(weight, None)
+    except (RuntimeError, AttributeError):
+        return None
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dense: bool) -> torch.Tensor:
-    """x W^T (+ b). With ``dense`` (CPU, float32/bfloat16 weights), small products go through
-    shard/paged/quant_cpu.cpp's ``dense_linear``, which streams W at close to the memory bandwidth (MKL's
-    sgemv on an [n, k] weight reaches about half of it); larger ones, and everything else, through torch."""
-    if dense and x.shape[0] <= DENSE_ROWS:
+def linear(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    dense: bool = False,
+    packed: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x W^T (+ b). A single row with ``dense`` (float32 CPU weights) goes through quant_cpu.cpp's
+    ``dense_linear``, which streams W at close to the memory bandwidth; other products through oneDNN on
+    the prepacked weight when there is one (``packed``: 1.3 to 4x ``F.linear`` on this CPU, which
+    reorders the weight on every call), else ``F.linear``."""
+    if dense and x.shape[0] == 1:
         y = torch.ops.paged_quant.dense_linear(x.float().contiguous(), weight).to(x.dtype)
         return y if bias is None else y + bias
+    if packed is not None:
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
     return F.linear(x, weight, bias)
 
 
@@ -65,9 +83,10 @@ class ColumnLinear(nn.Module):
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.dense = False
+        self.packed: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias, self.dense)
+        return linear(x, self.weight, self.bias, self.dense, self.packed)
 
 
 class RowLinear(nn.Module):
@@ -78,9 +97,10 @@ class RowLinear(nn.Module):
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.parallel = parallel
         self.dense = False
+        self.packed: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.parallel.all_reduce(linear(x, self.weight, None, self.dense))
+        return self.parallel.all_reduce(linear(x, self.weight, None, self.dense, self.packed))
 
 
 class RMSNorm(nn.Module):

@@ -29,6 +29,7 @@ from .layers import (
     RowLinear,
     VocabEmbedding,
     linear,
+    pack_weight,
 )
 
 log = logging.getLogger(__name__)
@@ -185,10 +186,19 @@ class LlamaModel(nn.Module):
         self.rotary = Rotary(rope.inv_freq, rope.attention_scaling, max_positions, w.dtype)
         self.head: nn.Module | None = None  # a quantized LM head (shard/paged/quant.py) replaces F.linear
         self.dense_head = False  # see layers.linear
+        self.head_packed: torch.Tensor | None = None
         self.rotary.to(w.device)
         # step_cpu.cpp's attention, RMSNorm and rotary kernels (use_cpu_kernels); with it off the backend
         # builds the torch path's gathered slots and masks.
         self.fused = False
+
+    def weight_bytes(self) -> int:
+        """Bytes of weights held, prepacked copies (oneDNN's opaque tensors) included; tied weights count
+        once."""
+        tensors = {t.data_ptr(): t for t in self.state_dict().values()}
+        packed = [m.packed for m in self.modules() if isinstance(m, ColumnLinear | RowLinear)]
+        packed = [t for t in [*packed, self.head_packed] if t is not None]
+        return sum(t.numel() * t.element_size() for t in [*tensors.values(), *packed])
 
     @torch.inference_mode()
     def forward(
@@ -205,7 +215,10 @@ class LlamaModel(nn.Module):
         for i, layer in enumerate(self.layers):
             h = layer(h, rope, cache.k[i], cache.v[i], meta)
         h = self.norm(h if logit_rows is None else h.index_select(0, logit_rows))
-        logits = self.head(h) if self.head is not None else linear(h, self.lm_head, None, self.dense_head)
+        if self.head is not None:
+            logits = self.head(h)
+        else:
+            logits = linear(h, self.lm_head, None, self.dense_head, self.head_packed)
         if self.parallel.world_size > 1:
             pad = self.vocab_part - logits.shape[-1]
             if pad:
@@ -214,10 +227,12 @@ class LlamaModel(nn.Module):
         return logits.float()
 
 
-def use_cpu_kernels(model: LlamaModel, dense: bool) -> bool:
-    """Runs a CPU model's attention, RMSNorms and rotary embedding through step_cpu.cpp's kernels, and with
-    ``dense`` its small float32/bfloat16 products (decode steps) through quant_cpu.cpp's dense kernel.
-    False (nothing changed) when the kernels cannot be built here or the model's dtype or shapes are
+def use_cpu_kernels(model: LlamaModel, unquantized: bool) -> bool:
+    """Runs a CPU model's attention, RMSNorms and rotary embedding through step_cpu.cpp's kernels. With
+    ``unquantized`` (float32/bfloat16 linear layers) also its products: prepacked for oneDNN, and in
+    float32 single rows (one stream decoding) through quant_cpu.cpp's dense kernel, which keeps the plain
+    weights too (twice the memory, for 25% faster single-row products); bfloat16 keeps only the packed
+    copy. False (nothing changed) when the kernels cannot be built here or the model's dtype or shapes are
     outside them."""
     from .kernels import load_kernels
 
@@ -229,11 +244,17 @@ def use_cpu_kernels(model: LlamaModel, dense: bool) -> bool:
         return False
     if not load_kernels():
         return False
+    single_row_dense = norm.dtype == torch.float32
     for module in model.modules():
         if isinstance(module, RMSNorm):
             module.fused = True
-        elif dense and isinstance(module, ColumnLinear | RowLinear):
-            module.dense = True
+        elif unquantized and isinstance(module, ColumnLinear | RowLinear):
+            module.packed = pack_weight(module.weight.data)
+            module.dense = single_row_dense
+            if module.packed is not None and not single_row_dense:
+                module.weight = None  # the packed copy serves every product
     model.rotary.fused = model.fused = True
-    model.dense_head = dense and model.lm_head.dim() == 2 and model.lm_head.is_contiguous()
+    if unquantized and model.head is None:
+        model.head_packed = pack_weight(model.lm_head.data)
+        model.dense_head = single_row_dense and model.lm_head.dim() == 2 and model.lm_head.is_contiguous()
     return True

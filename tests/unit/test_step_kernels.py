@@ -166,3 +166,21 @@ def test_sampler_greedy_rows_are_the_same_with_the_kernel(monkeypatch: pytest.Mo
         choices.append(Sampler(params, [0] * 3, CPU).choose(logits, history))
     assert torch.equal(choices[0].ids, choices[1].ids)
     torch.testing.assert_close(choices[0].logprobs, choices[1].logprobs, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 3, 40])
+def test_linear_on_prepacked_weights_matches_f_linear(dtype, rows: int) -> None:
+    from shard.paged.layers import linear, pack_weight
+
+    torch.manual_seed(6)
+    w, b, x = torch.randn(48, 64).to(dtype), torch.randn(48).to(dtype), torch.randn(rows, 64).to(dtype)
+    packed = pack_weight(w)
+    if packed is None:
+        pytest.skip("this torch has no oneDNN")
+    want = F.linear(x, w, b).float()
+    torch.testing.assert_close(
+        linear(x, None, b, packed=packed).float(), want, atol=TOL[dtype] * 8, rtol=TOL[dtype]
+    )
+    if dtype == torch.float32:  # one row with dense: the dense kernel, on the plain weight
+        torch.testing.assert_close(linear(x, w, b, True, packed).float(), want, atol=1e-4, rtol=1e-5)
