@@ -2,7 +2,8 @@
 
 One task owns the running batch. It prefills what the queue admits, then decodes step after step; between
 steps, waiting requests join when the queue holds ``waiting_served_ratio`` times the running count or
-after ``max_waiting_tokens`` steps, if they fit the token budget. Finished and disconnected requests leave
+after ``max_waiting_tokens`` steps, if they fit the token budget. A shard that runs new prompts in chunks
+inside its decode steps (the paged backend) takes them at every step instead. Finished and disconnected requests leave
 at the next step: the Decode call lists only the request ids still wanted.
 """
 
@@ -68,8 +69,12 @@ class Batcher:
         metrics: Metrics,
         max_batch_total_tokens: int,
         tokenizer: Tokenizer,
+        join_every_step: bool = False,
     ) -> None:
+        """``join_every_step``: the shard runs new prompts in chunks beside the running batch (proto
+        InfoResponse.chunked_prefill), so waiting requests join at every step that has room for them."""
         self.config = config
+        self.join_every_step = join_every_step
         self.tokenizer = tokenizer
         self.client = client
         self.queue = queue
@@ -119,14 +124,17 @@ class Batcher:
             waiting = len(self.queue)
             if waiting:
                 running = sum(len(b.request_ids) for b in cached)
-                wait_exceeded = waiting_steps >= c.max_waiting_tokens
+                wait_exceeded = self.join_every_step or waiting_steps >= c.max_waiting_tokens
                 min_size = None if wait_exceeded else int(running * c.waiting_served_ratio)
                 joining = None
                 if min_size is None or waiting >= min_size:  # else none could join: skip the O(n) count
                     budget = self.max_batch_total_tokens - self._held_tokens()
                     joining = self.queue.next_batch(min_size, c.max_batch_prefill_tokens, budget)
                 if joining:
-                    reason = "wait_exceeded" if wait_exceeded else "backpressure"
+                    reason = (
+                        "every_step" if self.join_every_step
+                        else "wait_exceeded" if wait_exceeded else "backpressure"
+                    )  # fmt: skip
                     self.metrics.batch_concat.labels(reason).inc()
                     cached = cached + await self._prefill(joining)
                     waiting_steps = 1

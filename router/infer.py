@@ -52,8 +52,9 @@ class Infer:
             16000, config.max_total_tokens, config.max_batch_prefill_tokens
         )
         self.batcher = Batcher(
-            config, client, self.queue, self.metrics, self.max_batch_total_tokens, tokenizer
-        )
+            config, client, self.queue, self.metrics, self.max_batch_total_tokens, tokenizer,
+            join_every_step=info.chunked_prefill,
+        )  # fmt: skip
         self.ready = False
         # Set on SIGTERM: new requests get 503 while the admitted ones finish (see ``drain``).
         self.draining = False

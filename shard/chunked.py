@@ -109,6 +109,7 @@ def concat_results(results: list[StepResult]) -> StepResult:
 
 class ChunkedEngine(Engine):
     backend: PagedBackend
+    chunked_prefill = True
 
     def __init__(
         self, backend: PagedBackend, faults: Faults | None = None, processors: Processors | None = None

@@ -46,6 +46,9 @@ def prompt_logprobs(request_id: int, ids: list[int], logits: torch.Tensor) -> Pr
 class Engine:
     """Holds the shard's cached batches and runs steps on them through a backend."""
 
+    # Whether a Prefill beside running batches only queues its requests (proto InfoResponse.chunked_prefill).
+    chunked_prefill = False
+
     def __init__(
         self, backend: Backend, faults: Faults | None = None, processors: Processors | None = None
     ) -> None:

@@ -86,7 +86,9 @@ def generations_to_pb(result: StepResult) -> pb.Generations:
     )
 
 
-def info_to_pb(info: BackendInfo, world_size: int, processors: list[str]) -> pb.InfoResponse:
+def info_to_pb(
+    info: BackendInfo, world_size: int, processors: list[str], chunked_prefill: bool = False
+) -> pb.InfoResponse:
     return pb.InfoResponse(
         requires_padding=info.requires_padding,
         dtype=info.dtype,
@@ -98,6 +100,7 @@ def info_to_pb(info: BackendInfo, world_size: int, processors: list[str]) -> pb.
         vocab_size=info.vocab_size,
         unsupported_parameters=list(info.unsupported_parameters),
         processors=processors,
+        chunked_prefill=chunked_prefill,
     )
 
 
@@ -200,7 +203,8 @@ class ShardService(pb_grpc.TextGenerationServiceServicer):
     async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
         processors = getattr(self.engine, "processors", None)
         names = processors.names if processors is not None else []
-        return info_to_pb(self.engine.backend.info, self.world_size, names)
+        chunked = getattr(self.engine, "chunked_prefill", False)
+        return info_to_pb(self.engine.backend.info, self.world_size, names, chunked)
 
     async def Health(self, request: pb.HealthRequest, context: grpc.aio.ServicerContext) -> pb.HealthResponse:
         return pb.HealthResponse()
