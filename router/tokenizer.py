@@ -26,6 +26,8 @@ class Tokenizer:
         self._added_ids = frozenset(int(i) for i in getattr(self.hf, "added_tokens_decoder", {}))
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if self._rust is not None:  # the same ids, without transformers' per-call Python work
+            return self._rust.encode(text, add_special_tokens=add_special_tokens).ids
         return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False, **kwargs: object) -> str:
