@@ -13,10 +13,12 @@ CPU with AVX512-VNNI quantizes the activations too, in blocks of 32, and multipl
 0.5% more relative error, up to 3x float32's speed, most at 8 to 32 rows); elsewhere it dequantizes the
 weights in registers and keeps the activations in float. int4 always quantizes the activations (blocks of
 32, as llama.cpp pairs Q4_1 weights with Q8_1 activations) and runs integer dot products of 64 weights at
-a time. Either way a decode step reads 4x (int8) or 6x (int4) fewer weight bytes than float32. From
-``LARGE_M`` rows on (prefill) the int4 kernel (and int8's without VNNI) gives way to dequantize-then-float
-GEMM. The measurements, and the alternatives that lost (torch's packed int8/int4 kernels, torch.compile,
-ONNX Runtime's MatMulNBits), are in docs/benchmarks.md and benchmark/quant_kernels.py. Without the kernels
+a time. Either way a decode step reads 4x (int8) or 6x (int4) fewer weight bytes than float32. These two
+kernels serve every product, prefills too (dequantizing a weight per call costs more than the product:
+docs/benchmarks.md), so that a token's arithmetic does not depend on how its prompt was chunked; from
+``LARGE_M`` rows on, int8's float-activation kernel gives way to dequantize-then-float GEMM. The
+measurements, and the alternatives that lost (torch's packed int8/int4 kernels, torch.compile, ONNX
+Runtime's MatMulNBits), are in docs/benchmarks.md and benchmark/quant_kernels.py. Without the kernels
 (no compiler, another device) every call dequantizes: correct, but slower than float32.
 
 Tensor parallelism: each rank quantizes only its own slice (a column slice's rows, a row slice's
@@ -42,8 +44,8 @@ CHUNK = 64  # int4 weights per integer dot product in the kernel: two blocks
 # Weight CHUNK_ORDER[p] of a 64-weight chunk sits at byte position p of its unpacked form, so that the
 # kernel's 16 lanes of 4 bytes alternate between the chunk's two blocks (quant_cpu.cpp's chunk_order).
 CHUNK_ORDER = torch.tensor([(p // 4 % 2) * 32 + p // 8 * 4 + p % 4 for p in range(CHUNK)])
-# From this many rows on (prefill), the int4 kernel and int8's float-activation one give way to
-# dequantize-then-float-GEMM; int8 with VNNI stays faster than float32 at any m (docs/benchmarks.md).
+# From this many rows on (prefill), int8's float-activation kernel (no VNNI) gives way to
+# dequantize-then-float-GEMM; int4's kernel and int8's VNNI one serve any m (docs/benchmarks.md).
 LARGE_M = 64
 
 # -- quantization --------------------------------------------------------------------------------------
@@ -128,7 +130,8 @@ class QuantLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.fast = weight.device.type == "cpu" and self.in_features % GROUP == 0 and load_kernels()
         # Rows from which the float GEMM on the dequantized weight is faster than the kernel.
-        self.large_m = 1 << 62 if mode == "int8" and int8_vnni() and self.in_features % 64 == 0 else LARGE_M
+        vnni = mode == "int8" and int8_vnni() and self.in_features % 64 == 0
+        self.large_m = 1 << 62 if mode == "int4" or vnni else LARGE_M
 
     def dequantized(self) -> torch.Tensor:
         if self.mode == "int8":
