@@ -127,3 +127,40 @@ async def test_a_fault_of_the_loop_fails_its_requests_and_the_loop_goes_on(setup
     assert not infer.batcher.running
     result = await generate(infer, "Hello", max_new_tokens=5)  # the loop still serves
     assert result.generated_tokens == 5
+
+
+@pytest.mark.parametrize("every_step", [False, True])
+async def test_a_chunked_prefill_shard_takes_waiting_requests_at_every_step(setup, every_step: bool) -> None:
+    """With TGI's rule a lone waiting request beside one running waits max_waiting_tokens steps (here:
+    longer than the running request lives); a shard that runs prompts in chunks takes it at once."""
+    import dataclasses
+
+    infer, shard, _ = setup
+    batcher = infer.batcher
+    batcher.config = dataclasses.replace(batcher.config, max_waiting_tokens=10**6, waiting_served_ratio=100.0)
+    batcher.join_every_step = every_step
+    long = asyncio.ensure_future(generate(infer, "Hello", max_new_tokens=400))
+    while not batcher.running:
+        await asyncio.sleep(0.001)
+    short = await generate(infer, "Hi", max_new_tokens=3)
+    assert short.generated_tokens == 3
+    assert long.done() is not every_step  # it joined the running batch, or waited for it to end
+    assert (await long).generated_tokens == 400
+    await settle(shard)
+    assert shard.batches == {}
+
+
+def test_the_router_follows_the_shards_chunked_prefill(tiny_model_dir: Path) -> None:
+    from proto import pb
+    from shard.chunked import ChunkedEngine
+    from shard.engine import Engine
+
+    assert ChunkedEngine.chunked_prefill and not Engine.chunked_prefill  # what the shard's Info reports
+    tokenizer = Tokenizer(tiny_model_dir)
+    config = RouterConfig(tokenizer_name=str(tiny_model_dir), model_id="tiny", shard_uds_path="/tmp/unused")
+    for flag in (False, True):
+        info = pb.InfoResponse(
+            requires_padding=False, dtype="float32", device_type="cpu", world_size=1, backend="fake",
+            vocab_size=len(tokenizer.hf), chunked_prefill=flag,
+        )  # fmt: skip
+        assert Infer(config, None, tokenizer, info).batcher.join_every_step is flag
