@@ -262,9 +262,17 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument(
         "--output-dir", metavar="DIR", default="plots", help="folder of the PNG files (default: %(default)s)"
     )
-    from benchmark import baseline, floor, quantize, router_bench, scenarios, shard_bench  # subcommands
+    from benchmark import baseline, floor, quantize, router_bench, scenarios, shard_bench, step_bench
 
-    for module in (shard_bench, floor, baseline, router_bench, scenarios, quantize):
+    for module in (
+        shard_bench,
+        step_bench,
+        floor,
+        baseline,
+        router_bench,
+        scenarios,
+        quantize,
+    ):  # subcommands
         module.register(commands)
     return parser
 
