@@ -124,8 +124,9 @@ class Batcher:
             waiting = len(self.queue)
             if waiting:
                 running = sum(len(b.request_ids) for b in cached)
-                wait_exceeded = self.join_every_step or waiting_steps >= c.max_waiting_tokens
-                min_size = None if wait_exceeded else int(running * c.waiting_served_ratio)
+                wait_exceeded = waiting_steps >= c.max_waiting_tokens
+                join_now = self.join_every_step or wait_exceeded
+                min_size = None if join_now else int(running * c.waiting_served_ratio)
                 joining = None
                 if min_size is None or waiting >= min_size:  # else none could join: skip the O(n) count
                     budget = self.max_batch_total_tokens - self._held_tokens()

@@ -68,7 +68,7 @@ def linear(
     the prepacked weight when there is one (``packed``: 1.3 to 4x ``F.linear`` on this CPU, which
     reorders the weight on every call), else ``F.linear``."""
     if dense and x.shape[0] == 1:
-        y = torch.ops.paged_quant.dense_linear(x.float().contiguous(), weight).to(x.dtype)
+        y = torch.ops.paged_quant.dense_linear(x.contiguous(), weight)
         return y if bias is None else y + bias
     if packed is not None:
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")

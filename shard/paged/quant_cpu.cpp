@@ -18,7 +18,7 @@
 // vpdpbusd with VNNI, vpmaddubsw + vpmaddwd on AVX-512 without it or on AVX2. Decoding one token reads the
 // nibbles at about twice the rate of the float-activation kernel this replaced (docs/benchmarks.md).
 //
-// int8 without VNNI, and the dense float32/bfloat16 kernel: x stays float32 and the weights are converted in
+// int8 without VNNI, and the dense float32 kernel: x stays float32 and the weights are converted in
 // registers, either multiplied with every row of x at once (m <= 4), or converted for 4 output channels
 // into a small float buffer that stays in L1 and is reused by every 4-row tile of x (m > 4).
 //
@@ -63,9 +63,9 @@ struct Int8Rows {
   inline float post(int64_t row) const { return scale[row]; }
 };
 
-// Unquantized weights, for the m <= 4 products of a float32 or bfloat16 model (decode steps): streamed once
-// with 4 channels in flight, which reads them close to the memory bandwidth, where MKL's sgemv on an
-// [n, k] matrix reached about half of it here (docs/benchmarks.md).
+// Unquantized float32 weights, for single-row products (one stream decoding): streamed with 8 channels in
+// flight, which reads them close to the memory bandwidth, where MKL's sgemv on an [n, k] matrix reached
+// about half of it here (docs/benchmarks.md).
 struct F32Rows {
   const float* w;
   int64_t k;
@@ -73,17 +73,6 @@ struct F32Rows {
     const float* p = w + row * k + k0;
     lo = load(p);
     hi = load(p + 16);
-  }
-  inline float post(int64_t) const { return 1.f; }
-};
-
-struct BF16Rows {
-  const uint16_t* w;
-  int64_t k;
-  inline void get(int64_t row, int64_t k0, V& lo, V& hi) const {
-    const uint16_t* p = w + row * k + k0;
-    lo = from_bf16(p);
-    hi = from_bf16(p + 16);
   }
   inline float post(int64_t) const { return 1.f; }
 };
@@ -456,14 +445,11 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& nibbles, const at:
 
 }  // namespace
 
-// y = x . w^T for an unquantized float32 or bfloat16 w [n, k] and float32 x [m, k], m <= 4 (decode steps).
+// y = x . w^T for an unquantized float32 w [n, k] and float32 x [m, k], m <= 4 (decode steps).
 at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& w) {
-  TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), "w: contiguous [n, k]");
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.scalar_type() == at::kFloat, "w: contiguous float32 [n, k]");
   TORCH_CHECK(x.size(0) <= 4, "dense_linear is for at most 4 rows");
-  const int64_t n = w.size(0), k = w.size(1);
-  if (w.scalar_type() == at::kFloat) return run(x, F32Rows{w.data_ptr<float>(), k}, n, k);
-  TORCH_CHECK(w.scalar_type() == at::kBFloat16, "w: float32 or bfloat16");
-  return run(x, BF16Rows{reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()), k}, n, k);
+  return run(x, F32Rows{w.data_ptr<float>(), w.size(1)}, w.size(0), w.size(1));
 }
 
 TORCH_LIBRARY(paged_quant, lib) {

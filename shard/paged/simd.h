@@ -30,12 +30,6 @@ inline V from_bf16(const uint16_t* p) {
   const __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   return {_mm512_castsi512_ps(_mm512_slli_epi32(v, 16))};
 }
-// 16 bytes -> low nibbles (elements 0..15) and high nibbles (16..31) as floats.
-inline void from_u4(const uint8_t* p, V& lo, V& hi) {
-  const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  lo = {_mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15)))};
-  hi = {_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4))};
-}
 inline V add(V x, V y) { return {_mm512_add_ps(x.a, y.a)}; }
 inline V sub(V x, V y) { return {_mm512_sub_ps(x.a, y.a)}; }
 inline V mul(V x, V y) { return {_mm512_mul_ps(x.a, y.a)}; }
@@ -73,13 +67,6 @@ inline V from_bf16(const uint16_t* p) {
   const __m128i hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8));
   return {_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(lo), 16)),
           _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(hi), 16))};
-}
-inline void from_u4(const uint8_t* p, V& lo, V& hi) {
-  const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  const __m256i a = _mm256_cvtepu8_epi32(x), b = _mm256_cvtepu8_epi32(_mm_srli_si128(x, 8));
-  const __m256i m = _mm256_set1_epi32(15);
-  lo = {_mm256_cvtepi32_ps(_mm256_and_si256(a, m)), _mm256_cvtepi32_ps(_mm256_and_si256(b, m))};
-  hi = {_mm256_cvtepi32_ps(_mm256_srli_epi32(a, 4)), _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4))};
 }
 inline V add(V x, V y) { return {_mm256_add_ps(x.a, y.a), _mm256_add_ps(x.b, y.b)}; }
 inline V sub(V x, V y) { return {_mm256_sub_ps(x.a, y.a), _mm256_sub_ps(x.b, y.b)}; }
@@ -139,12 +126,6 @@ inline V from_bf16(const uint16_t* p) {
   }
   return v;
 }
-inline void from_u4(const uint8_t* p, V& lo, V& hi) {
-  for (int i = 0; i < 16; ++i) {
-    lo.a[i] = p[i] & 15;
-    hi.a[i] = p[i] >> 4;
-  }
-}
 #define PAGED_SIMD_LANEWISE(name, expr)     \
   inline V name(V x, V y) {                 \
     for (int i = 0; i < 16; ++i) x.a[i] = expr; \
@@ -167,15 +148,6 @@ inline V round(V x) {
 }
 #endif
 
-inline float half_at(const uint8_t* p) {
-  uint16_t bits;
-  std::memcpy(&bits, p, 2);
-#if defined(__F16C__)
-  return _cvtsh_ss(bits);
-#else
-  return static_cast<float>(c10::Half(bits, c10::Half::from_bits()));
-#endif
-}
 
 // The first lane of v equal to x, or -1.
 #if defined(__AVX512F__)
