@@ -8,9 +8,10 @@ ignored), then stops the router and the fake shard. A fresh pair per level keeps
 own. Per level it reports:
 
 - the serve metrics (streamed tokens/s, TTFT, TPOT, ITL, E2E): what C clients of the router alone see;
-- the router's time per decode step at batch C: the fake shard's interval between consecutive Decode calls
-  of C requests (the shard takes no time, so the interval is the router's own: turning the last step's
-  tokens into text and events, writing them to C connections, and sending the next step);
+- the router's time per decode step at batch C: the fake shard's interval from its answer to one Decode
+  call of C requests to the next call (the router's own time: turning the last step's tokens into text and
+  events, writing them to C connections, and sending the next step); the fake shard's own handling of a
+  call is timed apart (``shard_decode_ms``) and is not in it;
 - the router's CPU time per streamed token (user + system, all threads), and the load average: the load
   generator and anything else on the machine share its cores, which the wall-clock figures feel.
 """
@@ -252,6 +253,7 @@ def run_level(
         "concurrency": concurrency,
         "metrics": asdict(metrics),
         "router_step_ms": intervals.get(str(concurrency)),
+        "shard_decode_ms": stats.get("decode_handling_ms", {}).get(str(concurrency)),
         "decode_steps_by_batch": {size: v["count"] for size, v in intervals.items()},
         "prefills": stats.get("prefills"),
         "router_cpu_s": router_cpu,

@@ -17,27 +17,56 @@ class SSEParser:
         self._data: list[str] = []
 
     def feed(self, chunk: bytes) -> list[str]:
-        """Adds bytes; returns the data of the events completed by them, in order."""
+        """Adds bytes; returns the data of the events completed by them, in order.
+
+        A stream of ``\\n`` lines is cut into whole events (an incomplete one waits in the buffer), and
+        an event that is one ``data: `` line, a token stream's usual event, is taken without splitting it
+        into lines. Other streams go line by line."""
         self._buffer += chunk
+        buffer = self._buffer
         events: list[str] = []
+        if self._data or b"\r" in buffer:
+            self._feed_lines(events)
+            return events
         start = 0
         while True:
-            end = self._buffer.find(b"\n", start)
+            end = buffer.find(b"\n\n", start)
             if end < 0:
                 break
-            line = bytes(self._buffer[start:end])
+            block = buffer[start:end]
+            start = end + 2
+            if block.startswith(b"data: ") and b"\n" not in block:
+                events.append(block[6:].decode("utf-8", errors="replace"))
+                continue
+            for line in block.split(b"\n"):
+                self._line(line.decode("utf-8", errors="replace"))
+            event = self._line("")
+            if event is not None:
+                events.append(event)
+        del buffer[:start]
+        return events
+
+    def _feed_lines(self, events: list[str]) -> None:
+        """``feed`` line by line: the buffer's complete lines, whatever they end with."""
+        buffer = self._buffer
+        start = 0
+        while True:
+            end = buffer.find(b"\n", start)
+            if end < 0:
+                break
+            line = bytes(buffer[start:end])
             start = end + 1
             if line.endswith(b"\r"):
                 line = line[:-1]
             event = self._line(line.decode("utf-8", errors="replace"))
             if event is not None:
                 events.append(event)
-        del self._buffer[:start]
-        return events
+        del buffer[:start]
 
     def finish(self) -> list[str]:
         """At end of stream: the event left without its closing blank line, if any (lenient)."""
         events: list[str] = []
+        self._feed_lines(events)
         if self._buffer:
             line = bytes(self._buffer).rstrip(b"\r")
             self._buffer.clear()

@@ -12,7 +12,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
@@ -239,6 +239,12 @@ class ShardService(pb_grpc.TextGenerationServiceServicer):
                 pb.CachedBatch(id=batch.id, request_ids=batch.request_ids, max_tokens=batch.max_tokens)
             )
         return response
+
+    async def DecodeStream(
+        self, requests: AsyncIterator[pb.DecodeRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.DecodeResponse]:
+        async for request in requests:
+            yield await self.Decode(request, context)
 
     async def ClearCache(
         self, request: pb.ClearCacheRequest, context: grpc.aio.ServicerContext

@@ -7,8 +7,8 @@ It lets the router (and the benchmark tool through it) be measured alone, withou
 listens on ``/tmp/fake-shard-0`` (the router's ``--shard-uds-path /tmp/fake-shard``). Every request
 generates ``token`` ids cycling through a fixed list of ordinary word tokens and never ends by itself (no
 EOS), so a request ends by its length or its stop strings, as the router decides. On SIGTERM/SIGINT it
-writes, with ``--stats``, the time between consecutive Decode calls per batch size: with a shard that
-takes no time, that interval is the router's own time per decode step.
+writes, with ``--stats``, per batch size, the time from the end of one Decode answer to the next Decode call:
+the router's own time per decode step (the shard's own handling of a call, timed apart, is left out).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import signal
 import statistics
 import time
 from collections import defaultdict
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -38,7 +39,9 @@ class FakeShard(pb_grpc.TextGenerationServiceServicer):
         self.batches: dict[int, list[int]] = {}
         self.steps: dict[int, int] = defaultdict(int)
         self.decode_intervals: dict[int, list[float]] = defaultdict(list)
-        self._last_decode: float | None = None
+        self.decode_handling: dict[int, list[float]] = defaultdict(list)
+        # When the last Decode answer was ready (None after a prefill: that gap is not the router's own).
+        self._answered_at: float | None = None
         self.prefills = 0
 
     def _generations(self, request_ids: list[int]) -> pb.Generations:
@@ -67,7 +70,7 @@ class FakeShard(pb_grpc.TextGenerationServiceServicer):
         ids = [r.id for r in request.batch.requests]
         self.batches[request.batch.id] = ids
         generations = self._generations(ids)
-        self._last_decode = None  # a prefill between decodes is not router overhead
+        self._answered_at = None  # a prefill between decodes is not router overhead
         return pb.PrefillResponse(
             generations=generations, batch=pb.CachedBatch(id=request.batch.id, request_ids=ids)
         )
@@ -83,15 +86,22 @@ class FakeShard(pb_grpc.TextGenerationServiceServicer):
                 if rid not in kept:
                     self.steps.pop(rid, None)
             ids.extend(batch.request_ids)
-        if self._last_decode is not None:
-            self.decode_intervals[len(ids)].append(now - self._last_decode)
-        self._last_decode = now
+        if self._answered_at is not None:
+            self.decode_intervals[len(ids)].append(now - self._answered_at)
         response = pb.DecodeResponse(generations=self._generations(ids))
         if ids:
             batch_id = request.batches[0].id
             self.batches[batch_id] = ids
             response.batch.CopyFrom(pb.CachedBatch(id=batch_id, request_ids=ids))
+        self._answered_at = time.perf_counter()
+        self.decode_handling[len(ids)].append(self._answered_at - now)
         return response
+
+    async def DecodeStream(
+        self, requests: AsyncIterator[pb.DecodeRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.DecodeResponse]:
+        async for request in requests:
+            yield await self.Decode(request, context)
 
     async def ClearCache(
         self, request: pb.ClearCacheRequest, context: grpc.aio.ServicerContext
@@ -105,21 +115,28 @@ class FakeShard(pb_grpc.TextGenerationServiceServicer):
         return pb.ClearCacheResponse()
 
     def stats(self) -> dict[str, object]:
-        """Per batch size: how many decode intervals, their mean, median, p90 and p99 in milliseconds."""
+        """Per batch size, in milliseconds (count, mean, median, p90, p99): the intervals from one Decode
+        answer to the next call (``decode_interval_ms``, the router's time) and this shard's own handling
+        of a Decode call (``decode_handling_ms``)."""
         return {
             "prefills": self.prefills,
-            "decode_interval_ms": {
-                str(size): {
-                    "count": len(values),
-                    "mean": 1000 * statistics.fmean(values),
-                    "median": 1000 * statistics.median(values),
-                    "p90": 1000 * _percentile(values, 90),
-                    "p99": 1000 * _percentile(values, 99),
-                }
-                for size, values in sorted(self.decode_intervals.items())
-                if values
-            },
+            "decode_interval_ms": _summaries(self.decode_intervals),
+            "decode_handling_ms": _summaries(self.decode_handling),
         }
+
+
+def _summaries(by_size: dict[int, list[float]]) -> dict[str, dict[str, float]]:
+    return {
+        str(size): {
+            "count": len(values),
+            "mean": 1000 * statistics.fmean(values),
+            "median": 1000 * statistics.median(values),
+            "p90": 1000 * _percentile(values, 90),
+            "p99": 1000 * _percentile(values, 99),
+        }
+        for size, values in sorted(by_size.items())
+        if values
+    }
 
 
 def _percentile(values: list[float], q: float) -> float:

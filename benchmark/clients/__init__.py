@@ -7,14 +7,33 @@ and ``openai-completions`` (``/v1/completions``).
 
 from __future__ import annotations
 
+import json
+import json.scanner
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from benchmark.config import GenerationParams
 
+# json's own scanner (its C one), without the Python layers of json.loads around it.
+_scan_json = json.scanner.make_scanner(json.JSONDecoder())
 
-@dataclass(frozen=True)
+
+def loads(text: str) -> Any:
+    """``json.loads(text)``, faster for a document without surrounding whitespace (a stream's payloads:
+    one per token, the load generator's own hot path). Raises ValueError as json.loads does."""
+    try:
+        value, end = _scan_json(text, 0)
+    except StopIteration:
+        return json.loads(text)  # leading whitespace, or not JSON: json.loads accepts or explains
+    if end != len(text):
+        return json.loads(text)
+    return value
+
+
+# Made once per streamed token by the load generator: a plain slotted dataclass (a frozen one pays an
+# object.__setattr__ per field). Nobody mutates one.
+@dataclass(slots=True)
 class StreamEvent:
     """One parsed event of a generation stream.
 

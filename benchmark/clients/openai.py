@@ -15,7 +15,7 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-from benchmark.clients import RequestError, StreamEvent
+from benchmark.clients import RequestError, StreamEvent, loads
 from benchmark.clients.http import HttpStreamClient
 
 DONE = "[DONE]"
@@ -90,7 +90,7 @@ class ChunkParser:
         if data.strip() == DONE:
             return self.final_event()
         try:
-            obj: Any = json.loads(data)
+            obj: Any = loads(data)
         except ValueError:
             raise RequestError("protocol", f"chunk is not JSON: {data[:200]!r}") from None
         fields = error_fields(obj)

@@ -6,7 +6,7 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-from benchmark.clients import RequestError, StreamEvent
+from benchmark.clients import RequestError, StreamEvent, loads
 from benchmark.clients.http import HttpStreamClient
 
 
@@ -25,7 +25,7 @@ def http_error(status: int, body: str) -> RequestError:
 def parse_event(data: str) -> StreamEvent:
     """One ``data:`` payload of the TGI stream -> StreamEvent; an error event raises RequestError."""
     try:
-        obj: Any = json.loads(data)
+        obj: Any = loads(data)
     except ValueError:
         raise RequestError("protocol", f"event is not JSON: {data[:200]!r}") from None
     if not isinstance(obj, dict):

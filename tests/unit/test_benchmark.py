@@ -430,6 +430,27 @@ def test_sse_parser_reassembles_split_events():
 
 
 @pytest.mark.timeout(60)
+def test_sse_parser_whole_events_match_line_by_line():
+    """Whole "\\n" events (the fast path) and any other split give the same events."""
+    stream = (
+        b'data: {"i":1}\n\n\ndata: {"i":2}\n\n: ping\ndata: a\ndata: b\n\nevent: e\ndata:x\n\n'
+        b"data: \xe2\x82\xac\n\ndata: last\ndata: more"
+    )
+    expected = ['{"i":1}', '{"i":2}', "a\nb", "x", "\u20ac", "last\nmore"]
+    for size in (1, 2, 3, 7, 16, len(stream)):
+        parser = SSEParser()
+        events = []
+        for at in range(0, len(stream), size):
+            events += parser.feed(stream[at : at + size])
+        assert events + parser.finish() == expected, size
+    # A \r\n stream switching to \n lines, and an event still open when the other kind arrives.
+    parser = SSEParser()
+    assert parser.feed(b"data: one\r\n\r\ndata: two\r\n") == ["one"]
+    assert parser.feed(b"\ndata: three\n\n") == ["two", "three"]
+    assert parser.finish() == []
+
+
+@pytest.mark.timeout(60)
 def test_tgi_events_and_errors():
     token = parse_event(
         '{"token":{"id":5,"text":" Paris","logprob":-0.1,"special":false},"generated_text":null}'

@@ -49,6 +49,9 @@ def test_router_against_fake_shard(
     assert sum(level["decode_steps_by_batch"].values()) > 0
     step = level["router_step_ms"]
     assert step is None or (step["count"] > 0 and 0 < step["median"] <= step["p99"])
+    handling = level["shard_decode_ms"]  # the fake shard's own time, kept out of the router's
+    assert (handling is None) == (step is None)
+    assert handling is None or (handling["count"] >= step["count"] and handling["median"] > 0)
     assert level["prefills"] >= 1 and level["router_cpu_s"] > 0 and level["router_cpu_us_per_token"] > 0
     assert level["round"] == 1
     tokens_per_s = data["summary"][str(STREAMS)]["output_tokens_per_s"]

@@ -75,6 +75,23 @@ async def test_prefill_decode_filter_clear(client: ShardClient) -> None:
         await client.decode([pb.CachedBatch(id=3, request_ids=[2])])
 
 
+async def test_decode_steps_share_one_stream_until_one_fails(client: ShardClient) -> None:
+    response = await client.prefill(pb.Batch(id=7, requests=[request(1, [5, 6, 7])]))
+    stream = client._streams[0]
+    first = await client.decode([response.batch])
+    call = stream._call
+    assert call is not None and list(first.generations.request_ids) == [1]
+    second = await client.decode([first.batch])
+    assert stream._call is call and list(second.generations.request_ids) == [1]
+
+    with pytest.raises(grpc.aio.AioRpcError) as error:  # the failed step ends the stream ...
+        await client.decode([pb.CachedBatch(id=99, request_ids=[1])])
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND and stream._call is None
+    third = await client.decode([second.batch])  # ... and the next step opens a new one
+    assert stream._call not in (None, call) and list(third.generations.request_ids) == [1]
+    assert len(first.generations.token_ids) == len(third.generations.token_ids) == 1
+
+
 async def test_empty_prefill_is_invalid(client: ShardClient) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as error:
         await client.prefill(pb.Batch(id=5))
