@@ -56,11 +56,16 @@ def paged_attention(
     meta: StepMeta,
 ) -> torch.Tensor:
     """q [tokens, heads, d], k/v [tokens, kv_heads, d] -> [tokens, heads * d]; writes k/v to the pools."""
-    heads, dim = q.shape[1:]
-    kv_heads = k.shape[1]
-    group = heads // kv_heads
     k_pool.index_copy_(0, meta.write_slots, k)
     v_pool.index_copy_(0, meta.write_slots, v)
+    return attend(q, k_pool, v_pool, meta)
+
+
+def attend(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, meta: StepMeta) -> torch.Tensor:
+    """q [tokens, heads, d] -> [tokens, heads * d], the step's keys and values already in the pools."""
+    _, heads, dim = q.shape
+    kv_heads = k_pool.shape[1]
+    group = heads // kv_heads
     outs = []
     b = meta.num_decodes
     if b and meta.decode_slots is None:

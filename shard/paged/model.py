@@ -17,7 +17,7 @@ from torch import nn
 
 from common.sharding import PAGED_ARCHITECTURES
 
-from .attention import StepMeta, paged_attention
+from .attention import StepMeta, attend, paged_attention
 from .kv_cache import PagedKVCache
 from .layers import (
     MLP,
@@ -158,6 +158,27 @@ class DecoderLayer(nn.Module):
         h = h + self.o(paged_attention(q, k, v, k_pool, v_pool, meta))
         return h + self.mlp(self.post_norm(h))
 
+    def attention(
+        self, x: torch.Tensor, rope: RotaryStep, k_pool: torch.Tensor, v_pool: torch.Tensor, meta: StepMeta
+    ) -> torch.Tensor:
+        """The attention half on the CPU kernels (``LlamaModel.fused``): normalized rows x -> the output
+        projection, to add to the residual stream. The rotation and the KV cache write are one call."""
+        qkv = self.qkv(x)
+        heads, d, r = self.num_heads, self.head_dim, rope.rotary
+        torch.ops.paged_step.rotary_store_(
+            qkv,
+            rope.positions,
+            r.cos32,
+            r.sin32,
+            heads,
+            self.num_kv_heads,
+            d,
+            k_pool,
+            v_pool,
+            meta.write_slots,
+        )
+        return self.o(attend(qkv[:, : heads * d].view(-1, heads, d), k_pool, v_pool, meta))
+
 
 class LlamaModel(nn.Module):
     def __init__(self, config, spec: ModelSpec, w: Weights, parallel: Parallel, max_positions: int) -> None:
@@ -212,9 +233,13 @@ class LlamaModel(nn.Module):
         """Runs one step's tokens; returns float32 logits [len(logit_rows), vocab] for the rows asked."""
         h = self.embed(ids)
         rope = self.rotary.step(positions)
-        for i, layer in enumerate(self.layers):
-            h = layer(h, rope, cache.k[i], cache.v[i], meta)
-        h = self.norm(h if logit_rows is None else h.index_select(0, logit_rows))
+        if self.fused:
+            h = self._layers_fused(h, rope, cache, meta)
+            h = h if logit_rows is None else h.index_select(0, logit_rows)
+        else:
+            for layer, (k_pool, v_pool) in zip(self.layers, cache.layers, strict=True):
+                h = layer(h, rope, k_pool, v_pool, meta)
+            h = self.norm(h if logit_rows is None else h.index_select(0, logit_rows))
         if self.head is not None:
             logits = self.head(h)
         else:
@@ -225,6 +250,21 @@ class LlamaModel(nn.Module):
                 logits = torch.nn.functional.pad(logits, (0, pad))
             logits = self.parallel.all_gather(logits)[:, : self.spec.vocab_size]
         return logits.float()
+
+    def _layers_fused(
+        self, h: torch.Tensor, rope: RotaryStep, cache: PagedKVCache, meta: StepMeta
+    ) -> torch.Tensor:
+        """The decoder layers on the CPU kernels, then the final norm: each residual add rides on the RMSNorm
+        after it (``add_rms_norm_``, h updated in place), so a layer is two norms, four products, attention
+        and SwiGLU, with no other operation between them."""
+        add_norm = torch.ops.paged_step.add_rms_norm_
+        norms = [layer.input_norm for layer in self.layers[1:]] + [self.norm]
+        x = self.layers[0].input_norm(h)
+        for layer, after, (k_pool, v_pool) in zip(self.layers, norms, cache.layers, strict=True):
+            post = layer.post_norm
+            x = add_norm(h, layer.attention(x, rope, k_pool, v_pool, meta), post.weight, post.eps)
+            x = add_norm(h, layer.mlp(x), after.weight, after.eps)
+        return x
 
 
 def use_cpu_kernels(model: LlamaModel, unquantized: bool) -> bool:
@@ -246,7 +286,7 @@ def use_cpu_kernels(model: LlamaModel, unquantized: bool) -> bool:
         return False
     single_row_dense = norm.dtype == torch.float32
     for module in model.modules():
-        if isinstance(module, RMSNorm):
+        if isinstance(module, RMSNorm | MLP):
             module.fused = True
         elif unquantized and isinstance(module, ColumnLinear | RowLinear):
             module.packed = pack_weight(module.weight.data)

@@ -144,20 +144,25 @@ class QuantLinear(nn.Module):
         return sum(b.numel() * b.element_size() for b in self.buffers())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fast and x.dim() == 2 and x.dtype == torch.float32 and x.shape[0] < self.large_m:
+            # The decode step's case (float32 rows), in as few operations as it takes.
+            y = self._kernel(x.contiguous())
+            return y if self.bias is None else y + self.bias
         shape = x.shape
         rows = x.reshape(-1, self.in_features)
         if self.fast and rows.shape[0] < self.large_m:
-            xf = rows.to(torch.float32).contiguous()
-            if self.mode == "int8":
-                y = torch.ops.paged_quant.int8_linear(xf, self.q, self.scale)
-            else:
-                y = torch.ops.paged_quant.int4_linear(xf, self.nibbles, self.scales, self.in_features)
-            y = y.to(x.dtype)
+            y = self._kernel(rows.to(torch.float32).contiguous()).to(x.dtype)
             if self.bias is not None:
                 y = y + self.bias
         else:
             y = F.linear(rows, self.dequantized(), self.bias)
         return y.view(*shape[:-1], self.out_features)
+
+    def _kernel(self, x: torch.Tensor) -> torch.Tensor:
+        """quant_cpu.cpp's product of contiguous float32 rows x [m, in_features] -> float32 [m, out]."""
+        if self.mode == "int8":
+            return torch.ops.paged_quant.int8_linear(x, self.q, self.scale)
+        return torch.ops.paged_quant.int4_linear(x, self.nibbles, self.scales, self.in_features)
 
 
 class QuantColumnLinear(QuantLinear):

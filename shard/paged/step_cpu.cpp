@@ -1,6 +1,8 @@
 // The decode step's kernels besides the matrix products, for the CPU: attention straight over the paged
-// KV pool, RMSNorm, rotary embedding in place, and the greedy choice with its log-probability. Each replaces a chain of small torch operations whose
-// dispatch and memory traffic cost more than their arithmetic at decode sizes (docs/benchmarks.md).
+// KV pool, RMSNorm (alone or after the residual add), rotary embedding in place (alone or with the KV
+// cache write), SwiGLU's silu(gate) * up, and the greedy choice with its log-probability. Each replaces a
+// chain of small torch operations whose dispatch and memory traffic cost more than their arithmetic at
+// decode sizes (docs/benchmarks.md).
 //
 // Built with quant_cpu.cpp by shard/paged/kernels.py and called as torch.ops.paged_step.*. Tensors are
 // float32 or bfloat16; the arithmetic is float32 either way, rounded once on output.
@@ -20,6 +22,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <tuple>
 #include <vector>
 
@@ -314,6 +317,120 @@ void rotary_(at::Tensor x, const at::Tensor& positions, const at::Tensor& cos, c
     TORCH_CHECK(false, "rotary_: float32 or bfloat16");
 }
 
+// Stores rows of the fused q/k/v product x [tokens, (heads + 2 kv_heads) d] (already rotated): each
+// token's keys and values go to its slot of the pools [slots, kv_heads, d].
+template <class T>
+void store_kv_impl(const at::Tensor& x, int64_t heads, int64_t kv_heads, int64_t d, at::Tensor& k_pool,
+                   at::Tensor& v_pool, const at::Tensor& slots) {
+  const int64_t tokens = x.size(0), row_stride = x.stride(0), width = kv_heads * d;
+  const T* xp = x.data_ptr<T>();
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  T* kp = k_pool.data_ptr<T>();
+  T* vp = v_pool.data_ptr<T>();
+  at::parallel_for(0, tokens, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* row = xp + r * row_stride + heads * d;
+      std::memcpy(kp + sp[r] * width, row, width * sizeof(T));
+      std::memcpy(vp + sp[r] * width, row + width, width * sizeof(T));
+    }
+  });
+}
+
+// rotary_ on the queries and keys of the fused q/k/v product x [tokens, (heads + 2 kv_heads) d], then
+// each token's keys and values written to its slot of the pools [slots, kv_heads, d]: the decode step's
+// rotation and cache write in one call instead of a rotation, a split, views and two index_copy_.
+void rotary_store_(at::Tensor x, const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin,
+                   int64_t heads, int64_t kv_heads, int64_t d, at::Tensor k_pool, at::Tensor v_pool,
+                   const at::Tensor& slots) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.size(1) == (heads + 2 * kv_heads) * d,
+              "rotary_store_: x [tokens, (heads + 2 kv_heads) d] with unit column stride");
+  TORCH_CHECK(k_pool.dim() == 3 && k_pool.is_contiguous() && v_pool.is_contiguous() &&
+                  v_pool.sizes() == k_pool.sizes() && k_pool.size(1) == kv_heads && k_pool.size(2) == d,
+              "rotary_store_: contiguous pools [slots, kv_heads, d]");
+  TORCH_CHECK(k_pool.scalar_type() == x.scalar_type() && v_pool.scalar_type() == x.scalar_type(),
+              "rotary_store_: x and the pools must share a dtype");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.numel() == x.size(0),
+              "rotary_store_: int64 slots [tokens]");
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  for (int64_t r = 0; r < slots.numel(); ++r)
+    TORCH_CHECK(sp[r] >= 0 && sp[r] < k_pool.size(0), "rotary_store_: slot outside the pool");
+  rotary_(x, positions, cos, sin, heads + kv_heads, d);
+  if (x.scalar_type() == at::kFloat)
+    store_kv_impl<float>(x, heads, kv_heads, d, k_pool, v_pool, slots);
+  else
+    store_kv_impl<c10::BFloat16>(x, heads, kv_heads, d, k_pool, v_pool, slots);
+}
+
+// silu(gate) * up for x [m, 2 n] = [gate | up] (the fused gate/up product) -> [m, n], in float32 with one
+// rounding; silu(g) = g / (1 + e^-g), from e = e^-|g| so that the exponential never overflows.
+template <class T>
+void silu_mul_impl(const at::Tensor& x, at::Tensor& y) {
+  const int64_t m = x.size(0), n = y.size(1);
+  const T* xp = x.data_ptr<T>();
+  T* yp = y.data_ptr<T>();
+  at::parallel_for(0, m, 8, [&](int64_t r0, int64_t r1) {
+    std::vector<float> e(n);
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* gate = xp + r * 2 * n;
+      const T* up = gate + n;
+      int64_t i = 0;
+      for (; i + 16 <= n; i += 16) {
+        const V g = load16(gate + i);
+        store(e.data() + i, exp_nonpositive(sub(zero(), max(g, sub(zero(), g)))));
+      }
+      for (; i < n; ++i) e[i] = std::exp(-std::fabs(to_float(gate[i])));
+      T* out = yp + r * n;
+      for (int64_t j = 0; j < n; ++j) {
+        const float g = to_float(gate[j]);
+        const float sigmoid = (g >= 0.f ? 1.f : e[j]) / (1.f + e[j]);
+        out[j] = T(g * sigmoid * to_float(up[j]));
+      }
+    }
+  });
+}
+
+at::Tensor silu_mul(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.size(1) % 2 == 0, "silu_mul: contiguous x [m, 2 n]");
+  at::Tensor y = at::empty({x.size(0), x.size(1) / 2}, x.options());
+  if (x.scalar_type() == at::kFloat)
+    silu_mul_impl<float>(x, y);
+  else if (x.scalar_type() == at::kBFloat16)
+    silu_mul_impl<c10::BFloat16>(x, y);
+  else
+    TORCH_CHECK(false, "silu_mul: float32 or bfloat16");
+  return y;
+}
+
+template <class T>
+void add_rms_norm_impl(at::Tensor& h, const at::Tensor& delta, const at::Tensor& w, double eps, at::Tensor& y) {
+  const int64_t m = h.size(0), n = h.size(1);
+  T* hp = h.data_ptr<T>();
+  const T* dp = delta.data_ptr<T>();
+  at::parallel_for(0, m, 32, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t i = 0; i < n; ++i) hp[r * n + i] = T(to_float(hp[r * n + i]) + to_float(dp[r * n + i]));
+  });
+  rms_norm_impl<T>(h, w, eps, y);
+}
+
+// The residual stream's h += delta (in place, rounded to h's dtype as torch's add), then rms_norm(h): the
+// two operations between the halves of a decoder layer in one call. Returns the normalized rows.
+at::Tensor add_rms_norm_(at::Tensor h, const at::Tensor& delta, const at::Tensor& w, double eps) {
+  TORCH_CHECK(h.dim() == 2 && h.is_contiguous() && delta.is_contiguous() && delta.sizes() == h.sizes(),
+              "add_rms_norm_: contiguous h and delta [m, n]");
+  TORCH_CHECK(w.dim() == 1 && w.is_contiguous() && w.size(0) == h.size(1), "add_rms_norm_: w [n]");
+  TORCH_CHECK(h.scalar_type() == delta.scalar_type() && h.scalar_type() == w.scalar_type(),
+              "add_rms_norm_: h, delta and w must share a dtype");
+  at::Tensor y = at::empty_like(h);
+  if (h.scalar_type() == at::kFloat)
+    add_rms_norm_impl<float>(h, delta, w, eps, y);
+  else if (h.scalar_type() == at::kBFloat16)
+    add_rms_norm_impl<c10::BFloat16>(h, delta, w, eps, y);
+  else
+    TORCH_CHECK(false, "add_rms_norm_: float32 or bfloat16");
+  return y;
+}
+
 // Greedy choice for rows of scores [b, vocab] float32: each row's first maximum and its log-probability
 // (log_softmax at that index), in three passes over the row (max; where; sum of exponentials) instead of
 // torch's log_softmax, argmax and gather, which write and read a whole [b, vocab] tensor more. A row with
@@ -367,6 +484,10 @@ TORCH_LIBRARY(paged_step, lib) {
   lib.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
   lib.def("rotary_(Tensor(a!) x, Tensor positions, Tensor cos, Tensor sin, int heads, int d) -> ()");
   lib.def("greedy(Tensor scores) -> (Tensor, Tensor)");
+  lib.def("rotary_store_(Tensor(a!) x, Tensor positions, Tensor cos, Tensor sin, int heads, int kv_heads, int d, "
+          "Tensor(b!) k_pool, Tensor(c!) v_pool, Tensor slots) -> ()");
+  lib.def("silu_mul(Tensor x) -> Tensor");
+  lib.def("add_rms_norm_(Tensor(a!) h, Tensor delta, Tensor w, float eps) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(paged_step, CPU, lib) {
@@ -374,4 +495,7 @@ TORCH_LIBRARY_IMPL(paged_step, CPU, lib) {
   lib.impl("rms_norm", &rms_norm);
   lib.impl("rotary_", &rotary_);
   lib.impl("greedy", &greedy);
+  lib.impl("rotary_store_", &rotary_store_);
+  lib.impl("silu_mul", &silu_mul);
+  lib.impl("add_rms_norm_", &add_rms_norm_);
 }

@@ -115,6 +115,67 @@ def test_rotary_in_place_matches_the_torch_path(dtype) -> None:
         rotary.step(torch.tensor([0, 1, 2, 3, 256])).qkv(qkv, heads, kv_heads, d)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rotary_store_rotates_and_writes_the_cache(dtype) -> None:
+    torch.manual_seed(5)
+    heads, kv_heads, d = 6, 2, 32
+    rotary = Rotary(1.0 / 10000 ** (torch.arange(0, d, 2).float() / d), 1.0, 64, dtype)
+    positions = torch.tensor([3, 0, 63])
+    qkv = torch.randn(3, (heads + 2 * kv_heads) * d).to(dtype)
+    q, k, v = rotary.step(positions).qkv(qkv.clone(), heads, kv_heads, d)
+    k_pool, v_pool = torch.zeros(10, kv_heads, d, dtype=dtype), torch.zeros(10, kv_heads, d, dtype=dtype)
+    slots = torch.tensor([7, 2, 9])
+    torch.ops.paged_step.rotary_store_(
+        qkv, positions, rotary.cos32, rotary.sin32, heads, kv_heads, d, k_pool, v_pool, slots
+    )
+    got_q = qkv[:, : heads * d].view(3, heads, d)
+    torch.testing.assert_close(got_q.float(), q.float(), atol=TOL[dtype], rtol=TOL[dtype])
+    torch.testing.assert_close(k_pool[slots].float(), k.float(), atol=TOL[dtype], rtol=TOL[dtype])
+    assert torch.equal(v_pool[slots], v)
+    untouched = torch.ones(10, dtype=torch.bool)
+    untouched[slots] = False
+    assert not k_pool[untouched].any() and not v_pool[untouched].any()
+    with pytest.raises(RuntimeError, match="slot outside the pool"):
+        torch.ops.paged_step.rotary_store_(
+            qkv,
+            positions,
+            rotary.cos32,
+            rotary.sin32,
+            heads,
+            kv_heads,
+            d,
+            k_pool,
+            v_pool,
+            torch.tensor([1, 2, 10]),
+        )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("width", [1536, 40, 7])  # whole vectors, then scalar tails
+def test_silu_mul_matches_torch(dtype, width: int) -> None:
+    torch.manual_seed(6)
+    x = (torch.randn(5, 2 * width) * 6).to(dtype)
+    x[0, :4] = torch.tensor([100.0, -100.0, 0.0, -0.0])  # the exponential's extremes and zero
+    gate, up = x.float().chunk(2, dim=-1)
+    want = F.silu(gate) * up
+    got = torch.ops.paged_step.silu_mul(x)
+    assert got.shape == (5, width) and got.dtype == dtype
+    torch.testing.assert_close(got.float(), want, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_add_rms_norm_adds_in_place_then_normalizes(dtype) -> None:
+    torch.manual_seed(7)
+    h, delta, w = torch.randn(4, 576).to(dtype), torch.randn(4, 576).to(dtype), torch.randn(576).to(dtype)
+    want_h = h + delta
+    want = torch.ops.paged_step.rms_norm(want_h, w, 1e-6)
+    got = torch.ops.paged_step.add_rms_norm_(h, delta, w, 1e-6)
+    assert torch.equal(h, want_h)  # the residual stream, updated in place, rounded as torch's add
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    with pytest.raises(RuntimeError, match="must share a dtype"):
+        torch.ops.paged_step.add_rms_norm_(h, delta.double(), w, 1e-6)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_model_with_kernels_matches_model_without(tiny_model_dir: Path, dtype: str) -> None:
     """Prefill and several decode steps of a batch: the same logits with the kernels and without."""
