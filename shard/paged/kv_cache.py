@@ -116,7 +116,8 @@ class PagedKVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         # Each layer's pools [slots, kv_heads, d], as views made once (not an indexing per layer per step).
-        self.layers = list(zip(self.k.unbind(0), self.v.unbind(0), strict=True))
+        self.k_layers = list(self.k.unbind(0))
+        self.v_layers = list(self.v.unbind(0))
         self.block_size = block_size
         self.null_block = num_blocks
         self.allocator = BlockAllocator(num_blocks, block_size)

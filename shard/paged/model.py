@@ -212,6 +212,7 @@ class LlamaModel(nn.Module):
         # step_cpu.cpp's attention, RMSNorm and rotary kernels (use_cpu_kernels); with it off the backend
         # builds the torch path's gathered slots and masks.
         self.fused = False
+        self._decode_plan: DecodePlan | bool | None = False  # False: not made yet (decode_plan)
 
     def weight_bytes(self) -> int:
         """Bytes of weights held, prepacked copies (oneDNN's opaque tensors) included; tied weights count
@@ -237,7 +238,7 @@ class LlamaModel(nn.Module):
             h = self._layers_fused(h, rope, cache, meta)
             h = h if logit_rows is None else h.index_select(0, logit_rows)
         else:
-            for layer, (k_pool, v_pool) in zip(self.layers, cache.layers, strict=True):
+            for layer, k_pool, v_pool in zip(self.layers, cache.k_layers, cache.v_layers, strict=True):
                 h = layer(h, rope, k_pool, v_pool, meta)
             h = self.norm(h if logit_rows is None else h.index_select(0, logit_rows))
         if self.head is not None:
@@ -256,15 +257,86 @@ class LlamaModel(nn.Module):
     ) -> torch.Tensor:
         """The decoder layers on the CPU kernels, then the final norm: each residual add rides on the RMSNorm
         after it (``add_rms_norm_``, h updated in place), so a layer is two norms, four products, attention
-        and SwiGLU, with no other operation between them."""
+        and SwiGLU, with no other operation between them. A decode-only step whose products all have a
+        kernel runs them in one call (step_cpu.cpp's ``decode_layers``)."""
+        plan = self.decode_plan()
+        if plan is not None and not meta.prefills and h.shape[0] <= plan.max_rows:
+            r, first = self.rotary, self.layers[0]
+            return torch.ops.paged_step.decode_layers(
+                h, plan.weights, plan.kinds, cache.k_layers, cache.v_layers, rope.positions, r.cos32, r.sin32,
+                meta.write_slots, meta.decode_table, meta.decode_lengths, meta.block_size, first.num_heads,
+                first.num_kv_heads, first.head_dim, self.norm.eps, self.norm.weight,
+            )  # fmt: skip
         add_norm = torch.ops.paged_step.add_rms_norm_
         norms = [layer.input_norm for layer in self.layers[1:]] + [self.norm]
         x = self.layers[0].input_norm(h)
-        for layer, after, (k_pool, v_pool) in zip(self.layers, norms, cache.layers, strict=True):
+        for layer, after, k_pool, v_pool in zip(
+            self.layers, norms, cache.k_layers, cache.v_layers, strict=True
+        ):
             post = layer.post_norm
             x = add_norm(h, layer.attention(x, rope, k_pool, v_pool, meta), post.weight, post.eps)
             x = add_norm(h, layer.mlp(x), after.weight, after.eps)
         return x
+
+    def decode_plan(self) -> DecodePlan | None:
+        """What ``decode_layers`` takes for this model (made on first use, once the layers are final); None
+        when it does not apply: not float32, several ranks, or a product without a kernel."""
+        if self._decode_plan is False:
+            self._decode_plan = make_decode_plan(self) if self.fused else None
+        return self._decode_plan
+
+
+# step_cpu.cpp's decode_layers: its kinds of product.
+DENSE, INT8, INT4 = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    """``decode_layers``' view of a model: per layer its 11 tensors (input and post-attention norms, then
+    two per product for q/k/v, output, gate/up and down, then the q/k/v bias or an empty tensor) and the
+    kinds of its 4 products; and the most rows a step may have for every product to take its kernel."""
+
+    weights: list[torch.Tensor]
+    kinds: list[int]
+    max_rows: int
+
+
+def make_decode_plan(model: LlamaModel) -> DecodePlan | None:
+    from .quant import QuantLinear
+
+    if model.parallel.world_size > 1 or model.norm.weight.dtype != torch.float32:
+        return None
+    none = torch.empty(0)
+    rows = [1 << 62]
+
+    def product(module: nn.Module) -> tuple[int, torch.Tensor, torch.Tensor] | None:
+        if isinstance(module, QuantLinear):
+            if not module.fast:
+                return None
+            rows.append(module.large_m - 1)
+            return (
+                (INT8, module.q, module.scale)
+                if module.mode == "int8"
+                else (INT4, module.nibbles, module.scales)
+            )
+        if isinstance(module, ColumnLinear | RowLinear) and module.dense and module.weight is not None:
+            rows.append(1)  # the dense kernel: single rows
+            return DENSE, module.weight, none
+        return None
+
+    weights: list[torch.Tensor] = []
+    kinds: list[int] = []
+    for layer in model.layers:
+        modules = (layer.qkv, layer.o, layer.mlp.gate_up, layer.mlp.down)
+        products = [product(m) for m in modules]
+        if None in products or any(getattr(m, "bias", None) is not None for m in modules[1:]):
+            return None
+        weights += [layer.input_norm.weight, layer.post_norm.weight]
+        for kind, a, b in products:
+            kinds.append(kind)
+            weights += [a, b]
+        weights.append(none if layer.qkv.bias is None else layer.qkv.bias)
+    return DecodePlan(weights, kinds, min(rows))
 
 
 def use_cpu_kernels(model: LlamaModel, unquantized: bool) -> bool:

@@ -33,6 +33,7 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "products.h"
 #include "simd.h"
 
 #include <immintrin.h>
@@ -451,6 +452,16 @@ at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& w) {
   TORCH_CHECK(x.size(0) <= 4, "dense_linear is for at most 4 rows");
   return run(x, F32Rows{w.data_ptr<float>(), w.size(1)}, w.size(0), w.size(1));
 }
+
+namespace paged_products {
+
+at::Tensor dense(const at::Tensor& x, const at::Tensor& w) { return dense_linear(x, w); }
+at::Tensor int8(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale) { return int8_linear(x, q, scale); }
+at::Tensor int4(const at::Tensor& x, const at::Tensor& nibbles, const at::Tensor& scales, int64_t k) {
+  return int4_linear(x, nibbles, scales, k);
+}
+
+}  // namespace paged_products
 
 TORCH_LIBRARY(paged_quant, lib) {
   lib.def("dense_linear(Tensor x, Tensor w) -> Tensor");

@@ -15,6 +15,7 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include "products.h"
 #include "simd.h"
 
 #include <immintrin.h>
@@ -431,6 +432,52 @@ at::Tensor add_rms_norm_(at::Tensor h, const at::Tensor& delta, const at::Tensor
   return y;
 }
 
+// decode_layers: the kinds of product (shard/paged/model.py's DecodePlan names them the same) and the
+// tensors of a layer in `weights`: its input and post-attention norms, then (a, b) for the q/k/v, output,
+// gate/up and down products (dense: a = the float32 weight; int8: q, scale; int4: nibbles, scales), then
+// the q/k/v bias (empty when none).
+constexpr int64_t kDense = 0, kInt8 = 1, kInt4 = 2;
+constexpr int64_t kLayerSlots = 11;
+
+at::Tensor product(int64_t kind, const at::Tensor& x, const at::Tensor& a, const at::Tensor& b) {
+  if (kind == kDense) return paged_products::dense(x, a);
+  if (kind == kInt8) return paged_products::int8(x, a, b);
+  TORCH_CHECK(kind == kInt4, "decode_layers: unknown product kind ", kind);
+  return paged_products::int4(x, a, b, x.size(1));
+}
+
+// Every decoder layer of a decode-only float32 step, then the final norm, in one call: the same
+// operations as the fused Python path (shard/paged/model.py, LlamaModel._layers_fused), without a Python
+// round trip and a dispatch per operation (about 30 operations per layer). h [b, hidden] is the residual
+// stream (updated in place); returns the final norm's rows, for the LM head.
+at::Tensor decode_layers(at::Tensor h, at::TensorList weights, at::IntArrayRef kinds, at::TensorList k_pools,
+                         at::TensorList v_pools, const at::Tensor& positions, const at::Tensor& cos,
+                         const at::Tensor& sin, const at::Tensor& slots, const at::Tensor& table,
+                         const at::Tensor& lengths, int64_t block_size, int64_t heads, int64_t kv_heads, int64_t d,
+                         double eps, const at::Tensor& final_norm) {
+  const int64_t layers = static_cast<int64_t>(k_pools.size());
+  TORCH_CHECK(layers > 0 && static_cast<int64_t>(v_pools.size()) == layers &&
+                  static_cast<int64_t>(weights.size()) == layers * kLayerSlots &&
+                  static_cast<int64_t>(kinds.size()) == layers * 4,
+              "decode_layers: ", kLayerSlots, " weights, 4 kinds and two pools per layer");
+  TORCH_CHECK(h.dim() == 2 && h.is_contiguous() && h.scalar_type() == at::kFloat && h.size(0) == table.size(0),
+              "decode_layers: contiguous float32 h [b, hidden], a row per sequence");
+  at::Tensor x = rms_norm(h, weights[0], eps);
+  for (int64_t i = 0; i < layers; ++i) {
+    const at::Tensor* w = weights.data() + i * kLayerSlots;
+    const int64_t* kind = kinds.data() + i * 4;
+    at::Tensor qkv = product(kind[0], x, w[2], w[3]);
+    if (w[10].numel()) qkv.add_(w[10]);
+    rotary_store_(qkv, positions, cos, sin, heads, kv_heads, d, k_pools[i], v_pools[i], slots);
+    const at::Tensor attention =
+        decode_attention(qkv.narrow(1, 0, heads * d), k_pools[i], v_pools[i], table, lengths, block_size);
+    x = add_rms_norm_(h, product(kind[1], attention, w[4], w[5]), w[1], eps);
+    const at::Tensor mlp = product(kind[3], silu_mul(product(kind[2], x, w[6], w[7])), w[8], w[9]);
+    x = add_rms_norm_(h, mlp, i + 1 < layers ? weights[(i + 1) * kLayerSlots] : final_norm, eps);
+  }
+  return x;
+}
+
 // Greedy choice for rows of scores [b, vocab] float32: each row's first maximum and its log-probability
 // (log_softmax at that index), in three passes over the row (max; where; sum of exponentials) instead of
 // torch's log_softmax, argmax and gather, which write and read a whole [b, vocab] tensor more. A row with
@@ -488,6 +535,9 @@ TORCH_LIBRARY(paged_step, lib) {
           "Tensor(b!) k_pool, Tensor(c!) v_pool, Tensor slots) -> ()");
   lib.def("silu_mul(Tensor x) -> Tensor");
   lib.def("add_rms_norm_(Tensor(a!) h, Tensor delta, Tensor w, float eps) -> Tensor");
+  lib.def("decode_layers(Tensor(a!) h, Tensor[] weights, int[] kinds, Tensor[] k_pools, Tensor[] v_pools, "
+          "Tensor positions, Tensor cos, Tensor sin, Tensor slots, Tensor table, Tensor lengths, int block_size, "
+          "int heads, int kv_heads, int d, float eps, Tensor final_norm) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(paged_step, CPU, lib) {
@@ -498,4 +548,5 @@ TORCH_LIBRARY_IMPL(paged_step, CPU, lib) {
   lib.impl("rotary_store_", &rotary_store_);
   lib.impl("silu_mul", &silu_mul);
   lib.impl("add_rms_norm_", &add_rms_norm_);
+  lib.impl("decode_layers", &decode_layers);
 }

@@ -197,6 +197,44 @@ def test_model_with_kernels_matches_model_without(tiny_model_dir: Path, dtype: s
     torch.testing.assert_close(runs[0], runs[1], atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("quantize", [None, "int8", "int4"])
+def test_decode_layers_matches_the_python_path(
+    tiny_model_dir: Path, quantize: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Decode steps through decode_layers (one call for every layer) give the logits of the fused Python
+    path: float32 weights at one stream (the dense kernel's single row), quantized ones at three."""
+    calls = []
+    one_call = torch.ops.paged_step.decode_layers
+    monkeypatch.setattr(torch.ops.paged_step, "decode_layers", lambda *a: calls.append(1) or one_call(*a))
+    batch = 1 if quantize is None else 3
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13], list(range(20, 39))][:batch]
+    runs = []
+    for plan in (True, False):
+        backend = PagedBackend(tiny_model_dir, CPU, "float32", kv_cache_bytes=2**20, block_size=4,
+                               quantize=quantize)  # fmt: skip
+        made = backend.model.decode_plan()
+        assert made is not None and made.max_rows >= batch
+        if not plan:
+            backend.model._decode_plan = None
+        out = backend.prefill(prompts, [False] * batch)
+        logits = [out.logits]
+        ids = out.logits.argmax(-1)
+        for _ in range(6):
+            step = backend.decode(out.state, ids)
+            logits.append(step)
+            ids = step.argmax(-1)
+        runs.append(torch.stack(logits))
+    assert len(calls) == 6  # every decode step of the first run, none of its prefill or of the second run
+    torch.testing.assert_close(runs[0], runs[1], atol=1e-5, rtol=1e-5)
+
+
+def test_decode_plan_needs_a_kernel_for_every_product(tiny_model_dir: Path) -> None:
+    bf16 = PagedBackend(tiny_model_dir, CPU, "bfloat16", kv_cache_bytes=2**20, block_size=4)
+    assert bf16.model.fused and bf16.model.decode_plan() is None  # bfloat16 products run on oneDNN
+    torch_only = PagedBackend(tiny_model_dir, CPU, "float32", kv_cache_bytes=2**20, cpu_kernels=False)
+    assert torch_only.model.decode_plan() is None
+
+
 def test_greedy_matches_log_softmax_and_argmax() -> None:
     torch.manual_seed(4)
     scores = torch.randn(6, 1001) * 4  # a vocabulary that is not a multiple of the vector width
