@@ -47,6 +47,8 @@ run_ours ours "$OUT/serve-ours.json"
 # bfloat16 weights and activations: half the bytes per decode step, and on CPUs with AVX512-BF16 or AMX
 # about twice float32's matrix-multiply rate (docs/benchmarks.md).
 run_ours "ours bf16" "$OUT/serve-ours-bf16.json" --dtype bfloat16
+# int4 weights (GGUF Q4_1's layout, on int8 activations): about as many bytes per step as llama-server's.
+run_ours "ours int4" "$OUT/serve-ours-int4.json" --quantize int4
 
 if [ -n "${LLAMA_SERVER:-}" ]; then
   "$LLAMA_SERVER" -m "$GGUF" --host 127.0.0.1 --port "$LLAMA_PORT" -t 2 --parallel 64 -c 16384 > "$OUT/llama-server.log" 2>&1 &
