@@ -155,6 +155,7 @@ class Sampler:
             width = max(1, max(len(ids) for ids in self.end_ids))
             self.end_table = col([list(ids) + [-1] * (width - len(ids)) for ids in self.end_ids], torch.long)
             self.min_tokens_t = col(self.min_tokens, torch.long)
+            self._minus_inf = torch.tensor(float("-inf"), device=dev)
         self.max_top_n = max(self.top_n, default=0)
         self.uses = self.processors.uses(self.states, dev) if self.processors else []
 
@@ -227,12 +228,11 @@ class Sampler:
         return Choice(ids, chosen, top_ids, top_logprobs)
 
     def _mask_end(self, scores: torch.Tensor) -> torch.Tensor:
-        """Rows still under their min_tokens cannot pick an end-of-sequence id."""
+        """Rows still under their min_tokens cannot pick an end-of-sequence id: a copy of scores with -inf
+        at those (row, id) pairs (one copy of the scores, where a mask as wide as them took four passes)."""
         active = (self.steps < self.min_tokens_t).unsqueeze(1) & (self.end_table >= 0)
-        hits = torch.zeros_like(scores, dtype=torch.int32).scatter_add_(
-            1, self.end_table.clamp(min=0), active.int()
-        )
-        return scores.masked_fill(hits > 0, float("-inf"))
+        rows = torch.arange(active.shape[0], device=active.device).unsqueeze(1).expand_as(active)
+        return scores.index_put((rows[active], self.end_table[active]), self._minus_inf)
 
     def _penalize(self, scores: torch.Tensor, history: TokenHistory) -> torch.Tensor:
         ids = history.ids

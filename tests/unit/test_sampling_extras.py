@@ -47,6 +47,17 @@ def test_min_tokens_masks_end_ids_until_reached() -> None:
     assert picks == [2, 2, 1]  # masked for two steps, then free
 
 
+def test_min_tokens_masks_each_rows_own_end_ids() -> None:
+    logits = torch.tensor([[0.0, 9.0, 8.0, 7.0], [0.0, 9.0, 8.0, 7.0], [0.0, 9.0, 8.0, 7.0]])
+    before = logits.clone()
+    # row 0: ends on 1 or 2, for two steps; row 1: no minimum; row 2: ends on 1, for one step
+    sampler = Sampler([SamplingParams()] * 3, [0] * 3, torch.device("cpu"), [2, 0, 1], [(1, 2), (1,), (1,)])
+    h = history(3)
+    picks = [sampler.choose(logits, h).ids.tolist() for _ in range(3)]
+    assert picks == [[3, 1, 2], [3, 1, 1], [1, 1, 1]]
+    assert torch.equal(logits, before)  # the caller's logits are never changed
+
+
 def test_n_samples_share_one_prefill(tiny_model_dir: Path) -> None:
     backend = HFBackend(tiny_model_dir, torch.device("cpu"))
     calls: list[int] = []
