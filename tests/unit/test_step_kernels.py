@@ -176,6 +176,21 @@ def test_add_rms_norm_adds_in_place_then_normalizes(dtype) -> None:
         torch.ops.paged_step.add_rms_norm_(h, delta.double(), w, 1e-6)
 
 
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], list(range(20, 39))]
+
+
+def greedy_logits(backend: PagedBackend, prompts: list[list[int]], steps: int = 6) -> torch.Tensor:
+    """The logits of a prefill and ``steps`` greedy decode steps of ``prompts``, stacked."""
+    out = backend.prefill(prompts, [False] * len(prompts))
+    logits = [out.logits]
+    ids = out.logits.argmax(-1)
+    for _ in range(steps):
+        step = backend.decode(out.state, ids)
+        logits.append(step)
+        ids = step.argmax(-1)
+    return torch.stack(logits)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_model_with_kernels_matches_model_without(tiny_model_dir: Path, dtype: str) -> None:
     """Prefill and several decode steps of a batch: the same logits with the kernels and without."""
@@ -184,15 +199,7 @@ def test_model_with_kernels_matches_model_without(tiny_model_dir: Path, dtype: s
         backend = PagedBackend(tiny_model_dir, CPU, dtype, kv_cache_bytes=2**20, block_size=4,
                                cpu_kernels=cpu_kernels)  # fmt: skip
         assert backend.model.fused is cpu_kernels
-        prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13], list(range(20, 39))]
-        out = backend.prefill(prompts, [False] * 3)
-        logits = [out.logits]
-        ids = out.logits.argmax(-1)
-        for _ in range(6):
-            step = backend.decode(out.state, ids)
-            logits.append(step)
-            ids = step.argmax(-1)
-        runs.append(torch.stack(logits))
+        runs.append(greedy_logits(backend, PROMPTS))
     tol = 1e-4 if dtype == "float32" else 0.1
     torch.testing.assert_close(runs[0], runs[1], atol=tol, rtol=tol)
 
@@ -207,7 +214,6 @@ def test_decode_layers_matches_the_python_path(
     one_call = torch.ops.paged_step.decode_layers
     monkeypatch.setattr(torch.ops.paged_step, "decode_layers", lambda *a: calls.append(1) or one_call(*a))
     batch = 1 if quantize is None else 3
-    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13], list(range(20, 39))][:batch]
     runs = []
     for plan in (True, False):
         backend = PagedBackend(tiny_model_dir, CPU, "float32", kv_cache_bytes=2**20, block_size=4,
@@ -216,14 +222,7 @@ def test_decode_layers_matches_the_python_path(
         assert made is not None and made.max_rows >= batch
         if not plan:
             backend.model._decode_plan = None
-        out = backend.prefill(prompts, [False] * batch)
-        logits = [out.logits]
-        ids = out.logits.argmax(-1)
-        for _ in range(6):
-            step = backend.decode(out.state, ids)
-            logits.append(step)
-            ids = step.argmax(-1)
-        runs.append(torch.stack(logits))
+        runs.append(greedy_logits(backend, PROMPTS[:batch]))
     assert len(calls) == 6  # every decode step of the first run, none of its prefill or of the second run
     torch.testing.assert_close(runs[0], runs[1], atol=1e-5, rtol=1e-5)
 
