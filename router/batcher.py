@@ -268,6 +268,8 @@ class Batcher:
         if response.HasField("cache"):
             self.metrics.observe_cache(response.cache)
         self.metrics.batch_inference_duration.labels(method).observe(time.monotonic() - started)
+        if response.total_ns:
+            self.metrics.batch_forward_duration.labels(method).observe(response.total_ns / 1e9)
         self.generation_health = True
         return response
 

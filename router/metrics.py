@@ -67,6 +67,14 @@ class Metrics:
             buckets=DURATION_BUCKETS,
             registry=r,
         )
+        self.batch_forward_duration = Histogram(
+            "tgi_batch_forward_duration",
+            "Shard seconds per step, by the shard's own clock (the rest of tgi_batch_inference_duration is the "
+            "trip between router and shard)",
+            ["method"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
         self.batch_router_duration = Histogram(
             "tgi_batch_router_duration",
             "Router seconds between a decode response and the next decode request (its own time per step)",

@@ -19,8 +19,9 @@
 // nibbles at about twice the rate of the float-activation kernel this replaced (docs/benchmarks.md).
 //
 // int8 without VNNI, and the dense float32 kernel: x stays float32 and the weights are converted in
-// registers, either multiplied with every row of x at once (m <= 4), or converted for 4 output channels
-// into a small float buffer that stays in L1 and is reused by every 4-row tile of x (m > 4).
+// registers, either multiplied with every row of x at once (m <= 4, in channel tiles, below), or converted
+// for 4 output channels into a small float buffer that stays in L1 and is reused by every 4-row tile of x
+// (m > 4).
 //
 // Work is split over output channels with at::parallel_for (torch's own OpenMP pool: the extension is
 // linked with -fopenmp and shares torch's libgomp). The vector code (simd.h) has AVX-512 and AVX2+FMA
@@ -49,7 +50,8 @@ namespace {
 using namespace paged_simd;
 
 constexpr int64_t BLOCK = 32;        // k elements per inner step (and per int4 block)
-constexpr int64_t NT = 4;            // output channels per tile
+constexpr int64_t NT = 4;            // output channels per tile of large_m
+constexpr int64_t TILE = 16;         // output channels per channel tile (one hsum16)
 
 // One row's 32 weights starting at column k0, dequantized (int8: without the channel scale).
 struct Int8Rows {
@@ -62,11 +64,11 @@ struct Int8Rows {
     hi = from_i8(p + 16);
   }
   inline float post(int64_t row) const { return scale[row]; }
+  const float* posts() const { return scale; }
 };
 
-// Unquantized float32 weights, for single-row products (one stream decoding): streamed with 8 channels in
-// flight, which reads them close to the memory bandwidth, where MKL's sgemv on an [n, k] matrix reached
-// about half of it here (docs/benchmarks.md).
+// Unquantized float32 weights, for single-row products (one stream decoding): read in channel tiles, where
+// MKL's sgemv on an [n, k] matrix reached about half of the memory bandwidth here (docs/benchmarks.md).
 struct F32Rows {
   const float* w;
   int64_t k;
@@ -76,40 +78,85 @@ struct F32Rows {
     hi = load(p + 16);
   }
   inline float post(int64_t) const { return 1.f; }
+  const float* posts() const { return nullptr; }
 };
 
-// m <= 4: each weight is dequantized once, in registers, and used by every row of x (T channels at once).
-template <int M, int T, class Rows>
-inline void small_tile(const float* x, const Rows& w, int64_t k, int64_t j0, float* y, int64_t n) {
-  V acc[M][T];
-  for (int i = 0; i < M; ++i)
-    for (int t = 0; t < T; ++t) acc[i][t] = zero();
-  for (int64_t k0 = 0; k0 < k; k0 += BLOCK) {
-    V xl[M], xh[M];
+// Channel tiles: the products that read each weight once (x of up to 4 rows per read, and every row group
+// of x for int8 x). A tile is 16 output channels, and each channel's weights are read front to back, one
+// channel after the other: the hardware prefetcher follows one stream. Reading the 16 channels side by
+// side, chunk by chunk, was 3x slower on the 28 MB LM head (16 short strided streams). A tile's weights
+// stay in L1 for the next group of 4 rows of x, and its 16 sums per row come out of one hsum16.
+//
+// Chan::run<M>(i0, j, out): the M partial-sum vectors of rows i0.. of x against channel j.
+template <int M, class Chan>
+inline void channel_tile(const Chan& chan, int64_t i0, int64_t j0, int64_t nt, const float* post, float* y,
+                         int64_t n) {
+  V out[M];
+  if (nt == TILE) {
+    V acc[M][TILE];
+    for (int t = 0; t < TILE; ++t) {
+      chan.template run<M>(i0, j0 + t, out);
+      for (int i = 0; i < M; ++i) acc[i][t] = out[i];
+    }
     for (int i = 0; i < M; ++i) {
-      xl[i] = load(x + i * k + k0);
-      xh[i] = load(x + i * k + k0 + 16);
+      const V sums = hsum16(acc[i]);
+      store(y + (i0 + i) * n + j0, post != nullptr ? mul(sums, load(post + j0)) : sums);
     }
-    for (int t = 0; t < T; ++t) {
-      V lo, hi;
-      w.get(j0 + t, k0, lo, hi);
-      for (int i = 0; i < M; ++i) acc[i][t] = fma(xh[i], hi, fma(xl[i], lo, acc[i][t]));
-    }
+    return;
   }
-  for (int t = 0; t < T; ++t) {
-    const float s = w.post(j0 + t);
-    for (int i = 0; i < M; ++i) y[i * n + j0 + t] = hsum(acc[i][t]) * s;
+  for (int64_t t = 0; t < nt; ++t) {
+    chan.template run<M>(i0, j0 + t, out);
+    const float p = post != nullptr ? post[j0 + t] : 1.f;
+    for (int i = 0; i < M; ++i) y[(i0 + i) * n + j0 + t] = hsum(out[i]) * p;
   }
 }
 
-template <int M, class Rows>
-void small_m(const float* x, const Rows& w, int64_t k, int64_t n0, int64_t n1, float* y, int64_t n) {
-  int64_t j0 = n0;
-  if (M == 1)
-    for (; j0 + 2 * NT <= n1; j0 += 2 * NT) small_tile<M, 2 * NT>(x, w, k, j0, y, n);
-  for (; j0 + NT <= n1; j0 += NT) small_tile<M, NT>(x, w, k, j0, y, n);
-  for (; j0 < n1; ++j0) small_tile<M, 1>(x, w, k, j0, y, n);
+// y[:, n0:n1] for all m rows of x, tile by tile; ``post``: a factor per output channel (or none).
+template <class Chan>
+void channel_tiles(const Chan& chan, int64_t m, int64_t n0, int64_t n1, const float* post, float* y, int64_t n) {
+  for (int64_t j0 = n0; j0 < n1; j0 += TILE) {
+    const int64_t nt = std::min<int64_t>(TILE, n1 - j0);
+    int64_t i = 0;
+    for (; i + 4 <= m; i += 4) channel_tile<4>(chan, i, j0, nt, post, y, n);
+    switch (m - i) {
+      case 3: channel_tile<3>(chan, i, j0, nt, post, y, n); break;
+      case 2: channel_tile<2>(chan, i, j0, nt, post, y, n); break;
+      case 1: channel_tile<1>(chan, i, j0, nt, post, y, n); break;
+      default: break;
+    }
+  }
 }
+
+// Splits the output channels over torch's threads in whole tiles (at least 4 a thread) and runs them.
+template <class Chan>
+void parallel_tiles(const Chan& chan, int64_t m, int64_t n, const float* post, float* y) {
+  at::parallel_for(0, (n + TILE - 1) / TILE, 4, [&](int64_t t0, int64_t t1) {
+    channel_tiles(chan, m, t0 * TILE, std::min(n, t1 * TILE), post, y, n);
+  });
+}
+
+// Float x against Rows weights (dense float32, or int8 dequantized in registers), two accumulators a row.
+template <class Rows>
+struct RowsChan {
+  const float* x;
+  const Rows& w;
+  int64_t k;
+  template <int M>
+  inline void run(int64_t i0, int64_t j, V* out) const {
+    V a[M], b[M];
+    for (int i = 0; i < M; ++i) a[i] = b[i] = zero();
+    for (int64_t k0 = 0; k0 < k; k0 += BLOCK) {
+      V lo, hi;
+      w.get(j, k0, lo, hi);
+      for (int i = 0; i < M; ++i) {
+        const float* xi = x + (i0 + i) * k + k0;
+        a[i] = fma(load(xi), lo, a[i]);
+        b[i] = fma(load(xi + 16), hi, b[i]);
+      }
+    }
+    for (int i = 0; i < M; ++i) out[i] = add(a[i], b[i]);
+  }
+};
 
 // 4 rows of x against 4 dequantized weight rows held in buf ([NT][k] floats).
 template <int M>
@@ -171,17 +218,14 @@ at::Tensor run(const at::Tensor& x, const Rows& w, int64_t n, int64_t k) {
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   if (m == 0) return y;
+  if (m <= 4) {  // each weight is converted once, in registers, for every row of x
+    parallel_tiles(RowsChan<Rows>{xp, w, k}, m, n, w.posts(), yp);
+    return y;
+  }
   // Tiles of NT output channels; a grain of at least 64 channels keeps tiny matrices on one thread.
   const int64_t tiles = (n + NT - 1) / NT;
   at::parallel_for(0, tiles, 16, [&](int64_t t0, int64_t t1) {
-    const int64_t n0 = t0 * NT, n1 = std::min(n, t1 * NT);
-    switch (m) {
-      case 1: small_m<1>(xp, w, k, n0, n1, yp, n); break;
-      case 2: small_m<2>(xp, w, k, n0, n1, yp, n); break;
-      case 3: small_m<3>(xp, w, k, n0, n1, yp, n); break;
-      case 4: small_m<4>(xp, w, k, n0, n1, yp, n); break;
-      default: large_m(xp, m, w, k, n0, n1, yp, n); break;
-    }
+    large_m(xp, m, w, k, t0 * NT, std::min(n, t1 * NT), yp, n);
   });
   return y;
 }
@@ -190,19 +234,23 @@ bool int8_float_activations = false;  // set_int8_vnni(false): int8 keeps x in f
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 // int8 x int8 with AVX512-VNNI (vpdpbusd: 64 byte products a cycle). x is quantized per row in blocks of
-// 32 (a float scale each, as GGUF's Q8_0) and offset by 128 to make it unsigned; the 128 x sum(w) that the
-// offset adds is taken back out of each lane before the lane's block scale is applied.
+// 32 (a float scale each, as GGUF's Q8_0). vpdpbusd multiplies unsigned by signed bytes: the weights are
+// made unsigned in registers (w + 128: a flip of the sign bit), and the 128 x sum(xq) that this adds is
+// taken back out by starting each lane's sum at -128 x its sum of xq, computed once per call.
 constexpr bool HAS_VNNI = true;
 constexpr int64_t CHUNK = 64;  // bytes per vpdpbusd: two 32-blocks of x
 
 struct QuantizedX {
-  std::vector<uint8_t> q;   // [m][k]: round(x / s) + 128
-  std::vector<float> lanes; // [m][k / 64][16]: s of the chunk's first block in lanes 0-7, second in 8-15
+  std::vector<int8_t> q;      // [m][k]: round(x / s)
+  std::vector<float> lanes;   // [m][k / 64][16]: s of the chunk's first block in lanes 0-7, second in 8-15
+  std::vector<int32_t> corr;  // [m][k / 64][16]: -128 x the lane's 4 values of q
 };
 
 inline void quantize_x(const float* x, int64_t m, int64_t k, QuantizedX& out) {
+  const int64_t chunks = k / CHUNK;
   out.q.resize(m * k);
-  out.lanes.resize(m * (k / CHUNK) * 16);
+  out.lanes.resize(m * chunks * 16);
+  out.corr.resize(m * chunks * 16);
   for (int64_t i = 0; i < m; ++i) {
     for (int64_t b = 0; b < k / BLOCK; ++b) {
       const float* xb = x + i * k + b * BLOCK;
@@ -210,57 +258,44 @@ inline void quantize_x(const float* x, int64_t m, int64_t k, QuantizedX& out) {
       const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
       const float s = amax / 127.f;
       const __m512 inv = _mm512_set1_ps(s > 0.f ? 1.f / s : 0.f);
-      const __m512i off = _mm512_set1_epi32(128);
-      const __m512i qlo = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(lo, inv)), off);
-      const __m512i qhi = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(hi, inv)), off);
-      uint8_t* dst = out.q.data() + i * k + b * BLOCK;
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm512_cvtusepi32_epi8(qlo));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 16), _mm512_cvtusepi32_epi8(qhi));
-      float* lanes = out.lanes.data() + (i * (k / CHUNK) + b / 2) * 16 + (b % 2) * 8;
+      int8_t* dst = out.q.data() + i * k + b * BLOCK;
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(lo, inv))));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 16),
+                       _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(hi, inv))));
+      float* lanes = out.lanes.data() + (i * chunks + b / 2) * 16 + (b % 2) * 8;
       for (int l = 0; l < 8; ++l) lanes[l] = s;
     }
+    for (int64_t c = 0; c < chunks; ++c) {
+      const __m512i q = _mm512_loadu_si512(out.q.data() + i * k + c * CHUNK);
+      const __m512i sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8(1), q);
+      _mm512_storeu_si512(out.corr.data() + (i * chunks + c) * 16, _mm512_mullo_epi32(sums, _mm512_set1_epi32(-128)));
+    }
   }
 }
 
-template <int M, int T>
-inline void vnni_tile(const QuantizedX& xq, int64_t i0, const int8_t* w, const float* scale, int64_t k,
-                      int64_t j0, float* y, int64_t n) {
-  const int64_t chunks = k / CHUNK;
-  const __m512i c128 = _mm512_set1_epi8(static_cast<char>(0x80));
-  __m512 acc[M][T];
-  for (int i = 0; i < M; ++i)
-    for (int t = 0; t < T; ++t) acc[i][t] = _mm512_setzero_ps();
-  for (int64_t c = 0; c < chunks; ++c) {
-    __m512i wv[T], neg[T];
-    for (int t = 0; t < T; ++t) {
-      wv[t] = _mm512_loadu_si512(w + (j0 + t) * k + c * CHUNK);
-      neg[t] = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_dpbusd_epi32(_mm512_setzero_si512(), c128, wv[t]));
-    }
-    for (int i = 0; i < M; ++i) {
-      const __m512i xv = _mm512_loadu_si512(xq.q.data() + (i0 + i) * k + c * CHUNK);
-      const __m512 sv = _mm512_loadu_ps(xq.lanes.data() + ((i0 + i) * chunks + c) * 16);
-      for (int t = 0; t < T; ++t) {
-        const __m512i d = _mm512_dpbusd_epi32(neg[t], xv, wv[t]);
-        acc[i][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sv, acc[i][t]);
+struct VnniChan {
+  const QuantizedX& xq;
+  const int8_t* w;
+  int64_t k;
+  template <int M>
+  inline void run(int64_t i0, int64_t j, V* out) const {
+    const int64_t chunks = k / CHUNK;
+    const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+    const int8_t* row = w + j * k;
+    __m512 acc[M];
+    for (int i = 0; i < M; ++i) acc[i] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < chunks; ++c) {
+      const __m512i wv = _mm512_xor_si512(_mm512_loadu_si512(row + c * CHUNK), flip);
+      for (int i = 0; i < M; ++i) {
+        const int64_t at = ((i0 + i) * chunks + c) * 16;
+        const __m512i xv = _mm512_loadu_si512(xq.q.data() + (i0 + i) * k + c * CHUNK);
+        const __m512i d = _mm512_dpbusd_epi32(_mm512_loadu_si512(xq.corr.data() + at), wv, xv);
+        acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_loadu_ps(xq.lanes.data() + at), acc[i]);
       }
     }
+    for (int i = 0; i < M; ++i) out[i] = {acc[i]};
   }
-  for (int t = 0; t < T; ++t)
-    for (int i = 0; i < M; ++i) y[(i0 + i) * n + j0 + t] = _mm512_reduce_add_ps(acc[i][t]) * scale[j0 + t];
-}
-
-template <int T>
-inline void vnni_rows(const QuantizedX& xq, int64_t m, const int8_t* w, const float* scale, int64_t k,
-                      int64_t j0, float* y, int64_t n) {
-  int64_t i = 0;
-  for (; i + 4 <= m; i += 4) vnni_tile<4, T>(xq, i, w, scale, k, j0, y, n);
-  switch (m - i) {
-    case 3: vnni_tile<3, T>(xq, i, w, scale, k, j0, y, n); break;
-    case 2: vnni_tile<2, T>(xq, i, w, scale, k, j0, y, n); break;
-    case 1: vnni_tile<1, T>(xq, i, w, scale, k, j0, y, n); break;
-    default: break;
-  }
-}
+};
 
 at::Tensor int8_linear_vnni(const at::Tensor& x, const int8_t* w, const float* scale, int64_t n, int64_t k) {
   const int64_t m = x.size(0);
@@ -268,14 +303,7 @@ at::Tensor int8_linear_vnni(const at::Tensor& x, const int8_t* w, const float* s
   if (m == 0) return y;
   QuantizedX xq;
   quantize_x(x.data_ptr<float>(), m, k, xq);
-  float* yp = y.data_ptr<float>();
-  const int64_t tiles = (n + NT - 1) / NT;
-  at::parallel_for(0, tiles, 16, [&](int64_t t0, int64_t t1) {
-    const int64_t n1 = std::min(n, t1 * NT);
-    int64_t j0 = t0 * NT;
-    for (; j0 + NT <= n1; j0 += NT) vnni_rows<NT>(xq, m, w, scale, k, j0, yp, n);
-    for (; j0 < n1; ++j0) vnni_rows<1>(xq, m, w, scale, k, j0, yp, n);
-  });
+  parallel_tiles(VnniChan{xq, w, k}, m, n, scale, y.data_ptr<float>());
   return y;
 }
 
@@ -366,54 +394,40 @@ inline void quantize_x4(const float* x, int64_t m, int64_t k, QuantizedX4& out) 
   }
 }
 
-// M rows of x against T output channels. A row of weights is kp / 2 bytes of nibbles (nib) and, in
-// scales, kp / 32 fp16 scales d then mp fp16 offsets m (zero past the last block).
-template <int M, int T>
-inline void int4_tile(const QuantizedX4& xq, int64_t i0, const uint8_t* nib, const uint16_t* scales, int64_t j0,
-                      float* y, int64_t n) {
-  const int64_t kp = xq.kp, chunks = kp / CHUNK4, nb = kp / BLOCK, srow = nb + xq.mp;
-  V acc[M][T];
-  for (int i = 0; i < M; ++i)
-    for (int t = 0; t < T; ++t) acc[i][t] = zero();
-  for (int64_t c = 0; c < chunks; ++c) {
-    Q w[T];
-    V d[T];
-    for (int t = 0; t < T; ++t) {
-      w[t] = unpack_u4(nib + (j0 + t) * (kp / 2) + c * (CHUNK4 / 2));
-      d[t] = from_f16_pair(scales + (j0 + t) * srow + 2 * c);
+// Rows of x against one output channel. A row of weights is kp / 2 bytes of nibbles (nib) and, in scales,
+// kp / 32 fp16 scales d then mp fp16 offsets m (zero past the last block).
+struct Int4Chan {
+  const QuantizedX4& xq;
+  const uint8_t* nib;
+  const uint16_t* scales;
+  template <int M>
+  inline void run(int64_t i0, int64_t j, V* out) const {
+    const int64_t kp = xq.kp, chunks = kp / CHUNK4, nb = kp / BLOCK, srow = nb + xq.mp;
+    const uint8_t* w = nib + j * (kp / 2);
+    const uint16_t* row = scales + j * srow;
+    V acc[M];
+    for (int i = 0; i < M; ++i) acc[i] = zero();
+    for (int64_t c = 0; c < chunks; ++c) {
+      const Q wq = unpack_u4(w + c * (CHUNK4 / 2));
+      const V d = from_f16_pair(row + 2 * c);
+      for (int i = 0; i < M; ++i) {
+        const Q xv = load_q(xq.q.data() + (i0 + i) * kp + c * CHUNK4);
+        const V sx = load(xq.lanes.data() + ((i0 + i) * chunks + c) * 16);
+        acc[i] = fma(dot_u8s8(wq, xv), mul(d, sx), acc[i]);
+      }
     }
-    for (int i = 0; i < M; ++i) {
-      const Q xv = load_q(xq.q.data() + (i0 + i) * kp + c * CHUNK4);
-      const V sx = load(xq.lanes.data() + ((i0 + i) * chunks + c) * 16);
-      for (int t = 0; t < T; ++t) acc[i][t] = fma(dot_u8s8(w[t], xv), mul(d[t], sx), acc[i][t]);
-    }
-  }
-  for (int t = 0; t < T; ++t) {
-    // The d's are read up to mp too: past the last block, into the m's, against a zero c_b.
-    const uint16_t* row = scales + (j0 + t) * srow;
+    // The offsets, lane-wise into the same sums. The d's are read up to mp too: past the last block, into
+    // the m's, against a zero c_b.
     for (int i = 0; i < M; ++i) {
       const float* sums = xq.sums.data() + (i0 + i) * xq.mp;
       const float* corr = xq.corr.data() + (i0 + i) * xq.mp;
-      V off = zero();
+      V off = acc[i];
       for (int64_t b = 0; b < xq.mp; b += 16)
         off = fma(from_f16(row + b), load(corr + b), fma(from_f16(row + nb + b), load(sums + b), off));
-      y[(i0 + i) * n + j0 + t] = hsum(acc[i][t]) + hsum(off);
+      out[i] = off;
     }
   }
-}
-
-template <int T>
-inline void int4_rows(const QuantizedX4& xq, int64_t m, const uint8_t* nib, const uint16_t* scales, int64_t j0,
-                      float* y, int64_t n) {
-  int64_t i = 0;
-  for (; i + 4 <= m; i += 4) int4_tile<4, T>(xq, i, nib, scales, j0, y, n);
-  switch (m - i) {
-    case 3: int4_tile<3, T>(xq, i, nib, scales, j0, y, n); break;
-    case 2: int4_tile<2, T>(xq, i, nib, scales, j0, y, n); break;
-    case 1: int4_tile<1, T>(xq, i, nib, scales, j0, y, n); break;
-    default: break;
-  }
-}
+};
 
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& nibbles, const at::Tensor& scales, int64_t k) {
   TORCH_CHECK(k > 0 && k % BLOCK == 0, "k must be a positive multiple of ", BLOCK);
@@ -433,14 +447,7 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& nibbles, const at:
   quantize_x4(x.data_ptr<float>(), m, k, xq);
   const uint8_t* nib = nibbles.data_ptr<uint8_t>();
   const uint16_t* sc = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
-  float* yp = y.data_ptr<float>();
-  const int64_t tiles = (n + NT - 1) / NT;
-  at::parallel_for(0, tiles, 16, [&](int64_t t0, int64_t t1) {
-    const int64_t n1 = std::min(n, t1 * NT);
-    int64_t j0 = t0 * NT;
-    for (; j0 + NT <= n1; j0 += NT) int4_rows<NT>(xq, m, nib, sc, j0, yp, n);
-    for (; j0 < n1; ++j0) int4_rows<1>(xq, m, nib, sc, j0, yp, n);
-  });
+  parallel_tiles(Int4Chan{xq, nib, sc}, m, n, nullptr, y.data_ptr<float>());
   return y;
 }
 

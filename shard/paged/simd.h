@@ -149,6 +149,34 @@ inline V round(V x) {
 #endif
 
 
+// hsum16(v): lane l is hsum(v[l]), for 16 vectors at once (one output per channel of a 16-channel tile).
+#if defined(__AVX512F__)
+// Pairs of vectors are added half against half, four times: 15 additions in all where 16 hsums take 64.
+// Lane 4a + b of the last step sums the vector fed in at 4b + a: feeding v[4(i % 4) + i / 4] at i puts
+// v[l]'s sum in lane l.
+inline V hsum16(const V* v) {
+  __m512 r[8], s[4], u[2];
+  for (int i = 0; i < 8; ++i) {
+    const __m512 a = v[4 * (2 * i % 4) + 2 * i / 4].a, b = v[4 * ((2 * i + 1) % 4) + (2 * i + 1) / 4].a;
+    r[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+  }
+  for (int i = 0; i < 4; ++i)
+    s[i] = _mm512_add_ps(_mm512_shuffle_f32x4(r[2 * i], r[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(r[2 * i], r[2 * i + 1], 0xDD));
+  for (int i = 0; i < 2; ++i)
+    u[i] = _mm512_add_ps(_mm512_unpacklo_ps(s[2 * i], s[2 * i + 1]), _mm512_unpackhi_ps(s[2 * i], s[2 * i + 1]));
+  const __m512d lo = _mm512_unpacklo_pd(_mm512_castps_pd(u[0]), _mm512_castps_pd(u[1]));
+  const __m512d hi = _mm512_unpackhi_pd(_mm512_castps_pd(u[0]), _mm512_castps_pd(u[1]));
+  return {_mm512_add_ps(_mm512_castpd_ps(lo), _mm512_castpd_ps(hi))};
+}
+#else
+inline V hsum16(const V* v) {
+  float f[16];
+  for (int i = 0; i < 16; ++i) f[i] = hsum(v[i]);
+  return load(f);
+}
+#endif
+
 // The first lane of v equal to x, or -1.
 #if defined(__AVX512F__)
 inline int first_equal(V v, float x) {

@@ -78,7 +78,7 @@ def test_int4_chunk_order_alternates_blocks_by_lane() -> None:
 @pytest.mark.parametrize("k", [192, 160])  # 160: int4 pads the last chunk of 64
 def test_quantized_linear_is_close_to_float32(kernels: bool, mode: str, bound: float, m: int, k: int) -> None:
     torch.manual_seed(m)
-    n = 70  # not a multiple of the kernels' 4-channel tile
+    n = 70  # four 16-channel tiles and a tail of 6
     w, b, x = torch.randn(n, k), torch.randn(n), torch.randn(2, m, k)
     layer = QuantLinear(w, b, mode)
     y = layer(x)
@@ -109,6 +109,17 @@ def test_kernels_match_the_reference_path(kernels: bool) -> None:
                     assert rel(fast, layer(x)) < (1e-5 if exact else ACT_REL), (vnni, mode, m)
     finally:
         torch.ops.paged_quant.set_int8_vnni(True)
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
+@pytest.mark.parametrize("n", [16, 70, 1000])
+def test_dense_kernel_matches_matmul(kernels: bool, m: int, n: int) -> None:
+    """The float32 decode product: whole 16-channel tiles, a tail of fewer, split over threads."""
+    if not kernels:
+        pytest.skip("the CPU kernels did not build here")
+    torch.manual_seed(n + m)
+    w, x = torch.randn(n, 96), torch.randn(m, 96)
+    torch.testing.assert_close(torch.ops.paged_quant.dense_linear(x, w), x @ w.T, atol=1e-4, rtol=1e-5)
 
 
 def test_row_linear_all_reduces_and_ranks_quantize_their_own_slice() -> None:
