@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from pathlib import Path
 
@@ -236,6 +237,9 @@ def test_metrics_and_docs(default_server: Launched) -> None:
         "tgi_queue_size",
     ):
         assert name in text
+    # The shard's own time per step, from the total_ns of its answers.
+    forward = re.search(r'^tgi_batch_forward_duration_count\{method="decode"\} (\S+)$', text, re.M)
+    assert forward is not None and float(forward.group(1)) >= 1
     assert requests.get(f"{default_server.url}/openapi.json", timeout=10).json()["paths"]["/generate"]
     assert "swagger" in requests.get(f"{default_server.url}/docs", timeout=10).text.lower()
 
