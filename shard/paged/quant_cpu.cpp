@@ -50,7 +50,7 @@ namespace {
 using namespace paged_simd;
 
 constexpr int64_t BLOCK = 32;        // k elements per inner step (and per int4 block)
-constexpr int64_t NT = 4;            // output channels per tile of large_m
+constexpr int64_t NT = 4;            // output channels per register tile (m > 4)
 constexpr int64_t TILE = 16;         // output channels per channel tile (one hsum16)
 
 // One row's 32 weights starting at column k0, dequantized (int8: without the channel scale).
@@ -81,11 +81,12 @@ struct F32Rows {
   const float* posts() const { return nullptr; }
 };
 
-// Channel tiles: the products that read each weight once (x of up to 4 rows per read, and every row group
-// of x for int8 x). A tile is 16 output channels, and each channel's weights are read front to back, one
-// channel after the other: the hardware prefetcher follows one stream. Reading the 16 channels side by
-// side, chunk by chunk, was 3x slower on the 28 MB LM head (16 short strided streams). A tile's weights
-// stay in L1 for the next group of 4 rows of x, and its 16 sums per row come out of one hsum16.
+// Channel tiles, for m <= 4 (decode steps of a few streams, where the products are memory bound): a tile is
+// 16 output channels, and each channel's weights are read front to back, one channel after the other, so
+// that the hardware prefetcher follows one stream per thread; the tile's 16 sums per row of x come out of
+// one hsum16. Reading 4 channels side by side, a chunk of each in turn, took 1.6 to 2x as long on the int8
+// LM head (docs/benchmarks.md). From m = 5 on, the products are compute bound and the register tiles below
+// (vnni_tile, int4_tile, large_m) reuse each loaded chunk of weights and of x several times instead.
 //
 // Chan::run<M>(i0, j, out): the M partial-sum vectors of rows i0.. of x against channel j.
 template <int M, class Chan>
@@ -234,23 +235,19 @@ bool int8_float_activations = false;  // set_int8_vnni(false): int8 keeps x in f
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 // int8 x int8 with AVX512-VNNI (vpdpbusd: 64 byte products a cycle). x is quantized per row in blocks of
-// 32 (a float scale each, as GGUF's Q8_0). vpdpbusd multiplies unsigned by signed bytes: the weights are
-// made unsigned in registers (w + 128: a flip of the sign bit), and the 128 x sum(xq) that this adds is
-// taken back out by starting each lane's sum at -128 x its sum of xq, computed once per call.
+// 32 (a float scale each, as GGUF's Q8_0) and offset by 128 to make it unsigned; the 128 x sum(w) that the
+// offset adds is taken back out of each lane before the lane's block scale is applied.
 constexpr bool HAS_VNNI = true;
 constexpr int64_t CHUNK = 64;  // bytes per vpdpbusd: two 32-blocks of x
 
 struct QuantizedX {
-  std::vector<int8_t> q;      // [m][k]: round(x / s)
-  std::vector<float> lanes;   // [m][k / 64][16]: s of the chunk's first block in lanes 0-7, second in 8-15
-  std::vector<int32_t> corr;  // [m][k / 64][16]: -128 x the lane's 4 values of q
+  std::vector<uint8_t> q;   // [m][k]: round(x / s) + 128
+  std::vector<float> lanes; // [m][k / 64][16]: s of the chunk's first block in lanes 0-7, second in 8-15
 };
 
 inline void quantize_x(const float* x, int64_t m, int64_t k, QuantizedX& out) {
-  const int64_t chunks = k / CHUNK;
   out.q.resize(m * k);
-  out.lanes.resize(m * chunks * 16);
-  out.corr.resize(m * chunks * 16);
+  out.lanes.resize(m * (k / CHUNK) * 16);
   for (int64_t i = 0; i < m; ++i) {
     for (int64_t b = 0; b < k / BLOCK; ++b) {
       const float* xb = x + i * k + b * BLOCK;
@@ -258,19 +255,22 @@ inline void quantize_x(const float* x, int64_t m, int64_t k, QuantizedX& out) {
       const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
       const float s = amax / 127.f;
       const __m512 inv = _mm512_set1_ps(s > 0.f ? 1.f / s : 0.f);
-      int8_t* dst = out.q.data() + i * k + b * BLOCK;
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(lo, inv))));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 16),
-                       _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(hi, inv))));
-      float* lanes = out.lanes.data() + (i * chunks + b / 2) * 16 + (b % 2) * 8;
+      const __m512i off = _mm512_set1_epi32(128);
+      const __m512i qlo = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(lo, inv)), off);
+      const __m512i qhi = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(hi, inv)), off);
+      uint8_t* dst = out.q.data() + i * k + b * BLOCK;
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm512_cvtusepi32_epi8(qlo));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 16), _mm512_cvtusepi32_epi8(qhi));
+      float* lanes = out.lanes.data() + (i * (k / CHUNK) + b / 2) * 16 + (b % 2) * 8;
       for (int l = 0; l < 8; ++l) lanes[l] = s;
     }
-    for (int64_t c = 0; c < chunks; ++c) {
-      const __m512i q = _mm512_loadu_si512(out.q.data() + i * k + c * CHUNK);
-      const __m512i sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8(1), q);
-      _mm512_storeu_si512(out.corr.data() + (i * chunks + c) * 16, _mm512_mullo_epi32(sums, _mm512_set1_epi32(-128)));
-    }
   }
+}
+
+// -128 x each lane's sum of the 4 weights of a chunk: what x's offset adds to the lane.
+inline __m512i offset_correction(__m512i w) {
+  return _mm512_sub_epi32(_mm512_setzero_si512(),
+                          _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8(static_cast<char>(0x80)), w));
 }
 
 struct VnniChan {
@@ -280,22 +280,61 @@ struct VnniChan {
   template <int M>
   inline void run(int64_t i0, int64_t j, V* out) const {
     const int64_t chunks = k / CHUNK;
-    const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
     const int8_t* row = w + j * k;
     __m512 acc[M];
     for (int i = 0; i < M; ++i) acc[i] = _mm512_setzero_ps();
     for (int64_t c = 0; c < chunks; ++c) {
-      const __m512i wv = _mm512_xor_si512(_mm512_loadu_si512(row + c * CHUNK), flip);
+      const __m512i wv = _mm512_loadu_si512(row + c * CHUNK), neg = offset_correction(wv);
       for (int i = 0; i < M; ++i) {
-        const int64_t at = ((i0 + i) * chunks + c) * 16;
         const __m512i xv = _mm512_loadu_si512(xq.q.data() + (i0 + i) * k + c * CHUNK);
-        const __m512i d = _mm512_dpbusd_epi32(_mm512_loadu_si512(xq.corr.data() + at), wv, xv);
-        acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_loadu_ps(xq.lanes.data() + at), acc[i]);
+        const __m512 sv = _mm512_loadu_ps(xq.lanes.data() + ((i0 + i) * chunks + c) * 16);
+        acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(neg, xv, wv)), sv, acc[i]);
       }
     }
     for (int i = 0; i < M; ++i) out[i] = {acc[i]};
   }
 };
+
+// m > 4: M rows of x against T channels in registers, chunk by chunk: each weight chunk serves M rows and
+// each chunk of x T channels (the products are compute bound there, and the tile's weights stay in L1).
+template <int M, int T>
+inline void vnni_tile(const QuantizedX& xq, int64_t i0, const int8_t* w, const float* scale, int64_t k,
+                      int64_t j0, float* y, int64_t n) {
+  const int64_t chunks = k / CHUNK;
+  __m512 acc[M][T];
+  for (int i = 0; i < M; ++i)
+    for (int t = 0; t < T; ++t) acc[i][t] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < chunks; ++c) {
+    __m512i wv[T], neg[T];
+    for (int t = 0; t < T; ++t) {
+      wv[t] = _mm512_loadu_si512(w + (j0 + t) * k + c * CHUNK);
+      neg[t] = offset_correction(wv[t]);
+    }
+    for (int i = 0; i < M; ++i) {
+      const __m512i xv = _mm512_loadu_si512(xq.q.data() + (i0 + i) * k + c * CHUNK);
+      const __m512 sv = _mm512_loadu_ps(xq.lanes.data() + ((i0 + i) * chunks + c) * 16);
+      for (int t = 0; t < T; ++t) {
+        const __m512i d = _mm512_dpbusd_epi32(neg[t], xv, wv[t]);
+        acc[i][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sv, acc[i][t]);
+      }
+    }
+  }
+  for (int t = 0; t < T; ++t)
+    for (int i = 0; i < M; ++i) y[(i0 + i) * n + j0 + t] = _mm512_reduce_add_ps(acc[i][t]) * scale[j0 + t];
+}
+
+template <int T>
+inline void vnni_rows(const QuantizedX& xq, int64_t m, const int8_t* w, const float* scale, int64_t k,
+                      int64_t j0, float* y, int64_t n) {
+  int64_t i = 0;
+  for (; i + 4 <= m; i += 4) vnni_tile<4, T>(xq, i, w, scale, k, j0, y, n);
+  switch (m - i) {
+    case 3: vnni_tile<3, T>(xq, i, w, scale, k, j0, y, n); break;
+    case 2: vnni_tile<2, T>(xq, i, w, scale, k, j0, y, n); break;
+    case 1: vnni_tile<1, T>(xq, i, w, scale, k, j0, y, n); break;
+    default: break;
+  }
+}
 
 at::Tensor int8_linear_vnni(const at::Tensor& x, const int8_t* w, const float* scale, int64_t n, int64_t k) {
   const int64_t m = x.size(0);
@@ -303,7 +342,17 @@ at::Tensor int8_linear_vnni(const at::Tensor& x, const int8_t* w, const float* s
   if (m == 0) return y;
   QuantizedX xq;
   quantize_x(x.data_ptr<float>(), m, k, xq);
-  parallel_tiles(VnniChan{xq, w, k}, m, n, scale, y.data_ptr<float>());
+  float* yp = y.data_ptr<float>();
+  if (m <= 4) {
+    parallel_tiles(VnniChan{xq, w, k}, m, n, scale, yp);
+    return y;
+  }
+  at::parallel_for(0, (n + NT - 1) / NT, 16, [&](int64_t t0, int64_t t1) {
+    const int64_t n1 = std::min(n, t1 * NT);
+    int64_t j0 = t0 * NT;
+    for (; j0 + NT <= n1; j0 += NT) vnni_rows<NT>(xq, m, w, scale, k, j0, yp, n);
+    for (; j0 < n1; ++j0) vnni_rows<1>(xq, m, w, scale, k, j0, yp, n);
+  });
   return y;
 }
 
@@ -429,6 +478,53 @@ struct Int4Chan {
   }
 };
 
+// m > 4: M rows of x against T channels in registers, as vnni_tile.
+template <int M, int T>
+inline void int4_tile(const QuantizedX4& xq, int64_t i0, const uint8_t* nib, const uint16_t* scales, int64_t j0,
+                      float* y, int64_t n) {
+  const int64_t kp = xq.kp, chunks = kp / CHUNK4, nb = kp / BLOCK, srow = nb + xq.mp;
+  V acc[M][T];
+  for (int i = 0; i < M; ++i)
+    for (int t = 0; t < T; ++t) acc[i][t] = zero();
+  for (int64_t c = 0; c < chunks; ++c) {
+    Q w[T];
+    V d[T];
+    for (int t = 0; t < T; ++t) {
+      w[t] = unpack_u4(nib + (j0 + t) * (kp / 2) + c * (CHUNK4 / 2));
+      d[t] = from_f16_pair(scales + (j0 + t) * srow + 2 * c);
+    }
+    for (int i = 0; i < M; ++i) {
+      const Q xv = load_q(xq.q.data() + (i0 + i) * kp + c * CHUNK4);
+      const V sx = load(xq.lanes.data() + ((i0 + i) * chunks + c) * 16);
+      for (int t = 0; t < T; ++t) acc[i][t] = fma(dot_u8s8(w[t], xv), mul(d[t], sx), acc[i][t]);
+    }
+  }
+  for (int t = 0; t < T; ++t) {
+    const uint16_t* row = scales + (j0 + t) * srow;  // the offsets as in Int4Chan
+    for (int i = 0; i < M; ++i) {
+      const float* sums = xq.sums.data() + (i0 + i) * xq.mp;
+      const float* corr = xq.corr.data() + (i0 + i) * xq.mp;
+      V off = acc[i][t];
+      for (int64_t b = 0; b < xq.mp; b += 16)
+        off = fma(from_f16(row + b), load(corr + b), fma(from_f16(row + nb + b), load(sums + b), off));
+      y[(i0 + i) * n + j0 + t] = hsum(off);
+    }
+  }
+}
+
+template <int T>
+inline void int4_rows(const QuantizedX4& xq, int64_t m, const uint8_t* nib, const uint16_t* scales, int64_t j0,
+                      float* y, int64_t n) {
+  int64_t i = 0;
+  for (; i + 4 <= m; i += 4) int4_tile<4, T>(xq, i, nib, scales, j0, y, n);
+  switch (m - i) {
+    case 3: int4_tile<3, T>(xq, i, nib, scales, j0, y, n); break;
+    case 2: int4_tile<2, T>(xq, i, nib, scales, j0, y, n); break;
+    case 1: int4_tile<1, T>(xq, i, nib, scales, j0, y, n); break;
+    default: break;
+  }
+}
+
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& nibbles, const at::Tensor& scales, int64_t k) {
   TORCH_CHECK(k > 0 && k % BLOCK == 0, "k must be a positive multiple of ", BLOCK);
   QuantizedX4 xq;
@@ -447,7 +543,17 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& nibbles, const at:
   quantize_x4(x.data_ptr<float>(), m, k, xq);
   const uint8_t* nib = nibbles.data_ptr<uint8_t>();
   const uint16_t* sc = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
-  parallel_tiles(Int4Chan{xq, nib, sc}, m, n, nullptr, y.data_ptr<float>());
+  float* yp = y.data_ptr<float>();
+  if (m <= 4) {
+    parallel_tiles(Int4Chan{xq, nib, sc}, m, n, nullptr, yp);
+    return y;
+  }
+  at::parallel_for(0, (n + NT - 1) / NT, 16, [&](int64_t t0, int64_t t1) {
+    const int64_t n1 = std::min(n, t1 * NT);
+    int64_t j0 = t0 * NT;
+    for (; j0 + NT <= n1; j0 += NT) int4_rows<NT>(xq, m, nib, sc, j0, yp, n);
+    for (; j0 < n1; ++j0) int4_rows<1>(xq, m, nib, sc, j0, yp, n);
+  });
   return y;
 }
 
