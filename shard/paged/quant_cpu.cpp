@@ -84,9 +84,9 @@ struct F32Rows {
 // Channel tiles, for m <= 4 (decode steps of a few streams, where the products are memory bound): a tile is
 // 16 output channels, and each channel's weights are read front to back, one channel after the other, so
 // that the hardware prefetcher follows one stream per thread; the tile's 16 sums per row of x come out of
-// one hsum16. Reading 4 channels side by side, a chunk of each in turn, took 1.6 to 2x as long on the int8
-// LM head (docs/benchmarks.md). From m = 5 on, the products are compute bound and the register tiles below
-// (vnni_tile, int4_tile, large_m) reuse each loaded chunk of weights and of x several times instead.
+// one hsum16. Reading 4 channels side by side, a chunk of each in turn, took about 2.4x as long on the int8
+// LM head at one row (docs/benchmarks.md). From m = 5 on, the products are compute bound and the register
+// tiles below (vnni_tile, int4_tile, large_m) reuse each loaded chunk of weights and of x several times.
 //
 // Chan::run<M>(i0, j, out): the M partial-sum vectors of rows i0.. of x against channel j.
 template <int M, class Chan>
@@ -443,6 +443,18 @@ inline void quantize_x4(const float* x, int64_t m, int64_t k, QuantizedX4& out) 
   }
 }
 
+// acc plus row i of x's offset terms against one channel's scales row (kp / 32 d's, then mp m's), lane-wise:
+// sum over blocks b of d_b c_b + m_b sum_b. The d's are read up to mp too: past the last block, into the m's,
+// against a zero c_b.
+inline V with_offsets(const QuantizedX4& xq, int64_t i, const uint16_t* row, V acc) {
+  const int64_t nb = xq.kp / BLOCK;
+  const float* sums = xq.sums.data() + i * xq.mp;
+  const float* corr = xq.corr.data() + i * xq.mp;
+  for (int64_t b = 0; b < xq.mp; b += 16)
+    acc = fma(from_f16(row + b), load(corr + b), fma(from_f16(row + nb + b), load(sums + b), acc));
+  return acc;
+}
+
 // Rows of x against one output channel. A row of weights is kp / 2 bytes of nibbles (nib) and, in scales,
 // kp / 32 fp16 scales d then mp fp16 offsets m (zero past the last block).
 struct Int4Chan {
@@ -465,16 +477,7 @@ struct Int4Chan {
         acc[i] = fma(dot_u8s8(wq, xv), mul(d, sx), acc[i]);
       }
     }
-    // The offsets, lane-wise into the same sums. The d's are read up to mp too: past the last block, into
-    // the m's, against a zero c_b.
-    for (int i = 0; i < M; ++i) {
-      const float* sums = xq.sums.data() + (i0 + i) * xq.mp;
-      const float* corr = xq.corr.data() + (i0 + i) * xq.mp;
-      V off = acc[i];
-      for (int64_t b = 0; b < xq.mp; b += 16)
-        off = fma(from_f16(row + b), load(corr + b), fma(from_f16(row + nb + b), load(sums + b), off));
-      out[i] = off;
-    }
+    for (int i = 0; i < M; ++i) out[i] = with_offsets(xq, i0 + i, row, acc[i]);
   }
 };
 
@@ -499,17 +502,9 @@ inline void int4_tile(const QuantizedX4& xq, int64_t i0, const uint8_t* nib, con
       for (int t = 0; t < T; ++t) acc[i][t] = fma(dot_u8s8(w[t], xv), mul(d[t], sx), acc[i][t]);
     }
   }
-  for (int t = 0; t < T; ++t) {
-    const uint16_t* row = scales + (j0 + t) * srow;  // the offsets as in Int4Chan
-    for (int i = 0; i < M; ++i) {
-      const float* sums = xq.sums.data() + (i0 + i) * xq.mp;
-      const float* corr = xq.corr.data() + (i0 + i) * xq.mp;
-      V off = acc[i][t];
-      for (int64_t b = 0; b < xq.mp; b += 16)
-        off = fma(from_f16(row + b), load(corr + b), fma(from_f16(row + nb + b), load(sums + b), off));
-      y[(i0 + i) * n + j0 + t] = hsum(off);
-    }
-  }
+  for (int t = 0; t < T; ++t)
+    for (int i = 0; i < M; ++i)
+      y[(i0 + i) * n + j0 + t] = hsum(with_offsets(xq, i0 + i, scales + (j0 + t) * srow, acc[i][t]));
 }
 
 template <int T>
