@@ -185,6 +185,14 @@ def launch(
     ct2_max_batches: Annotated[
         int, _opt("CT2_MAX_BATCHES", "--quantize ct2: CTranslate2 batches running side by side.")
     ] = 32,
+    cuda_graphs: Annotated[
+        str | None,
+        _opt(
+            "CUDA_GRAPHS",
+            "Batch sizes whose decode steps are captured as CUDA graphs, e.g. 1,2,4,8 (0: none; "
+            "default: 1 to 256 in powers of two). Paged backend on one GPU.",
+        ),
+    ] = None,
     plugin: Annotated[
         list[str] | None,
         _opt("PLUGIN", "Enable an optional plugin by name (repeatable); see --list-plugins."),
@@ -245,6 +253,7 @@ def launch(
         backend=backend,
         ct2_threads=ct2_threads,
         ct2_max_batches=ct2_max_batches,
+        cuda_graphs=cuda_graphs,
         plugins=tuple(plugin or ()),
         watermark_gamma=watermark_gamma,
         watermark_delta=watermark_delta,

@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.cuda_graphs import parse_cuda_graphs
 from common.quantize import BITSANDBYTES, CT2
 from common.sharding import sharding_problem
 
@@ -68,6 +69,9 @@ class LauncherConfig:
     # --quantize ct2: compute threads per step (0: the cores available), batches run side by side.
     ct2_threads: int = 0
     ct2_max_batches: int = 32
+    # Batch sizes whose decode steps the paged backend captures as CUDA graphs ("0": none; None: its
+    # default ladder). GPU only.
+    cuda_graphs: str | None = None
     # Optional plugins to enable (common/plugins.py), and the watermark processor's settings.
     plugins: tuple[str, ...] = field(default_factory=tuple)
     watermark_gamma: float = 0.5
@@ -174,6 +178,11 @@ class LauncherConfig:
             self._validate_quantize()
             if self.quantize in ("int8", "int4") and self.backend == "transformers":
                 raise ArgumentError(f"`--quantize {self.quantize}` needs the paged backend, not transformers")
+        if self.cuda_graphs is not None:
+            try:
+                parse_cuda_graphs(self.cuda_graphs)
+            except ValueError as e:
+                raise ArgumentError(str(e)) from None
         if self.num_shard is not None and self.num_shard < 1:
             raise ArgumentError(f"`num_shard` must be >= 1. Given: {self.num_shard}")
         if self.nnodes < 1:

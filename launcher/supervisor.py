@@ -142,6 +142,8 @@ class Supervisor:
             cmd += ["--quantize", c.quantize]
         if c.quantize == "ct2":
             cmd += ["--ct2-threads", str(c.ct2_threads), "--ct2-max-batches", str(c.ct2_max_batches)]
+        if c.cuda_graphs is not None:
+            cmd += ["--cuda-graphs", c.cuda_graphs]
         if c.trust_remote_code:
             cmd.append("--trust-remote-code")
         if c.json_output:

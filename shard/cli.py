@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from common.cuda_graphs import parse_cuda_graphs
 from common.logs import setup_logging
 
 from .config import ShardConfig
@@ -44,6 +45,9 @@ def serve(
     ct2_max_batches: Annotated[
         int, typer.Option(help="--quantize ct2: CTranslate2 batches running side by side.")
     ] = 32,
+    cuda_graphs: Annotated[
+        str | None, typer.Option(help="Batch sizes captured as CUDA graphs (0: none; default: 1 to 256).")
+    ] = None,
     plugin: Annotated[list[str] | None, typer.Option(help="Enable an optional plugin (repeatable).")] = None,
     watermark_gamma: Annotated[float, typer.Option(help="Watermark green-list fraction.")] = 0.5,
     watermark_delta: Annotated[float, typer.Option(help="Watermark green-list logit boost.")] = 2.0,
@@ -63,6 +67,7 @@ def serve(
         fault_injection=fault_injection,
         ct2_threads=ct2_threads,
         ct2_max_batches=ct2_max_batches,
+        cuda_graphs=None if cuda_graphs is None else parse_cuda_graphs(cuda_graphs),
         plugins=tuple(plugin or ()),
         watermark_gamma=watermark_gamma,
         watermark_delta=watermark_delta,

@@ -21,6 +21,9 @@ class ShardConfig:
     # --quantize ct2: compute threads per step (0: the cores available) and batches run side by side.
     ct2_threads: int = 0
     ct2_max_batches: int = 32
+    # Batch sizes whose decode steps the paged backend captures as CUDA graphs: None, its default
+    # ladder; (), none (--cuda-graphs 0).
+    cuda_graphs: tuple[int, ...] | None = None
     # Optional plugins enabled with --plugin (common/plugins.py); built-in ones are always loaded.
     plugins: tuple[str, ...] = ()
     # The watermark processor's green-list fraction and logit boost (TGI's --watermark-gamma/-delta).

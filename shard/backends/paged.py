@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from ..config import ShardConfig
-from ..paged.attention import PrefillChunk, StepMeta
+from ..paged.attention import PrefillChunk, StepMeta, decode_meta
+from ..paged.graphs import DEFAULT_BATCH_SIZES, DecodeGraphs
 from ..paged.kv_cache import PagedKVCache, Sequence
 from ..paged.layers import Parallel
 from ..paged.model import LlamaModel, ModelSpec, Weights, use_cpu_kernels
@@ -71,7 +72,10 @@ class PagedBackend:
         block_size: int = BLOCK_SIZE,
         quantize: str | None = None,
         cpu_kernels: bool = True,
+        cuda_graphs: tuple[int, ...] | None = None,
     ) -> None:
+        """``cuda_graphs``: batch sizes whose decode steps run as CUDA graphs on a GPU with one rank
+        (shard/paged/graphs.py); None for the default ladder, () for none."""
         from transformers import AutoConfig, GenerationConfig
 
         self.device = device
@@ -100,6 +104,9 @@ class PagedBackend:
         num_blocks = self.parallel.agree(num_blocks)
         self.cache = PagedKVCache(spec.num_layers, num_blocks, block_size, layer.num_kv_heads, spec.head_dim,
                                   torch_dtype, device)  # fmt: skip
+        self.graphs: DecodeGraphs | None = None
+        if device.type == "cuda" and self.parallel.world_size == 1 and cuda_graphs != ():
+            self.graphs = DecodeGraphs(self.model, self.cache, cuda_graphs or DEFAULT_BATCH_SIZES)
         try:
             eos = GenerationConfig.from_pretrained(path).eos_token_id
         except OSError:
@@ -186,19 +193,21 @@ class PagedBackend:
             longest = max(lengths)
             width = -(-longest // bs)
             null = self.cache.null_block
-            table = torch.tensor([(s.blocks + [null] * width)[:width] for s in seqs], device=dev)
-            lengths_t = torch.tensor(lengths, device=dev)
-            meta.decode_table, meta.decode_lengths = table, lengths_t
-            if not self.model.fused:
-                span = torch.arange(longest, device=dev)
-                meta.decode_slots = table[:, span // bs] * bs + span % bs
-                meta.decode_mask = (span.unsqueeze(0) < lengths_t.unsqueeze(1)).view(len(seqs), 1, 1, longest)
-            positions = lengths_t - 1
+            table = [(s.blocks + [null] * width)[:width] for s in seqs]
+            if not chunks and self.graphs is not None:  # a decode-only step: a CUDA graph, if one fits
+                logits = self.graphs.run(input_ids, table, lengths)
+                if logits is not None:
+                    self._advance(seqs, [])
+                    return logits, []
+            positions, meta = decode_meta(
+                torch.tensor(table, device=dev),
+                torch.tensor(lengths, device=dev),
+                bs,
+                None if self.model.fused else longest,
+            )
             parts_ids.append(input_ids.to(dev))
             parts_pos.append(positions)
-            parts_write.append(
-                table.gather(1, (positions // bs).unsqueeze(1)).squeeze(1) * bs + positions % bs
-            )
+            parts_write.append(meta.write_slots)
         row = len(seqs)
         spans: list[tuple[int, int]] = []
         for chunk in chunks:
@@ -224,15 +233,19 @@ class PagedBackend:
         logits = self.model(
             torch.cat(parts_ids), torch.cat(parts_pos), meta, self.cache, torch.tensor(logit_rows, device=dev)
         )
+        self._advance(seqs, chunks)
+        decode_logits = logits[: len(seqs)] if seqs else None
+        return decode_logits, [logits[a:b] for a, b in spans]
+
+    def _advance(self, seqs: list[Sequence], chunks: list[Chunk]) -> None:
+        """After a step: its tokens' K/V are in the cache; full blocks are sealed (prefix caching)."""
         for seq in seqs:
             seq.computed += 1
-            if seq.computed % bs == 0:
+            if seq.computed % self.cache.block_size == 0:
                 self.cache.seal(seq)
         for chunk in chunks:
             chunk.seq.computed += chunk.length
             self.cache.seal(chunk.seq)
-        decode_logits = logits[: len(seqs)] if seqs else None
-        return decode_logits, [logits[a:b] for a, b in spans]
 
     # -- batch bookkeeping ------------------------------------------------------------------------
     def select(self, state: PagedState, index: torch.Tensor) -> PagedState:
@@ -273,4 +286,6 @@ class PagedBackend:
 def load(config: ShardConfig, device: torch.device, parallel: Parallel) -> PagedBackend:
     """The ``paged`` entry point of ``text_generation.backends``."""
     quantize = config.quantize if config.quantize in ("int8", "int4") else None
-    return PagedBackend(config.model_path, device, config.dtype, parallel, quantize=quantize)
+    return PagedBackend(
+        config.model_path, device, config.dtype, parallel, quantize=quantize, cuda_graphs=config.cuda_graphs
+    )

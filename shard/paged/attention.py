@@ -47,6 +47,23 @@ class StepMeta:
     decode_mask: torch.Tensor | None = None
 
 
+def decode_meta(
+    table: torch.Tensor, lengths: torch.Tensor, block_size: int, context: int | None
+) -> tuple[torch.Tensor, StepMeta]:
+    """A decode-only step's positions and meta from its block table [batch, width] and context lengths
+    [batch] (the new token included), in tensor operations only (a CUDA graph can hold them).
+    ``context``: the tokens of the gathered context span for the torch path (at least the longest
+    length); None for the CPU kernel, which reads the pool through the table itself."""
+    positions = lengths - 1
+    write = table.gather(1, (positions // block_size).unsqueeze(1)).squeeze(1) * block_size
+    meta = StepMeta(write + positions % block_size, len(table), [], block_size, table, lengths)
+    if context is not None:
+        span = torch.arange(context, device=table.device)
+        meta.decode_slots = table[:, span // block_size] * block_size + span % block_size
+        meta.decode_mask = (span.unsqueeze(0) < lengths.unsqueeze(1)).view(len(table), 1, 1, context)
+    return positions, meta
+
+
 def paged_attention(
     q: torch.Tensor,
     k: torch.Tensor,

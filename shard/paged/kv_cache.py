@@ -110,9 +110,10 @@ class PagedKVCache:
         dtype: torch.dtype,
         device: torch.device,
     ) -> None:
-        # One more block than the allocator hands out: the null block, all zeros, which padding in a
-        # batch's block table points at. Zeroed memory is committed now (the pool is allocated once).
-        shape = (num_layers, (num_blocks + 1) * block_size, kv_heads, head_dim)
+        # Two more blocks than the allocator hands out: the null block, all zeros, which padding in a
+        # batch's block table points at, and the scratch block, which the padding rows of a CUDA graph's
+        # step write to (shard/paged/graphs.py). Zeroed memory is committed now (allocated once).
+        shape = (num_layers, (num_blocks + 2) * block_size, kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         # Each layer's pools [slots, kv_heads, d], as views made once (not an indexing per layer per step).
@@ -120,6 +121,7 @@ class PagedKVCache:
         self.v_layers = list(self.v.unbind(0))
         self.block_size = block_size
         self.null_block = num_blocks
+        self.scratch_block = num_blocks + 1
         self.allocator = BlockAllocator(num_blocks, block_size)
         self.device = device
 
