@@ -12,7 +12,7 @@ HOST ?= 0.0.0.0
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: run test soak lint format proto bench clean
+.PHONY: run test soak lint format proto bench bench-gpu clean
 
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,11 @@ format: $(STAMP)
 # and its plots, into docs/benchmarks/ (see docs/benchmarks.md).
 bench: $(STAMP) proto
 	BIN=$(BIN) benchmark/standard.sh
+
+# The GPU check (one CUDA device): a 1B-parameter Llama shape with random bfloat16 weights, its floor, the
+# shard benchmark with and without CUDA graphs, transformers' generate; into docs/benchmarks/gpu-*.json.
+bench-gpu: $(STAMP) proto
+	PYTHON=$(BIN)/python benchmark/gpu.sh
 
 # The router's own overhead: the real router in front of the test utilities' fake shard (answers at once),
 # loaded at 64, 256 and 1,024 concurrent streams, three rounds; into docs/benchmarks/router-overhead.json.

@@ -262,7 +262,16 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument(
         "--output-dir", metavar="DIR", default="plots", help="folder of the PNG files (default: %(default)s)"
     )
-    from benchmark import baseline, floor, quantize, router_bench, scenarios, shard_bench, step_bench
+    from benchmark import (
+        baseline,
+        floor,
+        quantize,
+        random_model,
+        router_bench,
+        scenarios,
+        shard_bench,
+        step_bench,
+    )
 
     for module in (
         shard_bench,
@@ -272,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
         router_bench,
         scenarios,
         quantize,
+        random_model,
     ):  # subcommands
         module.register(commands)
     return parser
