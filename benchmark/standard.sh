@@ -51,7 +51,8 @@ run_ours "ours bf16" "$OUT/serve-ours-bf16.json" --dtype bfloat16
 run_ours "ours int4" "$OUT/serve-ours-int4.json" --quantize int4
 
 if [ -n "${LLAMA_SERVER:-}" ]; then
-  "$LLAMA_SERVER" -m "$GGUF" --host 127.0.0.1 --port "$LLAMA_PORT" -t 2 --parallel 64 -c 16384 > "$OUT/llama-server.log" 2>&1 &
+  # shellcheck disable=SC2086  # LLAMA_FLAGS: extra flags, word-split (e.g. --no-repack, docs/benchmarks.md)
+  "$LLAMA_SERVER" -m "$GGUF" --host 127.0.0.1 --port "$LLAMA_PORT" -t 2 --parallel 64 -c 16384 ${LLAMA_FLAGS:-} > "$OUT/llama-server.log" 2>&1 &
   lpid=$!
   trap 'kill $lpid 2>/dev/null; wait $lpid 2>/dev/null' EXIT
   wait_healthy "http://127.0.0.1:$LLAMA_PORT/health"
