@@ -10,7 +10,7 @@ blocks per sequence, up to ``MAX_CONTEXT`` tokens. Each (batch, width) graph is 
 step needs it; all share one memory pool (they never run at the same time). A step outside every
 bucket, a step with prompt chunks, or a device without graphs runs eagerly, as before.
 
-The graph's inputs are three buffers it owns: the token ids [batch], and the block table [batch, width]
+The graph's inputs are two buffers it owns: the token ids [batch], and the block table [batch, width]
 with each row's context length in an extra last column, copied from the host in one transfer per step.
 Padding rows hold the KV cache's scratch block and a length of 1: they write their K/V to the scratch
 block's first slot, attend to it alone, and their logits are dropped. Positions, write slots, the
@@ -39,9 +39,9 @@ DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 # Longest context a graph covers (vLLM's max_seq_len_to_capture); longer steps run eagerly, since every
 # row of a graph gathers its bucket's whole span.
 MAX_CONTEXT = 8192
-# Most context tokens a graph's step gathers (batch x span): each layer's gathered K and V take
-# 2 x tokens x kv_heads x head_dim elements of the graph's memory pool.
-MAX_GATHERED = 2**20
+# Most bytes of K and V a graph's step gathers for one layer (batch x span tokens): they live in the
+# graphs' memory pool, beside the KV cache's.
+MAX_GATHERED_BYTES = 2**30
 
 
 @dataclass
@@ -76,6 +76,8 @@ class DecodeGraphs:
         self.capture = capture
         bs = cache.block_size
         self.max_width = max(1, max_context // bs)
+        pool = cache.k_layers[0]  # [slots, kv_heads, head_dim]
+        self.token_bytes = 2 * pool.shape[1] * pool.shape[2] * pool.element_size()  # one token's K and V
         self.graphs: dict[tuple[int, int], Graph] = {}
         self.pool: object | None = None
         self.failed = False
@@ -87,7 +89,9 @@ class DecodeGraphs:
         if i == len(self.batch_sizes) or width > self.max_width:
             return None
         key = self.batch_sizes[i], min(1 << (width - 1).bit_length(), self.max_width)
-        return key if key[0] * key[1] * self.cache.block_size <= MAX_GATHERED else None
+        return (
+            key if key[0] * key[1] * self.cache.block_size * self.token_bytes <= MAX_GATHERED_BYTES else None
+        )
 
     def run(self, ids: torch.Tensor, table: list[list[int]], lengths: list[int]) -> torch.Tensor | None:
         """The step's float32 logits [rows, vocab], or None when no graph serves it (run it eagerly).
@@ -108,7 +112,7 @@ class DecodeGraphs:
         scratch = self.cache.scratch_block
         host = [row + [scratch] * (cols - width) + [n] for row, n in zip(table, lengths, strict=True)]
         host += [[scratch] * cols + [1]] * (batch - rows)
-        graph.table.copy_(torch.tensor(host), non_blocking=True)
+        graph.table.copy_(torch.tensor(host))
         graph.ids[:rows].copy_(ids)
         graph.steps += 1
         if graph.graph is not None:
@@ -134,11 +138,11 @@ class DecodeGraphs:
         if self.capture:
             try:
                 self._capture(graph)
-            except Exception:  # a kernel that cannot be captured: this model runs eagerly from now on
+            except Exception:  # an operation that cannot be captured, or no memory: eager from now on
                 log.exception(
                     "CUDA graph capture failed (batch %d, %d blocks); decoding eagerly", batch, width
                 )
-                self.failed = True
+                self._give_up()
                 return None
             log.info(
                 "Captured a CUDA graph: batch %d, context up to %d tokens",
@@ -158,8 +162,17 @@ class DecodeGraphs:
                 self._forward(graph)
         torch.cuda.current_stream(self.cache.device).wait_stream(side)
         cuda_graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(cuda_graph, pool=self.pool):
+        # thread_local: the event loop's thread may touch CUDA (a failed step's empty_cache) meanwhile.
+        with torch.cuda.graph(cuda_graph, pool=self.pool, capture_error_mode="thread_local"):
             graph.logits = self._forward(graph)
         if self.pool is None:
             self.pool = cuda_graph.pool()
         graph.graph = cuda_graph
+
+    def _give_up(self) -> None:
+        """After a failed capture: every graph and the pool's memory go, and steps run eagerly."""
+        self.failed = True
+        self.graphs.clear()
+        self.pool = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

@@ -98,8 +98,9 @@ def dequantize_int4(nibbles: torch.Tensor, scales: torch.Tensor, k: int) -> torc
     blocks = kp // GROUP
     b = nibbles.reshape(n, kp // CHUNK, CHUNK // 2)
     ordered = torch.cat([b & 15, b >> 4], dim=-1)
-    q = torch.empty_like(ordered)
-    q[..., CHUNK_ORDER] = ordered
+    # Byte position p = 8a + 4b + c holds weight 32b + 4a + c (CHUNK_ORDER): swapping the a and b axes puts
+    # the weights in order, with views and one copy only (no index tensor to move to the device).
+    q = ordered.reshape(n, kp // CHUNK, CHUNK // 8, 2, 4).transpose(-3, -2)
     q = q.reshape(n, blocks, GROUP).float()
     d = scales[:, :blocks].float().unsqueeze(-1)
     m = scales[:, blocks : 2 * blocks].float().unsqueeze(-1)

@@ -267,29 +267,24 @@ def test_template_override_and_missing_template(tiny_model_dir: Path, tmp_path: 
 
 
 def test_queue_full_is_a_rate_limit_error(tiny_model_dir: Path, tmp_path: Path) -> None:
-    import threading
-
     server = Launched(["--model-id", str(tiny_model_dir), "--max-concurrent-requests", "1"]).start(tmp_path)
     try:
         server.wait_healthy(120)
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
-        started = threading.Event()
-
-        def long_request() -> None:
-            started.set()
-            client.completions.create(
-                model=str(tiny_model_dir), prompt="Hi", max_tokens=300, extra_body={"ignore_eos": True}
-            )
-
-        thread = threading.Thread(target=long_request)
-        thread.start()
-        started.wait()
-        import time
-
-        time.sleep(0.5)
+        # The first request holds the only slot from its first streamed token until its 400th: the second
+        # is sent inside that window however fast the machine decodes (a fixed sleep was not).
+        stream = client.completions.create(
+            model=str(tiny_model_dir),
+            prompt="Hi",
+            max_tokens=400,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+        chunks = iter(stream)
+        next(chunks)
         with pytest.raises(openai.RateLimitError) as error:
             client.completions.create(model=str(tiny_model_dir), prompt="Hi", max_tokens=2)
         assert error.value.response.headers["Retry-After"] == "1"
-        thread.join(120)
+        assert sum(1 for _ in chunks) > 0  # the first request goes on to its end
     finally:
         stop_and_check(server)

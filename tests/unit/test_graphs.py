@@ -55,10 +55,10 @@ def test_buckets_round_up_to_captured_sizes_and_powers_of_two_blocks(tiny_model_
     assert graphs.bucket(8, 16) == (8, 16)
     assert graphs.bucket(9, 1) is None  # more rows than any graph
     assert graphs.bucket(1, 17) is None  # a longer context than any graph
-    wide = DecodeGraphs(
-        backend.model, backend.cache, (2**16,), capture=False
-    )  # 2**20 tokens gathered at most
-    assert wide.bucket(2**16, 4) == (2**16, 4) and wide.bucket(2**16, 5) is None
+    # At most 1 GiB of K and V gathered per layer: here a token's K and V are 2 x 2 heads x 16 x 4 bytes.
+    wide = DecodeGraphs(backend.model, backend.cache, (2**15,), capture=False)
+    assert wide.token_bytes == 256
+    assert wide.bucket(2**15, 32) == (2**15, 32) and wide.bucket(2**15, 33) is None
     with pytest.raises(ValueError, match="positive"):
         DecodeGraphs(backend.model, backend.cache, (0, 4))
 
@@ -104,3 +104,21 @@ def test_cuda_graphs_flag_parses_validates_and_reaches_the_shard() -> None:
     cmd = Supervisor(LauncherConfig(cuda_graphs="1,2,4"), model).shard_command()
     assert cmd[cmd.index("--cuda-graphs") + 1] == "1,2,4"
     assert "--cuda-graphs" not in Supervisor(LauncherConfig(), model).shard_command()
+
+
+def test_a_failed_capture_drops_every_graph_and_decodes_eagerly(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    eager = run(torch_path(tiny_model_dir), 6)
+    backend = torch_path(tiny_model_dir)
+    graphs = backend.graphs = DecodeGraphs(backend.model, backend.cache, (4,), capture=True)
+    graphs.graphs[(4, 1)] = object()  # a graph captured earlier: it must go too
+    calls = []
+
+    def fail(graph) -> None:
+        calls.append((graph.batch, graph.width))
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(graphs, "_capture", fail)
+    assert run(backend, 6)[0] == eager[0]
+    assert calls == [(4, 8)] and graphs.failed and graphs.graphs == {} and graphs.pool is None
