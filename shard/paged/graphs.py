@@ -52,7 +52,6 @@ class Graph:
     width: int
     ids: torch.Tensor  # [batch]
     table: torch.Tensor  # [batch, width + 1]: block ids, then the context length
-    logits: torch.Tensor | None = None
     graph: object | None = None  # torch.cuda.CUDAGraph when captured
     steps: int = 0  # steps served
 
@@ -80,6 +79,10 @@ class DecodeGraphs:
         self.token_bytes = 2 * pool.shape[1] * pool.shape[2] * pool.element_size()  # one token's K and V
         self.graphs: dict[tuple[int, int], Graph] = {}
         self.pool: object | None = None
+        # Every graph writes its logits into this one buffer [largest batch, vocab], allocated outside
+        # the pool: a graph's own logits are then free pool memory once it is captured, not one more
+        # [batch, vocab] float32 tensor kept alive per graph.
+        self.logits: torch.Tensor | None = None
         self.failed = False
 
     def bucket(self, batch: int, width: int) -> tuple[int, int] | None:
@@ -117,7 +120,7 @@ class DecodeGraphs:
         graph.steps += 1
         if graph.graph is not None:
             graph.graph.replay()
-            return graph.logits[:rows].clone()
+            return self.logits[:rows].clone()
         return self._forward(graph)[:rows]
 
     # -- capture ----------------------------------------------------------------------------------
@@ -159,12 +162,15 @@ class DecodeGraphs:
         side.wait_stream(torch.cuda.current_stream(self.cache.device))
         with torch.cuda.stream(side):
             for _ in range(2):
-                self._forward(graph)
+                warm = self._forward(graph)
         torch.cuda.current_stream(self.cache.device).wait_stream(side)
+        if self.logits is None:
+            self.logits = warm.new_empty(self.batch_sizes[-1], warm.shape[1])
+        out = self.logits[: graph.batch]
         cuda_graph = torch.cuda.CUDAGraph()
         # thread_local: the event loop's thread may touch CUDA (a failed step's empty_cache) meanwhile.
         with torch.cuda.graph(cuda_graph, pool=self.pool, capture_error_mode="thread_local"):
-            graph.logits = self._forward(graph)
+            out.copy_(self._forward(graph))
         if self.pool is None:
             self.pool = cuda_graph.pool()
         graph.graph = cuda_graph
@@ -174,5 +180,6 @@ class DecodeGraphs:
         self.failed = True
         self.graphs.clear()
         self.pool = None
+        self.logits = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -122,3 +122,4 @@ def test_a_failed_capture_drops_every_graph_and_decodes_eagerly(
     monkeypatch.setattr(graphs, "_capture", fail)
     assert run(backend, 6)[0] == eager[0]
     assert calls == [(4, 8)] and graphs.failed and graphs.graphs == {} and graphs.pool is None
+    assert graphs.logits is None
