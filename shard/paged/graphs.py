@@ -7,8 +7,9 @@ millisecond, while its launches take several. A CUDA graph replays the whole ste
 A graph holds fixed shapes and addresses, so steps are padded into buckets: the batch up to the next
 captured batch size (``--cuda-graphs``, TGI's flag) and the context up to the next power of two of KV
 blocks per sequence, up to ``MAX_CONTEXT`` tokens. Each (batch, width) graph is captured the first time a
-step needs it; all share one memory pool (they never run at the same time). A step outside every
-bucket, a step with prompt chunks, or a device without graphs runs eagerly, as before.
+step needs it; all share one memory pool (they never run at the same time) and write their logits into
+one buffer. A step outside every bucket, a step with prompt chunks, or a device without graphs runs
+eagerly, as before; so does every step after a failed capture.
 
 The graph's inputs are two buffers it owns: the token ids [batch], and the block table [batch, width]
 with each row's context length in an extra last column, copied from the host in one transfer per step.
@@ -46,7 +47,7 @@ MAX_GATHERED_BYTES = 2**30
 
 @dataclass
 class Graph:
-    """One captured (batch, width) step: its input buffers, its output, and the CUDA graph itself."""
+    """One captured (batch, width) step: its input buffers and the CUDA graph itself."""
 
     batch: int
     width: int
