@@ -88,7 +88,7 @@ class DecodeGraphs:
 
     def bucket(self, batch: int, width: int) -> tuple[int, int] | None:
         """The (batch, width) graph a step of ``batch`` rows and ``width`` blocks per row runs in; None
-        when it is larger than every bucket."""
+        when no graph holds it (more rows or context than any, or a gather over MAX_GATHERED_BYTES)."""
         i = bisect.bisect_left(self.batch_sizes, batch)
         if i == len(self.batch_sizes) or width > self.max_width:
             return None
