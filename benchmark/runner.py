@@ -211,8 +211,8 @@ async def run_rate_level(
 
     async def dispatcher() -> None:
         for index, at_s in enumerate(arrivals_s):
-            delay = at_s - level.now()
-            if delay > 0:
+            # A timer may fire early (uvloop's tick is a millisecond): sleep again until the request is due.
+            while (delay := at_s - level.now()) > 0:
                 await asyncio.sleep(delay)
             record = RequestRecord(
                 index=index,

@@ -894,6 +894,31 @@ async def test_rate_level_timeout():
     assert [(r.index, r.error_kind) for r in result.records] == [(0, "level_timeout"), (1, "level_timeout")]
 
 
+class InstantClient(SlowClient):
+    """A StreamingClient that answers at once."""
+
+    async def stream(self, prompt, max_new_tokens=None):
+        self.sent += 1
+        yield StreamEvent(num_tokens=1, final=True)
+
+
+@pytest.mark.timeout(60)
+async def test_rate_level_never_sends_early(monkeypatch):
+    # uvloop's timers tick in milliseconds and may fire up to one early; the dispatcher must sleep again.
+    real_sleep = asyncio.sleep
+
+    async def early_sleep(delay, result=None):
+        return await real_sleep(max(0.0, delay - 0.005), result)
+
+    monkeypatch.setattr(asyncio, "sleep", early_sleep)
+    arrivals = [0.0, 0.02, 0.021, 0.05, 0.08]
+    result = await run_rate_level(
+        InstantClient(), ["p"], request_rate=50.0, arrivals_s=arrivals, request_timeout_s=5, level_timeout_s=5
+    )
+    assert [r.scheduled_s for r in result.records] == arrivals
+    assert all(r.ok and r.start_s >= r.scheduled_s for r in result.records)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Random lengths
 

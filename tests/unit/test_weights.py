@@ -8,7 +8,6 @@ import logging
 import os
 import shutil
 import socket
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -232,9 +231,7 @@ def test_default_model_is_converted_once_and_generates(
 
     forbid(monkeypatch, "convert_gguf")
     caplog.set_level(logging.INFO, logger="launcher.weights")
-    start = time.monotonic()
-    second = resolve(config, progress=False)
-    assert time.monotonic() - start < 2.0
+    second = resolve(config, progress=False)  # convert_gguf is forbidden: a cache hit or an error
     assert second == first
     assert (first.path / COMPLETE_MARKER).stat().st_mtime_ns == marker_mtime
     assert f"Using cached conversion at {first.path}" in caplog.text
