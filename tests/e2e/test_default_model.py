@@ -98,8 +98,13 @@ def test_greedy_ids_identical_alone_and_in_a_batch(default_server: Launched) -> 
 
 
 async def _stream(
-    session: aiohttp.ClientSession, url: str, inputs: str, **params: object
+    session: aiohttp.ClientSession,
+    url: str,
+    inputs: str,
+    first: asyncio.Event | None = None,
+    **params: object,
 ) -> list[tuple[float, dict]]:
+    """The stream's events with their arrival times; ``first`` is set on the first token."""
     events = []
     async with session.post(
         f"{url}/generate_stream", json={"inputs": inputs, "parameters": params}
@@ -109,6 +114,8 @@ async def _stream(
             line = raw.decode().strip()
             if line.startswith("data:"):
                 events.append((time.monotonic(), json.loads(line[5:])))
+                if first is not None:
+                    first.set()
     return events
 
 
@@ -137,11 +144,12 @@ def test_request_joins_while_others_decode(default_server: Launched) -> None:
 
     async def run() -> tuple[list, list]:
         async with aiohttp.ClientSession() as session:
+            firsts = [asyncio.Event() for _ in range(4)]
             long_tasks = [
-                asyncio.create_task(_stream(session, default_server.url, p, **long_params))
-                for p in PROMPTS[:4]
+                asyncio.create_task(_stream(session, default_server.url, p, first, **long_params))
+                for p, first in zip(PROMPTS[:4], firsts, strict=True)
             ]
-            await asyncio.sleep(3.0)  # the long ones are decoding now
+            await asyncio.gather(*(first.wait() for first in firsts))  # the long ones are decoding now
             short = await _stream(session, default_server.url, PROMPTS[5], max_new_tokens=4)
             return await asyncio.gather(*long_tasks), short
 

@@ -4,6 +4,7 @@ shard is always told to drop what finished (no KV left behind)."""
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from pathlib import Path
 
@@ -56,10 +57,11 @@ async def generate(infer: Infer, inputs: str, **parameters: object):
         return await infer.generate(entry)
 
 
-async def settle(shard: FakeShard) -> None:
-    for _ in range(100):
-        if not shard.batches:
-            return
+async def settle(shard: FakeShard, timeout_s: float = 10.0) -> None:
+    """Waits until the shard holds no batch (the router drops a finished one after its last step)."""
+    deadline = time.monotonic() + timeout_s
+    while shard.batches:
+        assert time.monotonic() < deadline, f"batches left on the shard: {shard.batches}"
         await asyncio.sleep(0.01)
 
 
@@ -84,6 +86,7 @@ async def test_stop_string_ends_a_request_and_its_batch(setup) -> None:
 
 async def test_requests_join_a_running_batch(setup) -> None:
     infer, shard, _ = setup
+    shard.step_s = 0.001  # the long request lasts over 2 s, whatever the machine's speed
     long = asyncio.ensure_future(generate(infer, "Hello", max_new_tokens=2000))
     while not infer.batcher.running:
         await asyncio.sleep(0.001)
@@ -101,9 +104,8 @@ async def test_cancelled_request_leaves(setup) -> None:
     async with infer.request(valid) as entry:
         async for _ in infer.stream(entry):
             break  # the client goes away after one token
-    for _ in range(100):
-        if not infer.batcher.running:
-            break
+    deadline = time.monotonic() + 10
+    while infer.batcher.running and time.monotonic() < deadline:
         await asyncio.sleep(0.01)
     assert infer.batcher.running == {}
     await settle(shard)
@@ -139,6 +141,7 @@ async def test_a_chunked_prefill_shard_takes_waiting_requests_at_every_step(setu
     batcher = infer.batcher
     batcher.config = dataclasses.replace(batcher.config, max_waiting_tokens=10**6, waiting_served_ratio=100.0)
     batcher.join_every_step = every_step
+    shard.step_s = 0.002  # the long request lasts over 0.8 s, whatever the machine's speed
     long = asyncio.ensure_future(generate(infer, "Hello", max_new_tokens=400))
     while not batcher.running:
         await asyncio.sleep(0.001)

@@ -520,7 +520,7 @@ def test_serve_end_to_end(fake_tgi, tmp_path, capsys):
     assert [level["concurrency"] for level in results["levels"]] == [1, 4]
     # Fastest possible request: TTFT plus n - 1 gaps; no level can beat C such requests in parallel.
     ideal_e2e = b.ttft_s + (n - 1) * b.gap_s
-    rates = {}
+    in_flight = {}
     for level in results["levels"]:
         c, m, records = level["concurrency"], level["metrics"], level["records"]
         assert len(records) == m["num_requests"] == m["num_ok"] == level["target_requests"]
@@ -541,8 +541,10 @@ def test_serve_end_to_end(fake_tgi, tmp_path, capsys):
         assert m["output_tokens_per_s"] >= 0.1 * c * n / ideal_e2e
         assert m["requests_per_s"] == pytest.approx(m["output_tokens_per_s"] / n)
         assert m["output_tokens_per_s"] == pytest.approx(m["output_tokens"] / m["wall_s"])
-        rates[c] = m["output_tokens_per_s"]
-    assert rates[4] > 1.5 * rates[1]  # the fake serves requests in parallel
+        in_flight[c] = sum(r["e2e_s"] for r in records) / m["wall_s"]
+    # The fake serves requests in parallel: on average more than two of four in flight. (Not a throughput
+    # ratio: a pause of the shared process would stretch one level's wall time and not the other's.)
+    assert in_flight[1] <= 1.01 and in_flight[4] > 2.5
     decode = results["summary"]["single_stream_decode_tokens_per_s"]
     assert decode == pytest.approx(1 / results["levels"][0]["metrics"]["tpot_s"]["p50"])
     assert 1 / (b.gap_s + 0.1) < decode <= 2.0 / b.gap_s
@@ -609,7 +611,7 @@ def test_level_timeout_bounds_a_level(fake_tgi, tmp_path, capsys):
     output = tmp_path / "level.json"
     args = ["--url", fake_tgi.url, "--concurrency", "2", "--requests-per-level", "6", "--warmup", "0"]
     started = time.perf_counter()
-    code = run_cli([*args, "--timeout", "60", "--level-timeout", "0.5", "--output", str(output)])
+    code = run_cli([*args, "--timeout", "60", "--level-timeout", "3", "--output", str(output)])
     assert time.perf_counter() - started < STALL_S / 2
     out, err = capsys.readouterr()
     assert code == 1 and "no request succeeded" in err
@@ -848,8 +850,10 @@ def test_serve_request_rate_level(fake_tgi, tmp_path, capsys):
     schedule = arrival_schedule(ServeConfig(request_rates=(rate,), seed=7), rate, count)
     records = level["records"]
     assert [r["scheduled_s"] for r in records] == pytest.approx(schedule)
-    for r in records:  # sent on schedule, not when an earlier request ended
-        assert r["ok"] and -0.001 <= r["start_s"] - r["scheduled_s"] < 0.25
+    late = [r["start_s"] - r["scheduled_s"] for r in records]
+    assert all(r["ok"] for r in records) and min(late) >= 0
+    # Sent on schedule, not when an earlier request ended: a closed loop would send the last ~2 s late.
+    assert statistics.median(late) < 0.05 and max(late) < 1.0
     # Each request lasts ~0.24 s and they arrive every 0.05 s on average: several overlap.
     assert fake_tgi.max_active >= 2 and level["metrics"]["max_in_flight"] >= 2
     assert level["metrics"]["request_rate"] == rate
@@ -887,7 +891,7 @@ async def test_rate_level_timeout():
         request_rate=1.0,
         arrivals_s=[0.0, 0.05, 20.0, 30.0],
         request_timeout_s=60,
-        level_timeout_s=0.3,
+        level_timeout_s=2,
     )
     assert time.perf_counter() - started < 5
     assert client.sent == 2 and result.timed_out and result.request_rate == 1.0
