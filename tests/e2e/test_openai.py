@@ -267,24 +267,23 @@ def test_template_override_and_missing_template(tiny_model_dir: Path, tmp_path: 
 
 
 def test_queue_full_is_a_rate_limit_error(tiny_model_dir: Path, tmp_path: Path) -> None:
-    server = Launched(["--model-id", str(tiny_model_dir), "--max-concurrent-requests", "1"]).start(tmp_path)
+    args = ["--model-id", str(tiny_model_dir), "--max-concurrent-requests", "1", "--fault-injection"]
+    server = Launched(args).start(tmp_path)
     try:
         server.wait_healthy(120)
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
-        # The first request holds the only slot from its first streamed token until its 400th: the second
-        # is sent inside that window however fast the machine decodes (a fixed sleep was not).
-        stream = client.completions.create(
-            model=str(tiny_model_dir),
-            prompt="Hi",
-            max_tokens=400,
-            stream=True,
-            extra_body={"ignore_eos": True},
-        )
-        chunks = iter(stream)
-        next(chunks)
-        with pytest.raises(openai.RateLimitError) as error:
-            client.completions.create(model=str(tiny_model_dir), prompt="Hi", max_tokens=2)
-        assert error.value.response.headers["Retry-After"] == "1"
-        assert sum(1 for _ in chunks) > 0  # the first request goes on to its end
+        # A TGI stream holds the only slot for about 2 s on any machine: each of its 8 steps sleeps 0.25 s
+        # (the shard's test-only fault hook); the slots are shared by both APIs.
+        body = {
+            "inputs": "Hi",
+            "parameters": {"max_new_tokens": 8, "ignore_eos_token": True, "fault": "sleep"},
+        }
+        with requests.post(f"{server.url}/generate_stream", json=body, stream=True, timeout=60) as holder:
+            events = (line for line in holder.iter_lines() if line.startswith(b"data:"))
+            next(events)
+            with pytest.raises(openai.RateLimitError) as error:
+                client.completions.create(model=str(tiny_model_dir), prompt="Hi", max_tokens=2)
+            assert error.value.response.headers["Retry-After"] == "1"
+            assert sum(1 for _ in events) == 7  # the holder goes on to its end
     finally:
         stop_and_check(server)
