@@ -33,13 +33,11 @@ DEFAULT_TOKENS = (260, 314, 1015, 2020, 2743, 355, 1207, 1893)
 
 
 class FakeShard(pb_grpc.TextGenerationServiceServicer):
-    def __init__(
-        self, vocab_size: int, tokens: tuple[int, ...] = DEFAULT_TOKENS, step_s: float = 0.0
-    ) -> None:
+    def __init__(self, vocab_size: int, tokens: tuple[int, ...] = DEFAULT_TOKENS) -> None:
         self.vocab_size = vocab_size
         self.tokens = tokens
         # Each Decode takes at least this long (a stand-in for the model's step; 0: answer at once).
-        self.step_s = step_s
+        self.step_s = 0.0
         self.batches: dict[int, list[int]] = {}
         self.steps: dict[int, int] = defaultdict(int)
         self.decode_intervals: dict[int, list[float]] = defaultdict(list)

@@ -93,9 +93,8 @@ class DecodeGraphs:
         if i == len(self.batch_sizes) or width > self.max_width:
             return None
         key = self.batch_sizes[i], min(1 << (width - 1).bit_length(), self.max_width)
-        return (
-            key if key[0] * key[1] * self.cache.block_size * self.token_bytes <= MAX_GATHERED_BYTES else None
-        )
+        gathered = key[0] * key[1] * self.cache.block_size * self.token_bytes
+        return key if gathered <= MAX_GATHERED_BYTES else None
 
     def run(self, ids: torch.Tensor, table: list[list[int]], lengths: list[int]) -> torch.Tensor | None:
         """The step's float32 logits [rows, vocab], or None when no graph serves it (run it eagerly).

@@ -28,12 +28,14 @@ pytestmark = pytest.mark.timeout(300)
 
 MAX_CONCURRENT = 16
 LONG = {"max_new_tokens": 300, "ignore_eos_token": True}
-# Streams that hold their slots about 5 s on any machine: every step of theirs sleeps 0.25 s (the fault hook).
-HELD = {"inputs": "Hello", "parameters": {**LONG, "max_new_tokens": 20, "fault": "sleep"}}
 
 
 def generate_body(prompt: str = "Hello", **parameters: object) -> dict[str, object]:
     return {"inputs": prompt, "parameters": {"max_new_tokens": 20, "ignore_eos_token": True, **parameters}}
+
+
+# Streams that hold their slots about 5 s on any machine: each of their 20 steps sleeps 0.25 s (the fault hook).
+HELD = generate_body(fault="sleep")
 
 
 def metric(server: Launched, name: str) -> float:
