@@ -17,6 +17,7 @@ from shard.paged import quant
 from shard.paged.layers import Parallel
 from shard.paged.quant import QuantColumnLinear, QuantLinear, QuantRowLinear
 from shard.types import RequestSpec, SamplingParams
+from tests.kernels import require_kernels
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -34,7 +35,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.fixture(scope="module")
 def kernels() -> bool:
-    return quant.load_kernels()
+    return require_kernels(optional=True)
 
 
 def test_int8_round_trip_is_within_half_a_step() -> None:
@@ -94,7 +95,7 @@ def test_quantized_linear_is_close_to_float32(kernels: bool, mode: str, bound: f
 
 def test_kernels_match_the_reference_path(kernels: bool) -> None:
     if not kernels:
-        pytest.skip("the CPU kernels did not build here")
+        pytest.skip("no C++ compiler here: the CPU kernels cannot be built")
     torch.manual_seed(0)
     try:
         for vnni in (False, True):
@@ -116,7 +117,7 @@ def test_kernels_match_the_reference_path(kernels: bool) -> None:
 def test_dense_kernel_matches_matmul(kernels: bool, m: int, n: int) -> None:
     """The float32 decode product: whole 16-channel tiles, a tail of fewer, split over threads."""
     if not kernels:
-        pytest.skip("the CPU kernels did not build here")
+        pytest.skip("no C++ compiler here: the CPU kernels cannot be built")
     torch.manual_seed(n + m)
     w, x = torch.randn(n, 96), torch.randn(m, 96)
     torch.testing.assert_close(torch.ops.paged_quant.dense_linear(x, w), x @ w.T, atol=1e-4, rtol=1e-5)
