@@ -112,10 +112,18 @@ def launch(
     max_best_of: Annotated[int, _opt("MAX_BEST_OF", "Largest best_of.")] = 2,
     max_stop_sequences: Annotated[int, _opt("MAX_STOP_SEQUENCES", "Most stop sequences per request.")] = 4,
     max_top_n_tokens: Annotated[int, _opt("MAX_TOP_N_TOKENS", "Largest top_n_tokens.")] = 5,
-    max_input_length: Annotated[int, _opt("MAX_INPUT_LENGTH", "Most prompt tokens.")] = 1024,
+    max_input_length: Annotated[
+        int | None,
+        _opt("MAX_INPUT_LENGTH", "Most prompt tokens (default: 1024, below the model's positions)."),
+    ] = None,
     max_total_tokens: Annotated[
-        int, _opt("MAX_TOTAL_TOKENS", "Most prompt + new tokens per request.")
-    ] = 2048,
+        int | None,
+        _opt(
+            "MAX_TOTAL_TOKENS",
+            "Most prompt + new tokens per request, at most the model's positions (default: 2048, or the "
+            "model's positions when fewer).",
+        ),
+    ] = None,
     waiting_served_ratio: Annotated[
         float, _opt("WAITING_SERVED_RATIO", "Queued/running ratio that makes waiting requests join.")
     ] = 1.2,
@@ -305,10 +313,16 @@ def launch(
         raise typer.Exit(1) from None
     log.info("Serving %s (%s) from %s", model.model_id, model.weights, model.path)
     try:
-        config.check_model(read_model_config(model.path), cuda_device_count())
+        fitted = config.check_model(read_model_config(model.path), cuda_device_count())
     except ArgumentError as e:
         typer.echo(f"Error: {e}", err=True)
         raise typer.Exit(2) from None
+    if (fitted.max_input_length, fitted.max_total_tokens) != (config.input_length(), config.total_tokens()):
+        log.info(
+            "The model has fewer positions than the default token limits: --max-input-length %d, "
+            "--max-total-tokens %d", fitted.max_input_length, fitted.max_total_tokens,
+        )  # fmt: skip
+    config = fitted
 
     from .supervisor import Supervisor
 

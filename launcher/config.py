@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from common.cuda_graphs import parse_cuda_graphs
@@ -19,8 +19,25 @@ DTYPE_CHOICES = ("float32", "float16", "bfloat16")
 BACKEND_CHOICES = ("auto", "paged", "transformers")
 
 
+# TGI's --max-input-length and --max-total-tokens when not given; lowered to fit a model with fewer positions.
+DEFAULT_MAX_INPUT_LENGTH = 1024
+DEFAULT_MAX_TOTAL_TOKENS = 2048
+# The keys a config.json names its context length by, in the order they are looked up.
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "max_sequence_length", "seq_length")
+
+
 class ArgumentError(ValueError):
     """A flag combination the launcher refuses before starting anything."""
+
+
+def model_positions(model_config: dict) -> tuple[int, str] | None:
+    """The positions the model declares and the key that declares them (None when it declares none)."""
+    text = model_config.get("text_config") or model_config
+    for key in POSITION_KEYS:
+        value = text.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value, key
+    return None
 
 
 @dataclass(frozen=True)
@@ -37,8 +54,9 @@ class LauncherConfig:
     max_best_of: int = 2
     max_stop_sequences: int = 4
     max_top_n_tokens: int = 5
-    max_input_length: int = 1024
-    max_total_tokens: int = 2048
+    # None: the defaults above, fitted to the model's positions by ``check_model``.
+    max_input_length: int | None = None
+    max_total_tokens: int | None = None
     waiting_served_ratio: float = 1.2
     max_batch_prefill_tokens: int = 4096
     max_batch_total_tokens: int | None = None
@@ -104,9 +122,39 @@ class LauncherConfig:
         flag = f"--num-shard {self.world_size()}"
         return flag if self.nnodes == 1 else f"{flag} x --nnodes {self.nnodes}"
 
-    def check_model(self, model_config: dict, cuda_devices: int) -> None:
+    def input_length(self) -> int:
+        """--max-input-length, or its default (before ``check_model`` fits it to the model)."""
+        return DEFAULT_MAX_INPUT_LENGTH if self.max_input_length is None else self.max_input_length
+
+    def total_tokens(self) -> int:
+        """--max-total-tokens, or its default (before ``check_model`` fits it to the model)."""
+        return DEFAULT_MAX_TOTAL_TOKENS if self.max_total_tokens is None else self.max_total_tokens
+
+    def check_model(self, model_config: dict, cuda_devices: int) -> LauncherConfig:
         """The rules that need the model and the machine (after the weights step, before any process):
-        the model must split over every rank of every node, and on CUDA each shard needs its own device."""
+        one request must fit the model's positions, the model must split over every rank of every node,
+        and on CUDA each shard needs its own device.
+
+        Returns the config with both token limits set: a limit given is kept (or refused), a default is
+        lowered to fit the model's positions."""
+        fitted = replace(self, max_input_length=self.input_length(), max_total_tokens=self.total_tokens())
+        found = model_positions(model_config)
+        if found is not None:
+            positions, key = found
+            if self.max_total_tokens is not None and self.max_total_tokens > positions:
+                raise ArgumentError(
+                    f"`max_total_tokens` ({self.max_total_tokens}) must be <= the model's {positions} "
+                    f"positions ({key})"
+                )
+            if self.max_input_length is not None and self.max_input_length >= positions:
+                raise ArgumentError(
+                    f"`max_input_length` ({self.max_input_length}) must be < the model's {positions} "
+                    f"positions ({key})"
+                )
+            total = min(fitted.total_tokens(), positions)
+            given_input = self.max_input_length is not None
+            input_length = fitted.input_length() if given_input else min(fitted.input_length(), total - 1)
+            fitted = replace(fitted, max_total_tokens=total, max_input_length=input_length)
         problem = sharding_problem(model_config, self.global_world_size())
         if problem:
             raise ArgumentError(problem if self.nnodes == 1 else f"{problem} ({self._shards()})")
@@ -114,20 +162,22 @@ class LauncherConfig:
             raise ArgumentError(
                 f"`--num-shard {self.world_size()}` is more than the {cuda_devices} CUDA devices available"
             )
+        return fitted
 
     def validate(self) -> None:
         """Raises ArgumentError on the first rule broken (TGI's rules, then this version's limits)."""
         if self.validation_workers <= 0:
             raise ArgumentError("`validation_workers` must be > 0")
-        if self.max_input_length >= self.max_total_tokens:
+        max_input_length, max_total_tokens = self.input_length(), self.total_tokens()
+        if max_input_length >= max_total_tokens:
             raise ArgumentError(
-                f"`max_input_length` must be < `max_total_tokens`. Given: {self.max_input_length} "
-                f"and {self.max_total_tokens}"
+                f"`max_input_length` must be < `max_total_tokens`. Given: {max_input_length} "
+                f"and {max_total_tokens}"
             )
-        if self.max_input_length > self.max_batch_prefill_tokens:
+        if max_input_length > self.max_batch_prefill_tokens:
             raise ArgumentError(
                 f"`max_batch_prefill_tokens` must be >= `max_input_length`. Given: "
-                f"{self.max_batch_prefill_tokens} and {self.max_input_length}"
+                f"{self.max_batch_prefill_tokens} and {max_input_length}"
             )
         if self.max_batch_total_tokens is not None:
             if self.max_batch_prefill_tokens > self.max_batch_total_tokens:
@@ -135,10 +185,10 @@ class LauncherConfig:
                     f"`max_batch_prefill_tokens` must be <= `max_batch_total_tokens`. Given: "
                     f"{self.max_batch_prefill_tokens} and {self.max_batch_total_tokens}"
                 )
-            if self.max_total_tokens > self.max_batch_total_tokens:
+            if max_total_tokens > self.max_batch_total_tokens:
                 raise ArgumentError(
                     f"`max_total_tokens` must be <= `max_batch_total_tokens`. Given: "
-                    f"{self.max_total_tokens} and {self.max_batch_total_tokens}"
+                    f"{max_total_tokens} and {self.max_batch_total_tokens}"
                 )
         if self.waiting_served_ratio < 0:
             raise ArgumentError("`waiting_served_ratio` must be >= 0")

@@ -109,3 +109,29 @@ def test_every_flag_reads_its_environment_variable() -> None:
         "NODE_RANK",
     ):
         assert env_var in result.stdout
+
+
+def test_max_total_tokens_past_the_models_positions_stops_before_any_process(
+    test_cache: Path, tmp_path: Path
+) -> None:
+    """The default model has 8192 positions: the launcher refuses 9500 after the weights step, before
+    any shard or router starts."""
+    args = [
+        "--huggingface-hub-cache", str(test_cache / "hub"),
+        "--max-input-length", "9000",
+        "--max-total-tokens", "9500",
+        "--max-batch-prefill-tokens", "9000",
+    ]  # fmt: skip
+    server = Launched(args).start(tmp_path)
+    deadline = time.monotonic() + 600
+    while server.process.poll() is None and time.monotonic() < deadline:
+        server._remember_children()
+        time.sleep(0.05)
+    assert server.wait_exit(10) == 2, server.log()[-3000:]
+    log = server.log()
+    assert (
+        "Error: `max_total_tokens` (9500) must be <= the model's 8192 positions (max_position_embeddings)"
+        in log
+    )
+    assert "Traceback" not in log and "Starting shard" not in log
+    assert server.seen_pids == set() and server.stale_sockets() == []

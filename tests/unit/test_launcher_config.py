@@ -1,0 +1,64 @@
+"""LauncherConfig's rules that need the model: the token limits against the model's positions."""
+
+from __future__ import annotations
+
+import pytest
+
+from launcher.config import ArgumentError, LauncherConfig
+
+SMOLLM = {"model_type": "llama", "num_attention_heads": 9, "max_position_embeddings": 8192}
+
+
+def test_max_total_tokens_past_the_models_positions_is_refused_with_both_numbers() -> None:
+    config = LauncherConfig(max_input_length=9000, max_total_tokens=9500, max_batch_prefill_tokens=9000)
+    config.validate()
+    with pytest.raises(ArgumentError) as e:
+        config.check_model(SMOLLM, 0)
+    assert str(e.value) == (
+        "`max_total_tokens` (9500) must be <= the model's 8192 positions (max_position_embeddings)"
+    )
+
+
+def test_a_limit_equal_to_the_positions_is_kept() -> None:
+    config = LauncherConfig(max_input_length=8000, max_total_tokens=8192, max_batch_prefill_tokens=8000)
+    fitted = config.check_model(SMOLLM, 0)
+    assert (fitted.max_input_length, fitted.max_total_tokens) == (8000, 8192)
+
+
+def test_other_keys_and_a_nested_text_config_declare_positions_too() -> None:
+    gpt2 = {"model_type": "gpt2", "n_positions": 1024}
+    with pytest.raises(
+        ArgumentError, match=r"\(1500\) must be <= the model's 1024 positions \(n_positions\)"
+    ):
+        LauncherConfig(max_total_tokens=1500).check_model(gpt2, 0)
+    nested = {"text_config": {"model_type": "llama", "max_position_embeddings": 512}}
+    with pytest.raises(ArgumentError, match="512 positions"):
+        LauncherConfig(max_total_tokens=600, max_input_length=100).check_model(nested, 0)
+
+
+def test_a_model_without_positions_keeps_every_limit() -> None:
+    config = LauncherConfig(max_input_length=90000, max_total_tokens=100000, max_batch_prefill_tokens=90000)
+    fitted = config.check_model({"model_type": "llama"}, 0)
+    assert (fitted.max_input_length, fitted.max_total_tokens) == (90000, 100000)
+    assert LauncherConfig().check_model({}, 0).max_total_tokens == 2048
+
+
+def test_defaults_are_fitted_to_a_model_with_fewer_positions() -> None:
+    small = {"model_type": "llama", "max_position_embeddings": 512}
+    fitted = LauncherConfig().check_model(small, 0)
+    assert (fitted.max_input_length, fitted.max_total_tokens) == (511, 512)
+    # A given input length is kept; the default total still fits the model.
+    assert LauncherConfig(max_input_length=100).check_model(small, 0).max_total_tokens == 512
+    # The defaults stay when the model has room for them.
+    fitted = LauncherConfig().check_model(SMOLLM, 0)
+    assert (fitted.max_input_length, fitted.max_total_tokens) == (1024, 2048)
+
+
+def test_a_given_input_length_past_the_positions_is_refused() -> None:
+    small = {"model_type": "llama", "max_position_embeddings": 512}
+    with pytest.raises(ArgumentError) as e:
+        LauncherConfig(max_input_length=1000).check_model(small, 0)
+    assert (
+        str(e.value)
+        == "`max_input_length` (1000) must be < the model's 512 positions (max_position_embeddings)"
+    )
