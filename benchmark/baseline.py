@@ -246,8 +246,7 @@ def write_json(result: BaselineResult, path: str | Path) -> Path:
 
 def register(commands: Any) -> None:
     """Adds the ``baseline`` subcommand to ``text-generation-benchmark``'s subparsers."""
-    from benchmark.cli import non_negative_int, positive_int
-    from benchmark.shard_bench import int_list
+    from benchmark.args import int_list, non_negative_int, positive_int
 
     p = commands.add_parser(
         "baseline",

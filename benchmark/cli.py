@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import sys
 from collections.abc import Sequence
 
 from benchmark._version import __version__
+from benchmark.args import (
+    concurrency_list,
+    json_object,
+    label_list,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    range_ratio,
+    rate_list,
+)
 from benchmark.clients import CLIENTS
 from benchmark.config import (
     MIN_REQUESTS_PER_LEVEL,
@@ -20,70 +28,6 @@ from benchmark.config import (
 from benchmark.runner import WarmupError, run_async
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-
-
-def concurrency_list(text: str) -> tuple[int, ...]:
-    """``"1,8,32"`` -> ``(1, 8, 32)``; every level a positive integer."""
-    try:
-        levels = tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not levels or any(level < 1 for level in levels):
-        raise argparse.ArgumentTypeError(f"every concurrency level must be >= 1, got {text!r}")
-    return levels
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
-def rate_list(text: str) -> tuple[float, ...]:
-    """``"0.5,1,2"`` -> ``(0.5, 1.0, 2.0)`` requests/s; every rate positive and finite."""
-    try:
-        rates = tuple(float(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    if not rates or any(not (0 < rate < math.inf) for rate in rates):
-        raise argparse.ArgumentTypeError(f"every request rate must be > 0 and finite, got {text!r}")
-    return rates
-
-
-def range_ratio(text: str) -> float:
-    value = float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
-    return value
-
-
-def json_object(text: str) -> dict:
-    try:
-        value = json.loads(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
-    return value
-
-
-def label_list(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",")]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -317,7 +261,8 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
 
 def run_serve_command(config: ServeConfig, *, progress_enabled: bool = True) -> int:
     """Runs ``serve``, prints the summary on stdout, writes the JSON; returns the exit status."""
-    from benchmark.report import Progress, format_summary, write_json
+    from benchmark.progress import Progress
+    from benchmark.report import format_summary, write_json
     from benchmark.serve import run_serve
 
     progress = Progress(sys.stderr, enabled=progress_enabled)

@@ -509,15 +509,9 @@ def format_versus(floor: dict[str, Any], rows: list[dict[str, Any]]) -> str:
 # Command line
 
 
-def _int_list(text: str) -> tuple[int, ...]:
-    from benchmark.shard_bench import int_list
-
-    return int_list(text)
-
-
 def register(commands: Any) -> None:
     """Adds the ``floor`` subcommand to ``text-generation-benchmark``'s subparsers."""
-    from benchmark.cli import positive_float, positive_int
+    from benchmark.args import int_list, positive_float, positive_int
 
     p = commands.add_parser(
         "floor",
@@ -542,7 +536,7 @@ def register(commands: Any) -> None:
         "--m-values",
         dest="m_values",
         metavar="M1,M2,...",
-        type=_int_list,
+        type=int_list,
         default=DEFAULT_M,
         help="matmul row counts (default: 1,32,256); the largest gives the compute ceiling",
     )
@@ -556,7 +550,7 @@ def register(commands: Any) -> None:
     p.add_argument(
         "--threads",
         metavar="T1,T2,...",
-        type=_int_list,
+        type=int_list,
         default=None,
         help="CPU thread counts to measure at, the best kept (default: torch's default and 1)",
     )

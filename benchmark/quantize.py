@@ -386,7 +386,7 @@ def format_table(results: list[ModeResult], streams: int) -> str:
 # -- the command ----------------------------------------------------------------------------------------------
 def register(commands: Any) -> None:
     """Adds the ``quantize`` subcommand to ``text-generation-benchmark``'s subparsers."""
-    from benchmark.cli import positive_int
+    from benchmark.args import positive_int
 
     p = commands.add_parser(
         "quantize",

@@ -145,7 +145,7 @@ def run_command(args: argparse.Namespace) -> int:
 
 def register(commands: Any) -> None:
     """Adds the ``random-model`` subcommand to ``text-generation-benchmark``'s subparsers."""
-    from benchmark.cli import non_negative_int
+    from benchmark.args import non_negative_int
 
     p = commands.add_parser(
         "random-model",

@@ -1,65 +1,17 @@
-"""Reporting: the progress line (stderr), the one-screen summary table, the JSON results file."""
+"""Reporting: the one-screen summary table and the JSON results file (the progress line is
+benchmark/progress.py)."""
 
 from __future__ import annotations
 
 import json
-import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING
 
-from benchmark.config import Level
-from benchmark.metrics import Distribution, LevelMetrics
-from benchmark.records import RequestRecord
+from benchmark.metrics import Distribution
 
 if TYPE_CHECKING:
     from benchmark.serve import ServeResult
-
-
-class Progress:
-    """A one-line progress display: rewritten in place on a terminal, one line per level otherwise."""
-
-    def __init__(self, stream: TextIO | None = None, *, enabled: bool = True) -> None:
-        self.stream = stream if stream is not None else sys.stderr
-        self.enabled = enabled
-        self.live = enabled and self.stream.isatty()
-        self._level = ""
-        self._errors = 0
-        self._start = time.perf_counter()
-
-    def _write(self, text: str) -> None:
-        if self.enabled:
-            self.stream.write(text)
-            self.stream.flush()
-
-    def warmup(self, count: int) -> None:
-        self._write(f"warmup: {count} request(s)\n")
-
-    def start_level(self, level: Level | int, num_requests: int) -> None:
-        """A level starts (an int is a concurrency level)."""
-        if not isinstance(level, Level):
-            level = Level(concurrency=level)
-        self._level, self._errors, self._start = level.name, 0, time.perf_counter()
-        if self.live:
-            self._write(f"\r{self._level}: 0/{num_requests} requests")
-
-    def record(self, record: RequestRecord, done: int, total: int) -> None:
-        self._errors += not record.ok
-        if self.live:
-            elapsed = time.perf_counter() - self._start
-            self._write(
-                f"\r{self._level}: {done}/{total} requests, {self._errors} errors, {elapsed:.1f} s\x1b[K"
-            )
-
-    def end_level(self, metrics: LevelMetrics) -> None:
-        line = (
-            f"{metrics.level_name}: {metrics.num_requests} requests in {metrics.wall_s:.1f} s, "
-            f"{metrics.output_tokens_per_s:.1f} output tokens/s, {metrics.num_errors} errors"
-        )
-        if metrics.timed_out:
-            line += " (level timeout)"
-        self._write(f"\r{line}\x1b[K\n" if self.live else f"{line}\n")
 
 
 def fmt(value: float | None) -> str:

@@ -378,7 +378,7 @@ def default_tokenizer() -> str:
 
 def register(commands: Any) -> None:
     """Adds the ``router`` subcommand to ``text-generation-benchmark``'s subparsers."""
-    from benchmark.cli import concurrency_list, positive_float, positive_int
+    from benchmark.args import concurrency_list, positive_float, positive_int
     from benchmark.clients import CLIENTS
 
     p = commands.add_parser(

@@ -15,7 +15,7 @@ from benchmark.runner import LevelResult, WarmupError, run_level, run_rate_level
 from benchmark.workload import arrival_schedule, make_requests
 
 if TYPE_CHECKING:
-    from benchmark.report import Progress
+    from benchmark.progress import Progress
 
 
 @dataclass

@@ -33,17 +33,6 @@ if TYPE_CHECKING:  # grpc and the stubs are imported when a run starts, so `--he
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
-def int_list(text: str) -> tuple[int, ...]:
-    """``"1,2,4"`` -> ``(1, 2, 4)``; every value a positive integer (argparse type)."""
-    try:
-        values = tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"every value must be >= 1, got {text!r}")
-    return values
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Configuration and results
 
@@ -380,7 +369,7 @@ def write_json(result: ShardBenchResult, path: str | Path) -> Path:
 
 def register(commands: Any) -> None:
     """Adds the ``shard`` subcommand to ``text-generation-benchmark``'s subparsers."""
-    from benchmark.cli import non_negative_int, positive_int
+    from benchmark.args import int_list, non_negative_int, positive_int
 
     p = commands.add_parser(
         "shard",

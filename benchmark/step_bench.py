@@ -100,8 +100,7 @@ def run_command(args: argparse.Namespace) -> int:
 
 def register(commands: Any) -> None:
     """Adds the ``step`` subcommand to ``text-generation-benchmark``'s subparsers."""
-    from benchmark.cli import non_negative_int, positive_int
-    from benchmark.shard_bench import int_list
+    from benchmark.args import int_list, non_negative_int, positive_int
 
     p = commands.add_parser(
         "step",

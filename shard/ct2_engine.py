@@ -32,15 +32,17 @@ import time
 import weakref
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from .backends.ct2 import CT2Backend
 from .batch import UnknownRequestError
 from .engine import Cached, UnknownBatchError
 from .faults import Faults
 from .types import PromptLogprobs, RequestFailure, RequestSpec, StepResult
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -214,10 +216,20 @@ def _to_numpy(logits: Any) -> np.ndarray:
         return torch.as_tensor(logits, device="cuda").float().cpu().numpy()
 
 
+class CT2Model(Protocol):
+    """What the engine uses of the backend (``backends.ct2.CT2Backend``, which makes the engine)."""
+
+    device: torch.device
+    max_batches: int
+    generator: Any  # a ctranslate2.Generator
+
+    def to_tokens(self, ids: list[int]) -> list[str]: ...
+
+
 class CT2Engine:
     """The engine protocol the gRPC servicer uses (prefill, decode, cached, clear) over ctranslate2."""
 
-    def __init__(self, backend: CT2Backend, faults: Faults | None = None) -> None:
+    def __init__(self, backend: CT2Model, faults: Faults | None = None) -> None:
         self.backend = backend
         self.faults = faults or Faults(enabled=False)
         self.rows: dict[int, Row] = {}  # request id -> its row

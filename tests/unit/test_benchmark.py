@@ -32,9 +32,10 @@ from benchmark.metrics import (
     percentile,
     single_stream_decode_tokens_per_s,
 )
+from benchmark.progress import Progress
 from benchmark.prompts import synthetic_prompt
 from benchmark.records import RequestRecord
-from benchmark.report import Progress, format_summary, format_table
+from benchmark.report import format_summary, format_table
 from benchmark.runner import LevelResult, run_rate_level
 from benchmark.serve import LevelOutcome, ServeResult
 from benchmark.sse import SSEParser
