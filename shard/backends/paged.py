@@ -135,9 +135,10 @@ class PagedBackend:
         )
 
     # -- steps ------------------------------------------------------------------------------------
-    def open(self, prompt: list[int], want_prompt_logits: bool) -> Sequence:
-        """A sequence for a prompt, with blocks for all of it; a cached prefix is already computed."""
-        seq = self.cache.open(prompt, use_prefix_cache=not want_prompt_logits)
+    def open(self, prompt: list[int], want_prompt_logits: bool, salt: str = "") -> Sequence:
+        """A sequence for a prompt, with blocks for all of it; a cached prefix is already computed. Only
+        blocks cached under the same ``salt`` (the request's cache_salt) are shared."""
+        seq = self.cache.open(prompt, use_prefix_cache=not want_prompt_logits, salt=salt)
         try:
             self.cache.reserve(seq, len(prompt))
         except BaseException:

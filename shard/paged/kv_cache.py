@@ -4,38 +4,67 @@ Memory is allocated once: ``k`` and ``v`` are ``[layers, blocks * block_size, kv
 token's K/V live at a *slot* ``block * block_size + offset``. A sequence owns a list of blocks (its block
 table); joining or leaving a batch never copies anyone's cache.
 
-Prefix caching: a full block is named by a hash of its tokens and of every token before it (the hash of
-the previous block). When a prompt starts with blocks already computed (a shared system prompt, the
-earlier turns of a conversation), they are shared, not recomputed. Blocks nobody holds keep their
-contents and stay findable until memory is needed; then the least recently used is evicted.
+Prefix caching: a full block is named by a SHA-256 digest of its tokens and of every token before it (the
+digest of the previous block; the first block's covers the request's cache salt instead). When a prompt
+starts with blocks already computed (a shared system prompt, the earlier turns of a conversation), they are
+shared, not recomputed. A digest only finds a candidate: a hit also needs the cached block's own tokens,
+salt and parent digest to equal the prompt's, so that no crafted prompt can read another request's K/V
+(unlike Python's ``hash``, which vLLM's CVE-2025-25183 collided). Requests with different salts (tenants)
+never share a block; requests with the same salt do. Blocks nobody holds keep their contents and stay
+findable until memory is needed; then the least recently used is evicted.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import logging
+import struct
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 class CacheFullError(RuntimeError):
     """No free block is left (the router's token budget should prevent this)."""
 
 
-def block_hash(parent: int | None, tokens: tuple[int, ...]) -> int:
-    return hash((parent, tokens))
+def block_hash(parent: bytes | None, tokens: tuple[int, ...], salt: str = "") -> bytes:
+    """The SHA-256 digest naming a full block: of its parent's digest and its token ids (uint32, little
+    endian), or, for a sequence's first block (no parent), of the cache salt and its token ids."""
+    if parent is None:
+        head = salt.encode()
+        head = b"\x00" + len(head).to_bytes(4, "little") + head
+    else:
+        head = b"\x01" + parent
+    return hashlib.sha256(head + _uint32s(len(tokens)).pack(*tokens)).digest()
+
+
+@functools.cache
+def _uint32s(count: int) -> struct.Struct:
+    """Packs ``count`` token ids (compiled once per length: a block's is always the same)."""
+    return struct.Struct(f"<{count}I")
+
+
+# What a cached block must match besides its digest: (parent digest, salt, tokens).
+BlockKey = tuple[bytes | None, str, tuple[int, ...]]
 
 
 @dataclass
 class Sequence:
-    """One sequence's tokens and blocks. ``hashes[i]`` names block i once it is full (prefix caching)."""
+    """One sequence's tokens and blocks. ``hashes[i]`` names block i once it is full (prefix caching);
+    ``salt`` keeps its blocks apart from those of requests with another salt."""
 
     tokens: list[int]
     blocks: list[int] = field(default_factory=list)
-    hashes: list[int] = field(default_factory=list)
+    hashes: list[bytes] = field(default_factory=list)
     # Tokens whose K/V are in the cache (the rest of ``tokens`` still has to run).
     computed: int = 0
     released: bool = False
+    salt: str = ""
 
 
 class BlockAllocator:
@@ -46,12 +75,16 @@ class BlockAllocator:
         self.block_size = block_size
         self.refs = [0] * num_blocks
         self.free: list[int] = list(range(num_blocks - 1, -1, -1))
-        self.by_hash: dict[int, int] = {}
-        self.hash_of: dict[int, int] = {}
+        self.by_hash: dict[bytes, int] = {}
+        self.hash_of: dict[int, bytes] = {}
+        # Each named block's (parent digest, salt, tokens): a lookup's hit must match them exactly.
+        self.key_of: dict[int, BlockKey] = {}
         # Cached blocks nobody holds, least recently used first: evicted when ``free`` runs out.
         self.evictable: OrderedDict[int, None] = OrderedDict()
         self.hits = 0
         self.queries = 0
+        # Lookups whose digest named a block with other tokens, salt or parent: refused, counted.
+        self.mismatches = 0
 
     @property
     def num_free(self) -> int:
@@ -63,6 +96,7 @@ class BlockAllocator:
         elif self.evictable:
             block, _ = self.evictable.popitem(last=False)
             del self.by_hash[self.hash_of.pop(block)]
+            del self.key_of[block]
         else:
             raise CacheFullError("the KV cache is full")
         self.refs[block] = 1
@@ -81,20 +115,28 @@ class BlockAllocator:
             else:
                 self.free.append(block)
 
-    def lookup(self, h: int) -> int | None:
-        """A cached block with this hash (held for the caller), or None."""
+    def lookup(self, h: bytes, key: BlockKey) -> int | None:
+        """A cached block with this digest whose (parent digest, salt, tokens) equal ``key`` (held for the
+        caller), or None. A block whose digest matches but whose key does not is a miss, counted in
+        ``mismatches``: a digest alone never hands out another request's K/V."""
         self.queries += 1
         block = self.by_hash.get(h)
-        if block is not None:
-            self.hits += 1
-            self.hold(block)
+        if block is None:
+            return None
+        if self.key_of[block] != key:
+            self.mismatches += 1
+            log.warning("Prefix cache: a block's digest matched but its tokens did not; not shared")
+            return None
+        self.hits += 1
+        self.hold(block)
         return block
 
-    def register(self, block: int, h: int) -> None:
-        """Names a full block so later prompts can share it (the first block with a hash keeps it)."""
+    def register(self, block: int, h: bytes, key: BlockKey) -> None:
+        """Names a full block so later prompts can share it (the first block with a digest keeps it)."""
         if h not in self.by_hash and block not in self.hash_of:
             self.by_hash[h] = block
             self.hash_of[block] = h
+            self.key_of[block] = key
 
 
 class PagedKVCache:
@@ -133,16 +175,18 @@ class PagedKVCache:
         return (self.allocator.num_blocks - self.allocator.num_free) * self.block_size
 
     # -- sequences --------------------------------------------------------------------------------
-    def open(self, tokens: list[int], use_prefix_cache: bool) -> Sequence:
+    def open(self, tokens: list[int], use_prefix_cache: bool, salt: str = "") -> Sequence:
         """A new sequence for a prompt; its longest cached prefix of full blocks (short of the last
-        token, whose logits are needed) is shared instead of computed."""
-        seq = Sequence(list(tokens))
+        token, whose logits are needed) is shared instead of computed. Only blocks cached under the same
+        ``salt`` (the request's cache_salt; "" = none) are shared, and its own blocks carry it."""
+        seq = Sequence(list(tokens), salt=salt)
         if use_prefix_cache:
             parent = None
             bs = self.block_size
             for start in range(0, len(tokens) - 1 - bs + 1, bs):
-                h = block_hash(parent, tuple(tokens[start : start + bs]))
-                block = self.allocator.lookup(h)
+                block_tokens = tuple(tokens[start : start + bs])
+                h = block_hash(parent, block_tokens, salt)
+                block = self.allocator.lookup(h, (parent, salt, block_tokens))
                 if block is None:
                     break
                 seq.blocks.append(block)
@@ -182,13 +226,14 @@ class PagedKVCache:
         while len(seq.hashes) < full:
             i = len(seq.hashes)
             parent = seq.hashes[-1] if seq.hashes else None
-            h = block_hash(parent, tuple(seq.tokens[i * bs : (i + 1) * bs]))
+            block_tokens = tuple(seq.tokens[i * bs : (i + 1) * bs])
+            h = block_hash(parent, block_tokens, seq.salt)
             seq.hashes.append(h)
-            self.allocator.register(seq.blocks[i], h)
+            self.allocator.register(seq.blocks[i], h, (parent, seq.salt, block_tokens))
 
     def fork(self, seq: Sequence) -> Sequence:
         """A copy that shares the full blocks and gets its own copy of the partial last block."""
-        child = Sequence(list(seq.tokens), computed=seq.computed, hashes=list(seq.hashes))
+        child = Sequence(list(seq.tokens), computed=seq.computed, hashes=list(seq.hashes), salt=seq.salt)
         bs = self.block_size
         full = seq.computed // bs
         for block in seq.blocks[:full]:

@@ -13,7 +13,7 @@ from shard.backends.paged import PagedBackend
 from shard.chunked import StepCosts
 from shard.config import ShardConfig
 from shard.engine import Engine, make_engine
-from shard.paged.kv_cache import BlockAllocator, CacheFullError, PagedKVCache
+from shard.paged.kv_cache import BlockAllocator, CacheFullError, PagedKVCache, block_hash
 from shard.paged.model import ModelSpec, UnsupportedModelError
 from shard.types import RequestSpec, SamplingParams
 
@@ -92,18 +92,20 @@ def test_shared_prefill_forks_the_sequence(paged: PagedBackend) -> None:
 def test_allocator_evicts_least_recently_used_cached_blocks() -> None:
     a = BlockAllocator(num_blocks=3, block_size=4)
     blocks = [a.allocate() for _ in range(3)]
-    for i, block in enumerate(blocks):
-        a.register(block, hash(("h", i)))
+    keys = [(None, "", (i, i, i, i)) for i in range(3)]
+    digests = [block_hash(None, key[2]) for key in keys]
+    for block, h, key in zip(blocks, digests, keys, strict=True):
+        a.register(block, h, key)
     with pytest.raises(CacheFullError):
         a.allocate()
     for block in blocks:
         a.release(block)
-    assert a.lookup(hash(("h", 0))) == blocks[0]  # found again, and now held
+    assert a.lookup(digests[0], keys[0]) == blocks[0]  # found again, and now held
     a.release(blocks[0])  # most recently used
     fresh = a.allocate()
     assert fresh == blocks[1]  # the least recently used cached block went first
-    assert a.lookup(hash(("h", 1))) is None
-    assert a.lookup(hash(("h", 0))) == blocks[0]
+    assert a.lookup(digests[1], keys[1]) is None
+    assert a.lookup(digests[0], keys[0]) == blocks[0]
 
 
 def test_cache_full_is_an_error_not_a_corruption(tiny_model_dir: Path) -> None:
