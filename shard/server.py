@@ -26,10 +26,9 @@ from .backends import load_backend
 from .backends.base import BackendInfo
 from .batch import UnknownRequestError
 from .config import ShardConfig
-from .dist import DistInfo, init_parallel, select_device
+from .dist import DistInfo, Parallel, init_parallel, select_device
 from .engine import Cached, Engine, UnknownBatchError, make_engine
 from .faults import Faults, is_fatal
-from .paged.layers import Parallel
 from .processors import ProcessorContext, load_processors
 from .relay import HEARTBEAT_S, PeerLostError, Relay
 from .types import RequestSpec, SamplingParams, StepResult

@@ -22,7 +22,7 @@ from common import plugins
 from common.quantize import BITSANDBYTES, CT2
 
 from ..config import ShardConfig
-from ..paged.layers import Parallel
+from ..dist import Parallel
 from .base import Backend
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ import torch
 from common.quantize import CT2_UNSUPPORTED_PARAMETERS, ct2_compute_type, ct2_device, require
 
 from ..config import ShardConfig
-from ..paged.layers import Parallel
+from ..dist import Parallel
 from .base import BackendInfo
 
 log = logging.getLogger(__name__)

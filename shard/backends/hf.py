@@ -20,19 +20,11 @@ import torch.nn.functional as F
 from common.quantize import BITSANDBYTES
 
 from ..config import ShardConfig
-from ..paged.layers import Parallel
+from ..dist import Parallel
+from ..dtypes import DTYPES, default_dtype
 from .base import BackendInfo, PrefillOutput
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def default_dtype(device: torch.device) -> torch.dtype:
-    """float32 on CPU; bfloat16 on CUDA where supported, else float16."""
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
 
 
 def bnb_config(quantize: str, compute_dtype: torch.dtype) -> object:

@@ -16,13 +16,13 @@ from pathlib import Path
 import torch
 
 from ..config import ShardConfig
+from ..dist import Parallel
+from ..dtypes import DTYPES, default_dtype
 from ..paged.attention import PrefillChunk, StepMeta, decode_meta
 from ..paged.graphs import DEFAULT_BATCH_SIZES, DecodeGraphs
 from ..paged.kv_cache import PagedKVCache, Sequence
-from ..paged.layers import Parallel
 from ..paged.model import LlamaModel, ModelSpec, Weights, use_cpu_kernels
 from .base import BackendInfo, PrefillOutput
-from .hf import DTYPES, default_dtype
 
 log = logging.getLogger(__name__)
 

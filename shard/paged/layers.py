@@ -9,38 +9,13 @@ plain linear layers.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-AllReduce = Callable[[torch.Tensor], torch.Tensor]
-
-
-def no_all_reduce(x: torch.Tensor) -> torch.Tensor:
-    return x
-
-
-@dataclass(frozen=True)
-class Parallel:
-    """This rank's place in the tensor-parallel group and how it sums partial results."""
-
-    rank: int = 0
-    world_size: int = 1
-    # Sums a tensor over the ranks (in place or not); concatenates the ranks' last dimensions.
-    all_reduce: AllReduce = no_all_reduce
-    all_gather: AllReduce = no_all_reduce
-    # The minimum of an int over the ranks: for choices every rank must make alike (pool size, chunks).
-    agree: Callable[[int], int] = int
-
-    def split(self, size: int, what: str) -> tuple[int, int]:
-        """This rank's [start, end) of ``size`` items split evenly (refused when it does not divide)."""
-        if size % self.world_size:
-            raise ValueError(f"{what} ({size}) is not divisible by the number of shards ({self.world_size})")
-        part = size // self.world_size
-        return self.rank * part, (self.rank + 1) * part
+from ..dist import Parallel
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor | None:

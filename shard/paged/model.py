@@ -17,12 +17,12 @@ from torch import nn
 
 from common.sharding import PAGED_ARCHITECTURES
 
+from ..dist import Parallel
 from .attention import StepMeta, attend, paged_attention
 from .kv_cache import PagedKVCache
 from .layers import (
     MLP,
     ColumnLinear,
-    Parallel,
     RMSNorm,
     Rotary,
     RotaryStep,

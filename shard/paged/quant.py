@@ -33,8 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..dist import Parallel
 from .kernels import int8_vnni, load_kernels
-from .layers import ColumnLinear, Parallel, RowLinear
+from .layers import ColumnLinear, RowLinear
 
 log = logging.getLogger(__name__)
 

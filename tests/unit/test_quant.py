@@ -12,9 +12,9 @@ from launcher.config import ArgumentError, LauncherConfig
 from shard.backends import load_backend
 from shard.backends.paged import PagedBackend
 from shard.config import ShardConfig
+from shard.dist import Parallel
 from shard.engine import make_engine
 from shard.paged import quant
-from shard.paged.layers import Parallel
 from shard.paged.quant import QuantColumnLinear, QuantLinear, QuantRowLinear
 from shard.types import RequestSpec, SamplingParams
 from tests.kernels import require_kernels
