@@ -132,7 +132,11 @@ def launch(
     ] = 4096,
     max_batch_total_tokens: Annotated[
         int | None,
-        _opt("MAX_BATCH_TOTAL_TOKENS", "Token cap of the running batch (default: from warm-up, else 16000)."),
+        _opt(
+            "MAX_BATCH_TOTAL_TOKENS",
+            "Token cap of the running batch; the paged backend's KV cache holds exactly this many tokens "
+            "(default: what memory allows; other backends 16000).",
+        ),
     ] = None,
     max_waiting_tokens: Annotated[
         int, _opt("MAX_WAITING_TOKENS", "Decode steps before waiting requests are forced in.")
@@ -214,6 +218,10 @@ def launch(
     watermark_delta: Annotated[
         float, _opt("WATERMARK_DELTA", "Watermark: logit boost of green-list tokens.")
     ] = 2.0,
+    cuda_memory_fraction: Annotated[
+        float,
+        _opt("CUDA_MEMORY_FRACTION", "Share of each CUDA device a shard may use, > 0 and <= 1 (CUDA only)."),
+    ] = 1.0,
 ) -> None:
     """Serve a causal language model: TGI's native API and the OpenAI API over continuous batching."""
     setup_logging(os.environ.get("LOG_LEVEL", "INFO"), json_output)
@@ -265,6 +273,7 @@ def launch(
         plugins=tuple(plugin or ()),
         watermark_gamma=watermark_gamma,
         watermark_delta=watermark_delta,
+        cuda_memory_fraction=cuda_memory_fraction,
     )
     if env:
         print_env()

@@ -94,6 +94,8 @@ class LauncherConfig:
     plugins: tuple[str, ...] = field(default_factory=tuple)
     watermark_gamma: float = 0.5
     watermark_delta: float = 2.0
+    # The share of each CUDA device a shard may use (TGI's flag); only 1.0 without a CUDA device.
+    cuda_memory_fraction: float = 1.0
 
     def _plugin_backend(self) -> bool:
         from common.plugins import PluginError, find
@@ -158,6 +160,11 @@ class LauncherConfig:
         problem = sharding_problem(model_config, self.global_world_size())
         if problem:
             raise ArgumentError(problem if self.nnodes == 1 else f"{problem} ({self._shards()})")
+        if self.cuda_memory_fraction != 1.0 and not cuda_devices:
+            raise ArgumentError(
+                f"`cuda_memory_fraction` ({self.cuda_memory_fraction}) applies to CUDA devices, and this machine "
+                "has none: leave it at 1"
+            )
         if cuda_devices and self.world_size() > cuda_devices:
             raise ArgumentError(
                 f"`--num-shard {self.world_size()}` is more than the {cuda_devices} CUDA devices available"
@@ -190,6 +197,15 @@ class LauncherConfig:
                     f"`max_total_tokens` must be <= `max_batch_total_tokens`. Given: "
                     f"{max_total_tokens} and {self.max_batch_total_tokens}"
                 )
+        if not 0.0 < self.cuda_memory_fraction <= 1.0:
+            raise ArgumentError(
+                f"`cuda_memory_fraction` must be > 0 and <= 1. Given: {self.cuda_memory_fraction}"
+            )
+        if self.cuda_memory_fraction != 1.0 and self.quantize == CT2:
+            raise ArgumentError(
+                f"`cuda_memory_fraction` ({self.cuda_memory_fraction}) cannot bound CTranslate2's own memory "
+                "(--quantize ct2): leave it at 1"
+            )
         if self.waiting_served_ratio < 0:
             raise ArgumentError("`waiting_served_ratio` must be >= 0")
         if self.payload_limit <= 0:

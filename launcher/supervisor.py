@@ -153,6 +153,10 @@ class Supervisor:
         for name in c.plugins:
             cmd += ["--plugin", name]
         cmd += ["--watermark-gamma", str(c.watermark_gamma), "--watermark-delta", str(c.watermark_delta)]
+        if c.max_batch_total_tokens is not None:
+            cmd += ["--max-batch-total-tokens", str(c.max_batch_total_tokens)]
+        if c.cuda_memory_fraction != 1.0:
+            cmd += ["--cuda-memory-fraction", str(c.cuda_memory_fraction)]
         return cmd
 
     def shard_env(self, rank: int) -> dict[str, str]:

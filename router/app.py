@@ -28,6 +28,10 @@ SHARD_READY_TIMEOUT_S = 600.0
 STARTUP_KEY = web.AppKey("startup", asyncio.Task)
 
 
+class StartupRefused(RuntimeError):
+    """A setting the shards cannot honour, found at start; the message has the numbers."""
+
+
 async def _connect(app: web.Application) -> None:
     """Loads the tokenizer, waits for the shards, warms them up, then serves. Fatal on failure."""
     state = app[STATE_KEY]
@@ -39,9 +43,18 @@ async def _connect(app: web.Application) -> None:
         info = await client.info()
         infer = Infer(config, client, tokenizer, info)
         await infer.start()
+        if infer.max_batch_total_tokens < config.max_total_tokens:
+            raise StartupRefused(
+                f"the batch holds {infer.max_batch_total_tokens} tokens (max_batch_total_tokens: the KV cache "
+                f"the shards report), fewer than `max_total_tokens` ({config.max_total_tokens}): one request "
+                "could never fit. Lower --max-total-tokens, or give the cache more memory"
+            )
         state.prompter = ChatPrompter(tokenizer, config.chat_template, config.chat_wrapping)
         state.infer = infer
         log.info("Router ready: %s on %s (%s)", config.model_id, info.device_type, info.dtype)
+    except StartupRefused as e:
+        log.error("Router start-up refused: %s", e)
+        os._exit(1)
     except Exception:
         log.exception("Router start-up failed")
         os._exit(1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from pathlib import Path
 from typing import Annotated
@@ -12,7 +13,7 @@ import typer
 from common.cuda_graphs import parse_cuda_graphs
 from common.logs import setup_logging
 
-from .config import ShardConfig
+from .config import ConfigError, ShardConfig
 
 app = typer.Typer(add_completion=False, help="Text generation shard: serves one model slice over gRPC.")
 
@@ -51,6 +52,12 @@ def serve(
     plugin: Annotated[list[str] | None, typer.Option(help="Enable an optional plugin (repeatable).")] = None,
     watermark_gamma: Annotated[float, typer.Option(help="Watermark green-list fraction.")] = 0.5,
     watermark_delta: Annotated[float, typer.Option(help="Watermark green-list logit boost.")] = 2.0,
+    max_batch_total_tokens: Annotated[
+        int | None, typer.Option(help="Paged backend: the KV pool in tokens (default: what memory allows).")
+    ] = None,
+    cuda_memory_fraction: Annotated[
+        float, typer.Option(help="Share of each CUDA device this process may use.")
+    ] = 1.0,
 ) -> None:
     """Loads the model and serves the shard service on ``{uds_path}-{RANK}``."""
     rank = int(os.environ.get("RANK", "0"))
@@ -71,10 +78,17 @@ def serve(
         plugins=tuple(plugin or ()),
         watermark_gamma=watermark_gamma,
         watermark_delta=watermark_delta,
+        max_batch_total_tokens=max_batch_total_tokens,
+        cuda_memory_fraction=cuda_memory_fraction,
     )
     from .server import serve as run_server
 
-    asyncio.run(run_server(config))
+    try:
+        asyncio.run(run_server(config))
+    except ConfigError as e:  # a setting the device cannot honour: one line, no traceback
+        logging.getLogger("shard").error("%s", e)
+        logging.shutdown()
+        os._exit(1)  # other ranks, if any, see this one go
 
 
 def main() -> None:

@@ -6,6 +6,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+class ConfigError(ValueError):
+    """A setting this shard cannot honour on its device, named with its numbers: the shard exits 1 with
+    the message (no traceback), and the launcher shows it."""
+
+
 @dataclass(frozen=True)
 class ShardConfig:
     model_path: Path
@@ -29,6 +34,11 @@ class ShardConfig:
     # The watermark processor's green-list fraction and logit boost (TGI's --watermark-gamma/-delta).
     watermark_gamma: float = 0.5
     watermark_delta: float = 2.0
+    # --max-batch-total-tokens: the paged backend's KV pool in tokens (None: as many as its memory budget
+    # holds); other backends leave it to the router, whose token budget it is.
+    max_batch_total_tokens: int | None = None
+    # --cuda-memory-fraction: the share of each CUDA device this process may use.
+    cuda_memory_fraction: float = 1.0
 
     @property
     def socket_path(self) -> str:

@@ -21,7 +21,7 @@ import torch
 from common import plugins
 from common.quantize import BITSANDBYTES, CT2
 
-from ..config import ShardConfig
+from ..config import ConfigError, ShardConfig
 from ..dist import Parallel
 from .base import Backend
 
@@ -37,6 +37,17 @@ def load_backend(config: ShardConfig, device: torch.device, parallel: Parallel |
     With several ranks (``parallel``), only the paged backend can shard the model."""
     parallel = parallel or Parallel()
     name = backend_name(config)
+    if config.cuda_memory_fraction < 1.0:
+        fraction = config.cuda_memory_fraction
+        if name == "ct2":
+            raise ConfigError(f"`cuda_memory_fraction` ({fraction}) cannot bound CTranslate2's own memory")
+        if device.type != "cuda":
+            raise ConfigError(
+                f"`cuda_memory_fraction` ({fraction}) applies to CUDA devices, not {device.type}"
+            )
+        # The torch allocator's cap for this process (TGI's --cuda-memory-fraction); the paged backend also
+        # sizes its KV pool within it.
+        torch.cuda.set_per_process_memory_fraction(fraction, device)
     if parallel.world_size > 1 and name != "paged":
         raise ValueError(f"{config.quantize or name} cannot be sharded over {parallel.world_size} ranks")
     try:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import ShardConfig
+from ..config import ConfigError, ShardConfig
 from ..dist import Parallel
 from ..dtypes import DTYPES, default_dtype
 from ..paged.attention import PrefillChunk, StepMeta, decode_meta
@@ -49,14 +49,20 @@ class Chunk:
     want_all: bool = False
 
 
-def kv_budget_bytes(device: torch.device, world_size: int = 1) -> int:
-    """Bytes for the KV pool: most of the free GPU memory, or a share of the host's available memory."""
+def kv_budget_bytes(
+    device: torch.device, world_size: int = 1, memory_fraction: float = 1.0, sized: bool = False
+) -> int:
+    """Bytes for the KV pool: most of the free GPU memory within ``memory_fraction`` of the device's
+    (--cuda-memory-fraction), or a share of the host's available memory. ``sized``: the most a pool of a
+    given size (--max-batch-total-tokens) may take: on the CPU, all of the host's available memory."""
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free * CUDA_KV_SHARE)
+        free, total = torch.cuda.mem_get_info(device)
+        # What this process may still take: free memory, within its fraction of the whole device.
+        usable = min(free, int(total * memory_fraction) - torch.cuda.memory_reserved(device))
+        return max(int(usable * CUDA_KV_SHARE), 0)
     available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     # The ranks of a CPU server share the host's memory.
-    return int(min(available * CPU_KV_SHARE, CPU_KV_CAP_BYTES)) // world_size
+    return int(available if sized else min(available * CPU_KV_SHARE, CPU_KV_CAP_BYTES)) // world_size
 
 
 class PagedBackend:
@@ -73,9 +79,16 @@ class PagedBackend:
         quantize: str | None = None,
         cpu_kernels: bool = True,
         cuda_graphs: tuple[int, ...] | None = None,
+        kv_cache_tokens: int | None = None,
+        memory_fraction: float = 1.0,
     ) -> None:
         """``cuda_graphs``: batch sizes whose decode steps run as CUDA graphs on a GPU with one rank
-        (shard/paged/graphs.py); None for the default ladder, () for none."""
+        (shard/paged/graphs.py); None for the default ladder, () for none.
+
+        The KV pool holds ``kv_cache_tokens`` (--max-batch-total-tokens) rounded up to whole blocks, or
+        raises ``ConfigError`` when more than the memory it may take (``kv_cache_bytes``, else what
+        ``kv_budget_bytes`` allows); without it, as many tokens as ``kv_cache_bytes`` (else the budget)
+        holds. ``memory_fraction``: --cuda-memory-fraction."""
         from transformers import AutoConfig, GenerationConfig
 
         self.device = device
@@ -94,12 +107,26 @@ class PagedBackend:
             use_cpu_kernels(self.model, unquantized=not quantize)
         layer = self.model.layers[0]
         per_token = 2 * spec.num_layers * layer.num_kv_heads * spec.head_dim * torch_dtype.itemsize
+        sized = kv_cache_tokens is not None
         budget = (
             kv_cache_bytes
             if kv_cache_bytes is not None
-            else kv_budget_bytes(device, self.parallel.world_size)
+            else kv_budget_bytes(device, self.parallel.world_size, memory_fraction, sized)
         )
-        num_blocks = max(min(budget // per_token, MAX_POOL_TOKENS) // block_size, 1)
+        if kv_cache_tokens is not None:
+            if kv_cache_tokens < 1:
+                raise ConfigError(f"`max_batch_total_tokens` must be > 0. Given: {kv_cache_tokens}")
+            num_blocks = -(-kv_cache_tokens // block_size)
+            if num_blocks * block_size * per_token > budget:
+                fits = budget // per_token // block_size * block_size
+                raise ConfigError(
+                    f"`max_batch_total_tokens` ({kv_cache_tokens}) is more than the {fits} tokens the KV cache "
+                    f"can hold on {device.type}: {kv_cache_tokens} tokens take "
+                    f"{num_blocks * block_size * per_token / 2**30:.2f} GiB ({per_token} bytes each), and "
+                    f"{budget / 2**30:.2f} GiB is free for it"
+                )
+        else:
+            num_blocks = max(min(budget // per_token, MAX_POOL_TOKENS) // block_size, 1)
         # Every rank must evict and refuse alike: the pool is the smallest any rank can hold.
         num_blocks = self.parallel.agree(num_blocks)
         self.cache = PagedKVCache(spec.num_layers, num_blocks, block_size, layer.num_kv_heads, spec.head_dim,
@@ -288,5 +315,6 @@ def load(config: ShardConfig, device: torch.device, parallel: Parallel) -> Paged
     """The ``paged`` entry point of ``text_generation.backends``."""
     quantize = config.quantize if config.quantize in ("int8", "int4") else None
     return PagedBackend(
-        config.model_path, device, config.dtype, parallel, quantize=quantize, cuda_graphs=config.cuda_graphs
-    )
+        config.model_path, device, config.dtype, parallel, quantize=quantize, cuda_graphs=config.cuda_graphs,
+        kv_cache_tokens=config.max_batch_total_tokens, memory_fraction=config.cuda_memory_fraction,
+    )  # fmt: skip

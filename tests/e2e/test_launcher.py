@@ -135,3 +135,39 @@ def test_max_total_tokens_past_the_models_positions_stops_before_any_process(
     )
     assert "Traceback" not in log and "Starting shard" not in log
     assert server.seen_pids == set() and server.stale_sockets() == []
+
+
+def test_max_batch_total_tokens_is_the_paged_kv_cache(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """--max-batch-total-tokens sizes the paged backend's KV pool exactly; the router reports that."""
+    args = [
+        "--model-id", str(tiny_model_dir),
+        "--max-batch-total-tokens", "512",
+        "--max-total-tokens", "256",
+        "--max-input-length", "128",
+        "--max-batch-prefill-tokens", "128",
+    ]  # fmt: skip
+    server = Launched(args).start(tmp_path)
+    server.wait_healthy(120)
+    info = requests.get(f"{server.url}/info", timeout=10).json()
+    assert info["max_batch_total_tokens"] == 512 and info["max_total_tokens"] == 256
+    response = requests.post(
+        f"{server.url}/generate", json={"inputs": "Hello", "parameters": {"max_new_tokens": 3}}, timeout=60
+    )
+    assert response.status_code == 200
+    metrics = requests.get(f"{server.url}/metrics", timeout=10).text
+    assert "tgi_kv_cache_tokens 512.0" in metrics.splitlines()
+    assert "Paged KV cache: 32 blocks of 16 tokens (512 tokens" in server.log()
+    stop_and_check(server)
+
+
+def test_a_kv_cache_past_the_memory_is_refused_at_start(tiny_model_dir: Path, tmp_path: Path) -> None:
+    server = Launched(["--model-id", str(tiny_model_dir), "--max-batch-total-tokens", str(10**12)])
+    server.start(tmp_path)
+    assert server.wait_exit(120) == 1
+    log = server.log()
+    assert (
+        f"`max_batch_total_tokens` ({10**12}) is more than the " in log
+        and "tokens the KV cache can hold" in log
+    )
+    assert "Traceback" not in log
+    assert server.leftovers() == [] and server.stale_sockets() == []

@@ -62,3 +62,20 @@ def test_a_given_input_length_past_the_positions_is_refused() -> None:
         str(e.value)
         == "`max_input_length` (1000) must be < the model's 512 positions (max_position_embeddings)"
     )
+
+
+@pytest.mark.parametrize("fraction", [0.0, -0.5, 1.5])
+def test_cuda_memory_fraction_must_be_a_share(fraction: float) -> None:
+    with pytest.raises(
+        ArgumentError, match=rf"`cuda_memory_fraction` must be > 0 and <= 1. Given: {fraction}"
+    ):
+        LauncherConfig(cuda_memory_fraction=fraction).validate()
+
+
+def test_cuda_memory_fraction_is_refused_without_a_cuda_device() -> None:
+    config = LauncherConfig(cuda_memory_fraction=0.5)
+    config.validate()
+    with pytest.raises(ArgumentError, match=r"`cuda_memory_fraction` \(0.5\) applies to CUDA devices"):
+        config.check_model(SMOLLM, 0)
+    config.check_model({**SMOLLM, "num_attention_heads": 8}, 1)  # one GPU: honoured
+    LauncherConfig().check_model(SMOLLM, 0)  # the default is fine anywhere
