@@ -57,6 +57,7 @@ def request_to_pb(entry: Entry) -> pb.Request:
         min_new_tokens=r.min_new_tokens,
         stop_token_ids=r.stop_token_ids,
         fault=r.fault,
+        cache_salt=r.cache_salt,
     )
 
 

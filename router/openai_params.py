@@ -13,7 +13,7 @@ from common.params import SamplingParams
 from .errors import InferError, ValidationError
 from .grammar import from_response_format
 from .infer import Infer
-from .validation import U64_MAX, ValidRequest
+from .validation import U64_MAX, ValidRequest, check_cache_salt
 
 # Fields accepted without effect: they change nothing a model computes.
 ACCEPTED_NOOP = ("user", "metadata", "store", "service_tier", "parallel_tool_calls")
@@ -101,6 +101,8 @@ class Options:
     ignore_eos: bool
     stop_token_ids: tuple[int, ...]
     skip_special_tokens: bool
+    # Prefix-cache salt (vLLM's): "" = none.
+    cache_salt: str = ""
 
 
 def check_model(fields: Fields, infer: Infer) -> str:
@@ -224,6 +226,7 @@ def parse_options(fields: Fields, infer: Infer, max_n: int) -> Options:
         ignore_eos=fields.bool("ignore_eos", False),
         stop_token_ids=tuple(stop_token_ids),
         skip_special_tokens=fields.bool("skip_special_tokens", True),
+        cache_salt=check_cache_salt(fields.raw("cache_salt")) or "",
     )
 
 
@@ -281,6 +284,7 @@ def build_requests(
                 min_new_tokens=options.min_tokens,
                 stop_token_ids=options.stop_token_ids,
                 skip_special_tokens=options.skip_special_tokens,
+                cache_salt=options.cache_salt,
             )
         )
     return out

@@ -27,6 +27,7 @@ SCHEMAS: dict[str, Any] = {
         "type": "object",
         "properties": {
             "best_of": {"type": "integer", "minimum": 1, "nullable": True},
+            "cache_salt": {"type": "string", "minLength": 1, "maxLength": 256, "nullable": True},
             "decoder_input_details": {"type": "boolean", "default": False},
             "details": {"type": "boolean", "default": False},
             "do_sample": {"type": "boolean", "default": False},

@@ -23,6 +23,8 @@ from .grammar import from_tgi
 from .tokenizer import Tokenizer
 
 U64_MAX = 2**64 - 1
+# The longest `cache_salt` a request may send (characters).
+MAX_CACHE_SALT = 256
 T = TypeVar("T")
 
 
@@ -53,6 +55,8 @@ class GenerateParameters:
     ignore_eos_token: bool = False
     # Test-only fault hook, as given (checked only when the server runs with --fault-injection).
     fault: object = None
+    # Prefix-cache salt: only requests with the same salt share cached prompt blocks (None = not given).
+    cache_salt: str | None = None
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,8 @@ class ValidRequest:
     skip_special_tokens: bool = True
     # Test-only fault hook for the shard (see shard/faults.py); "" = none.
     fault: str = ""
+    # Prefix-cache salt ("" = none): the shard shares cached prompt blocks only between equal salts.
+    cache_salt: str = ""
 
     @property
     def input_length(self) -> int:
@@ -126,6 +132,19 @@ def _get_bool(params: dict[str, Any], name: str, default: bool | None = False) -
     return value
 
 
+def check_cache_salt(value: object) -> str | None:
+    """vLLM's ``cache_salt``: a non-empty string of at most MAX_CACHE_SALT characters (None = not given)."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value or len(value) > MAX_CACHE_SALT:
+        given = f"{_type_name(value)}" if not isinstance(value, str) else f"{len(value)} characters"
+        raise ValidationError(
+            f"`cache_salt` must be a non-empty string of at most {MAX_CACHE_SALT} characters. Given: {given}",
+            "cache_salt",
+        )
+    return value
+
+
 def parse_parameters(params: object) -> GenerateParameters:
     """Checks the JSON types of TGI's ``parameters`` object (unknown keys are ignored, as TGI does)."""
     if params is None:
@@ -163,6 +182,7 @@ def parse_parameters(params: object) -> GenerateParameters:
         top_n_tokens=_get_int(params, "top_n_tokens", 2**32 - 1),
         ignore_eos_token=bool(_get_bool(params, "ignore_eos_token") or _get_bool(params, "ignore_eos")),
         fault=params.get("fault"),
+        cache_salt=check_cache_salt(params.get("cache_salt")),
     )
 
 
@@ -363,4 +383,5 @@ class Validator:
             seed=chooser.seed if chooser.sampling else None,
             ignore_eos_token=p.ignore_eos_token,
             fault=self.fault(p),
+            cache_salt=p.cache_salt or "",
         )

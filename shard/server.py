@@ -67,6 +67,7 @@ def request_from_pb(r: pb.Request) -> RequestSpec:
         min_new_tokens=r.min_new_tokens,
         stop_token_ids=tuple(r.stop_token_ids),
         fault=r.fault,
+        cache_salt=r.cache_salt,
     )
 
 

@@ -21,6 +21,8 @@ class RequestSpec:
     stop_token_ids: tuple[int, ...] = ()
     # Test-only fault hook (shard/faults.py); "" = none.
     fault: str = ""
+    # Prefix-cache blocks are shared only between requests with the same salt.
+    cache_salt: str = ""
 
 
 @dataclass(frozen=True)

@@ -126,6 +126,7 @@ def test_every_field_is_parsed() -> None:
             "seed": 42,
             "top_n_tokens": 3,
             "ignore_eos_token": True,
+            "cache_salt": "tenant-a",
         }
     )
     assert params == GenerateParameters(
@@ -148,6 +149,7 @@ def test_every_field_is_parsed() -> None:
         seed=42,
         top_n_tokens=3,
         ignore_eos_token=True,
+        cache_salt="tenant-a",
     )
 
 
@@ -172,6 +174,7 @@ def test_nulls_mean_not_given() -> None:
         "seed",
         "top_n_tokens",
         "ignore_eos_token",
+        "cache_salt",
     ]
     assert parse_parameters(dict.fromkeys(fields)) == GenerateParameters()
 
