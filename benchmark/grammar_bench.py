@@ -474,7 +474,7 @@ def step_cost(path: Path, plain_rows: int, constrained_rows: int, steps: int, re
     them."""
     from common import grammar
     from shard.backends.paged import PagedBackend
-    from shard.engine import make_engine
+    from shard.engines import make_engine
     from shard.processors import ProcessorContext, Processors
     from shard.processors.grammar import Grammar
     from shard.types import RequestSpec, SamplingParams

@@ -3,7 +3,8 @@
 One task owns the running batch. It prefills what the queue admits, then decodes step after step; between
 steps, waiting requests join when the queue holds ``waiting_served_ratio`` times the running count or
 after ``max_waiting_tokens`` steps, if they fit the token budget. A shard that runs new prompts in chunks
-inside its decode steps (the paged backend) takes them at every step instead. Finished and disconnected requests leave
+inside its decode steps (the paged backend) schedules itself: it takes every waiting request at every
+step, and its scheduler (shard/scheduler.py) decides when each runs. Finished and disconnected requests leave
 at the next step: the Decode call lists only the request ids still wanted.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import time
 
 import grpc
@@ -58,6 +60,7 @@ def request_to_pb(entry: Entry) -> pb.Request:
         stop_token_ids=r.stop_token_ids,
         fault=r.fault,
         cache_salt=r.cache_salt,
+        group=entry.group,
     )
 
 
@@ -115,7 +118,7 @@ class Batcher:
     async def _serve_batch(self) -> None:
         """Prefills what the queue admits and decodes until the running batch is empty."""
         c = self.config
-        entries = self.queue.next_batch(None, c.max_batch_prefill_tokens, self.max_batch_total_tokens)
+        entries = self.queue.next_batch(None, *self._budgets(self.max_batch_total_tokens))
         if entries is None:
             return
         cached = await self._prefill(entries)
@@ -131,7 +134,7 @@ class Batcher:
                 joining = None
                 if min_size is None or waiting >= min_size:  # else none could join: skip the O(n) count
                     budget = self.max_batch_total_tokens - self._held_tokens()
-                    joining = self.queue.next_batch(min_size, c.max_batch_prefill_tokens, budget)
+                    joining = self.queue.next_batch(min_size, *self._budgets(budget))
                 if joining:
                     reason = (
                         "every_step" if self.join_every_step
@@ -147,6 +150,14 @@ class Batcher:
         self._gauged_size = 0
         self.metrics.batch_current_size.set(0)
         self.metrics.batch_current_max_tokens.set(0)
+
+    def _budgets(self, total: int) -> tuple[float, float]:
+        """The prefill and total token budgets of the next requests to hand to the shard. A shard with
+        chunked prefill schedules itself (shard/scheduler.py: its KV blocks, its step budget, preemption)
+        and takes every waiting request at once; for the others the router keeps TGI's budgets."""
+        if self.join_every_step:
+            return math.inf, math.inf
+        return self.config.max_batch_prefill_tokens, total
 
     def _held_tokens(self) -> int:
         """Token budget the running requests hold (padded backends: every row as long as the longest)."""

@@ -92,6 +92,11 @@ class Metrics:
         )
         # Reported by backends with a paged KV cache after every step.
         self.kv_cache_tokens = Gauge("tgi_kv_cache_tokens", "KV cache size in tokens", registry=r)
+        self.kv_cache_preemptions = Gauge(
+            "tgi_kv_cache_preemptions",
+            "Running sequences preempted (blocks freed, tokens recomputed later) since start",
+            registry=r,
+        )
         self.kv_cache_used_tokens = Gauge("tgi_kv_cache_used_tokens", "KV cache tokens in use", registry=r)
         self.prefix_cache_queries = Gauge(
             "tgi_prefix_cache_queries", "Prompt blocks looked up in the prefix cache", registry=r
@@ -103,6 +108,7 @@ class Metrics:
     def observe_cache(self, cache) -> None:
         """Copies a step's proto CacheStats into the gauges."""
         self.kv_cache_tokens.set(cache.tokens_total)
+        self.kv_cache_preemptions.set(cache.preemptions)
         self.kv_cache_used_tokens.set(cache.tokens_used)
         self.prefix_cache_queries.set(cache.prefix_queries)
         self.prefix_cache_hits.set(cache.prefix_hits)

@@ -71,6 +71,9 @@ class Entry:
     batched_at: float | None = None
     cancelled: bool = False
     done: bool = False
+    # The client request it belongs to (the id of its first entry): OpenAI's n samples and best_of
+    # candidates share one, and the shard's scheduler is fair between them.
+    group: int = 0
 
     def cost(self) -> tuple[int, int]:
         """(prompt tokens, most new tokens)."""
@@ -92,7 +95,9 @@ class Queue:
         self.entries.append(entry)
         self.not_empty.set()
 
-    def next_batch(self, min_size: int | None, prefill_budget: int, token_budget: int) -> list[Entry] | None:
+    def next_batch(
+        self, min_size: int | None, prefill_budget: float, token_budget: float
+    ) -> list[Entry] | None:
         """Pops the longest prefix of the queue whose prefill and total tokens fit the budgets.
 
         Padded backends pay ``(n + 1) * longest prompt`` for a prefill of n requests (TGI's rule).

@@ -1,11 +1,13 @@
-"""The engine for backends that run decodes and prompt chunks in one step (the paged backend).
+"""The engine of backends that run decodes and prompt chunks in one step (the paged backend).
 
-A prompt does not have to run whole, at once, while every running stream waits: ``Prefill`` registers
-new requests and, when nothing else is running, runs their prompts at once; otherwise their prompts run
-in chunks inside the following ``Decode`` steps, beside the running streams, under a token budget that
-keeps each step within about twice the cost of a plain decode step (``StepCosts``). A request whose prompt is complete
-gets its first token in that step and joins the running batch. Until then the router sees it in the
-cached batch's request ids, without a token.
+``Prefill`` hands new requests to the scheduler (``shard.scheduler``), which decides every step what runs:
+the running sequences' next tokens, and the next chunks of waiting prompts in the same forward, under a
+token budget that keeps a step within about twice the cost of a plain decode step (``StepCosts``) and
+under the KV blocks the pool has. When blocks run out, the scheduler preempts the running sequence of
+lowest priority: its blocks go back and it recomputes its tokens later, picking up where it was (its
+sampling state waits in ``Job.resume``). A request whose prompt is complete gets its first token in that
+step and joins the running batch. Until then the router sees it in the cached batch's request ids,
+without a token.
 """
 
 from __future__ import annotations
@@ -20,14 +22,17 @@ from .backends.paged import Chunk, PagedBackend, PagedState
 from .batch import Batch, UnknownRequestError
 from .engine import Cached, Engine, UnknownBatchError
 from .faults import Faults
-from .paged.kv_cache import Sequence
+from .paged.kv_cache import PagedKVCache, Sequence
 from .processors import Processors
-from .types import RequestSpec, StepResult
+from .scheduler import Plan, Scheduler
+from .types import RequestFailure, RequestSpec, StepResult
 
 # Prompt tokens a step can take "for free" beside its decodes: below this many tokens a step costs about
 # one read of the weights, whatever it computes. The floor of every chunk budget.
 FREE_TOKENS = {"cpu": 16, "cuda": 256}
 EWMA = 0.3
+# Prompt tokens of a step that decodes nothing (TGI's --max-batch-prefill-tokens default).
+PREFILL_TOKENS = 4096
 
 
 class StepCosts:
@@ -63,26 +68,76 @@ def _ewma(old: float | None, new: float) -> float:
     return new if old is None else (1 - EWMA) * old + EWMA * new
 
 
-@dataclass
-class Pending:
-    """Requests sharing one prompt (the n samples of a request share its prefill) still running it."""
+@dataclass(eq=False)
+class Job:
+    """One request on this shard, from ``Prefill`` until it leaves: the scheduler's ``Work``."""
 
     batch_id: int
-    requests: list[RequestSpec]
-    seq: Sequence
+    request: RequestSpec
+    # What it runs when it (re)starts: its prompt, or, after a preemption, every token it had fed.
+    tokens: list[int]
+    key: tuple[int, int, int]
+    share: int
     want_logits: bool
-    # KV tokens its requests may grow to (prompt + max_new_tokens each).
-    max_tokens: int
+    seq: Sequence | None = None
+    running: bool = False
+    # A preempted request's batch row (sampling state, history, the token it feeds next): it rejoins the
+    # running batch with it once its tokens are recomputed, without sampling again.
+    resume: Batch | None = None
     prompt_logits: list[torch.Tensor] = field(default_factory=list)
 
     @property
-    def remaining(self) -> int:
-        return len(self.seq.tokens) - self.seq.computed
+    def opened(self) -> bool:
+        return self.seq is not None
+
+    @property
+    def num_tokens(self) -> int:
+        seq = self.seq
+        if seq is None:
+            return len(self.tokens)
+        return len(seq.tokens) + 1 if self.running else len(seq.tokens)
+
+    @property
+    def num_computed(self) -> int:
+        return 0 if self.seq is None else self.seq.computed
+
+    @property
+    def num_blocks(self) -> int:
+        return 0 if self.seq is None else len(self.seq.blocks)
+
+
+class CachePool:
+    """The scheduler's ``Pool`` over the paged KV cache."""
+
+    def __init__(self, cache: PagedKVCache) -> None:
+        self.cache = cache
+        self.block_size = cache.block_size
+
+    def num_free(self) -> int:
+        return self.cache.allocator.num_free
+
+    def open(self, job: Job) -> None:
+        # A preempted request needs no prompt logits: they were sent already.
+        job.seq = self.cache.open(
+            job.tokens, use_prefix_cache=not job.want_logits, salt=job.request.cache_salt
+        )
+
+    def release(self, job: Job) -> None:
+        seq = job.seq
+        if seq is None:
+            return
+        if job.running:  # it recomputes what it had fed; nothing else shares that
+            job.tokens = list(seq.tokens)
+            job.want_logits = False
+            job.share = -1 - job.request.id
+        self.cache.release(seq)
+        job.seq = None
+        job.prompt_logits = []
 
 
 def concat_results(results: list[StepResult]) -> StepResult:
     """One step's results side by side (top alternatives padded to the widest)."""
-    results = [r for r in results if r.request_ids]
+    results = [r for r in results if r.request_ids or r.failures]
     if not results:
         return StepResult([], [], [])
     if len(results) == 1:
@@ -107,16 +162,41 @@ def concat_results(results: list[StepResult]) -> StepResult:
     )
 
 
+def detach(batch: Batch, request_ids: list[int]) -> Batch:
+    """The rows of ``request_ids`` as a batch of their own without KV state (the caller has released
+    it); ``batch`` itself is unchanged."""
+    position = {rid: row for row, rid in enumerate(batch.request_ids)}
+    rows = [position[rid] for rid in request_ids]
+    index = torch.tensor(rows, dtype=torch.long, device=batch.next_ids.device)
+    return Batch(
+        batch.id,
+        [batch.requests[row] for row in rows],
+        batch.sampler.select(rows),
+        batch.history.select(index),
+        batch.next_ids[index],
+        None,
+        0,
+    )
+
+
 class ChunkedEngine(Engine):
     backend: PagedBackend
     chunked_prefill = True
 
     def __init__(
-        self, backend: PagedBackend, faults: Faults | None = None, processors: Processors | None = None
+        self,
+        backend: PagedBackend,
+        faults: Faults | None = None,
+        processors: Processors | None = None,
+        prefill_tokens: int = PREFILL_TOKENS,
     ) -> None:
         super().__init__(backend, faults, processors)
-        self.pending: list[Pending] = []
+        self.prefill_tokens = prefill_tokens
         self.costs = StepCosts(FREE_TOKENS.get(backend.device.type, 16))
+        self.scheduler: Scheduler[Job] = Scheduler(
+            CachePool(backend.cache), backend.cache.allocator.num_blocks
+        )
+        self.jobs: dict[int, Job] = {}
 
     # -- the protocol -----------------------------------------------------------------------------
     def prefill(self, batch_id: int, requests: list[RequestSpec], max_tokens: int) -> StepResult:
@@ -124,30 +204,27 @@ class ChunkedEngine(Engine):
             raise ValueError("a prefill batch needs at least one request")
         self.faults.before_step(requests)
         requests, refused = self._admit(requests)
-        groups: dict[tuple[int, ...], list[RequestSpec]] = {}
         for r in requests:
-            groups.setdefault(tuple(r.input_ids), []).append(r)
-        added: list[Pending] = []
-        try:
-            for prompt, members in groups.items():
-                want = any(r.prefill_logprobs for r in members)
-                seq = self.backend.open(list(prompt), want)
-                tokens = sum(len(r.input_ids) + r.max_new_tokens for r in members)
-                added.append(Pending(batch_id, members, seq, want, tokens))
-        except BaseException:
-            for p in added:
-                self.backend.cache.release(p.seq)
-            raise
-        self.pending.extend(added)
-        if self.batches or not added:  # streams are running: the prompts run in chunks beside them
+            group = r.group or r.id
+            job = Job(
+                batch_id,
+                r,
+                list(r.input_ids),
+                (self.scheduler.rank(group), group, r.id),
+                hash((tuple(r.input_ids), r.cache_salt)),
+                r.prefill_logprobs,
+            )
+            self.jobs[r.id] = job
+            self.scheduler.add(job)
+        if self.batches or not requests:  # streams are running: the prompts run in chunks beside them
             return StepResult([], [], [], failures=refused)
         result = self._step(batch_id, None)[0]
         result.failures += refused
         return result
 
     def decode(self, wanted: list[tuple[int, list[int]]]) -> tuple[StepResult, Cached | None]:
-        pending_ids = {r.id: p for p in self.pending for r in p.requests}
-        known = set(self.batches) | {p.batch_id for p in self.pending}
+        waiting = {j.request.id: j for j in self.scheduler.waiting}
+        known = set(self.batches) | {j.batch_id for j in waiting.values()}
         wanted = [(bid, ids) for bid, ids in wanted if ids or bid in known]
         missing = [bid for bid, _ in wanted if bid not in known]
         if missing:
@@ -155,129 +232,196 @@ class ChunkedEngine(Engine):
         if not wanted:
             return StepResult([], [], []), None
         target = wanted[0][0]
-        keep_pending: set[int] = set()
+        keep_waiting: set[int] = set()
         kept: list[Batch] = []
         popped = [(self.batches.pop(bid, None), bid, ids) for bid, ids in wanted]
         try:
             for old, bid, ids in popped:
-                running = [rid for rid in ids if rid not in pending_ids or pending_ids[rid].batch_id != bid]
-                keep_pending.update(rid for rid in ids if rid not in running)
+                running = [rid for rid in ids if rid not in waiting or waiting[rid].batch_id != bid]
+                keep_waiting.update(rid for rid in ids if rid not in running)
                 if old is None:
                     if running:
                         raise UnknownRequestError(f"batch {bid} holds no request {running}")
                     continue
+                self._forget([rid for rid in old.request_ids if rid not in set(running)])
                 batch = old.select(running, self.backend)
                 if batch is not None:
                     kept.append(batch)
-            self._cut_pending({bid for _, bid, _ in popped}, keep_pending, target)
+            self._cut_waiting({bid for _, bid, _ in popped}, keep_waiting, target)
             merged = Batch.concatenate(kept, self.backend) if kept else None
             if merged is not None:
                 merged.id = target
         except BaseException:
             for b in [*kept, *(old for old, _, _ in popped if old is not None)]:
-                self.backend.release(b.state)
+                self._drop(b)
             raise
         return self._step(target, merged)
 
     def clear(self, batch_id: int | None = None) -> None:
-        super().clear(batch_id)
-        for p in [p for p in self.pending if batch_id is None or p.batch_id == batch_id]:
-            self.backend.cache.release(p.seq)
-            self.pending.remove(p)
+        for batch in list(self.batches.values()) if batch_id is None else [self.batches.get(batch_id)]:
+            if batch is not None:
+                self._drop(batch)
+                self.batches.pop(batch.id, None)
+        for job in list(self.scheduler.waiting):
+            if batch_id is None or job.batch_id == batch_id:
+                self._leave(job)
+
+    def stats(self) -> dict[str, int]:
+        return {**self.backend.stats(), "preemptions": self.scheduler.num_preemptions}
+
+    # -- bookkeeping ------------------------------------------------------------------------------
+    def _leave(self, job: Job) -> None:
+        """``job`` leaves the shard: out of the scheduler, its blocks back to the pool."""
+        if self.jobs.pop(job.request.id, None) is None:
+            return
+        self.scheduler.remove(job)
+        if job.seq is not None:
+            self.backend.cache.release(job.seq)
+            job.seq = None
+
+    def _forget(self, request_ids: list[int]) -> None:
+        """Running requests that left their batch (whose ``select`` gave their blocks back)."""
+        for rid in request_ids:
+            job = self.jobs.get(rid)
+            if job is not None:
+                self._leave(job)
+
+    def _drop(self, batch: Batch) -> None:
+        """A running batch goes, with its requests and their blocks."""
+        self._forget(batch.request_ids)
+        if batch.state is not None:
+            self.backend.release(batch.state)
+
+    def _cut_waiting(self, batch_ids: set[int], keep: set[int], target: int) -> None:
+        """Waiting requests of these batches that the router no longer wants leave; the rest move into
+        the merged batch ``target``."""
+        for job in list(self.scheduler.waiting):
+            if job.batch_id not in batch_ids:
+                continue
+            if job.request.id in keep:
+                job.batch_id = target
+                if job.resume is not None:
+                    job.resume.id = target
+            else:
+                self._leave(job)
 
     # -- one step ---------------------------------------------------------------------------------
-    def _cut_pending(self, batch_ids: set[int], keep: set[int], target: int) -> None:
-        """Drops pending requests of these batches that the router no longer wants; moves the rest into
-        the merged batch ``target``."""
-        for p in list(self.pending):
-            if p.batch_id not in batch_ids:
-                continue
-            p.requests = [r for r in p.requests if r.id in keep]
-            if not p.requests:
-                self.backend.cache.release(p.seq)
-                self.pending.remove(p)
-            else:
-                p.batch_id = target
-
     def _step(self, target: int, batch: Batch | None) -> tuple[StepResult, Cached | None]:
-        """Decodes ``batch`` (if any) and runs the next chunks of batch ``target``'s pending prompts in
-        the same forward; prompts that complete get their first token and join the batch."""
-        mine = [p for p in self.pending if p.batch_id == target]
+        """Decodes ``batch`` (if any) and runs the chunks the scheduler picks among batch ``target``'s
+        waiting requests in the same forward; prompts that complete get their first token and join."""
         decoding = len(batch) if batch is not None else 0
         budget = self.costs.budget(decoding)
-        if budget is not None:  # timings differ between ranks; their chunk plans must not
-            budget = self.backend.parallel.agree(budget)
-        plan: list[tuple[Pending, int]] = []
-        for p in mine:
-            take = p.remaining if budget is None else min(p.remaining, budget)
-            if take <= 0:
-                break
-            plan.append((p, take))
-            if budget is not None:
-                budget -= take
-        requests = [r for p, _ in plan for r in p.requests] + (batch.requests if batch is not None else [])
+        if budget is None:
+            budget = self.prefill_tokens
+        budget = self.backend.parallel.agree(budget)  # timings differ between ranks; plans must not
+        mine = [j for j in self.scheduler.waiting if j.batch_id == target]
+        mine_ids = {id(j) for j in mine}
         try:
+            plan = self.scheduler.schedule(budget, mine)
+            batch, results = self._apply(plan, batch, target)
+            decoding = len(batch) if batch is not None else 0
+            chunks = plan.chunks
+            requests = [j.request for j, _ in chunks] + (batch.requests if batch is not None else [])
             self.faults.before_step(requests)
-            chunks = [Chunk(p.seq, take, p.want_logits) for p, take in plan]
+            for job, take in chunks:
+                assert job.seq is not None
+                self.backend.cache.reserve(job.seq, job.seq.computed + take)
             if batch is None and not chunks:
-                return StepResult([], [], []), self._cached(target, None)
+                return concat_results(results), self._cached(target, None)
             started = time.perf_counter()
             decode_logits, chunk_logits = self.backend.step(
                 batch.state if batch is not None else None,
                 batch.next_ids if batch is not None else None,
-                chunks,
+                [Chunk(j.seq, take, j.want_logits) for j, take in chunks],
             )
-            self.costs.observe(time.perf_counter() - started, decoding, sum(c.length for c in chunks))
-            results: list[StepResult] = []
+            self.costs.observe(time.perf_counter() - started, decoding, sum(t for _, t in chunks))
             if batch is not None:
+                assert decode_logits is not None
                 logits = self.faults.poison(batch.requests, decode_logits)
                 choice = batch.sampler.choose(logits, batch.history)
                 batch.history.append(choice.ids)
                 batch.next_ids = choice.ids
-                result, batch = self._drop_failed(batch, self._result(batch, choice), logits, choice)
+                result, survivor = self._drop_failed(batch, self._result(batch, choice), logits, choice)
+                self._forget([f.request_id for f in result.failures])
+                batch = survivor
                 results.append(result)
         except BaseException:
             if batch is not None:
-                self.backend.release(batch.state)
-            for p in mine:
-                self.backend.cache.release(p.seq)
-                self.pending.remove(p)
+                self._drop(batch)
+            for job in [j for j in self.scheduler.waiting if id(j) in mine_ids]:
+                self._leave(job)
             raise
         joined = [batch] if batch is not None else []
-        for (p, _), logits in zip(plan, chunk_logits, strict=True):
-            if p.want_logits:
-                p.prompt_logits.append(logits)
-            if p.remaining:
+        new: list[tuple[Job, torch.Tensor]] = []
+        for (job, _), logits in zip(chunks, chunk_logits, strict=True):
+            if job.want_logits:
+                job.prompt_logits.append(logits)
+            if job.num_computed < job.num_tokens:
                 continue
-            self.pending.remove(p)
-            new, result = self._start(target, p.requests, self._output(p, logits), p.max_tokens)
+            self.scheduler.start(job)
+            if job.resume is not None:  # recomputed: it goes on from the token it had
+                resumed, job.resume = job.resume, None
+                resumed.state = PagedState([job.seq])
+                joined.append(resumed)
+            else:
+                new.append((job, logits))
+        if new:
+            started_batch, result = self._start(target, [j.request for j, _ in new], self._output(new), 0)
+            self._forget([f.request_id for f in result.failures])
             results.append(result)
-            if new is not None:
-                joined.append(new)
+            if started_batch is not None:
+                joined.append(started_batch)
         merged = Batch.concatenate(joined, self.backend) if joined else None
         if merged is not None:
             merged.id = target
             self.batches[target] = merged
         return concat_results(results), self._cached(target, merged)
 
-    def _output(self, p: Pending, logits: torch.Tensor) -> PrefillOutput:
-        """The finished prompt as a prefill's output, one row per request (the n samples fork)."""
-        n = len(p.requests)
-        state = PagedState([p.seq])
-        if n > 1:
-            state = self.backend.select(state, torch.zeros(n, dtype=torch.long))
-        prompt = torch.cat(p.prompt_logits) if p.want_logits else None
-        wants = [r.prefill_logprobs for r in p.requests]
-        return PrefillOutput(state, logits[-1:].expand(n, -1), [prompt if want else None for want in wants])
+    def _apply(
+        self, plan: Plan[Job], batch: Batch | None, target: int
+    ) -> tuple[Batch | None, list[StepResult]]:
+        """Takes the preempted rows out of the running batch (to wait with their sampling state) and
+        fails the requests that can never fit."""
+        results: list[StepResult] = []
+        if plan.failed:
+            pool = self.scheduler.num_blocks * self.backend.cache.block_size
+            failures = [
+                RequestFailure(
+                    j.request.id,
+                    f"the request needs {j.num_tokens} KV cache tokens and the pool holds {pool}",
+                )
+                for j in plan.failed
+            ]
+            results.append(StepResult([], [], [], failures=failures))
+            gone = [f.request_id for f in failures]
+            for rid in gone:
+                self.jobs.pop(rid, None)
+            if batch is not None:
+                batch = batch.select([r for r in batch.request_ids if r not in set(gone)], self.backend)
+        if plan.preempted and batch is not None:
+            out = [j.request.id for j in plan.preempted]
+            for job in plan.preempted:
+                job.resume = detach(batch, [job.request.id])
+                job.batch_id = target
+            batch = batch.select([r for r in batch.request_ids if r not in set(out)], self.backend)
+        return batch, results
+
+    def _output(self, new: list[tuple[Job, torch.Tensor]]) -> PrefillOutput:
+        """The completed prompts as a prefill's output: their sequences, last logits, prompt logits."""
+        return PrefillOutput(
+            PagedState([j.seq for j, _ in new]),
+            torch.cat([logits[-1:] for _, logits in new]),
+            [torch.cat(j.prompt_logits) if j.want_logits else None for j, _ in new],
+        )
 
     def cached(self, batch_id: int) -> Cached | None:
         return self._cached(batch_id, self.batches.get(batch_id))
 
     def _cached(self, batch_id: int, batch: Batch | None) -> Cached | None:
-        waiting = [r.id for p in self.pending if p.batch_id == batch_id for r in p.requests]
+        waiting = [j for j in self.scheduler.waiting if j.batch_id == batch_id]
         if batch is None and not waiting:
             return None
         running = batch.request_ids if batch is not None else []
-        max_tokens = batch.max_tokens if batch is not None else 0
-        max_tokens += sum(p.max_tokens for p in self.pending if p.batch_id == batch_id)
-        return Cached(batch_id, running + waiting, max_tokens)
+        max_tokens = sum(len(r.input_ids) + r.max_new_tokens for r in batch.requests) if batch else 0
+        max_tokens += sum(len(j.request.input_ids) + j.request.max_new_tokens for j in waiting)
+        return Cached(batch_id, running + [j.request.id for j in waiting], max_tokens)

@@ -299,6 +299,10 @@ class CT2Engine:
             raise
         return result, self.cached(target)
 
+    def stats(self) -> dict[str, int] | None:
+        """ctranslate2 keeps its KV cache to itself: no figures."""
+        return None
+
     def cached(self, batch_id: int) -> Cached | None:
         ids = self.batches.get(batch_id)
         if not ids:

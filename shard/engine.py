@@ -205,6 +205,10 @@ class Engine:
         )
         return filtered, survivor
 
+    def stats(self) -> dict[str, int] | None:
+        """The KV cache's figures (proto CacheStats fields), from engines whose backend keeps one."""
+        return None
+
     def cached(self, batch_id: int) -> Cached | None:
         """What the router is to be told of batch ``batch_id`` after a prefill (None: nothing left)."""
         batch = self.batches.get(batch_id)
@@ -227,19 +231,3 @@ class Engine:
             top_ids=choice.top_ids.flatten().tolist(),
             top_logprobs=choice.top_logprobs.flatten().tolist(),
         )
-
-
-def make_engine(
-    backend: Backend, faults: Faults | None = None, processors: Processors | None = None
-) -> Engine:
-    """The engine for ``backend``: its own when it has a decoding loop of its own (CTranslate2, which runs
-    no logits processors), the chunked-prefill one when it can mix prompt chunks into decode steps, else
-    the plain one."""
-    own_engine = getattr(backend, "make_engine", None)
-    if own_engine is not None:
-        return own_engine(faults)
-    if hasattr(backend, "step"):
-        from .chunked import ChunkedEngine
-
-        return ChunkedEngine(backend, faults, processors)  # type: ignore[arg-type]
-    return Engine(backend, faults, processors)

@@ -27,7 +27,8 @@ from .backends.base import BackendInfo
 from .batch import UnknownRequestError
 from .config import ShardConfig
 from .dist import DistInfo, Parallel, init_parallel, select_device
-from .engine import Cached, Engine, UnknownBatchError, make_engine
+from .engine import Cached, Engine, UnknownBatchError
+from .engines import make_engine
 from .faults import Faults, is_fatal
 from .processors import ProcessorContext, load_processors
 from .relay import HEARTBEAT_S, PeerLostError, Relay
@@ -68,6 +69,7 @@ def request_from_pb(r: pb.Request) -> RequestSpec:
         stop_token_ids=tuple(r.stop_token_ids),
         fault=r.fault,
         cache_salt=r.cache_salt,
+        group=r.group,
     )
 
 
@@ -197,8 +199,8 @@ class ShardService(pb_grpc.TextGenerationServiceServicer):
         raise AssertionError("unreachable")
 
     def _cache_stats(self) -> pb.CacheStats | None:
-        stats = getattr(self.engine.backend, "stats", None)
-        return None if stats is None else pb.CacheStats(**stats())
+        stats = self.engine.stats()
+        return None if stats is None else pb.CacheStats(**stats)
 
     async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
         processors = getattr(self.engine, "processors", None)

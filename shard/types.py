@@ -23,6 +23,8 @@ class RequestSpec:
     fault: str = ""
     # Prefix-cache blocks are shared only between requests with the same salt.
     cache_salt: str = ""
+    # The client request this sequence belongs to (0: its own id): the scheduler is fair between them.
+    group: int = 0
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ def _rank(rank: int, world: int, port: int, path: str, queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     from shard.backends.paged import PagedBackend
     from shard.dist import DistInfo, init_parallel, select_device
-    from shard.engine import make_engine
+    from shard.engines import make_engine
     from shard.types import RequestSpec
 
     dist = DistInfo(rank, world, rank)

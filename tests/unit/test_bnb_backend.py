@@ -13,7 +13,7 @@ pytest.importorskip("bitsandbytes")
 from shard.backends import load_backend
 from shard.backends.hf import HFBackend
 from shard.config import ShardConfig
-from shard.engine import make_engine
+from shard.engines import make_engine
 from shard.types import RequestSpec
 
 pytestmark = pytest.mark.timeout(180)

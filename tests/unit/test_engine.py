@@ -13,7 +13,8 @@ from shard.backends.base import Backend
 from shard.backends.hf import HFBackend
 from shard.backends.paged import PagedBackend
 from shard.batch import UnknownRequestError
-from shard.engine import Engine, UnknownBatchError, make_engine
+from shard.engine import Engine, UnknownBatchError
+from shard.engines import make_engine
 from shard.types import RequestSpec, SamplingParams
 
 pytestmark = pytest.mark.timeout(120)

@@ -13,7 +13,8 @@ import torch
 
 from common import grammar
 from shard.backends.paged import PagedBackend
-from shard.engine import Engine, make_engine
+from shard.engine import Engine
+from shard.engines import make_engine
 from shard.processors import ProcessorArgumentError, ProcessorContext, Processors
 from shard.processors.grammar import Grammar, unpack_bitmask
 from shard.types import RequestSpec, SamplingParams

@@ -13,7 +13,7 @@ from launcher.config import ArgumentError, LauncherConfig
 from launcher.supervisor import Supervisor
 from launcher.weights import ResolvedModel
 from shard.backends.paged import PagedBackend
-from shard.engine import make_engine
+from shard.engines import make_engine
 from shard.paged.graphs import DecodeGraphs
 from shard.types import RequestSpec
 

@@ -12,7 +12,8 @@ from shard.backends.hf import HFBackend
 from shard.backends.paged import PagedBackend
 from shard.chunked import StepCosts
 from shard.config import ShardConfig
-from shard.engine import Engine, make_engine
+from shard.engine import Engine
+from shard.engines import make_engine
 from shard.paged.kv_cache import BlockAllocator, CacheFullError, PagedKVCache, block_hash
 from shard.paged.model import ModelSpec, UnsupportedModelError
 from shard.types import RequestSpec, SamplingParams
@@ -71,22 +72,56 @@ def test_prefix_cache_reuses_blocks_and_changes_nothing(paged: PagedBackend, tin
     assert free_blocks(paged) == paged.cache.allocator.num_blocks  # cached blocks are evictable, not held
 
 
-def test_shared_prefill_forks_the_sequence(paged: PagedBackend) -> None:
-    engine = make_engine(paged)
-    prompt = list(range(3, 21))  # 18 tokens: the last block is partial and must be copied, not shared
-    params = [SamplingParams(do_sample=True, temperature=1.0, seed=s) for s in (1, 2, 3)]
-    alone = [generate(engine, 9, prompt, 6, p) for p in params]
-    result = engine.prefill(
-        1, [RequestSpec(i, prompt, p, max_new_tokens=6) for i, p in enumerate(params)], 999
-    )
-    out = {rid: [t] for rid, t in zip(result.request_ids, result.token_ids, strict=True)}
-    for _ in range(5):
-        step, _ = engine.decode([(1, [0, 1, 2])])
-        for rid, token in zip(step.request_ids, step.token_ids, strict=True):
+def run_all(engine: Engine, batch_id: int, requests: list[RequestSpec]) -> dict[int, list[int]]:
+    """Prefills ``requests`` as one batch and decodes, as the router would, until each has its tokens."""
+    out: dict[int, list[int]] = {r.id: [] for r in requests}
+    budget = {r.id: r.max_new_tokens for r in requests}
+
+    def collect(result) -> None:
+        assert result.failures == []
+        for rid, token in zip(result.request_ids, result.token_ids, strict=True):
             out[rid].append(token)
+
+    collect(engine.prefill(batch_id, requests, 999))
+    cached = engine.cached(batch_id)
+    while cached is not None:
+        wanted = [r for r in cached.request_ids if len(out[r]) < budget[r]]
+        result, cached = engine.decode([(cached.id, wanted)])
+        collect(result)
+    return out
+
+
+def test_samples_of_one_prompt_share_its_blocks(paged: PagedBackend, tiny_model_dir: Path) -> None:
+    prompt = list(range(3, 21))  # 18 tokens: 4 full blocks of 4 before the last token
+    params = [SamplingParams(do_sample=True, temperature=1.0, seed=s) for s in (1, 2, 3)]
+    solo = make_engine(PagedBackend(tiny_model_dir, CPU, kv_cache_bytes=2 * 2**20, block_size=4))
+    alone = [generate(solo, 9, prompt, 6, p) for p in params]
+    engine = make_engine(paged)
+    requests = [RequestSpec(i, prompt, p, max_new_tokens=6, group=100) for i, p in enumerate(params)]
+    out = run_all(engine, 1, requests)
     assert [out[i] for i in range(3)] == alone
+    # One sample ran the prompt; the two others found its 4 full blocks in the prefix cache.
+    assert paged.cache.allocator.hits == 2 * 4
     engine.clear()
     assert free_blocks(paged) == paged.cache.allocator.num_blocks
+
+
+def test_a_pool_too_small_for_everyone_preempts_and_every_request_completes(tiny_model_dir: Path) -> None:
+    """64 requests needing several times the pool: the scheduler preempts (the newest give their blocks
+    back and recompute later) instead of failing anyone, and greedy outputs equal solo runs."""
+    prompts = [[3 + (i * 7 + j * 3) % 200 for j in range(5 + i % 20)] for i in range(64)]
+    solo = make_engine(PagedBackend(tiny_model_dir, CPU, kv_cache_bytes=8 * 2**20, block_size=4))
+    expected = [generate(solo, 1000 + i, p, 12) for i, p in enumerate(prompts)]
+    tiny = PagedBackend(tiny_model_dir, CPU, kv_cache_bytes=2 * 2**20, block_size=4)
+    per_block = 2 * 2**20 // tiny.cache.allocator.num_blocks
+    small = PagedBackend(tiny_model_dir, CPU, kv_cache_bytes=40 * per_block, block_size=4)
+    assert small.cache.allocator.num_blocks == 40  # 160 tokens; the requests need about 1,700
+    engine = make_engine(small)
+    out = run_all(engine, 1, [RequestSpec(i, p, max_new_tokens=12) for i, p in enumerate(prompts)])
+    assert [out[i] for i in range(64)] == expected
+    assert engine.stats()["preemptions"] > 0
+    engine.clear()
+    assert free_blocks(small) == 40
 
 
 def test_allocator_evicts_least_recently_used_cached_blocks() -> None:

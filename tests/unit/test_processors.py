@@ -11,7 +11,8 @@ import torch
 
 from shard.backends.base import Backend
 from shard.backends.paged import PagedBackend
-from shard.engine import Engine, make_engine
+from shard.engine import Engine
+from shard.engines import make_engine
 from shard.processors import (
     LogitsProcessor,
     ProcessorArgumentError,

@@ -13,7 +13,7 @@ from shard.backends import load_backend
 from shard.backends.paged import PagedBackend
 from shard.config import ShardConfig
 from shard.dist import Parallel
-from shard.engine import make_engine
+from shard.engines import make_engine
 from shard.paged import quant
 from shard.paged.quant import QuantColumnLinear, QuantLinear, QuantRowLinear
 from shard.types import RequestSpec, SamplingParams
