@@ -20,7 +20,7 @@ from proto import pb
 from .batcher import Batcher
 from .client import ShardClient
 from .config import RouterConfig
-from .errors import GenerationError, InferError, OverloadedError, UnhealthyError
+from .errors import GenerationError, InferError, OverloadedError, UnhealthyError, ValidationError
 from .generation import Finished, GenerationState, StreamEvent
 from .metrics import Metrics
 from .queue import Entry, Queue
@@ -30,6 +30,39 @@ from .validation import Validator, ValidRequest
 log = logging.getLogger(__name__)
 
 LIVENESS_BATCH_ID = 2**64 - 1
+
+
+class Admission:
+    """The ``max_concurrent_requests`` slots one request holds: one per sequence it runs."""
+
+    def __init__(self, infer: Infer) -> None:
+        self.infer = infer
+        self.held = 0
+
+    def need(self, sequences: int, field: str = "n") -> None:
+        """Grows the slots held to ``sequences``: a 429 at once when the free slots cannot hold them, a 422
+        naming ``field`` when the server could never hold them."""
+        limit = self.infer.config.max_concurrent_requests
+        if sequences > limit:
+            raise ValidationError(
+                f"`{field}` asks for {sequences} sequences, more than the {limit} this server runs at once "
+                "(--max-concurrent-requests)",
+                field,
+            )
+        extra = sequences - self.held
+        if extra <= 0:
+            return
+        free = limit - self.infer.in_flight
+        if extra > free:
+            self.infer.metrics.request_failure.labels("overloaded").inc()
+            if self.held == 0:
+                raise OverloadedError()
+            raise OverloadedError(
+                f"Model is overloaded: the request runs {sequences} sequences, and {self.held + free} of the "
+                f"{limit} slots (--max-concurrent-requests) are free"
+            )
+        self.infer.in_flight += extra
+        self.held += extra
 
 
 class Infer:
@@ -113,18 +146,17 @@ class Infer:
         )
 
     @contextlib.contextmanager
-    def admit(self) -> Iterator[None]:
-        """Holds one of ``max_concurrent_requests`` slots, or raises an immediate 429 (503 while draining)."""
+    def admit(self) -> Iterator[Admission]:
+        """Holds one of ``max_concurrent_requests`` slots, or raises an immediate 429 (503 while draining).
+        A request of several sequences (n, best_of) then takes one slot per sequence: ``Admission.need``."""
         if self.draining:
             raise UnhealthyError("the server is shutting down")
-        if self.in_flight >= self.config.max_concurrent_requests:
-            self.metrics.request_failure.labels("overloaded").inc()
-            raise OverloadedError()
-        self.in_flight += 1
+        admission = Admission(self)
+        admission.need(1)
         try:
-            yield
+            yield admission
         finally:
-            self.in_flight -= 1
+            self.in_flight -= admission.held
 
     async def drain(self, timeout: float) -> bool:
         """Stops admitting requests and waits up to ``timeout`` seconds for the admitted ones to finish.

@@ -245,10 +245,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     infer = get_infer(request)
     infer.metrics.request_count.inc()
     fields = Fields(await read_json_object(request))
-    with infer.admit():
+    with infer.admit() as slots:
         model = check_model(fields, infer)
         messages = normalize_messages(fields.raw("messages"))
-        options = parse_options(fields, infer, infer.config.max_concurrent_requests)
+        options = parse_options(fields, infer, infer.config.max_best_of)
+        slots.need(options.n, "n")
         logprobs = fields.bool("logprobs", False)
         top_logprobs = fields.int("top_logprobs", 0, infer.config.max_top_n_tokens)
         if top_logprobs and not logprobs:
@@ -375,13 +376,13 @@ async def completions(request: web.Request) -> web.StreamResponse:
     infer = get_infer(request)
     infer.metrics.request_count.inc()
     fields = Fields(await read_json_object(request))
-    with infer.admit():
+    with infer.admit() as slots:
         model = check_model(fields, infer)
         prompts = _prompts(fields.raw("prompt"))
-        options = parse_options(fields, infer, infer.config.max_concurrent_requests)
+        options = parse_options(fields, infer, infer.config.max_best_of)
         echo = fields.bool("echo", False)
         logprobs = fields.int("logprobs", 0, infer.config.max_top_n_tokens)
-        best_of = fields.int("best_of", 1, infer.config.max_concurrent_requests) or options.n
+        best_of = fields.int("best_of", 1, infer.config.max_best_of) or options.n
         if best_of < options.n:
             raise ValidationError(f"`best_of` ({best_of}) must be >= `n` ({options.n})", "best_of")
         if best_of > options.n and options.stream:
@@ -392,6 +393,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
                 f"{infer.config.max_concurrent_requests} sequences one request may ask for",
                 "prompt",
             )
+        slots.need(len(prompts) * best_of, "best_of")
         if fields.raw("suffix"):
             raise ValidationError("`suffix` (fill-in-the-middle) is not supported", "suffix")
         refuse_unsupported(fields)

@@ -19,7 +19,7 @@ from . import __version__
 from .body import read_json_object
 from .errors import InferError, UnhealthyError, ValidationError
 from .generation import Finished, StreamEvent, Token
-from .infer import Infer
+from .infer import Admission, Infer
 from .sse import DirectSSE, json_text
 from .state import get_infer, state
 from .validation import GenerateParameters, ValidRequest, parse_parameters
@@ -116,7 +116,7 @@ def _timing_headers(
 
 
 async def _generate_one(
-    infer: Infer, inputs: object, params: GenerateParameters
+    infer: Infer, inputs: object, params: GenerateParameters, slots: Admission
 ) -> tuple[dict[str, Any], dict]:
     started = time.monotonic()
     try:
@@ -127,6 +127,7 @@ async def _generate_one(
     validated = time.monotonic()
     infer.metrics.request_validation_duration.observe(validated - started)
     if (params.best_of or 1) > 1:
+        slots.need(params.best_of, "best_of")  # one slot per sequence
         # TGI's best_of: independent samples with their own seeds; the highest mean logprob wins.
         candidates = [
             replace(valid, parameters=replace(valid.parameters, seed=random.getrandbits(64)))
@@ -175,9 +176,9 @@ async def generate(request: web.Request) -> web.Response:
     infer = get_infer(request)
     infer.metrics.request_count.inc()
     body = await read_json_object(request)
-    with infer.admit():
+    with infer.admit() as slots:
         params = parse_parameters(body.get("parameters"))
-        result, headers = await _generate_one(infer, body.get("inputs"), params)
+        result, headers = await _generate_one(infer, body.get("inputs"), params, slots)
     return web.json_response(result, headers=headers)
 
 
@@ -231,9 +232,9 @@ async def compat_generate(request: web.Request) -> web.StreamResponse:
         return await generate_stream(request, body)
     infer = get_infer(request)
     infer.metrics.request_count.inc()
-    with infer.admit():
+    with infer.admit() as slots:
         result, headers = await _generate_one(
-            infer, body.get("inputs"), parse_parameters(body.get("parameters"))
+            infer, body.get("inputs"), parse_parameters(body.get("parameters")), slots
         )
     return web.json_response([result], headers=headers)
 

@@ -287,3 +287,49 @@ def test_queue_full_is_a_rate_limit_error(tiny_model_dir: Path, tmp_path: Path) 
             assert sum(1 for _ in events) == 7  # the holder goes on to its end
     finally:
         stop_and_check(server)
+
+
+def test_every_sequence_takes_a_slot_and_max_best_of_caps_n(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """n and best_of count each sequence against --max-concurrent-requests (429 when the free slots cannot
+    hold them), and --max-best-of caps OpenAI's n and best_of as it caps TGI's best_of."""
+    args = ["--model-id", str(tiny_model_dir), "--max-concurrent-requests", "3", "--max-best-of", "3",
+            "--fault-injection"]  # fmt: skip
+    server = Launched(args).start(tmp_path)
+    try:
+        server.wait_healthy(120)
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
+        model = str(tiny_model_dir)
+        sample = {"temperature": 1.0, "max_tokens": 2}
+        # Past --max-best-of: a 400 naming the field and the limit, on both APIs.
+        with pytest.raises(openai.BadRequestError) as error:
+            client.chat.completions.create(model=model, messages=QUESTION, n=4, **sample)
+        assert error.value.body["param"] == "n" and "<= 3" in error.value.body["message"]
+        with pytest.raises(openai.BadRequestError) as error:
+            client.completions.create(model=model, prompt="Hi", best_of=4, **sample)
+        assert error.value.body["param"] == "best_of" and "<= 3" in error.value.body["message"]
+        tgi = {"inputs": "Hi", "parameters": {"best_of": 4, "do_sample": True, "max_new_tokens": 2}}
+        response = requests.post(f"{server.url}/generate", json=tgi, timeout=60)
+        assert response.status_code == 422 and "`best_of` must be > 0 and <= 3" in response.json()["error"]
+        # All three slots free: three sequences fit.
+        assert len(client.chat.completions.create(model=model, messages=QUESTION, n=3, **sample).choices) == 3
+        # A TGI stream holds one slot for about 2 s (8 steps of 0.25 s: the shard's test-only fault hook).
+        body = {
+            "inputs": "Hi",
+            "parameters": {"max_new_tokens": 8, "ignore_eos_token": True, "fault": "sleep"},
+        }
+        with requests.post(f"{server.url}/generate_stream", json=body, stream=True, timeout=60) as holder:
+            events = (line for line in holder.iter_lines() if line.startswith(b"data:"))
+            next(events)
+            with pytest.raises(openai.RateLimitError):
+                client.chat.completions.create(model=model, messages=QUESTION, n=3, **sample)
+            with pytest.raises(openai.RateLimitError):
+                client.completions.create(model=model, prompt="Hi", n=1, best_of=3, **sample)
+            with pytest.raises(openai.RateLimitError):
+                client.completions.create(model=model, prompt=["Hi", "Ho", "He"], **sample)
+            tgi["parameters"]["best_of"] = 3
+            response = requests.post(f"{server.url}/generate", json=tgi, timeout=60)
+            assert response.status_code == 429 and "3 sequences" in response.json()["error"]
+            assert sum(1 for _ in events) == 7  # the holder goes on to its end
+        assert len(client.completions.create(model=model, prompt="Hi", n=1, best_of=3, **sample).choices) == 1
+    finally:
+        stop_and_check(server)
