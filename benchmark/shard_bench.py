@@ -70,9 +70,9 @@ class ShardBenchConfig:
             raise ValueError("--runs must be >= 1")
 
     @property
-    def sockets(self) -> list[str]:
+    def socket(self) -> str:
         """Rank 0's socket: it relays every call to the other ranks (shard/relay.py)."""
-        return [f"{self.uds_path}-0"]
+        return f"{self.uds_path}-0"
 
     @property
     def decode_steps(self) -> int:
@@ -272,12 +272,12 @@ ProgressFn = Callable[[str], None]
 async def run_shard_benchmark(
     config: ShardBenchConfig, *, client: ShardClient | None = None, progress: ProgressFn | None = None
 ) -> ShardBenchResult:
-    """Runs the sweep against ``client`` (or the shards at ``config.sockets``)."""
+    """Runs the sweep against ``client`` (or the shard at ``config.socket``)."""
     from router.client import ShardClient
 
     own = client is None
     if client is None:
-        client = ShardClient(config.sockets)
+        client = ShardClient(config.socket)
     say = progress or (lambda _text: None)
     try:
         await client.health(timeout=10.0)

@@ -38,7 +38,7 @@ async def _connect(app: web.Application) -> None:
     config = state.config
     try:
         tokenizer = await asyncio.to_thread(Tokenizer, config.tokenizer_name, config.revision)
-        client = ShardClient(config.shard_sockets())
+        client = ShardClient(config.shard_socket())
         await client.wait_ready(SHARD_READY_TIMEOUT_S)
         info = await client.info()
         infer = Infer(config, client, tokenizer, info)

@@ -1,21 +1,17 @@
-"""gRPC client of the shards. The router passes rank 0's socket only: rank 0 relays model work to the
-other ranks (shard/relay.py). Given several sockets, every call goes to each and the first answer is used.
+"""gRPC client of the shards: rank 0's socket only, since rank 0 relays model work to the other ranks
+(shard/relay.py).
 
-Decode steps go over one long-lived ``DecodeStream`` per shard (a message on an open stream costs the
-client about half of what a new unary call does); a failed step ends that stream and the next step opens a
-new one."""
+Decode steps go over one long-lived ``DecodeStream`` (a message on an open stream costs the client about
+half of what a new unary call does); a failed step ends that stream and the next step opens a new one."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from collections.abc import Awaitable
 
 import grpc
 
 from proto import pb, pb_grpc
-
-T = TypeVar("T")
 
 GRPC_OPTIONS = [
     ("grpc.max_send_message_length", 256 * 1024 * 1024),
@@ -24,37 +20,30 @@ GRPC_OPTIONS = [
 
 
 class ShardClient:
-    """One channel per shard socket; methods mirror the shard service."""
+    """One channel to rank 0's socket; methods mirror the shard service."""
 
-    def __init__(self, sockets: list[str]) -> None:
-        self.sockets = sockets
-        self._channels = [grpc.aio.insecure_channel(f"unix://{s}", options=GRPC_OPTIONS) for s in sockets]
-        self._stubs = [pb_grpc.TextGenerationServiceStub(c) for c in self._channels]
-        self._streams = [DecodeStream(stub) for stub in self._stubs]
+    def __init__(self, socket: str) -> None:
+        self.socket = socket
+        self._channel = grpc.aio.insecure_channel(f"unix://{socket}", options=GRPC_OPTIONS)
+        self._stub = pb_grpc.TextGenerationServiceStub(self._channel)
+        self._stream = DecodeStream(self._stub)
 
     async def close(self) -> None:
-        for stream in self._streams:
-            stream.close()
-        await asyncio.gather(*(c.close() for c in self._channels))
-
-    async def _all(self, call: Callable[[pb_grpc.TextGenerationServiceStub], Awaitable[T]]) -> T:
-        if len(self._stubs) == 1:  # the router's case: no gather (a task per call) on the per-step path
-            return await call(self._stubs[0])
-        results = await asyncio.gather(*(call(stub) for stub in self._stubs))
-        return results[0]
+        self._stream.close()
+        await self._channel.close()
 
     async def info(self) -> pb.InfoResponse:
-        return await self._all(lambda s: s.Info(pb.InfoRequest()))
+        return await self._stub.Info(pb.InfoRequest())
 
     async def health(self, timeout: float | None = None) -> None:
-        await self._all(lambda s: s.Health(pb.HealthRequest(), timeout=timeout))
+        await self._stub.Health(pb.HealthRequest(), timeout=timeout)
 
     async def warmup(self, batch: pb.Batch) -> int | None:
-        response = await self._all(lambda s: s.Warmup(pb.WarmupRequest(batch=batch)))
+        response = await self._stub.Warmup(pb.WarmupRequest(batch=batch))
         return response.max_supported_total_tokens or None
 
     async def prefill(self, batch: pb.Batch) -> pb.PrefillResponse:
-        return await self._all(lambda s: s.Prefill(pb.PrefillRequest(batch=batch)))
+        return await self._stub.Prefill(pb.PrefillRequest(batch=batch))
 
     async def decode(self, batches: list[pb.CachedBatch]) -> pb.DecodeResponse:
         return await self.start_decode(batches)
@@ -62,17 +51,14 @@ class ShardClient:
     def start_decode(self, batches: list[pb.CachedBatch]) -> Awaitable[pb.DecodeResponse]:
         """Starts a decode step now (the request goes out at the loop's next turn, without waiting for the
         caller to await it); returns what to await for its answer. One step at a time."""
-        request = pb.DecodeRequest(batches=batches)
-        if len(self._streams) == 1:
-            return self._streams[0].step(request)
-        return _first(asyncio.gather(*(stream.step(request) for stream in self._streams)))
+        return self._stream.step(pb.DecodeRequest(batches=batches))
 
     async def clear_cache(self, batch_id: int | None = None) -> None:
         request = pb.ClearCacheRequest() if batch_id is None else pb.ClearCacheRequest(id=batch_id)
-        await self._all(lambda s: s.ClearCache(request))
+        await self._stub.ClearCache(request)
 
     async def wait_ready(self, timeout: float) -> None:
-        """Waits until every shard answers Health (used at start-up)."""
+        """Waits until the shard answers Health (used at start-up)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
@@ -125,7 +111,3 @@ class DecodeStream:
     def close(self) -> None:
         if self._call is not None:
             self._drop(self._call)
-
-
-async def _first(results: Awaitable[list[T]]) -> T:
-    return (await results)[0]

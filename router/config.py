@@ -51,7 +51,7 @@ class RouterConfig:
     def model_names(self) -> tuple[str, ...]:
         return self.served_model_names or (self.model_id,)
 
-    def shard_sockets(self) -> list[str]:
-        """Rank 0's socket only: rank 0 relays the calls to the other ranks (shard/relay.py), which may
-        run on other machines; ``num_shard`` is what /info reports."""
-        return [f"{self.shard_uds_path}-0"]
+    def shard_socket(self) -> str:
+        """Rank 0's socket: rank 0 relays the calls to the other ranks (shard/relay.py), which may run on
+        other machines; ``num_shard`` is what /info reports."""
+        return f"{self.shard_uds_path}-0"

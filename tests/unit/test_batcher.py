@@ -39,7 +39,7 @@ async def setup(tiny_model_dir: Path):
         shard_uds_path=socket_prefix,
         max_waiting_tokens=2,
     )
-    client = ShardClient(config.shard_sockets())
+    client = ShardClient(config.shard_socket())
     infer = Infer(config, client, tokenizer, await client.info())
     await infer.start()
     try:

@@ -143,7 +143,7 @@ def test_summarize_latency_and_throughput() -> None:
 @pytest.mark.timeout(10)
 def test_config_rules() -> None:
     config = ShardBenchConfig(uds_path="/tmp/x", num_shard=2, decode_length=8)
-    assert config.sockets == ["/tmp/x-0"] and config.decode_steps == 7
+    assert config.socket == "/tmp/x-0" and config.decode_steps == 7
     with pytest.raises(ValueError, match="decode-length"):
         ShardBenchConfig(decode_length=1)
 

@@ -26,7 +26,7 @@ async def client(tiny_model_dir: Path):
     pb_grpc.add_TextGenerationServiceServicer_to_server(ShardService(Engine(backend), 1), server)
     server.add_insecure_port(f"unix://{socket}")
     await server.start()
-    shard_client = ShardClient([socket])
+    shard_client = ShardClient(socket)
     try:
         yield shard_client
     finally:
@@ -77,7 +77,7 @@ async def test_prefill_decode_filter_clear(client: ShardClient) -> None:
 
 async def test_decode_steps_share_one_stream_until_one_fails(client: ShardClient) -> None:
     response = await client.prefill(pb.Batch(id=7, requests=[request(1, [5, 6, 7])]))
-    stream = client._streams[0]
+    stream = client._stream
     first = await client.decode([response.batch])
     call = stream._call
     assert call is not None and list(first.generations.request_ids) == [1]
