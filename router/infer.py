@@ -172,10 +172,17 @@ class Infer:
             log.warning("Graceful termination timeout: %d requests cut off", self.in_flight)
         return self.in_flight == 0
 
-    def submit(self, request: ValidRequest) -> Entry:
+    def new_group(self) -> int:
+        """An id for a client request of several sequences (OpenAI's n, best_of): see ``submit``."""
+        return next(self._ids)
+
+    def submit(self, request: ValidRequest, group: int = 0) -> Entry:
+        """Queues one sequence; ``group`` (from ``new_group``) names the client request it belongs to,
+        0 for a request of one sequence."""
         if not self.ready:
             raise UnhealthyError("the server is not ready")
         entry = Entry(next(self._ids), request, GenerationState(request, self.tokenizer, self.eos_ids))
+        entry.group = group or entry.id
         self.metrics.request_input_length.observe(request.input_length)
         self.metrics.request_max_new_tokens.observe(request.max_new_tokens)
         self.queue.append(entry)
@@ -183,10 +190,10 @@ class Infer:
         return entry
 
     @contextlib.asynccontextmanager
-    async def request(self, request: ValidRequest) -> AsyncIterator[Entry]:
+    async def request(self, request: ValidRequest, group: int = 0) -> AsyncIterator[Entry]:
         """Queues a request for the block's duration; leaving early (a disconnect) cancels it, so it
         leaves the running batch at the next step."""
-        entry = self.submit(request)
+        entry = self.submit(request, group)
         try:
             yield entry
         finally:

@@ -108,7 +108,8 @@ def openai_route(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 # -- running ----------------------------------------------------------------------------------------------
 async def _run_all(infer: Infer, requests: list[ValidRequest]) -> list[Finished]:
     async with contextlib.AsyncExitStack() as stack:
-        entries = [await stack.enter_async_context(infer.request(r)) for r in requests]
+        group = infer.new_group() if len(requests) > 1 else 0
+        entries = [await stack.enter_async_context(infer.request(r, group)) for r in requests]
         return list(await asyncio.gather(*(infer.generate(e) for e in entries)))
 
 
@@ -144,7 +145,8 @@ async def _stream_all(
         return last.finished.generated_tokens if last is not None and last.finished is not None else 0
 
     async with contextlib.AsyncExitStack() as stack:
-        entries = [await stack.enter_async_context(infer.request(r)) for r in requests]
+        group = infer.new_group() if len(requests) > 1 else 0
+        entries = [await stack.enter_async_context(infer.request(r, group)) for r in requests]
         tasks = [asyncio.create_task(pump(i, e)) for i, e in enumerate(entries)]
         try:
             return sum(await asyncio.gather(*tasks))

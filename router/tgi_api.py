@@ -133,8 +133,9 @@ async def _generate_one(
             replace(valid, parameters=replace(valid.parameters, seed=random.getrandbits(64)))
             for _ in range(params.best_of or 1)
         ]
+        group = infer.new_group()
         results = sorted(
-            await asyncio.gather(*(_run(infer, c) for c in candidates)),
+            await asyncio.gather(*(_run(infer, c, group) for c in candidates)),
             key=lambda r: r[0].mean_logprob,
             reverse=True,
         )
@@ -165,8 +166,8 @@ async def _generate_one(
     return body, headers
 
 
-async def _run(infer: Infer, valid: ValidRequest) -> tuple[Finished, float, float | None]:
-    async with infer.request(valid) as entry:
+async def _run(infer: Infer, valid: ValidRequest, group: int = 0) -> tuple[Finished, float, float | None]:
+    async with infer.request(valid, group) as entry:
         finished = await infer.generate(entry)
         return finished, entry.queued_at, entry.batched_at
 
