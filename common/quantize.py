@@ -40,6 +40,7 @@ class MissingLibraryError(RuntimeError):
 
 def missing_libraries(quantize: str | None) -> list[str]:
     """The Python packages ``--quantize quantize`` needs that are not installed."""
+    needed: tuple[str, ...]
     if quantize in BITSANDBYTES:
         needed = ("bitsandbytes", "accelerate")
     elif quantize == CT2:

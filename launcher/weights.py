@@ -591,7 +591,7 @@ def _load_gguf_with_state_dict(gguf: Path) -> PreTrainedModel:
 def _make_serializable(model: PreTrainedModel) -> None:
     """Makes a GGUF-loaded model savable: transformers refuses to save a model that has a GGUF quantizer."""
     if getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer = None
+        model.hf_quantizer = None  # type: ignore[assignment]  # undeclared in transformers: typed by nn.Module.__getattr__
     with contextlib.suppress(AttributeError):
         delattr(model.config, "quantization_config")
     packed = sorted(

@@ -173,4 +173,6 @@ class ChatPrompter:
             )
         except Exception as e:  # jinja2 errors and raise_exception() in templates
             raise ChatError(f"the chat template failed: {e}", "messages") from None
+        if not isinstance(text, str):  # tokenize=False renders text; the signature covers token ids too
+            raise ChatError(f"the chat template rendered {type(text).__name__}, not text", "messages")
         return text, False

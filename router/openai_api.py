@@ -45,7 +45,7 @@ from .openai_params import (
 )
 from .queue import Entry
 from .sse import DirectSSE, json_text
-from .state import get_infer, state
+from .state import get_infer, get_prompter, state
 from .tokenizer import Tokenizer
 from .validation import ValidRequest
 
@@ -234,7 +234,9 @@ async def _stream_errors_and_done(response: web.StreamResponse, body: Awaitable[
     try:
         await body
     except InferError as e:
-        await _send(response, json.loads(error_to_openai(e).text))
+        envelope = error_to_openai(e).text
+        assert envelope is not None  # a json_response always has its body
+        await _send(response, json.loads(envelope))
     await _send(response, "[DONE]")
     await response.write_eof()
     return response
@@ -271,7 +273,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             )
         refuse_unsupported(fields)
         fields.finish()
-        prompter = state(request).prompter
+        prompter = get_prompter(request)
         text, special = await infer.validator.run(
             prompter.render, messages, add_generation_prompt, continue_final, kwargs
         )
@@ -550,7 +552,7 @@ async def tokenize(request: web.Request) -> web.Response:
         continue_final = fields.bool("continue_final_message", False)
         fields.finish()
         text, add_special = await infer.validator.run(
-            state(request).prompter.render,
+            get_prompter(request).render,
             normalize_messages(messages),
             add_generation_prompt,
             continue_final,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import json
 import math
 import random
@@ -68,7 +69,7 @@ class Fields:
             raise self._fail(name, f"an integer >= {low}" + (f" and <= {high}" if high is not None else ""))
         return value
 
-    def float(self, name: str, low: float, high: float, low_open: bool = False) -> float | None:
+    def float(self, name: str, low: float, high: float, low_open: builtins.bool = False) -> float | None:
         value = self.raw(name)
         if value is None:
             return None

@@ -26,6 +26,14 @@ def state(request: web.Request) -> RouterState:
     return request.app[STATE_KEY]
 
 
+def get_prompter(request: web.Request) -> ChatPrompter:
+    """The app's chat prompter, or a 503 while the model is still loading (start-up sets it with Infer)."""
+    prompter = request.app[STATE_KEY].prompter
+    if prompter is None:
+        raise UnhealthyError("the model is still loading")
+    return prompter
+
+
 def get_infer(request: web.Request) -> Infer:
     """The app's Infer, or a 503 while the model is still loading."""
     infer = request.app[STATE_KEY].infer

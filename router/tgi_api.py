@@ -126,12 +126,13 @@ async def _generate_one(
         raise
     validated = time.monotonic()
     infer.metrics.request_validation_duration.observe(validated - started)
-    if (params.best_of or 1) > 1:
-        slots.need(params.best_of, "best_of")  # one slot per sequence
+    best_of = params.best_of or 1
+    if best_of > 1:
+        slots.need(best_of, "best_of")  # one slot per sequence
         # TGI's best_of: independent samples with their own seeds; the highest mean logprob wins.
         candidates = [
             replace(valid, parameters=replace(valid.parameters, seed=random.getrandbits(64)))
-            for _ in range(params.best_of or 1)
+            for _ in range(best_of)
         ]
         group = infer.new_group()
         results = sorted(

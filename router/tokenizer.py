@@ -35,7 +35,7 @@ class Tokenizer:
         if self._rust is not None and not kwargs.get("clean_up_tokenization_spaces"):
             return self._rust.decode(ids, skip_special_tokens=skip_special_tokens)
         kwargs.setdefault("clean_up_tokenization_spaces", False)
-        return self.hf.decode(ids, skip_special_tokens=skip_special_tokens, **kwargs)
+        return _text(self.hf.decode(ids, skip_special_tokens=skip_special_tokens, **kwargs))
 
     def decode_batch(self, sequences: list[list[int]]) -> list[str]:
         """Many ``decode`` calls in one (the Rust tokenizer decodes them in parallel, outside the GIL)."""
@@ -67,7 +67,9 @@ class Tokenizer:
     @functools.lru_cache(maxsize=65536)  # noqa: B019 - one tokenizer per process, bounded cache
     def token_text(self, token_id: int) -> str:
         """A single token decoded on its own (TGI's text for prefill and top tokens)."""
-        return self.hf.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        return _text(
+            self.hf.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        )
 
     def is_special(self, token_id: int) -> bool:
         return token_id in self.special_ids
@@ -108,3 +110,10 @@ def byte_level_alphabet() -> dict[str, int]:
             codes.append(256 + extra)
             extra += 1
     return {chr(c): b for b, c in zip(printable, codes, strict=True)}
+
+
+def _text(decoded: str | list[str]) -> str:
+    """transformers' ``decode`` of one sequence: a string (its signature also covers batches)."""
+    if not isinstance(decoded, str):
+        raise TypeError(f"the tokenizer decoded one sequence into {type(decoded).__name__}")
+    return decoded

@@ -326,11 +326,12 @@ class Validator:
         if not inputs:
             raise ValidationError("`inputs` cannot be empty")
         chooser = self.check_parameters(p, stream)
-        input_ids = await self.run(self.tokenizer.encode, inputs)
+        text = inputs
+        input_ids = await self.run(self.tokenizer.encode, text)
         if p.truncate is not None and len(input_ids) > p.truncate:
             input_ids = input_ids[-p.truncate :]
-            inputs = await self.run(self.tokenizer.decode, input_ids)
-        return self.check_lengths(inputs, input_ids, p, chooser, return_full_text_default)
+            text = await self.run(self.tokenizer.decode, input_ids)
+        return self.check_lengths(text, input_ids, p, chooser, return_full_text_default)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Runs tokenizer work (encode, decode, chat templates) on the validation pool."""

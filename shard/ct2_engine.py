@@ -121,6 +121,10 @@ class Group:
         self.aborted = False  # shutting down: end every row at once
         self.top_n = max(r.top_n_tokens for r in requests)
 
+    def settled(self) -> bool:
+        """Whether the worker is done with this group: finished, or never started."""
+        return self.finished or not self.submitted
+
     @property
     def live(self) -> bool:
         """Whether a row may still produce tokens the router wants."""
@@ -238,7 +242,13 @@ class CT2Engine:
         self.waiting: list[Group] = []  # not submitted: every worker was busy
         self.parallel = backend.device.type == "cuda"
         ref = weakref.ref(self)
-        atexit.register(lambda: (engine := ref()) is not None and engine.close())
+
+        def close_if_alive() -> None:
+            engine = ref()
+            if engine is not None:
+                engine.close()
+
+        atexit.register(close_if_alive)
 
     # -- the protocol -----------------------------------------------------------------------------
     def prefill(self, batch_id: int, requests: list[RequestSpec], max_tokens: int) -> StepResult:
@@ -326,10 +336,7 @@ class CT2Engine:
         deadline = time.monotonic() + CLOSE_TIMEOUT_S
         for group in groups:
             with group.cond:
-                group.cond.wait_for(
-                    lambda g=group: g.finished or not g.submitted,
-                    timeout=max(0.0, deadline - time.monotonic()),
-                )
+                group.cond.wait_for(group.settled, timeout=max(0.0, deadline - time.monotonic()))
         self.running.clear()
         self.waiting.clear()
 

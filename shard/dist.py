@@ -73,7 +73,7 @@ def init_parallel(dist: DistInfo, device: torch.device, timeout_s: float = 120.0
         rank=dist.rank,
         world_size=dist.world_size,
         timeout=timedelta(seconds=timeout_s),
-        **({"device_id": device} if device.type == "cuda" else {}),
+        device_id=device if device.type == "cuda" else None,
     )
 
     def all_reduce(x: torch.Tensor) -> torch.Tensor:

@@ -45,6 +45,13 @@ class PeerLostError(RuntimeError):
         self.cause = str(error)
 
 
+def _wait(work: torch.distributed.Work | None, timeout_s: float) -> None:
+    """Waits for a point-to-point operation of the control group."""
+    if work is None:  # torch.distributed's answer for a rank outside the group: never one of ours
+        raise ValueError("this rank is not in the control group")
+    work.wait(timedelta(seconds=timeout_s))
+
+
 class Relay:
     """This rank's end of the control channel (world size > 1 only)."""
 
@@ -76,7 +83,7 @@ class Relay:
         import torch.distributed as td
 
         try:
-            td.isend(tensor, dst=rank, group=self.group).wait(timedelta(seconds=timeout))
+            _wait(td.isend(tensor, dst=rank, group=self.group), timeout)
         except RuntimeError as e:
             raise PeerLostError(rank, e) from None
 
@@ -86,7 +93,7 @@ class Relay:
 
         for rank in range(1, self.world_size):
             try:
-                td.irecv(torch.zeros(1), src=rank, group=self.group).wait(timedelta(seconds=READY_TIMEOUT_S))
+                _wait(td.irecv(torch.zeros(1), src=rank, group=self.group), READY_TIMEOUT_S)
             except RuntimeError as e:
                 raise PeerLostError(rank, e) from None
 

@@ -48,7 +48,11 @@ def _read_json(path: Path) -> dict[str, Any]:
 def _ids(value: object) -> list[int]:
     if value is None:
         return []
-    return [int(v) for v in value] if isinstance(value, list | tuple) else [int(value)]  # type: ignore[arg-type]
+    if isinstance(value, list | tuple):
+        return [int(v) for v in value]
+    if isinstance(value, int | float | str):
+        return [int(value)]
+    raise ValueError(f"expected a token id or a list of them, got {value!r}")
 
 
 class CT2Backend:

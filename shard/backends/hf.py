@@ -13,6 +13,7 @@ import inspect
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,9 @@ from ..config import ShardConfig
 from ..dist import Parallel
 from ..dtypes import DTYPES, default_dtype
 from .base import BackendInfo, PrefillOutput
+
+if TYPE_CHECKING:
+    from transformers import DynamicCache
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +52,7 @@ class HFState:
     """A batch's KV cache: ``attention_mask`` [batch, L] marks real slots; ``positions`` [batch] is each
     row's next rotary position (its number of real tokens)."""
 
-    cache: object
+    cache: DynamicCache
     attention_mask: torch.Tensor
     positions: torch.Tensor
 
@@ -77,7 +81,7 @@ class HFBackend:
         )
         self.model.eval()
         if not quantize:  # a bitsandbytes model is where it loaded (and refuses .to)
-            self.model.to(device)
+            self.model.to(device)  # type: ignore[arg-type]  # transformers types its decorated .to as unbound
         self._cache_class = DynamicCache
         params = inspect.signature(self.model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
@@ -111,7 +115,12 @@ class HFBackend:
         return [int(e) for e in eos] if isinstance(eos, list | tuple) else [int(eos)]
 
     def _forward(
-        self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: object, keep: int
+        self,
+        input_ids: torch.Tensor,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        cache: DynamicCache,
+        keep: int,
     ) -> torch.Tensor:
         kwargs = {self._cache_kw: cache, "use_cache": True}
         if self._has_logits_to_keep:
@@ -149,7 +158,9 @@ class HFBackend:
         state.positions = state.positions + 1
         return logits[:, -1, :]
 
-    def _layers(self, state: HFState) -> list:
+    def _layers(self, state: HFState) -> list[Any]:
+        """The cache's layers, each with ``keys`` and ``values`` [batch, kv heads, L, head dim]
+        (transformers types them as a union of layer kinds, some without either)."""
         return list(state.cache.layers)
 
     def select(self, state: HFState, index: torch.Tensor) -> HFState:
@@ -166,8 +177,9 @@ class HFBackend:
         width = max(s.attention_mask.shape[1] for s in states)
         masks = [F.pad(s.attention_mask, (width - s.attention_mask.shape[1], 0)) for s in states]
         merged = states[0].cache
-        for layer_idx, layer in enumerate(merged.layers):
-            parts = [s.cache.layers[layer_idx] for s in states]
+        layers = [self._layers(s) for s in states]
+        for layer_idx, layer in enumerate(layers[0]):
+            parts = [state_layers[layer_idx] for state_layers in layers]
             length = max(p.keys.shape[-2] for p in parts)
             layer.keys = torch.cat([F.pad(p.keys, (0, 0, length - p.keys.shape[-2], 0)) for p in parts])
             layer.values = torch.cat([F.pad(p.values, (0, 0, length - p.values.shape[-2], 0)) for p in parts])

@@ -21,7 +21,7 @@ from ..dtypes import DTYPES, default_dtype
 from ..paged.attention import PrefillChunk, StepMeta, decode_meta
 from ..paged.graphs import DEFAULT_BATCH_SIZES, DecodeGraphs
 from ..paged.kv_cache import PagedKVCache, Sequence
-from ..paged.model import LlamaModel, ModelSpec, Weights, use_cpu_kernels
+from ..paged.model import LlamaModel, ModelSpec, Weights, quantize_model, use_cpu_kernels
 from .base import BackendInfo, PrefillOutput
 
 log = logging.getLogger(__name__)
@@ -100,12 +100,10 @@ class PagedBackend:
         self.model = LlamaModel(config, spec, Weights(path, torch_dtype, device), self.parallel,
                                 spec.max_position_embeddings)  # fmt: skip
         if quantize:
-            from ..paged.quant import quantize_model
-
             quantize_model(self.model, quantize)
         if device.type == "cpu" and cpu_kernels:
             use_cpu_kernels(self.model, unquantized=not quantize)
-        layer = self.model.layers[0]
+        layer = self.model.decoder_layers[0]
         per_token = 2 * spec.num_layers * layer.num_kv_heads * spec.head_dim * torch_dtype.itemsize
         sized = kv_cache_tokens is not None
         budget = (
@@ -195,6 +193,8 @@ class PagedBackend:
 
     def decode(self, state: PagedState, input_ids: torch.Tensor) -> torch.Tensor:
         logits, _ = self.step(state, input_ids, [])
+        if logits is None:
+            raise ValueError("decode needs a running batch")
         return logits
 
     def step(
@@ -214,6 +214,8 @@ class PagedBackend:
         parts_write: list[torch.Tensor] = []
         logit_rows: list[int] = list(range(len(seqs)))
         if seqs:
+            if input_ids is None:
+                raise ValueError("the running sequences' next tokens are missing")
             for seq, token in zip(seqs, input_ids.tolist(), strict=True):
                 seq.tokens.append(token)
                 self.cache.reserve(seq, len(seq.tokens))

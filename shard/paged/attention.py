@@ -85,7 +85,8 @@ def attend(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, meta: St
     group = heads // kv_heads
     outs = []
     b = meta.num_decodes
-    if b and meta.decode_slots is None:
+    slots = meta.decode_slots
+    if b and slots is None:
         outs.append(
             torch.ops.paged_step.decode_attention(
                 q[:b].reshape(b, heads * dim),
@@ -96,9 +97,9 @@ def attend(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, meta: St
                 meta.block_size,
             )
         )
-    elif b:
-        shape = (*meta.decode_slots.shape, kv_heads, dim)
-        flat = meta.decode_slots.view(-1)
+    elif b and slots is not None:
+        shape = (*slots.shape, kv_heads, dim)
+        flat = slots.view(-1)
         # index_select, not advanced indexing: the latter is orders of magnitude slower here on CPU.
         keys = k_pool.index_select(0, flat).view(shape).transpose(1, 2)  # [b, kv, len, d]
         values = v_pool.index_select(0, flat).view(shape).transpose(1, 2)

@@ -26,12 +26,16 @@ from __future__ import annotations
 import bisect
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from .attention import decode_meta
 from .kv_cache import PagedKVCache
 from .model import LlamaModel
+
+if TYPE_CHECKING:
+    from torch.cuda import _POOL_HANDLE  # what CUDAGraph.pool() returns
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +57,7 @@ class Graph:
     width: int
     ids: torch.Tensor  # [batch]
     table: torch.Tensor  # [batch, width + 1]: block ids, then the context length
-    graph: object | None = None  # torch.cuda.CUDAGraph when captured
+    graph: torch.cuda.CUDAGraph | None = None  # once captured
     steps: int = 0  # steps served
 
 
@@ -79,7 +83,7 @@ class DecodeGraphs:
         pool = cache.k_layers[0]  # [slots, kv_heads, head_dim]
         self.token_bytes = 2 * pool.shape[1] * pool.shape[2] * pool.element_size()  # one token's K and V
         self.graphs: dict[tuple[int, int], Graph] = {}
-        self.pool: object | None = None
+        self.pool: _POOL_HANDLE | None = None
         # Every graph writes its logits into this one buffer [largest batch, vocab], allocated outside
         # the pool: a graph's own logits are then free pool memory once it is captured, not one more
         # [batch, vocab] float32 tensor kept alive per graph.
@@ -118,7 +122,7 @@ class DecodeGraphs:
         graph.table.copy_(torch.tensor(host))
         graph.ids[:rows].copy_(ids)
         graph.steps += 1
-        if graph.graph is not None:
+        if graph.graph is not None and self.logits is not None:  # the logits buffer comes with a capture
             graph.graph.replay()
             return self.logits[:rows].clone()
         return self._forward(graph)[:rows]

@@ -42,11 +42,13 @@ def linear(
     ``dense_linear``, which streams W at close to the memory bandwidth; other products through oneDNN on
     the prepacked weight when there is one (``packed``: 1.3 to 4x ``F.linear`` on this CPU, which
     reorders the weight on every call), else ``F.linear``."""
-    if dense and x.shape[0] == 1:
+    if dense and x.shape[0] == 1 and weight is not None:
         y = torch.ops.paged_quant.dense_linear(x.contiguous(), weight)
         return y if bias is None else y + bias
     if packed is not None:
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    if weight is None:
+        raise ValueError("linear needs the weight, or its prepacked form")
     return F.linear(x, weight, bias)
 
 
@@ -55,7 +57,8 @@ class ColumnLinear(nn.Module):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         super().__init__()
-        self.weight = nn.Parameter(weight, requires_grad=False)
+        # None once the prepacked copy serves every product (model.use_cpu_kernels).
+        self.weight: nn.Parameter | None = nn.Parameter(weight, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.dense = False
         self.packed: torch.Tensor | None = None
@@ -69,7 +72,7 @@ class RowLinear(nn.Module):
 
     def __init__(self, weight: torch.Tensor, parallel: Parallel) -> None:
         super().__init__()
-        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.weight: nn.Parameter | None = nn.Parameter(weight, requires_grad=False)  # as ColumnLinear's
         self.parallel = parallel
         self.dense = False
         self.packed: torch.Tensor | None = None
@@ -139,15 +142,16 @@ class RotaryStep:
         """Splits a fused product [tokens, (heads + 2 kv_heads) head_dim] into q, k, v shaped
         [tokens, heads, head_dim], q and k rotated (in place in ``qkv`` on the fused path)."""
         tokens = qkv.shape[0]
-        if self.cos is None:
+        cos, sin = self.cos, self.sin
+        if cos is None or sin is None:
             r = self.rotary
             torch.ops.paged_step.rotary_(qkv, self.positions, r.cos32, r.sin32, heads + kv_heads, head_dim)
         q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
         q = q.view(tokens, heads, head_dim)
         k = k.view(tokens, kv_heads, head_dim)
-        if self.cos is not None:
-            q = Rotary.apply(q, self.cos, self.sin)
-            k = Rotary.apply(k, self.cos, self.sin)
+        if cos is not None and sin is not None:
+            q = Rotary.apply(q, cos, sin)
+            k = Rotary.apply(k, cos, sin)
         return q, k, v.view(tokens, kv_heads, head_dim)
 
 

@@ -10,6 +10,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 from safetensors import safe_open
@@ -31,6 +32,7 @@ from .layers import (
     linear,
     pack_weight,
 )
+from .quant import GROUP, MODES, QuantColumnLinear, QuantLinear, QuantRowLinear
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +115,8 @@ class Weights:
         with safe_open(self.files[name], "pt") as f:
             if part is None:
                 tensor = f.get_tensor(name)
+            elif dim is None:
+                raise ValueError(f"a slice of {name} needs its dimension")
             else:
                 s = f.get_slice(name)
                 index = [slice(None)] * len(s.get_shape())
@@ -141,8 +145,11 @@ class DecoderLayer(nn.Module):
         if spec.qkv_bias:
             bias = torch.cat([rows(f"{a}.q_proj.bias", q_part), rows(f"{a}.k_proj.bias", kv_part),
                               rows(f"{a}.v_proj.bias", kv_part)])  # fmt: skip
-        self.qkv = ColumnLinear(qkv, bias)
-        self.o = RowLinear(w.get(f"{a}.o_proj.weight", 1, (q_part[0] * d, q_part[1] * d)), parallel)
+        # Quantized layers replace them under --quantize int8|int4 (quantize_model).
+        self.qkv: ColumnLinear | QuantLinear = ColumnLinear(qkv, bias)
+        self.o: RowLinear | QuantLinear = RowLinear(
+            w.get(f"{a}.o_proj.weight", 1, (q_part[0] * d, q_part[1] * d)), parallel
+        )
         m = f"{prefix}.mlp"
         ff = parallel.split(spec.intermediate_size, "MLP width")
         gate_up = torch.cat([w.get(f"{m}.gate_proj.weight", 0, ff), w.get(f"{m}.up_proj.weight", 0, ff)])
@@ -195,6 +202,8 @@ class LlamaModel(nn.Module):
             DecoderLayer(spec, w, f"model.layers.{i}", parallel) for i in range(spec.num_layers)
         )
         self.norm = RMSNorm(w.get("model.norm.weight"), spec.rms_norm_eps)
+        # None once quantize_model has replaced an untied head by ``head``.
+        self.lm_head: nn.Parameter | None
         if spec.tie_word_embeddings or not w.has("lm_head.weight"):
             self.lm_head = self.embed.weight
         else:
@@ -212,7 +221,13 @@ class LlamaModel(nn.Module):
         # step_cpu.cpp's attention, RMSNorm and rotary kernels (use_cpu_kernels); with it off the backend
         # builds the torch path's gathered slots and masks.
         self.fused = False
-        self._decode_plan: DecodePlan | bool | None = False  # False: not made yet (decode_plan)
+        self._decode_plan: DecodePlan | None = None
+        self._decode_plan_made = False
+
+    @property
+    def decoder_layers(self) -> list[DecoderLayer]:
+        """``layers`` as what they are (nn.ModuleList's items are plain Modules to a type checker)."""
+        return cast(list[DecoderLayer], list(self.layers))
 
     def weight_bytes(self) -> int:
         """Bytes of weights held, prepacked copies (oneDNN's opaque tensors) included; tied weights count
@@ -261,18 +276,17 @@ class LlamaModel(nn.Module):
         kernel runs them in one call (step_cpu.cpp's ``decode_layers``)."""
         plan = self.decode_plan()
         if plan is not None and not meta.prefills and h.shape[0] <= plan.max_rows:
-            r, first = self.rotary, self.layers[0]
+            r, first = self.rotary, self.decoder_layers[0]
             return torch.ops.paged_step.decode_layers(
                 h, plan.weights, plan.kinds, cache.k_layers, cache.v_layers, rope.positions, r.cos32, r.sin32,
                 meta.write_slots, meta.decode_table, meta.decode_lengths, meta.block_size, first.num_heads,
                 first.num_kv_heads, first.head_dim, self.norm.eps, self.norm.weight,
             )  # fmt: skip
         add_norm = torch.ops.paged_step.add_rms_norm_
-        norms = [layer.input_norm for layer in self.layers[1:]] + [self.norm]
-        x = self.layers[0].input_norm(h)
-        for layer, after, k_pool, v_pool in zip(
-            self.layers, norms, cache.k_layers, cache.v_layers, strict=True
-        ):
+        layers = self.decoder_layers
+        norms = [layer.input_norm for layer in layers[1:]] + [self.norm]
+        x = layers[0].input_norm(h)
+        for layer, after, k_pool, v_pool in zip(layers, norms, cache.k_layers, cache.v_layers, strict=True):
             post = layer.post_norm
             x = add_norm(h, layer.attention(x, rope, k_pool, v_pool, meta), post.weight, post.eps)
             x = add_norm(h, layer.mlp(x), after.weight, after.eps)
@@ -281,8 +295,9 @@ class LlamaModel(nn.Module):
     def decode_plan(self) -> DecodePlan | None:
         """What ``decode_layers`` takes for this model (made on first use, once the layers are final); None
         when it does not apply: not float32, several ranks, or a product without a kernel."""
-        if self._decode_plan is False:
+        if not self._decode_plan_made:
             self._decode_plan = make_decode_plan(self) if self.fused else None
+            self._decode_plan_made = True
         return self._decode_plan
 
 
@@ -302,8 +317,6 @@ class DecodePlan:
 
 
 def make_decode_plan(model: LlamaModel) -> DecodePlan | None:
-    from .quant import QuantLinear
-
     if model.parallel.world_size > 1 or model.norm.weight.dtype != torch.float32:
         return None
     none = torch.empty(0)
@@ -326,10 +339,10 @@ def make_decode_plan(model: LlamaModel) -> DecodePlan | None:
 
     weights: list[torch.Tensor] = []
     kinds: list[int] = []
-    for layer in model.layers:
+    for layer in model.decoder_layers:
         modules = (layer.qkv, layer.o, layer.mlp.gate_up, layer.mlp.down)
-        products = [product(m) for m in modules]
-        if None in products or any(getattr(m, "bias", None) is not None for m in modules[1:]):
+        products = [p for p in (product(m) for m in modules) if p is not None]
+        if len(products) < len(modules) or any(getattr(m, "bias", None) is not None for m in modules[1:]):
             return None
         weights += [layer.input_norm.weight, layer.post_norm.weight]
         for kind, a, b in products:
@@ -337,6 +350,43 @@ def make_decode_plan(model: LlamaModel) -> DecodePlan | None:
             weights += [a, b]
         weights.append(none if layer.qkv.bias is None else layer.qkv.bias)
     return DecodePlan(weights, kinds, min(rows))
+
+
+def quantize_model(model: LlamaModel, mode: str) -> None:
+    """Replaces every decoder layer's linear layers (q/k/v, o, gate/up, down) and the LM head, in place
+    (shard/paged/quant.py's layers).
+
+    The LM head is int8 in both modes. A layer whose input width the kernels cannot take stays float."""
+    if mode not in MODES:
+        raise ValueError(f"unknown quantization {mode!r}; known: {', '.join(MODES)}")
+    head = model.lm_head
+    if head is None:
+        raise ValueError("the model is quantized already")
+    before = after = 0
+    for layer in model.decoder_layers:
+        for owner, name in ((layer, "qkv"), (layer, "o"), (layer.mlp, "gate_up"), (layer.mlp, "down")):
+            old = getattr(owner, name)
+            if not isinstance(old, ColumnLinear | RowLinear) or old.weight is None:
+                raise TypeError(f"cannot quantize {type(old).__name__}")
+            weight = old.weight.data
+            k = weight.shape[1]
+            if mode == "int4" and k % GROUP:
+                log.warning("%s: input width %d is not a multiple of %d: left in float", name, k, GROUP)
+                continue
+            before += weight.numel() * weight.element_size()
+            if isinstance(old, RowLinear):
+                new: QuantLinear = QuantRowLinear(weight, mode, old.parallel)
+            else:
+                new = QuantColumnLinear(weight, None if old.bias is None else old.bias.data, mode)
+            after += new.nbytes()
+            setattr(owner, name, new)
+    model.head = quantized_head = QuantLinear(head.data, None, "int8")
+    if head is not model.embed.weight:  # an untied head's float copy is no longer needed
+        model.lm_head = None
+    log.info(
+        "Quantized to %s: decoder linear layers %.0f MB -> %.0f MB; LM head %.0f MB -> %.0f MB (int8)",
+        mode, before / 1e6, after / 1e6, head.numel() * head.element_size() / 1e6, quantized_head.nbytes() / 1e6,
+    )  # fmt: skip
 
 
 def use_cpu_kernels(model: LlamaModel, unquantized: bool) -> bool:
@@ -360,13 +410,14 @@ def use_cpu_kernels(model: LlamaModel, unquantized: bool) -> bool:
     for module in model.modules():
         if isinstance(module, RMSNorm | MLP):
             module.fused = True
-        elif unquantized and isinstance(module, ColumnLinear | RowLinear):
+        elif unquantized and isinstance(module, ColumnLinear | RowLinear) and module.weight is not None:
             module.packed = pack_weight(module.weight.data)
             module.dense = single_row_dense
             if module.packed is not None and not single_row_dense:
                 module.weight = None  # the packed copy serves every product
     model.rotary.fused = model.fused = True
-    if unquantized and model.head is None:
-        model.head_packed = pack_weight(model.lm_head.data)
-        model.dense_head = single_row_dense and model.lm_head.dim() == 2 and model.lm_head.is_contiguous()
+    head = model.lm_head
+    if unquantized and model.head is None and head is not None:
+        model.head_packed = pack_weight(head.data)
+        model.dense_head = single_row_dense and head.dim() == 2 and head.is_contiguous()
     return True

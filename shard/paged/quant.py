@@ -35,7 +35,6 @@ from torch import nn
 
 from ..dist import Parallel
 from .kernels import int8_vnni, load_kernels
-from .layers import ColumnLinear, RowLinear
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +113,12 @@ def dequantize_int4(nibbles: torch.Tensor, scales: torch.Tensor, k: int) -> torc
 class QuantLinear(nn.Module):
     """y = x W^T (+ b) with W held as int8 or int4; W is [n, k] as in ``F.linear``."""
 
+    # Buffers (register_buffer): q and scale in int8, nibbles and scales in int4.
+    q: torch.Tensor
+    scale: torch.Tensor
+    nibbles: torch.Tensor
+    scales: torch.Tensor
+
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, mode: str) -> None:
         super().__init__()
         if mode not in MODES:
@@ -180,36 +185,3 @@ class QuantRowLinear(QuantLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.parallel.all_reduce(super().forward(x))
-
-
-def quantize_model(model: nn.Module, mode: str) -> None:
-    """Replaces every decoder layer's linear layers (q/k/v, o, gate/up, down) and the LM head, in place.
-
-    The LM head is int8 in both modes. A layer whose input width the kernels cannot take stays float."""
-    if mode not in MODES:
-        raise ValueError(f"unknown quantization {mode!r}; known: {', '.join(MODES)}")
-    before = after = 0
-    for layer in model.layers:
-        for owner, name in ((layer, "qkv"), (layer, "o"), (layer.mlp, "gate_up"), (layer.mlp, "down")):
-            old = getattr(owner, name)
-            k = old.weight.shape[1]
-            if mode == "int4" and k % GROUP:
-                log.warning("%s: input width %d is not a multiple of %d: left in float", name, k, GROUP)
-                continue
-            before += old.weight.numel() * old.weight.element_size()
-            if isinstance(old, RowLinear):
-                new: QuantLinear = QuantRowLinear(old.weight.data, mode, old.parallel)
-            elif isinstance(old, ColumnLinear):
-                new = QuantColumnLinear(old.weight.data, None if old.bias is None else old.bias.data, mode)
-            else:
-                raise TypeError(f"cannot quantize {type(old).__name__}")
-            after += new.nbytes()
-            setattr(owner, name, new)
-    head = model.lm_head
-    model.head = QuantLinear(head.data, None, "int8")
-    if head is not model.embed.weight:  # an untied head's float copy is no longer needed
-        model.lm_head = None
-    log.info(
-        "Quantized to %s: decoder linear layers %.0f MB -> %.0f MB; LM head %.0f MB -> %.0f MB (int8)",
-        mode, before / 1e6, after / 1e6, head.numel() * head.element_size() / 1e6, model.head.nbytes() / 1e6,
-    )  # fmt: skip
