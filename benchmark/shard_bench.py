@@ -1,15 +1,30 @@
 """``text-generation-benchmark shard``: prefill and decode latency measured straight on the shards' gRPC
 service, without the router (TGI's ``text-generation-benchmark``).
 
-For every batch size, ``warmups`` unmeasured runs then ``runs`` measured ones, each: one ``Prefill`` of
-``batch_size`` random prompts of ``sequence_length`` token ids, then ``Decode`` steps (every request id
-named at each step, so none leaves) until each request holds ``decode_length`` tokens (the prefill gives the
-first one, so ``decode_length - 1`` steps, as in TGI), then ``ClearCache`` of the batch. The times are taken
-around each RPC on this side (gRPC and protobuf included, as the router would see them).
+It opens the shard's one ``Generate`` stream (proto/generate.proto) for the whole sweep. For every batch
+size, ``warmups`` unmeasured runs then ``runs`` measured ones, each: one ``GenerateRequest`` adding
+``batch_size`` random prompts of ``sequence_length`` token ids (``max_new_tokens = decode_length``,
+``ignore_eos``: every request runs to its length), then the shard's step outputs, read as they come:
+
+- **prefill**: from sending the requests to the step output that gives the last of them its first token.
+  With chunked prefill (the paged backend) a large batch's prompts may run over several steps, so the
+  first tokens come over several outputs, and the requests that have theirs already decode in the
+  meantime: all of that is prefill time.
+- **decode**: from there, the following step outputs until every request has ended at its length
+  (``FINISH_LENGTH`` after ``decode_length`` tokens, the first one included: ``decode_length - 1`` steps
+  after the last first token, as in TGI). ``decode_steps`` and ``decode_tokens`` are the outputs and the
+  tokens of this phase, counted as they came: when the first tokens came over several steps, the requests
+  that started earlier end earlier, and the last steps carry fewer than ``batch_size`` tokens.
+
+The times are taken on this side (gRPC and protobuf included, as the router would see them);
+``shard_prefill_s`` and ``shard_decode_s`` add up the shard's own ``total_ns`` of the same outputs. A step
+that gives no token at all (a chunk of a long prompt run alone) sends no output, so its own time is
+missing from ``shard_prefill_s`` (the wall ``prefill_s`` covers it). A request that fails, a failed step or
+a request that ends otherwise than by its length stops the benchmark with an error.
 
 Per batch size: prefill latency and throughput (requests/s = batch / latency), decode total latency,
-per-step latency and decode throughput (tokens/s = batch x steps / decode time), each over the runs as
-avg / min / max / p50 / p90 / p99.
+per-step latency (decode time / decode steps) and decode throughput (tokens/s = decode tokens / decode
+time), each over the runs as avg / min / max / p50 / p90 / p99.
 """
 
 from __future__ import annotations
@@ -76,13 +91,16 @@ class ShardBenchConfig:
 
     @property
     def decode_steps(self) -> int:
+        """Decode steps of a run whose prompts all run in one step."""
         return self.decode_length - 1
 
 
 @dataclass(frozen=True)
 class RunTiming:
     """One measured run of one batch size (seconds); ``shard_*`` are the shard's own step times
-    (rank 0's ``total_ns``; 0 when the shard does not report them)."""
+    (rank 0's ``total_ns``; 0 when the shard does not report them). ``decode_steps`` and
+    ``decode_tokens`` are the step outputs and tokens after every request had its first token
+    (``decode_tokens`` 0: ``batch_size x decode_steps``, every request in every step)."""
 
     batch_size: int
     prefill_s: float
@@ -90,6 +108,11 @@ class RunTiming:
     decode_steps: int
     shard_prefill_s: float = 0.0
     shard_decode_s: float = 0.0
+    decode_tokens: int = 0
+
+    @property
+    def tokens_decoded(self) -> int:
+        return self.decode_tokens or self.batch_size * self.decode_steps
 
 
 @dataclass(frozen=True)
@@ -144,7 +167,7 @@ def summarize(timings: Sequence[RunTiming]) -> BatchStats:
         prefill_throughput_rps=Stats.of([batch / t.prefill_s for t in timings]),
         decode_latency_ms=Stats.of([1000 * t.decode_s for t in timings]),
         decode_token_latency_ms=Stats.of([1000 * t.decode_s / t.decode_steps for t in timings]),
-        decode_throughput_tps=Stats.of([batch * t.decode_steps / t.decode_s for t in timings]),
+        decode_throughput_tps=Stats.of([t.tokens_decoded / t.decode_s for t in timings]),
     )
 
 
@@ -185,7 +208,9 @@ class ShardBenchResult:
 
 
 class ShardBenchmark:
-    """Drives one client through the sweep; ids of batches and requests never repeat within a benchmark."""
+    """Drives the sweep over one ``Generate`` stream (``open`` / ``close``); request ids never repeat within
+    a benchmark, and a run ends only once every request it added has ended, so no step of one run is
+    counted in another."""
 
     def __init__(self, client: ShardClient, config: ShardBenchConfig, vocab_size: int) -> None:
         if vocab_size < 1:
@@ -194,10 +219,36 @@ class ShardBenchmark:
         self.config = config
         self.vocab_size = vocab_size
         self.rng = random.Random(config.prompt_seed)
-        self.next_batch_id = 1
         self.next_request_id = 1
+        self.stream: Any = None
 
-    def _batch(self, size: int) -> Any:
+    def open(self) -> None:
+        """Opens the shard's Generate stream (the shard takes one at a time: a router using it must stop)."""
+        if self.stream is None:
+            self.stream = self.client.generate()
+
+    async def close(self) -> None:
+        """Ends the stream: half-closes it and reads to its end (the shard then ends its requests too), or
+        cancels it when that does not come within a few seconds."""
+        stream, self.stream = self.stream, None
+        if stream is None:
+            return
+        import grpc
+
+        try:
+            await asyncio.wait_for(self._drain(stream), timeout=5.0)
+        except (TimeoutError, grpc.aio.AioRpcError):
+            stream.cancel()
+
+    @staticmethod
+    async def _drain(stream: Any) -> None:
+        import grpc
+
+        await stream.done_writing()
+        while await stream.read() is not grpc.aio.EOF:
+            pass
+
+    def _requests(self, size: int) -> list[Any]:
         from proto import pb
 
         p = self.config.params
@@ -210,7 +261,7 @@ class ShardBenchmark:
             do_sample=p.do_sample,
             seed=p.seed,
         )
-        length, decode_length = self.config.sequence_length, self.config.decode_length
+        length = self.config.sequence_length
         requests = []
         for _ in range(size):
             # Distinct random prompts per row: the shard runs identical prompts only once.
@@ -220,50 +271,95 @@ class ShardBenchmark:
                     id=self.next_request_id,
                     input_ids=ids,
                     parameters=params,
-                    max_new_tokens=decode_length,
-                    min_new_tokens=decode_length,  # no EOS before the end: every row runs every step
+                    max_new_tokens=self.config.decode_length,
+                    ignore_eos=True,  # no end before the length: every request runs every step
                 )
             )
             self.next_request_id += 1
-        batch = pb.Batch(id=self.next_batch_id, requests=requests, max_tokens=size * (length + decode_length))
-        self.next_batch_id += 1
-        return batch
+        return requests
 
     async def run_once(self, size: int) -> RunTiming:
-        """Prefill, decode_length - 1 decode steps naming every request, then ClearCache."""
-        batch = self._batch(size)
-        wanted = [r.id for r in batch.requests]
+        """Adds ``size`` requests, then reads step outputs until each has its first token (the prefill),
+        then until each has ended at its length (the decode)."""
+        from proto import pb
+
+        self.open()
+        stream = self.stream
+        requests = self._requests(size)
+        tokens = {r.id: 0 for r in requests}  # tokens each request has had
+        ended: set[int] = set()
         start = time.perf_counter()
-        prefill = await self.client.prefill(batch)
-        prefill_s = time.perf_counter() - start
-        cached, cached_id = prefill.batch, prefill.batch.id
-        shard_decode_ns = 0
-        try:
-            self._check(prefill.generations.request_ids, wanted, "Prefill")
-            start = time.perf_counter()
-            for _ in range(self.config.decode_steps):
-                del cached.request_ids[:]
-                cached.request_ids.extend(wanted)
-                decoded = await self.client.decode([cached])
-                self._check(decoded.generations.request_ids, wanted, "Decode")
-                cached, cached_id = decoded.batch, decoded.batch.id
-                shard_decode_ns += decoded.total_ns
-            decode_s = time.perf_counter() - start
-        finally:
-            await self.client.clear_cache(cached_id)
+        await stream.write(pb.GenerateRequest(add=requests))
+        now = start
+        started = shard_prefill_ns = 0
+        while started < size:
+            out = await self._next(stream)
+            now = time.perf_counter()
+            shard_prefill_ns += out.total_ns
+            started += self._take(out, tokens, ended)
+        prefill_end = now
+        steps = decoded = shard_decode_ns = 0
+        while len(ended) < size:
+            out = await self._next(stream)
+            now = time.perf_counter()
+            shard_decode_ns += out.total_ns
+            steps += 1
+            decoded += len(out.generations.request_ids)
+            self._take(out, tokens, ended)
         return RunTiming(
             batch_size=size,
-            prefill_s=prefill_s,
-            decode_s=decode_s,
-            decode_steps=self.config.decode_steps,
-            shard_prefill_s=prefill.total_ns / 1e9,
+            prefill_s=prefill_end - start,
+            decode_s=now - prefill_end,
+            decode_steps=steps,
+            shard_prefill_s=shard_prefill_ns / 1e9,
             shard_decode_s=shard_decode_ns / 1e9,
+            decode_tokens=decoded,
         )
 
     @staticmethod
-    def _check(got: Sequence[int], wanted: list[int], step: str) -> None:
-        if sorted(got) != sorted(wanted):
-            raise RuntimeError(f"{step} answered for requests {list(got)}, expected {wanted}")
+    async def _next(stream: Any) -> Any:
+        import grpc
+
+        out = await stream.read()
+        if out is grpc.aio.EOF:
+            raise RuntimeError("the shard ended the Generate stream in the middle of a run")
+        return out
+
+    def _take(self, out: Any, tokens: dict[int, int], ended: set[int]) -> int:
+        """Counts one step output's tokens and endings; returns how many requests got their first token.
+        Anything but tokens of this run's running requests, and their ends at their length, is an error."""
+        from proto import pb
+
+        g = out.generations
+        if out.failed or g.failures:
+            failure = g.failures[0] if g.failures else None
+            which = f"request {failure.request_id}: {failure.message}" if failure else "no request named"
+            raise RuntimeError(f"the shard failed a step ({len(g.failures)} request(s); {which})")
+        if len(g.finish_reasons) != len(g.request_ids):
+            raise RuntimeError(
+                f"a step output has {len(g.finish_reasons)} finish reasons for {len(g.request_ids)} rows"
+            )
+        length = self.config.decode_length
+        first = 0
+        seen: set[int] = set()
+        for rid, reason in zip(g.request_ids, g.finish_reasons, strict=True):
+            if rid not in tokens or rid in ended or rid in seen:
+                raise RuntimeError(f"a step output has a token for request {rid}, which is not running")
+            seen.add(rid)
+            tokens[rid] += 1
+            if tokens[rid] == 1:
+                first += 1
+            if reason == pb.FINISH_NONE:
+                if tokens[rid] >= length:
+                    raise RuntimeError(f"request {rid} did not end at its max_new_tokens ({length})")
+                continue
+            if reason != pb.FINISH_LENGTH or tokens[rid] != length:
+                raise RuntimeError(
+                    f"request {rid} ended ({pb.FinishReason.Name(reason)}) after {tokens[rid]} tokens, "
+                    f"expected FINISH_LENGTH after {length} (ignore_eos)"
+                )
+            ended.add(rid)
+        return first
 
 
 ProgressFn = Callable[[str], None]
@@ -293,18 +389,21 @@ async def run_shard_benchmark(
         }
         timings: list[RunTiming] = []
         results: list[BatchStats] = []
-        for size in config.batch_sizes:
-            for _ in range(config.warmups):
-                await bench.run_once(size)
-            runs = [await bench.run_once(size) for _ in range(config.runs)]
-            timings.extend(runs)
-            stats = summarize(runs)
-            results.append(stats)
-            say(
-                f"batch {size}: prefill {stats.prefill_latency_ms.avg:.2f} ms, "
-                f"decode {stats.decode_token_latency_ms.avg:.2f} ms/step, "
-                f"{stats.decode_throughput_tps.avg:.1f} tokens/s"
-            )
+        try:
+            for size in config.batch_sizes:
+                for _ in range(config.warmups):
+                    await bench.run_once(size)
+                runs = [await bench.run_once(size) for _ in range(config.runs)]
+                timings.extend(runs)
+                stats = summarize(runs)
+                results.append(stats)
+                say(
+                    f"batch {size}: prefill {stats.prefill_latency_ms.avg:.2f} ms, "
+                    f"decode {stats.decode_token_latency_ms.avg:.2f} ms/step, "
+                    f"{stats.decode_throughput_tps.avg:.1f} tokens/s"
+                )
+        finally:
+            await bench.close()
         return ShardBenchResult(config=config, info=info_dict, results=results, timings=timings)
     finally:
         if own:
@@ -375,9 +474,11 @@ def register(commands: Any) -> None:
         "shard",
         help="prefill/decode latency straight on running shards over gRPC (no router)",
         description=(
-            "Talks gRPC straight to running shards (no router): for each batch size, one Prefill of random "
-            "prompts, decode-length - 1 Decode steps, ClearCache; warmups then measured runs. Reports "
-            "prefill latency and requests/s, decode latency per step and in total, and decode tokens/s "
+            "Talks gRPC straight to running shards (no router) over their Generate stream: for each batch "
+            "size, adds batch-size requests with random prompts (max_new_tokens = decode-length, ignore_eos) "
+            "and reads the shard's steps until every request has its first token (the prefill), then until "
+            "every one has ended at its length (the decode); warmups then measured runs. Reports prefill "
+            "latency and requests/s, decode latency per step and in total, and decode tokens/s "
             "(avg/min/max/p50/p90/p99 over the runs)."
         ),
     )

@@ -29,40 +29,109 @@ from benchmark.shard_bench import (
     summarize,
 )
 from proto import pb, pb_grpc
-from tests.fake_shard import FakeShard
 from tests.unit.test_benchmark_floor import synthetic_floor
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-class CountingShard(FakeShard):
-    """The fake shard, remembering what each call named."""
+class CountingShard(pb_grpc.TextGenerationServiceServicer):
+    """A fake shard that speaks the Generate stream as the real engine core does: while requests are live
+    it runs steps by itself; a step gives every running request its next token and at most
+    ``prompts_per_step`` waiting prompts their first one (0: all of them, one step), and ends a request at
+    its max_new_tokens (LENGTH), or, with ``end_early_with``, after 2 tokens with that reason. It remembers
+    every GenerateRequest and every step output it sent."""
 
-    def __init__(self) -> None:
-        super().__init__(vocab_size=1000)
-        self.prefill_batches: list[list[pb.Request]] = []
-        self.decode_calls: list[list[int]] = []
-        self.clears: list[int | None] = []
+    def __init__(self, prompts_per_step: int = 0, end_early_with: int = pb.FINISH_NONE) -> None:
+        self.vocab_size = 1000
+        self.prompts_per_step = prompts_per_step
+        self.end_early_with = end_early_with
+        self.adds: list[list[pb.Request]] = []
+        self.outputs: list[pb.StepOutput] = []
+        self.streams = 0
+        self.streams_ended = 0
+        self.live: dict[int, list] = {}  # id -> [request, tokens so far]
 
-    async def Prefill(self, request, context):
-        self.prefill_batches.append(list(request.batch.requests))
-        return await super().Prefill(request, context)
+    async def Info(self, request, context):
+        return pb.InfoResponse(
+            requires_padding=False, dtype="float32", device_type="cpu", world_size=1, backend="fake",
+            vocab_size=self.vocab_size,
+        )  # fmt: skip
 
-    async def Decode(self, request, context):
-        self.decode_calls.append([rid for b in request.batches for rid in b.request_ids])
-        return await super().Decode(request, context)
+    async def Health(self, request, context):
+        return pb.HealthResponse()
 
-    async def ClearCache(self, request, context):
-        self.clears.append(request.id if request.HasField("id") else None)
-        return await super().ClearCache(request, context)
+    async def Generate(self, requests, context):
+        self.streams += 1
+        inbox: asyncio.Queue[pb.GenerateRequest | None] = asyncio.Queue()
+        waiting: list[int] = []
+        running: list[int] = []
+
+        async def read() -> None:
+            async for message in requests:
+                inbox.put_nowait(message)
+            inbox.put_nowait(None)
+
+        def apply(message: pb.GenerateRequest) -> None:
+            self.adds.append(list(message.add))
+            for r in message.add:
+                self.live[r.id] = [r, 0]
+                waiting.append(r.id)
+
+        reader = asyncio.create_task(read())
+        try:
+            while True:
+                if not self.live:  # idle: wait for requests (or the end of the stream)
+                    message = await inbox.get()
+                    if message is None:
+                        return
+                    apply(message)
+                while not inbox.empty():
+                    message = inbox.get_nowait()
+                    if message is None:
+                        return
+                    apply(message)
+                started = time.perf_counter_ns()
+                await asyncio.sleep(0.002)  # the step's "forward"
+                take = len(waiting) if self.prompts_per_step == 0 else self.prompts_per_step
+                joining, waiting[:take] = waiting[:take], []
+                rows = [*running, *joining]
+                reasons = []
+                for rid in rows:
+                    entry = self.live[rid]
+                    entry[1] += 1
+                    if entry[1] >= entry[0].max_new_tokens:
+                        reasons.append(pb.FINISH_LENGTH)
+                    elif self.end_early_with and entry[1] == 2:
+                        reasons.append(self.end_early_with)
+                    else:
+                        reasons.append(pb.FINISH_NONE)
+                running = [rid for rid, reason in zip(rows, reasons, strict=True) if not reason]
+                for rid, reason in zip(rows, reasons, strict=True):
+                    if reason:
+                        del self.live[rid]
+                out = pb.StepOutput(
+                    generations=pb.Generations(
+                        request_ids=rows, token_ids=[7] * len(rows), logprobs=[-0.5] * len(rows),
+                        finish_reasons=reasons,
+                    ),
+                    total_ns=time.perf_counter_ns() - started, waiting=len(waiting), running=len(running),
+                    prefill=bool(joining) and len(rows) == len(joining),
+                )  # fmt: skip
+                self.outputs.append(out)
+                yield out
+        finally:
+            reader.cancel()
+            for rid in [*waiting, *running]:  # the stream's requests end with it
+                self.live.pop(rid, None)
+            self.streams_ended += 1
 
 
 class ShardThread:
     """A CountingShard served on ``{prefix}-0`` by an event loop in a daemon thread."""
 
-    def __init__(self) -> None:
+    def __init__(self, shard: CountingShard | None = None) -> None:
         self.prefix = f"/tmp/tgi-shardbench-{uuid.uuid4().hex[:8]}"
-        self.shard = CountingShard()
+        self.shard = shard or CountingShard()
         self.loop = asyncio.new_event_loop()
         self.started = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -89,12 +158,23 @@ class ShardThread:
 
 
 @pytest.fixture
-def fake():
-    shard = ShardThread().start()
+def fake(request: pytest.FixtureRequest):
+    """The fake shard; an indirect parameter gives CountingShard's arguments."""
+    shard = ShardThread(CountingShard(**getattr(request, "param", {}))).start()
     try:
         yield shard
     finally:
         shard.stop()
+
+
+def runs_of(shard: CountingShard) -> list[tuple[list[int], list[pb.StepOutput]]]:
+    """Each GenerateRequest's request ids, with the step outputs that answered for them."""
+    runs = []
+    for add in shard.adds:
+        ids = {r.id for r in add}
+        outputs = [o for o in shard.outputs if ids & set(o.generations.request_ids)]
+        runs.append(([r.id for r in add], outputs))
+    return runs
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -134,6 +214,12 @@ def test_summarize_latency_and_throughput() -> None:
     # tokens/s = batch x steps / decode time: 28 / 0.070 = 400 and 28 / 0.140 = 200
     assert (s.decode_throughput_tps.min, s.decode_throughput_tps.max) == pytest.approx((200.0, 400.0))
     assert s.decode_throughput_tps.p50 == pytest.approx(300.0)
+    # decode tokens counted in the run (fewer than batch x steps when the prompts ran over several steps)
+    spread = summarize(
+        [RunTiming(batch_size=4, prefill_s=0.01, decode_s=0.070, decode_steps=7, decode_tokens=21)]
+    )
+    assert spread.decode_throughput_tps.avg == pytest.approx(300.0)  # 21 / 0.070
+    assert spread.decode_token_latency_ms.avg == pytest.approx(10.0)
     with pytest.raises(ValueError):
         summarize([])
     with pytest.raises(ValueError):
@@ -163,29 +249,37 @@ async def test_runs_against_fake_shard(fake: ShardThread) -> None:
     result = await run_shard_benchmark(config, progress=said.append)
     shard = fake.shard
 
-    # (warmups + runs) prefills per batch size, each of batch-size distinct prompts from the vocabulary
-    assert [len(b) for b in shard.prefill_batches] == [1, 1, 1, 3, 3, 3]
-    for batch in shard.prefill_batches:
-        prompts = [tuple(r.input_ids) for r in batch]
+    # one Generate stream for the whole sweep, ended with it, and nothing left running on the shard
+    assert shard.streams == 1 and shard.streams_ended == 1 and shard.live == {}
+    # (warmups + runs) additions per batch size, each of batch-size distinct prompts from the vocabulary
+    assert [len(add) for add in shard.adds] == [1, 1, 1, 3, 3, 3]
+    for add in shard.adds:
+        prompts = [tuple(r.input_ids) for r in add]
         assert len(set(prompts)) == len(prompts)
-        for r in batch:
+        for r in add:
             assert len(r.input_ids) == 6 and all(0 <= t < 1000 for t in r.input_ids)
-            assert r.max_new_tokens == 4 and r.min_new_tokens == 4
+            assert r.max_new_tokens == 4 and r.ignore_eos
             assert r.parameters.top_k == 5 and r.parameters.do_sample and r.parameters.seed == 42
             assert r.parameters.temperature == pytest.approx(0.7)
-    request_ids = [r.id for b in shard.prefill_batches for r in b]
+    request_ids = [r.id for add in shard.adds for r in add]
     assert len(set(request_ids)) == len(request_ids)
-
-    # decode_length - 1 = 3 steps per run, every step naming every request of the run
-    assert len(shard.decode_calls) == 6 * 3
-    for run, batch in enumerate(shard.prefill_batches):
-        ids = [r.id for r in batch]
-        assert shard.decode_calls[3 * run : 3 * run + 3] == [ids] * 3
-    assert len(shard.clears) == 6 and None not in shard.clears
-    assert shard.batches == {}  # every run's batch was cleared
+    # every run: one step gives every request its first token, then 3 decode steps name them all
+    runs = runs_of(shard)
+    assert len(shard.outputs) == 6 * 4
+    for ids, outputs in runs:
+        assert [list(o.generations.request_ids) for o in outputs] == [ids] * 4
 
     assert [r.batch_size for r in result.results] == [1, 3]
     assert [t.batch_size for t in result.timings] == [1, 1, 3, 3]  # measured runs only
+    measured = [outputs for _, outputs in runs[1:3] + runs[4:6]]
+    for timing, outputs in zip(result.timings, measured, strict=True):
+        assert timing.decode_steps == 3 and timing.decode_tokens == 3 * timing.batch_size
+        # the shard's own times are those of the outputs of each phase
+        assert timing.shard_prefill_s == pytest.approx(outputs[0].total_ns / 1e9)
+        assert timing.shard_decode_s == pytest.approx(sum(o.total_ns for o in outputs[1:]) / 1e9)
+        # the prefill steps run between sending the requests and reading the last first token (the decode
+        # steps run ahead of the reading: the shard does not wait for it)
+        assert 0 < timing.shard_prefill_s <= timing.prefill_s and timing.shard_decode_s > 0
     for stats in result.results:
         assert stats.runs == 2 and stats.decode_steps == 3
         assert (
@@ -211,6 +305,46 @@ async def test_runs_against_fake_shard(fake: ShardThread) -> None:
 
 
 @pytest.mark.timeout(30)
+@pytest.mark.parametrize("fake", [{"prompts_per_step": 2}], indirect=True)
+async def test_first_tokens_over_several_steps(fake: ShardThread) -> None:
+    """Chunked prefill: 5 prompts, 2 per step. The prefill lasts until the 5th has its first token (3
+    outputs, the first 2 requests decoding meanwhile); the decode is what follows: 3 steps, 5 + 3 + 1
+    tokens as the requests end one pair after another."""
+    config = ShardBenchConfig(
+        uds_path=fake.prefix, batch_sizes=(5,), sequence_length=4, decode_length=4, warmups=0, runs=2
+    )
+    result = await run_shard_benchmark(config)
+    runs = runs_of(fake.shard)
+    assert len(runs) == 2 and fake.shard.live == {}
+    for timing, (ids, outputs) in zip(result.timings, runs, strict=True):
+        rows = [list(o.generations.request_ids) for o in outputs]
+        assert rows == [ids[:2], ids[:4], ids, ids, ids[2:], ids[4:]]
+        assert timing.decode_steps == 3 and timing.decode_tokens == 9
+        assert timing.shard_prefill_s == pytest.approx(sum(o.total_ns for o in outputs[:3]) / 1e9)
+        assert timing.shard_decode_s == pytest.approx(sum(o.total_ns for o in outputs[3:]) / 1e9)
+        assert timing.prefill_s >= 3 * 0.002  # the 3 steps of the prompts, 2 ms each at least
+    stats = result.results[0]
+    assert stats.decode_steps == 3
+    tps = sorted(t.decode_tokens / t.decode_s for t in result.timings)
+    assert (stats.decode_throughput_tps.min, stats.decode_throughput_tps.max) == pytest.approx(tuple(tps))
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("fake", [{"end_early_with": pb.FINISH_EOS}], indirect=True)
+def test_a_request_that_ends_before_its_length_is_an_error(
+    fake: ShardThread, capsys: pytest.CaptureFixture
+) -> None:
+    argv = ["shard", "--uds-path", fake.prefix, "--batch-sizes", "2", "--decode-length", "4", "--no-progress"]
+    assert main(argv) == 1
+    assert "ended (FINISH_EOS) after 2 tokens" in capsys.readouterr().err
+    deadline = time.monotonic() + 5
+    while fake.shard.streams_ended < 1:  # the stream was closed, and its requests went with it
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert fake.shard.live == {}
+
+
+@pytest.mark.timeout(30)
 def test_cli_against_fake_shard(fake: ShardThread, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "shard.json"
     floor = tmp_path / "floor.json"
@@ -226,7 +360,9 @@ def test_cli_against_fake_shard(fake: ShardThread, tmp_path: Path, capsys: pytes
     data = json.loads(out.read_text())
     assert [r["batch_size"] for r in data["results"]] == [2, 4]
     assert data["config"]["params"]["top_p"] == pytest.approx(0.9)
-    assert len(fake.shard.prefill_batches) == 6 and len(fake.shard.decode_calls) == 12
+    assert [len(add) for add in fake.shard.adds] == [2, 2, 2, 4, 4, 4]
+    assert len(fake.shard.outputs) == 6 * 3  # one prefill step and 2 decode steps per run
+    assert [run["decode_tokens"] for run in data["runs"]] == [4, 4, 4, 8, 8, 8]
     versus = data["versus_floor"]
     assert [v["batch_size"] for v in versus] == [2, 4]
     for v, r in zip(versus, data["results"], strict=True):
@@ -281,9 +417,9 @@ def test_against_real_shard(tiny_model_dir: Path, tmp_path: Path) -> None:
         for r in data["results"]:
             assert r["runs"] == 1 and r["decode_steps"] == 2
             assert r["prefill_latency_ms"]["avg"] > 0 and r["decode_throughput_tps"]["avg"] > 0
-        for run in data["runs"]:
-            assert run["shard_prefill_s"] > 0 and run["shard_decode_s"] > 0
-            assert run["shard_prefill_s"] <= run["prefill_s"]
+        for run in data["runs"]:  # the prompts are short: each batch's run in one step
+            assert run["decode_steps"] == 2 and run["decode_tokens"] == 2 * run["batch_size"]
+            assert 0 < run["shard_prefill_s"] <= run["prefill_s"] and run["shard_decode_s"] > 0
     finally:
         process.terminate()
         try:
