@@ -34,15 +34,18 @@ run: $(STAMP) proto
 test: $(STAMP) proto
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # 2,000 mixed requests at ~70% of capacity; figures in docs/reliability.md.
 soak: $(STAMP) proto
 	SOAK_REPORT=docs/reliability-soak.json $(BIN)/python -m pytest -m slow tests/soak -s $(PYTEST_ARGS)
 
-lint: $(STAMP)
+# mypy reads the generated gRPC stubs' types (proto).
+lint: $(STAMP) proto
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix .
