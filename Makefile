@@ -61,11 +61,12 @@ bench: $(STAMP) proto
 bench-gpu: $(STAMP) proto
 	PYTHON=$(BIN)/python benchmark/gpu.sh
 
-# The router's own overhead: the real router in front of the test utilities' fake shard (answers at once),
-# loaded at 64, 256 and 1,024 concurrent streams, three rounds; into docs/benchmarks/router-overhead.json.
+# The router's own overhead: the real router in front of the test utilities' fake shard (steps without a
+# model, 50,000 tokens/s offered), loaded at 64, 256 and 1,024 concurrent streams, three rounds; into
+# docs/benchmarks/router-overhead-generate.json (router-overhead*.json before it: the old Prefill/Decode wire).
 bench-router: $(STAMP) proto
 	$(BIN)/text-generation-benchmark router --concurrency 64,256,1024 --max-new-tokens 256 --repeat 3 \
-		--output docs/benchmarks/router-overhead.json
+		--output docs/benchmarks/router-overhead-generate.json
 
 # Every --quantize mode on the default model: weight memory, start times, speed, perplexity next to float32
 # (the library alone on the same tokens), ct2's time per token at positions 50 and 500; docs/benchmarks.md.

@@ -1,19 +1,31 @@
 """``text-generation-benchmark router``: the router's own overhead, measured against a fake shard.
 
 For each concurrency level C it starts, on loopback, the fake shard of the test utilities
-(``tests/fake_shard.py``: a real gRPC server that answers every step at once with fixed tokens, so it needs
-a source checkout) and the real router (``python -m router``) with limits that admit C streams, runs the
-``serve`` load generator in this process (closed loop, C streams, ``--max-new-tokens`` each, end of sequence
-ignored), then stops the router and the fake shard. A fresh pair per level keeps each level's figures its
-own. Per level it reports:
+(``tests/fake_shard.py``: a real gRPC server of the shard service that steps without a model, with fixed
+tokens, so it needs a source checkout) and the real router (``python -m router``) with limits that admit C
+streams, runs the ``serve`` load generator in this process (closed loop, C streams, ``--max-new-tokens``
+each, end of sequence ignored), then stops the router and the fake shard. A fresh pair per level keeps each
+level's figures its own.
+
+The router and the shard share one long-lived Generate stream and the shard decides when to step: nothing
+tells it when the router has taken a step. So the fake shard runs like a model of a given speed: one step of
+every live request each C / ``tokens_per_s`` seconds (``--tokens-per-s``, the rate offered to the router),
+the next as soon as that time is up. While the router keeps up, every step carries about C tokens (the
+requests of a closed loop are all live) and the clients get the offered rate; a router that falls behind
+gets its steps late (gRPC buffers them), its streams end later, fewer requests are live on the shard and
+the steps shrink. ``--tokens-per-s 0`` steps as fast as the fake shard can: in a closed loop of C requests
+of N tokens the stream never holds enough to make gRPC's flow control wait, so the shard runs each new
+request's tokens off in a burst of small steps, unlike any model (the figures then measure the router on
+small steps). Per level it reports:
 
 - the serve metrics (streamed tokens/s, TTFT, TPOT, ITL, E2E): what C clients of the router alone see;
-- the router's time per decode step at batch C: the fake shard's interval from its answer to one Decode
-  call of C requests to the next call (the router's own time: turning the last step's tokens into text and
-  events, writing them to C connections, and sending the next step); the fake shard's own handling of a
-  call is timed apart (``shard_decode_ms``) and is not in it;
-- the router's CPU time per streamed token (user + system, all threads), and the load average: the load
-  generator and anything else on the machine share its cores, which the wall-clock figures feel.
+- the router process's CPU time (user + system, all threads; psutil) per 1,000 streamed tokens and per
+  shard step, and its share of a core over the level (its CPU seconds per wall second);
+- the shard's steps: how many, how many tokens each carried on average, how many at each batch size, and
+  the time from one step at batch C to the next (``shard_step_period_ms``: the pace the router got) and
+  the fake shard's own time to build one (``shard_step_ms``);
+- the load generator's CPU time and the load average: the load generator and anything else on the machine
+  share the router's cores, which the wall-clock figures feel; the CPU time per token is the steadier one.
 """
 
 from __future__ import annotations
@@ -23,6 +35,7 @@ import contextlib
 import ctypes
 import datetime as dt
 import json
+import math
 import os
 import platform
 import signal
@@ -50,6 +63,8 @@ FAKE_SHARD = REPO / "tests" / "fake_shard.py"
 TOKEN_TEXT = " The capital of France is Paris and the capital of Germany is Berlin"
 MAX_INPUT_LENGTH = 256
 MIN_REQUESTS = 1024
+# The rate the fake shard offers by default: 2.5 times the router's target of 20,000 streamed tokens/s.
+DEFAULT_TOKENS_PER_S = 50_000.0
 STARTUP_TIMEOUT_S = 300.0
 STOP_TIMEOUT_S = 60.0
 PR_SET_PDEATHSIG = 1
@@ -60,6 +75,8 @@ class RouterBenchConfig:
     tokenizer: str
     concurrency: tuple[int, ...] = (64, 256, 1024)
     max_new_tokens: int = 256
+    # Tokens per second the fake shard offers (a step of C tokens each C / tokens_per_s s); 0: no pace.
+    tokens_per_s: float = DEFAULT_TOKENS_PER_S
     # None: max(MIN_REQUESTS, 4 x concurrency) (see requests_for)
     requests_per_level: int | None = None
     # Every level this many times (the rounds interleave, so a busy spell on the machine hits one round).
@@ -76,6 +93,10 @@ class RouterBenchConfig:
         if self.requests_per_level is not None:
             return self.requests_per_level
         return max(MIN_REQUESTS, REQUESTS_PER_CONCURRENCY * concurrency)
+
+    def step_s(self, concurrency: int) -> float:
+        """The fake shard's least time per step at ``concurrency`` streams (0: as fast as it can)."""
+        return concurrency / self.tokens_per_s if self.tokens_per_s else 0.0
 
     def router_limits(self) -> dict[str, int]:
         """Router flags that admit the largest level whole: every stream in one running batch."""
@@ -136,13 +157,15 @@ def stop(process: subprocess.Popen, timeout: float = STOP_TIMEOUT_S) -> None:
             process.wait()
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process, all its threads (Linux /proc; 0 elsewhere)."""
+def cpu_seconds(process: Any) -> float:
+    """User + system CPU seconds of a ``psutil.Process``, all its threads (0 once it is gone)."""
+    import psutil
+
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
+        times = process.cpu_times()
+    except psutil.Error:
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return times.user + times.system
 
 
 def load_average() -> list[float] | None:
@@ -192,6 +215,8 @@ def run_level(
     config: RouterBenchConfig, concurrency: int, workdir: Path, progress: Callable[[str], None]
 ) -> dict[str, Any]:
     """Fake shard + router for one level, the serve run against them; returns the level's JSON."""
+    import psutil
+
     from benchmark.config import GenerationParams, ServeConfig
     from benchmark.runner import run_async
     from benchmark.serve import run_serve
@@ -199,7 +224,11 @@ def run_level(
     uds = str(workdir / f"shard-{concurrency}")
     stats_path = workdir / f"stats-{concurrency}.json"
     port = free_port()
-    shard_argv = [sys.executable, "-m", "tests.fake_shard", "--uds-path", uds, "--stats", str(stats_path)]
+    step_s = config.step_s(concurrency)
+    shard_argv = [
+        sys.executable, "-m", "tests.fake_shard", "--uds-path", uds, "--stats", str(stats_path),
+        "--step-ms", repr(1000 * step_s),
+    ]  # fmt: skip
     tokens = shard_tokens(config.tokenizer)
     if tokens:
         shard_argv += ["--tokens", ",".join(map(str, tokens))]
@@ -227,12 +256,15 @@ def run_level(
             STARTUP_TIMEOUT_S,
         )
         progress(f"concurrency {concurrency}: {serve_config.requests_for(concurrency)} requests")
+        router_process = psutil.Process(router.pid)
         load_before = load_average()
-        router_cpu = cpu_seconds(router.pid)
+        router_cpu = cpu_seconds(router_process)
         own_cpu = time.process_time()
+        started = time.perf_counter()
         result = run_async(run_serve(serve_config))
+        wall_s = time.perf_counter() - started
         own_cpu = time.process_time() - own_cpu
-        router_cpu = cpu_seconds(router.pid) - router_cpu
+        router_cpu = cpu_seconds(router_process) - router_cpu
         load_after = load_average()
         stop(router)
         if router.returncode not in (0, -signal.SIGTERM):
@@ -248,18 +280,28 @@ def run_level(
         write_json(result, str(Path(config.raw_dir) / f"router-serve-{concurrency}.json"))
     (level,) = result.levels
     metrics = level.metrics
-    intervals = stats.get("decode_interval_ms", {})
+    # Every step and token of the shard went through the router while its CPU time was counted: the
+    # serve run's, its warm-up requests' included (the router's own warm-up is a unary call).
+    steps, tokens_out = stats["steps"], stats["tokens"]
     return {
         "concurrency": concurrency,
+        "offered_tokens_per_s": config.tokens_per_s or None,
+        "shard_step_s": step_s,
         "metrics": asdict(metrics),
-        "router_step_ms": intervals.get(str(concurrency)),
-        "shard_decode_ms": stats.get("decode_handling_ms", {}).get(str(concurrency)),
-        "decode_steps_by_batch": {size: v["count"] for size, v in intervals.items()},
-        "prefills": stats.get("prefills"),
         "router_cpu_s": router_cpu,
-        "router_cpu_us_per_token": 1e6 * router_cpu / metrics.output_tokens
-        if metrics.output_tokens
-        else None,
+        "router_cpu_s_per_1k_tokens": 1000 * router_cpu / tokens_out if tokens_out else None,
+        "router_cpu_us_per_token": 1e6 * router_cpu / tokens_out if tokens_out else None,
+        "router_cpu_ms_per_step": 1000 * router_cpu / steps if steps else None,
+        "router_cpu_share": router_cpu / wall_s if wall_s > 0 else None,
+        "wall_s": wall_s,
+        "steps": steps,
+        "shard_tokens": tokens_out,
+        "tokens_per_step": stats["tokens"] / steps if steps else None,
+        "steps_by_batch": stats["steps_by_batch"],
+        "shard_step_period_ms": stats["step_period_ms"].get(str(concurrency)),
+        "shard_step_ms": stats["step_build_ms"].get(str(concurrency)),
+        "shard_requests": stats["requests"],
+        "shard_aborts": stats["aborts"],
         "load_generator_cpu_s": own_cpu,
         "load_average": {"before": load_before, "after": load_after},
     }
@@ -302,17 +344,15 @@ def run_router_benchmark(
 
 
 def summarize(levels: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per concurrency: streamed tokens/s, median and mean router step time (ms, at batch = streams) and
-    router CPU time per token (us), each as every round's value, their median and their best. (The mean
-    counts the steps that also write to the connections or serve new requests, which the median can
-    leave out.)"""
+    """Per concurrency: streamed tokens/s, the router's CPU seconds per 1,000 tokens and CPU milliseconds
+    per step, and the tokens per step, each as every round's value, their median and their best."""
     figures: dict[str, Callable[[dict[str, Any]], float | None]] = {
         "output_tokens_per_s": lambda lv: lv["metrics"]["output_tokens_per_s"],
-        "router_step_ms_median": lambda lv: (lv["router_step_ms"] or {}).get("median"),
-        "router_step_ms_mean": lambda lv: (lv["router_step_ms"] or {}).get("mean"),
-        "router_cpu_us_per_token": lambda lv: lv["router_cpu_us_per_token"],
+        "router_cpu_s_per_1k_tokens": lambda lv: lv["router_cpu_s_per_1k_tokens"],
+        "router_cpu_ms_per_step": lambda lv: lv["router_cpu_ms_per_step"],
+        "tokens_per_step": lambda lv: lv["tokens_per_step"],
     }
-    higher_is_better = {"output_tokens_per_s"}
+    higher_is_better = {"output_tokens_per_s", "tokens_per_step"}
     summary: dict[str, dict[str, Any]] = {}
     for concurrency in dict.fromkeys(lv["concurrency"] for lv in levels):
         rounds = [lv for lv in levels if lv["concurrency"] == concurrency]
@@ -337,25 +377,26 @@ def _processor() -> str:
 
 
 def format_summary(data: dict[str, Any]) -> str:
-    """One line per level; the step times are at batch = streams."""
-    head = ("round", "streams", "requests", "errors", "tokens/s", "step ms p50", "step ms mean", "step ms p90",
-            "CPU us/token", "TPOT ms p50", "ITL ms p99")  # fmt: skip
+    """One line per level (and, over several rounds, the medians)."""
+    head = ("round", "streams", "requests", "errors", "offered/s", "tokens/s", "tokens/step",
+            "CPU s/1k tok", "CPU ms/step", "CPU share", "TPOT ms p50", "ITL ms p99")  # fmt: skip
     rows = [head]
     for lv in data["levels"]:
-        m, step = lv["metrics"], lv["router_step_ms"] or {}
+        m = lv["metrics"]
+        offered = lv["offered_tokens_per_s"]
         rows.append((
             str(lv["round"]), str(lv["concurrency"]), str(m["num_requests"]), str(m["num_errors"]),
-            f"{m['output_tokens_per_s']:.0f}",
-            _num(step.get("median")), _num(step.get("mean")), _num(step.get("p90")), _num(lv["router_cpu_us_per_token"]),
+            "-" if offered is None else f"{offered:.0f}", f"{m['output_tokens_per_s']:.0f}",
+            _num(lv["tokens_per_step"]), _num(lv["router_cpu_s_per_1k_tokens"], 4),
+            _num(lv["router_cpu_ms_per_step"]), _num(lv["router_cpu_share"]),
             _num(_ms(m["tpot_s"]["p50"])), _num(_ms(m["itl_s"]["p99"])),
         ))  # fmt: skip
     if len({lv["round"] for lv in data["levels"]}) > 1:
         for concurrency, figures in data["summary"].items():
             rows.append((
-                "median", concurrency, "", "", f"{figures['output_tokens_per_s']['median']:.0f}",
-                _num(figures["router_step_ms_median"]["median"]), _num(figures["router_step_ms_mean"]["median"]), "",
-                _num(figures["router_cpu_us_per_token"]["median"]),
-                "", "",
+                "median", concurrency, "", "", "", f"{figures['output_tokens_per_s']['median']:.0f}",
+                _num(figures["tokens_per_step"]["median"]), _num(figures["router_cpu_s_per_1k_tokens"]["median"], 4),
+                _num(figures["router_cpu_ms_per_step"]["median"]), "", "", "",
             ))  # fmt: skip
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)) for row in rows)
@@ -365,8 +406,8 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else 1000 * seconds
 
 
-def _num(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}" if value < 100 else f"{value:.0f}"
+def _num(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}" if value < 100 else f"{value:.0f}"
 
 
 def default_tokenizer() -> str:
@@ -374,6 +415,17 @@ def default_tokenizer() -> str:
     from launcher.weights import WeightsConfig, resolve
 
     return str(resolve(WeightsConfig()).path)
+
+
+def offered_rate(text: str) -> float:
+    """``--tokens-per-s``: a finite rate >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be >= 0 and finite, got {text}")
+    return value
 
 
 def register(commands: Any) -> None:
@@ -386,10 +438,9 @@ def register(commands: Any) -> None:
         help="the router's own overhead: real router + fake shard on loopback, serve at each level",
         description=(
             "Needs a source checkout. For each concurrency level: starts the test utilities' fake shard "
-            "(answers every step at once) and the real router on loopback, runs the serve load generator "
-            "(closed loop, streaming, fixed length), stops both. Reports streamed tokens/s, the router's "
-            "time per decode step at batch = streams (the fake shard's interval between Decode calls) and "
-            "the router's CPU time per token."
+            "(steps without a model, at the offered rate) and the real router on loopback, runs the serve "
+            "load generator (closed loop, streaming, fixed length), stops both. Reports streamed tokens/s, "
+            "the router's CPU time per 1,000 tokens and per shard step, and the tokens per step."
         ),
     )
     p.add_argument(
@@ -411,6 +462,14 @@ def register(commands: Any) -> None:
         type=positive_int,
         default=RouterBenchConfig.max_new_tokens,
         help="tokens per request (default: %(default)s)",
+    )
+    p.add_argument(
+        "--tokens-per-s",
+        metavar="R",
+        type=offered_rate,
+        default=DEFAULT_TOKENS_PER_S,
+        help="tokens per second the fake shard offers: a step of the C streams every C / R seconds; 0: "
+        "steps as fast as it can, in bursts of small steps (default: %(default).0f)",
     )
     p.add_argument(
         "--requests-per-level",
@@ -451,6 +510,7 @@ def run_command(args: argparse.Namespace, *, stdout: TextIO | None = None) -> in
             tokenizer=args.tokenizer or default_tokenizer(),
             concurrency=args.concurrency,
             max_new_tokens=args.max_new_tokens,
+            tokens_per_s=args.tokens_per_s,
             requests_per_level=args.requests_per_level,
             repeat=args.repeat,
             api=args.api,

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from proto import pb
-from router.batcher import request_to_pb
+from router.engine_client import request_to_pb
 from router.errors import ValidationError
 from router.openai_params import Fields, build_requests, parse_options
 from router.tokenizer import Tokenizer
