@@ -1,15 +1,19 @@
-"""LauncherConfig: the launcher's flags as one frozen dataclass, with TGI's argument rules."""
+"""LauncherConfig: the launcher's flags as one frozen dataclass (each declared once, here), with TGI's
+argument rules."""
 
 from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from common.cuda_graphs import parse_cuda_graphs
+from common.flags import DEFAULT_UDS_PATH, default_of, flag
 from common.quantize import BITSANDBYTES, CT2
 from common.sharding import sharding_problem
+from router.config import RouterConfig
+from shard.config import ShardConfig
 
 QUANTIZE_CHOICES = ("bitsandbytes", "bitsandbytes-nf4", "bitsandbytes-fp4", "gptq", "ct2", "int8", "int4")
 # The modes that run today: the paged backend's weight-only int8 / int4 (shard/paged/quant.py),
@@ -19,9 +23,10 @@ DTYPE_CHOICES = ("float32", "float16", "bfloat16")
 BACKEND_CHOICES = ("auto", "paged", "transformers")
 
 
-# TGI's --max-input-length and --max-total-tokens when not given; lowered to fit a model with fewer positions.
-DEFAULT_MAX_INPUT_LENGTH = 1024
-DEFAULT_MAX_TOTAL_TOKENS = 2048
+# TGI's --max-input-length and --max-total-tokens when not given (the router's); lowered to fit a model with
+# fewer positions.
+DEFAULT_MAX_INPUT_LENGTH: int = default_of(RouterConfig, "max_input_length")
+DEFAULT_MAX_TOTAL_TOKENS: int = default_of(RouterConfig, "max_total_tokens")
 # The keys a config.json names its context length by, in the order they are looked up.
 POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "max_sequence_length", "seq_length")
 
@@ -40,62 +45,146 @@ def model_positions(model_config: dict) -> tuple[int, str] | None:
     return None
 
 
+def parse_bool(value: str) -> bool:
+    """TGI's value-taking booleans (``--sharded true``)."""
+    lowered = value.strip().lower()
+    if lowered in ("true", "1", "yes"):
+        return True
+    if lowered in ("false", "0", "no"):
+        return False
+    raise ValueError(f"must be true or false. Given: {value}")
+
+
+def _router(name: str) -> object:
+    return default_of(RouterConfig, name)
+
+
+def _shard(name: str) -> object:
+    return default_of(ShardConfig, name)
+
+
 @dataclass(frozen=True)
 class LauncherConfig:
-    model_id: str | None = None
-    revision: str | None = None
-    validation_workers: int = 2
-    sharded: bool | None = None
-    num_shard: int | None = None
-    quantize: str | None = None
-    dtype: str | None = None
-    trust_remote_code: bool = False
-    max_concurrent_requests: int = 128
-    max_best_of: int = 2
-    max_stop_sequences: int = 4
-    max_top_n_tokens: int = 5
-    # None: the defaults above, fitted to the model's positions by ``check_model``.
-    max_input_length: int | None = None
-    max_total_tokens: int | None = None
-    waiting_served_ratio: float = 1.2
-    max_batch_prefill_tokens: int = 4096
-    max_batch_total_tokens: int | None = None
-    max_waiting_tokens: int = 20
-    hostname: str = "0.0.0.0"
-    port: int = 3000
-    shard_uds_path: str = "/tmp/text-generation-server"
-    master_addr: str = "localhost"
-    master_port: int = 29500
+    """TGI v0.9.4's flags, each also read from its UPPER_SNAKE environment variable (launcher/cli.py makes
+    the command line from these fields). A flag the launcher passes on takes its default from the child's
+    config (router/config.py, shard/config.py)."""
+
+    model_id: str | None = flag(
+        None, help="Hub id, local directory or .gguf file; default: the embedded SmolLM2-135M-Instruct."
+    )
+    revision: str | None = flag(None, help="Hub revision (branch, tag or commit).")
+    validation_workers: int = flag(_router("validation_workers"), help="Tokenizer threads in the router.")
+    sharded: bool | None = flag(
+        None, help="true forces, false forbids tensor parallelism.", cli_type=str | None, parse=parse_bool
+    )
+    num_shard: int | None = flag(None, help="Number of shards (default: visible GPUs, else 1).")
+    quantize: str | None = flag(
+        _shard("quantize"), help="int8 or int4 (paged backend); bitsandbytes(-nf4/-fp4), gptq, ct2."
+    )
+    dtype: str | None = flag(
+        _shard("dtype"), help="float32, float16 or bfloat16 (default: float32 on CPU, bfloat16 on GPU)."
+    )
+    trust_remote_code: bool = flag(_shard("trust_remote_code"), help="Run modelling code from the hub.")
+    max_concurrent_requests: int = flag(
+        _router("max_concurrent_requests"),
+        help="Sequences in flight before 429 (a request takes one per sequence: n, best_of).",
+    )
+    max_best_of: int = flag(_router("max_best_of"), help="Largest TGI best_of, OpenAI n and best_of.")
+    max_stop_sequences: int = flag(_router("max_stop_sequences"), help="Most stop sequences per request.")
+    max_top_n_tokens: int = flag(_router("max_top_n_tokens"), help="Largest top_n_tokens.")
+    # None: the router's defaults, fitted to the model's positions by ``check_model``.
+    max_input_length: int | None = flag(
+        None, help="Most prompt tokens (default: 1024, below the model's positions)."
+    )
+    max_total_tokens: int | None = flag(
+        None,
+        help="Most prompt + new tokens per request, at most the model's positions (default: 2048, or the "
+        "model's positions when fewer).",
+    )
+    waiting_served_ratio: float = flag(
+        _router("waiting_served_ratio"), help="Queued/running ratio that makes waiting requests join."
+    )
+    max_batch_prefill_tokens: int = flag(
+        _router("max_batch_prefill_tokens"), help="Token cap of one prefill."
+    )
+    max_batch_total_tokens: int | None = flag(
+        _router("max_batch_total_tokens"),
+        help="Token cap of the running batch; the paged backend's KV cache holds exactly this many tokens "
+        "(default: what memory allows; other backends 16000).",
+    )
+    max_waiting_tokens: int = flag(
+        _router("max_waiting_tokens"), help="Decode steps before waiting requests are forced in."
+    )
+    hostname: str = flag(_router("hostname"), help="Address to listen on.")
+    port: int = flag(_router("port"), help="HTTP port.")
+    shard_uds_path: str = flag(DEFAULT_UDS_PATH, help="Shard socket prefix (-RANK is appended).")
+    master_addr: str = flag("localhost", help="torch.distributed master address.")
+    master_port: int = flag(29500, help="torch.distributed master port.")
     # Several machines: this launcher's node among ``nnodes``; node 0 runs the router (docs/architecture.md).
-    nnodes: int = 1
-    node_rank: int = 0
-    huggingface_hub_cache: Path | None = None
-    weights_cache_override: Path | None = None
-    json_output: bool = False
-    cors_allow_origin: tuple[str, ...] = field(default_factory=tuple)
-    served_model_name: tuple[str, ...] = field(default_factory=tuple)
-    chat_template: str | None = None
-    env: bool = False
-    api_key: str | None = None
-    metrics_require_auth: bool = False
-    payload_limit: int = 2_000_000
-    graceful_termination_timeout: float = 90.0
+    nnodes: int = flag(1, help="Machines the server spans, each running --num-shard shards (see README).")
+    node_rank: int = flag(0, help="This machine's node, 0 to nnodes - 1; node 0 runs the router.")
+    huggingface_hub_cache: Path | None = flag(None, help="Hub cache directory.")
+    weights_cache_override: Path | None = flag(None, help="Pre-provisioned model directory; skips the hub.")
+    json_output: bool = flag(_router("json_output"), help="Log JSON lines.")
+    cors_allow_origin: tuple[str, ...] = flag(
+        _router("cors_allow_origin"), help="Allowed CORS origin (repeatable; * for any)."
+    )
+    served_model_name: tuple[str, ...] = flag(
+        _router("served_model_names"), help="Name the OpenAI routes accept for `model` (repeatable)."
+    )
+    chat_template: str | None = flag(
+        None, help="Chat template (a Jinja file or string) instead of the model's."
+    )
+    env: bool = flag(False, help="Print the runtime environment first.")
+    api_key: str | None = flag(None, help="Bearer token required on every route but /health (and /metrics).")
+    metrics_require_auth: bool = flag(
+        _router("metrics_require_auth"), help="Require the API key on /metrics too."
+    )
+    payload_limit: int = flag(_router("payload_limit"), help="Largest request body in bytes (413 beyond).")
+    graceful_termination_timeout: float = flag(
+        _router("graceful_termination_timeout"),
+        help="Seconds in-flight requests get to finish after SIGTERM.",
+    )
     # Test-only fault hooks (a request parameter that breaks its own step); never on in production.
-    fault_injection: bool = False
+    fault_injection: bool = flag(
+        _router("fault_injection"), help="Test only: honour the `fault` request parameter.", hidden=True
+    )
     # Model backend for the shards: auto (paged where it applies), paged or transformers.
-    backend: str = "auto"
+    backend: str = flag(
+        _shard("backend"),
+        help="auto (paged for Llama-family models, else transformers), paged or transformers.",
+    )
     # --quantize ct2: compute threads per step (0: the cores available), batches run side by side.
-    ct2_threads: int = 0
-    ct2_max_batches: int = 32
+    ct2_threads: int = flag(
+        _shard("ct2_threads"), help="--quantize ct2: compute threads per step (0: the cores available)."
+    )
+    ct2_max_batches: int = flag(
+        _shard("ct2_max_batches"), help="--quantize ct2: CTranslate2 batches running side by side."
+    )
     # Batch sizes whose decode steps the paged backend captures as CUDA graphs ("0": none; None: its
     # default ladder). GPU only.
-    cuda_graphs: str | None = None
+    cuda_graphs: str | None = flag(
+        None,
+        help="Batch sizes whose decode steps are captured as CUDA graphs, e.g. 1,2,4,8 (0: none; default: 1 "
+        "to 256 in powers of two). Paged backend on one GPU.",
+    )
     # Optional plugins to enable (common/plugins.py), and the watermark processor's settings.
-    plugins: tuple[str, ...] = field(default_factory=tuple)
-    watermark_gamma: float = 0.5
-    watermark_delta: float = 2.0
+    plugins: tuple[str, ...] = flag(
+        _shard("plugins"),
+        name="plugin",
+        help="Enable an optional plugin by name (repeatable); see --list-plugins.",
+    )
+    watermark_gamma: float = flag(
+        _shard("watermark_gamma"), help="Watermark: fraction of the vocabulary in each green list."
+    )
+    watermark_delta: float = flag(
+        _shard("watermark_delta"), help="Watermark: logit boost of green-list tokens."
+    )
     # The share of each CUDA device a shard may use (TGI's flag); only 1.0 without a CUDA device.
-    cuda_memory_fraction: float = 1.0
+    cuda_memory_fraction: float = flag(
+        _shard("cuda_memory_fraction"),
+        help="Share of each CUDA device a shard may use, > 0 and <= 1 (CUDA only).",
+    )
 
     def _plugin_backend(self) -> bool:
         from common.plugins import PluginError, find

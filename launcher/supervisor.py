@@ -13,13 +13,21 @@ import contextlib
 import ctypes
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from common.cuda_graphs import parse_cuda_graphs
+from common.flags import write_config
+from router.chat import ChatWrapping, load_chat_template
+from router.config import RouterConfig
+from shard.config import ShardConfig
 
 from .config import LauncherConfig
 from .weights import ResolvedModel
@@ -119,6 +127,13 @@ class Supervisor:
         self.signals = 0
         self.failed = False
         self._stop_requested = threading.Event()
+        # The children's config files (readable by this user only), removed at shutdown.
+        self._run_dir: Path | None = None
+
+    def run_dir(self) -> Path:
+        if self._run_dir is None:
+            self._run_dir = Path(tempfile.mkdtemp(prefix="text-generation-launcher-"))
+        return self._run_dir
 
     # -- commands ---------------------------------------------------------------------------------
     def shard_socket(self, rank: int) -> str:
@@ -132,32 +147,33 @@ class Supervisor:
         local = rank - self.first_rank
         return f"shard-{local}" if self.config.nnodes == 1 else f"shard-{local} (rank {rank})"
 
-    def shard_command(self) -> list[str]:
+    def shard_config(self, rank: int) -> ShardConfig:
+        """The frozen config of the shard of global rank ``rank``."""
         c = self.config
-        cmd = [sys.executable, "-m", "shard", "serve", str(self.model.path), "--uds-path", c.shard_uds_path,
-               "--backend", c.backend]  # fmt: skip
-        if c.dtype:
-            cmd += ["--dtype", c.dtype]
-        if c.quantize:
-            cmd += ["--quantize", c.quantize]
-        if c.quantize == "ct2":
-            cmd += ["--ct2-threads", str(c.ct2_threads), "--ct2-max-batches", str(c.ct2_max_batches)]
-        if c.cuda_graphs is not None:
-            cmd += ["--cuda-graphs", c.cuda_graphs]
-        if c.trust_remote_code:
-            cmd.append("--trust-remote-code")
-        if c.json_output:
-            cmd.append("--json-output")
-        if c.fault_injection:
-            cmd.append("--fault-injection")
-        for name in c.plugins:
-            cmd += ["--plugin", name]
-        cmd += ["--watermark-gamma", str(c.watermark_gamma), "--watermark-delta", str(c.watermark_delta)]
-        if c.max_batch_total_tokens is not None:
-            cmd += ["--max-batch-total-tokens", str(c.max_batch_total_tokens)]
-        if c.cuda_memory_fraction != 1.0:
-            cmd += ["--cuda-memory-fraction", str(c.cuda_memory_fraction)]
-        return cmd
+        return ShardConfig(
+            model_path=self.model.path,
+            uds_path=c.shard_uds_path,
+            dtype=c.dtype,
+            quantize=c.quantize,
+            trust_remote_code=c.trust_remote_code,
+            backend=c.backend,
+            rank=rank,
+            world_size=self.world_size,
+            fault_injection=c.fault_injection,
+            ct2_threads=c.ct2_threads,
+            ct2_max_batches=c.ct2_max_batches,
+            cuda_graphs=None if c.cuda_graphs is None else parse_cuda_graphs(c.cuda_graphs),
+            plugins=c.plugins,
+            watermark_gamma=c.watermark_gamma,
+            watermark_delta=c.watermark_delta,
+            max_batch_total_tokens=c.max_batch_total_tokens,
+            cuda_memory_fraction=c.cuda_memory_fraction,
+            json_output=c.json_output,
+        )
+
+    def shard_command(self, rank: int) -> list[str]:
+        path = write_config(self.shard_config(rank), self.run_dir() / f"shard-{rank}.json")
+        return [sys.executable, "-m", "shard", "serve", "--config", str(path)]
 
     def shard_env(self, rank: int) -> dict[str, str]:
         env = dict(os.environ)
@@ -174,49 +190,46 @@ class Supervisor:
             env["HUGGINGFACE_HUB_CACHE"] = env["HF_HUB_CACHE"] = str(self.config.huggingface_hub_cache)
         return env
 
-    def router_command(self) -> list[str]:
+    def router_config(self) -> RouterConfig:
+        """The router's frozen config; its API key travels in its environment, not in the file."""
         c, m = self.config, self.model
-        cmd = [
-            sys.executable, "-m", "router",
-            "--tokenizer-name", str(m.path),
-            "--model-id", m.model_id,
-            "--model-weights", m.weights,
-            "--shard-uds-path", c.shard_uds_path,
-            "--num-shard", str(self.world_size),
-            "--hostname", c.hostname,
-            "--port", str(c.port),
-            "--max-concurrent-requests", str(c.max_concurrent_requests),
-            "--max-best-of", str(c.max_best_of),
-            "--max-stop-sequences", str(c.max_stop_sequences),
-            "--max-top-n-tokens", str(c.max_top_n_tokens),
-            "--max-input-length", str(c.max_input_length),
-            "--max-total-tokens", str(c.max_total_tokens),
-            "--waiting-served-ratio", str(c.waiting_served_ratio),
-            "--max-batch-prefill-tokens", str(c.max_batch_prefill_tokens),
-            "--max-waiting-tokens", str(c.max_waiting_tokens),
-            "--validation-workers", str(c.validation_workers),
-        ]  # fmt: skip
-        if m.sha:
-            cmd += ["--model-sha", m.sha]
-        if c.max_batch_total_tokens is not None:
-            cmd += ["--max-batch-total-tokens", str(c.max_batch_total_tokens)]
-        for origin in c.cors_allow_origin:
-            cmd += ["--cors-allow-origin", origin]
-        for name in c.served_model_name:
-            cmd += ["--served-model-name", name]
-        if c.chat_template:
-            cmd += ["--chat-template", c.chat_template]
-        if c.json_output:
-            cmd.append("--json-output")
-        cmd += ["--payload-limit", str(c.payload_limit)]
-        cmd += ["--graceful-termination-timeout", str(c.graceful_termination_timeout)]
-        if c.metrics_require_auth:
-            cmd.append("--metrics-require-auth")
-        if c.fault_injection:
-            cmd.append("--fault-injection")
-        for name in c.plugins:
-            cmd += ["--plugin", name]
-        return cmd
+        return RouterConfig(
+            tokenizer_name=str(m.path),
+            model_id=m.model_id,
+            model_sha=m.sha,
+            model_weights=m.weights,
+            shard_uds_path=c.shard_uds_path,
+            num_shard=self.world_size,
+            hostname=c.hostname,
+            port=c.port,
+            max_concurrent_requests=c.max_concurrent_requests,
+            max_best_of=c.max_best_of,
+            max_stop_sequences=c.max_stop_sequences,
+            max_top_n_tokens=c.max_top_n_tokens,
+            max_input_length=c.input_length(),
+            max_total_tokens=c.total_tokens(),
+            waiting_served_ratio=c.waiting_served_ratio,
+            max_batch_prefill_tokens=c.max_batch_prefill_tokens,
+            max_batch_total_tokens=c.max_batch_total_tokens,
+            max_waiting_tokens=c.max_waiting_tokens,
+            validation_workers=c.validation_workers,
+            cors_allow_origin=c.cors_allow_origin,
+            json_output=c.json_output,
+            served_model_names=c.served_model_name,
+            chat_template=load_chat_template(c.chat_template),
+            # TGICHAT_* from the launcher's environment: read once, here.
+            chat_wrapping=ChatWrapping.from_env(os.environ),
+            api_key=c.api_key,
+            metrics_require_auth=c.metrics_require_auth,
+            payload_limit=c.payload_limit,
+            graceful_termination_timeout=c.graceful_termination_timeout,
+            fault_injection=c.fault_injection,
+            plugins=c.plugins,
+        )
+
+    def router_command(self) -> list[str]:
+        path = write_config(self.router_config(), self.run_dir() / "router.json")
+        return [sys.executable, "-m", "router", "--config", str(path)]
 
     def router_env(self) -> dict[str, str]:
         """The router's environment; the API key travels here, not on a command line others can read."""
@@ -253,7 +266,7 @@ class Supervisor:
         for rank in self.ranks():
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.shard_socket(rank))
-            shard = Child(self.shard_name(rank), self.shard_command(), self.shard_env(rank))
+            shard = Child(self.shard_name(rank), self.shard_command(rank), self.shard_env(rank))
             log.info("Starting shard %d", rank)
             shard.start()
             self.shards.append(shard)
@@ -343,4 +356,6 @@ class Supervisor:
         for rank in self.ranks():
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.shard_socket(rank))
+        if self._run_dir is not None:
+            shutil.rmtree(self._run_dir, ignore_errors=True)
         log.info("Shut down")

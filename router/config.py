@@ -1,51 +1,63 @@
-"""RouterConfig: one frozen dataclass for the router process, built once from its command line."""
+"""RouterConfig: one frozen dataclass for the router process; each field that is a flag declares it here,
+with its default (common/flags.py). The launcher builds it and hands it over as a file (``--config``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .chat import ChatWrapping
+from common.flags import DEFAULT_UDS_PATH, flag
+
+from .chat import ChatWrapping, load_chat_template
 
 
 @dataclass(frozen=True)
 class RouterConfig:
-    tokenizer_name: str
-    model_id: str
-    model_sha: str | None = None
-    model_weights: str = ""
-    revision: str | None = None
-    shard_uds_path: str = "/tmp/text-generation-server"
-    num_shard: int = 1
-    hostname: str = "0.0.0.0"
-    port: int = 3000
-    max_concurrent_requests: int = 128
-    max_best_of: int = 2
-    max_stop_sequences: int = 4
-    max_top_n_tokens: int = 5
-    max_input_length: int = 1024
-    max_total_tokens: int = 2048
-    waiting_served_ratio: float = 1.2
-    max_batch_prefill_tokens: int = 4096
-    max_batch_total_tokens: int | None = None
-    max_waiting_tokens: int = 20
-    validation_workers: int = 2
-    cors_allow_origin: tuple[str, ...] = field(default_factory=tuple)
-    json_output: bool = False
+    tokenizer_name: str = flag(help="Model directory or hub id of the tokenizer.")
+    model_id: str = flag(help="Model id reported by /info (default: the tokenizer name).")
+    model_sha: str | None = flag(None, help="Model revision hash reported by /info.")
+    model_weights: str = flag("", help="What weights are served, for /info.")
+    revision: str | None = flag(None, help="Hub revision of the tokenizer.")
+    shard_uds_path: str = flag(DEFAULT_UDS_PATH, help="Shard socket prefix (rank 0's is {prefix}-0).")
+    num_shard: int = flag(1, help="Ranks of the server, for /info.")
+    hostname: str = flag("0.0.0.0", help="Address to listen on.")
+    port: int = flag(3000, help="HTTP port.")
+    max_concurrent_requests: int = flag(128, help="Sequences in flight before 429.")
+    max_best_of: int = flag(2, help="Largest TGI best_of, OpenAI n and best_of.")
+    max_stop_sequences: int = flag(4, help="Most stop sequences per request.")
+    max_top_n_tokens: int = flag(5, help="Largest top_n_tokens.")
+    max_input_length: int = flag(1024, help="Most prompt tokens.")
+    max_total_tokens: int = flag(2048, help="Most prompt + new tokens per request.")
+    waiting_served_ratio: float = flag(1.2, help="Queued/running ratio that makes waiting requests join.")
+    max_batch_prefill_tokens: int = flag(4096, help="Token cap of one prefill.")
+    max_batch_total_tokens: int | None = flag(
+        None, help="Token cap of the running batch (default: from warm-up, else 16000)."
+    )
+    max_waiting_tokens: int = flag(20, help="Decode steps before waiting requests are forced in.")
+    validation_workers: int = flag(2, help="Tokenizer threads.")
+    cors_allow_origin: tuple[str, ...] = flag((), help="Allowed CORS origin (repeatable; * for any).")
+    json_output: bool = flag(False, help="Log JSON lines.")
     pipeline_tag: str = "text-generation"
     # Names the OpenAI routes accept in `model` (the first is reported); default: model_id.
-    served_model_names: tuple[str, ...] = ()
-    # --chat-template's text (it overrides the model's template); TGICHAT_* wrapping when set.
-    chat_template: str | None = None
+    served_model_names: tuple[str, ...] = flag(
+        (), name="served_model_name", help="Name(s) for `model` on OpenAI routes (repeatable)."
+    )
+    # The chat template's text (it overrides the model's template); TGICHAT_* wrapping when set.
+    chat_template: str | None = flag(
+        None, help="Chat template: a Jinja file or string.", parse=load_chat_template
+    )
     chat_wrapping: ChatWrapping | None = None
-    # Bearer token required on every route but /health (and /metrics unless metrics_require_auth).
-    api_key: str | None = None
-    metrics_require_auth: bool = False
-    payload_limit: int = 2_000_000
-    graceful_termination_timeout: float = 90.0
+    # Bearer token required on every route but /health (and /metrics unless metrics_require_auth). It
+    # comes from the API_KEY environment variable, never from a command line or a config file.
+    api_key: str | None = field(default=None, metadata={"secret": True})
+    metrics_require_auth: bool = flag(False, help="Require the API key on /metrics too.")
+    payload_limit: int = flag(2_000_000, help="Largest request body in bytes.")
+    graceful_termination_timeout: float = flag(
+        90.0, help="Seconds in-flight requests get to finish after SIGTERM."
+    )
     # Test-only: honour the `fault` request parameter (see shard/faults.py).
-    fault_injection: bool = False
+    fault_injection: bool = flag(False, help="Test only: honour the `fault` request parameter.", hidden=True)
     # Optional plugins enabled with --plugin: their router extensions add routes and middlewares.
-    plugins: tuple[str, ...] = ()
+    plugins: tuple[str, ...] = flag((), name="plugin", help="Enable an optional plugin (repeatable).")
 
     @property
     def model_names(self) -> tuple[str, ...]:

@@ -1,8 +1,13 @@
-"""``text-generation-server``: the shard process (the launcher starts one per rank)."""
+"""``text-generation-server``: the shard process (the launcher starts one per rank).
+
+The launcher builds each rank's ShardConfig and starts ``python -m shard serve --config FILE``; for direct
+use, every ShardConfig flag (shard/config.py) is an option too, and RANK / WORLD_SIZE set the rank.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import os
 from pathlib import Path
@@ -10,7 +15,7 @@ from typing import Annotated
 
 import typer
 
-from common.cuda_graphs import parse_cuda_graphs
+from common.flags import command, from_json, given_on_command_line, parameters, values_to_fields
 from common.logs import setup_logging
 
 from .config import ConfigError, ShardConfig
@@ -23,64 +28,43 @@ def _root() -> None:
     """Text generation shard."""
 
 
-@app.command()
-def serve(
-    model_path: Annotated[
-        Path, typer.Argument(help="Local model directory (config, safetensors, tokenizer).")
-    ],
-    uds_path: Annotated[
-        str, typer.Option(help="Socket prefix; the rank is appended.")
-    ] = "/tmp/text-generation-server",
-    dtype: Annotated[str | None, typer.Option(help="float32, float16 or bfloat16.")] = None,
-    quantize: Annotated[str | None, typer.Option()] = None,
-    trust_remote_code: Annotated[bool, typer.Option()] = False,
-    backend: Annotated[str, typer.Option(help="auto, paged or transformers.")] = "auto",
-    logger_level: Annotated[str, typer.Option()] = "INFO",
-    json_output: Annotated[bool, typer.Option()] = False,
-    fault_injection: Annotated[
-        bool, typer.Option(hidden=True, help="Test only: honour fault hooks.")
-    ] = False,
-    ct2_threads: Annotated[
-        int, typer.Option(help="--quantize ct2: compute threads per step (0: the cores available).")
-    ] = 0,
-    ct2_max_batches: Annotated[
-        int, typer.Option(help="--quantize ct2: CTranslate2 batches running side by side.")
-    ] = 32,
-    cuda_graphs: Annotated[
-        str | None, typer.Option(help="Batch sizes captured as CUDA graphs (0: none; default: 1 to 256).")
-    ] = None,
-    plugin: Annotated[list[str] | None, typer.Option(help="Enable an optional plugin (repeatable).")] = None,
-    watermark_gamma: Annotated[float, typer.Option(help="Watermark green-list fraction.")] = 0.5,
-    watermark_delta: Annotated[float, typer.Option(help="Watermark green-list logit boost.")] = 2.0,
-    max_batch_total_tokens: Annotated[
-        int | None, typer.Option(help="Paged backend: the KV pool in tokens (default: what memory allows).")
-    ] = None,
-    cuda_memory_fraction: Annotated[
-        float, typer.Option(help="Share of each CUDA device this process may use.")
-    ] = 1.0,
-) -> None:
+EXTRA = [
+    inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context),
+    inspect.Parameter(
+        "config", inspect.Parameter.KEYWORD_ONLY, default=None,
+        annotation=Annotated[Path | None, typer.Option(help="A ShardConfig file (JSON, from the launcher); no "
+                                                       "other ShardConfig flag or model path with it.")],
+    ),
+    inspect.Parameter(
+        "logger_level", inspect.Parameter.KEYWORD_ONLY, default="INFO",
+        annotation=Annotated[str, typer.Option(help="Log level.")],
+    ),
+]  # fmt: skip
+
+
+def shard_config(ctx: typer.Context, values: dict) -> ShardConfig:
+    """The config from ``--config FILE``, or from the flags with the rank from RANK / WORLD_SIZE."""
+    file = values.pop("config")
+    if file is not None:
+        given = given_on_command_line(ctx, list(values))
+        if given:
+            flag = "MODEL_PATH" if given[0] == "model_path" else f"--{given[0].replace('_', '-')}"
+            raise typer.BadParameter(f"{flag} cannot be given with it", param_hint="--config")
+        try:
+            return from_json(ShardConfig, file.read_text())
+        except (OSError, ValueError) as e:
+            raise typer.BadParameter(str(e), param_hint="--config") from None
+    fields = values_to_fields(ShardConfig, values)
+    if fields.get("model_path") is None:
+        raise typer.BadParameter("a model directory is needed (or --config)", param_hint="MODEL_PATH")
+    rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    return ShardConfig(**fields, rank=rank, world_size=world_size)
+
+
+def serve(ctx: typer.Context, logger_level: str, **values: object) -> None:
     """Loads the model and serves the shard service on ``{uds_path}-{RANK}``."""
-    rank = int(os.environ.get("RANK", "0"))
-    setup_logging(logger_level, json_output, prefix=f"shard-{rank} ")
-    config = ShardConfig(
-        model_path=model_path,
-        uds_path=uds_path,
-        dtype=dtype,
-        quantize=quantize,
-        trust_remote_code=trust_remote_code,
-        backend=backend,
-        rank=rank,
-        world_size=int(os.environ.get("WORLD_SIZE", "1")),
-        fault_injection=fault_injection,
-        ct2_threads=ct2_threads,
-        ct2_max_batches=ct2_max_batches,
-        cuda_graphs=None if cuda_graphs is None else parse_cuda_graphs(cuda_graphs),
-        plugins=tuple(plugin or ()),
-        watermark_gamma=watermark_gamma,
-        watermark_delta=watermark_delta,
-        max_batch_total_tokens=max_batch_total_tokens,
-        cuda_memory_fraction=cuda_memory_fraction,
-    )
+    config = shard_config(ctx, values)
+    setup_logging(logger_level, config.json_output, prefix=f"shard-{config.rank} ")
     from .server import serve as run_server
 
     try:
@@ -89,6 +73,9 @@ def serve(
         logging.getLogger("shard").error("%s", e)
         logging.shutdown()
         os._exit(1)  # other ranks, if any, see this one go
+
+
+command(app, serve, [*EXTRA, *parameters(ShardConfig)], name="serve")
 
 
 def main() -> None:

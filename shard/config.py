@@ -1,9 +1,13 @@
-"""ShardConfig: everything one shard process needs, built once from its command line."""
+"""ShardConfig: everything one shard process needs; each field that is a flag declares it here, with its
+default (common/flags.py). The launcher builds one per rank and hands it over as a file (``--config``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+
+from common.cuda_graphs import parse_cuda_graphs
+from common.flags import DEFAULT_UDS_PATH, flag
 
 
 class ConfigError(ValueError):
@@ -13,32 +17,39 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ShardConfig:
-    model_path: Path
-    uds_path: str = "/tmp/text-generation-server"
-    dtype: str | None = None
-    quantize: str | None = None
-    trust_remote_code: bool = False
-    backend: str = "auto"
+    model_path: Path = flag(help="Local model directory (config, safetensors, tokenizer).", argument=True)
+    uds_path: str = flag(DEFAULT_UDS_PATH, help="Socket prefix; the rank is appended.")
+    dtype: str | None = flag(None, help="float32, float16 or bfloat16.")
+    quantize: str | None = flag(None, help="int8, int4, bitsandbytes(-nf4/-fp4) or ct2.")
+    trust_remote_code: bool = flag(False, help="Run modelling code from the hub.")
+    backend: str = flag("auto", help="auto, paged, transformers, or a backend plugin's name.")
+    # This process's rank and the ranks of the server (the RANK and WORLD_SIZE environment variables).
     rank: int = 0
     world_size: int = 1
     # Test-only fault hooks (shard/faults.py); off unless the launcher's --fault-injection is given.
-    fault_injection: bool = False
+    fault_injection: bool = flag(False, help="Test only: honour fault hooks.", hidden=True)
     # --quantize ct2: compute threads per step (0: the cores available) and batches run side by side.
-    ct2_threads: int = 0
-    ct2_max_batches: int = 32
+    ct2_threads: int = flag(0, help="--quantize ct2: compute threads per step (0: the cores available).")
+    ct2_max_batches: int = flag(32, help="--quantize ct2: CTranslate2 batches running side by side.")
     # Batch sizes whose decode steps the paged backend captures as CUDA graphs: None, its default
     # ladder; (), none (--cuda-graphs 0).
-    cuda_graphs: tuple[int, ...] | None = None
+    cuda_graphs: tuple[int, ...] | None = flag(
+        None, help="Batch sizes captured as CUDA graphs (0: none; default: 1 to 256).", cli_type=str | None,
+        parse=parse_cuda_graphs,
+    )  # fmt: skip
     # Optional plugins enabled with --plugin (common/plugins.py); built-in ones are always loaded.
-    plugins: tuple[str, ...] = ()
+    plugins: tuple[str, ...] = flag((), name="plugin", help="Enable an optional plugin (repeatable).")
     # The watermark processor's green-list fraction and logit boost (TGI's --watermark-gamma/-delta).
-    watermark_gamma: float = 0.5
-    watermark_delta: float = 2.0
+    watermark_gamma: float = flag(0.5, help="Watermark green-list fraction.")
+    watermark_delta: float = flag(2.0, help="Watermark green-list logit boost.")
     # --max-batch-total-tokens: the paged backend's KV pool in tokens (None: as many as its memory budget
     # holds); other backends leave it to the router, whose token budget it is.
-    max_batch_total_tokens: int | None = None
+    max_batch_total_tokens: int | None = flag(
+        None, help="Paged backend: the KV pool in tokens (default: what memory allows)."
+    )
     # --cuda-memory-fraction: the share of each CUDA device this process may use.
-    cuda_memory_fraction: float = 1.0
+    cuda_memory_fraction: float = flag(1.0, help="Share of each CUDA device this process may use.")
+    json_output: bool = flag(False, help="Log JSON lines.")
 
     @property
     def socket_path(self) -> str:

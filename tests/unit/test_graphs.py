@@ -101,9 +101,8 @@ def test_cuda_graphs_flag_parses_validates_and_reaches_the_shard() -> None:
     with pytest.raises(ArgumentError, match="cuda_graphs"):
         LauncherConfig(cuda_graphs="1,x").validate()
     model = ResolvedModel("m", Path("/m"), None, None, "local", "w")
-    cmd = Supervisor(LauncherConfig(cuda_graphs="1,2,4"), model).shard_command()
-    assert cmd[cmd.index("--cuda-graphs") + 1] == "1,2,4"
-    assert "--cuda-graphs" not in Supervisor(LauncherConfig(), model).shard_command()
+    assert Supervisor(LauncherConfig(cuda_graphs="1,2,4"), model).shard_config(0).cuda_graphs == (1, 2, 4)
+    assert Supervisor(LauncherConfig(), model).shard_config(0).cuda_graphs is None
 
 
 def test_a_failed_capture_drops_every_graph_and_decodes_eagerly(

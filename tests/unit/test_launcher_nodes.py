@@ -53,6 +53,6 @@ def test_node_1_runs_the_next_ranks_and_no_router(tmp_path: Path) -> None:
     assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"]) == ("3", "4", "1")
     assert (env["MASTER_ADDR"], env["MASTER_PORT"]) == ("10.0.0.1", "1234")
     assert supervisor.shard_name(3) == "shard-1 (rank 3)"
-    router = Supervisor(node(), model).router_command()
-    assert router[router.index("--num-shard") + 1] == "4"
+    assert Supervisor(node(), model).router_config().num_shard == 4
+    assert (supervisor.shard_config(3).rank, supervisor.shard_config(3).world_size) == (3, 4)
     assert Supervisor(LauncherConfig(num_shard=2), model).shard_name(1) == "shard-1"
