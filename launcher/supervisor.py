@@ -167,6 +167,9 @@ class Supervisor:
             watermark_gamma=c.watermark_gamma,
             watermark_delta=c.watermark_delta,
             max_batch_total_tokens=c.max_batch_total_tokens,
+            max_batch_prefill_tokens=c.max_batch_prefill_tokens,
+            waiting_served_ratio=c.waiting_served_ratio,
+            max_waiting_tokens=c.max_waiting_tokens,
             cuda_memory_fraction=c.cuda_memory_fraction,
             json_output=c.json_output,
         )

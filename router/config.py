@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from common.batching import MAX_BATCH_PREFILL_TOKENS, MAX_WAITING_TOKENS, WAITING_SERVED_RATIO
 from common.flags import DEFAULT_UDS_PATH, flag
 
 from .chat import ChatWrapping, load_chat_template
@@ -27,12 +28,13 @@ class RouterConfig:
     max_top_n_tokens: int = flag(5, help="Largest top_n_tokens.")
     max_input_length: int = flag(1024, help="Most prompt tokens.")
     max_total_tokens: int = flag(2048, help="Most prompt + new tokens per request.")
-    waiting_served_ratio: float = flag(1.2, help="Queued/running ratio that makes waiting requests join.")
-    max_batch_prefill_tokens: int = flag(4096, help="Token cap of one prefill.")
+    # The shard schedules; the router reports these in /info (common/batching.py).
+    waiting_served_ratio: float = flag(WAITING_SERVED_RATIO, help="Reported in /info (the shards schedule).")
+    max_batch_prefill_tokens: int = flag(MAX_BATCH_PREFILL_TOKENS, help="Token cap of one prefill.")
     max_batch_total_tokens: int | None = flag(
         None, help="Token cap of the running batch (default: from warm-up, else 16000)."
     )
-    max_waiting_tokens: int = flag(20, help="Decode steps before waiting requests are forced in.")
+    max_waiting_tokens: int = flag(MAX_WAITING_TOKENS, help="Reported in /info (the shards schedule).")
     validation_workers: int = flag(2, help="Tokenizer threads.")
     cors_allow_origin: tuple[str, ...] = flag((), help="Allowed CORS origin (repeatable; * for any).")
     json_output: bool = flag(False, help="Log JSON lines.")

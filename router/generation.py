@@ -1,7 +1,8 @@
 """One request's generation in the router: tokens in, text and events out, and when it ends.
 
-Shards only return token ids. Here each token becomes text (incrementally), stop strings are matched,
-and the finish reason is decided (TGI's order: length, then EOS, then stop sequence).
+Shards return token ids, and end requests on their length, an end-of-sequence id or a stop token id (the
+finish reason comes with the token). Here each token becomes text (incrementally), stop strings are
+matched, and the finish reason is settled (TGI's order: length, then EOS, then stop sequence).
 """
 
 from __future__ import annotations
@@ -98,22 +99,14 @@ class GenerationState:
             for i, lp in zip(ids, logprobs, strict=True)
         ]
 
-    def will_finish(self, token_id: int) -> bool:
-        """Whether this next token ends the request by length or end-of-sequence (a stop string can end
-        it too, which only detokenization tells)."""
-        count = len(self.tokens) + 1
-        if count >= self.max_new_tokens:
-            return True
-        return count >= self.min_new_tokens and token_id in self.end_ids
-
     def silent(self, token_id: int) -> bool:
         """An end-of-sequence or skipped special token: it adds no text."""
         return token_id in self.silent_ids
 
     def plain(self, token_id: int, logprob: float) -> StreamEvent | None:
-        """``begin`` and ``push`` in one for the common token: one that ends nothing (``_ends_nothing``)
-        and whose text is known without decoding. Returns its event; None, changing nothing, for any
-        other token."""
+        """``begin`` and ``push`` in one for the common token: one that the shard did not end and that
+        ends nothing here (``_ends_nothing``), whose text is known without decoding. Returns its event;
+        None, changing nothing, for any other token."""
         if not self._ends_nothing(token_id):
             return None
         text = self.detokenizer.push_piece(token_id, self.piece(token_id))
@@ -154,14 +147,17 @@ class GenerationState:
         top: list[tuple[int, float]],
         texts: tuple[str, str] | None = None,
         text: str | None = None,
+        ended: str | None = None,
     ) -> StreamEvent:
         """Accounts one generated token; returns its stream event (with ``finished`` on the last one).
 
         ``texts``: the decoded ``detokenizer.windows(token_id)``, or ``text``: the token's text, when the
-        caller has already called ``begin`` (or ``windows``); otherwise the token is decoded here."""
-        if text is not None and self._ends_nothing(token_id):
+        caller has already called ``begin`` (or ``windows``); otherwise the token is decoded here.
+        ``ended``: the finish reason the shard gave with the token ("length", "eos_token" or
+        "stop_sequence" for a stop token id), None when it goes on there (a stop string may end it here)."""
+        if ended is None and text is not None and self._ends_nothing(token_id):
             return self._plain_event(token_id, text, logprob)
-        return self._push(token_id, logprob, top, texts, text)
+        return self._push(token_id, logprob, top, texts, text, ended)
 
     def _push(
         self,
@@ -170,6 +166,7 @@ class GenerationState:
         top: list[tuple[int, float]],
         texts: tuple[str, str] | None,
         text: str | None,
+        ended: str | None,
     ) -> StreamEvent:
         """``push`` for any token: stop strings, special tokens, top tokens, the last token."""
         r = self.request
@@ -188,14 +185,7 @@ class GenerationState:
             delta = text
             if may_end and self.has_stops:
                 delta, stopped = self.stops.push(delta)
-        if count >= self.max_new_tokens:
-            finish_reason = "length"
-        elif may_end and token_id in self.eos_ids:
-            finish_reason = "eos_token"
-        elif stopped or (may_end and token_id in r.stop_token_ids):
-            finish_reason = "stop_sequence"
-        else:
-            finish_reason = None
+        finish_reason = ended or ("stop_sequence" if stopped else None)
         if finish_reason and not stopped:
             # Release what was held back: a partial character or a partial stop string.
             tail, hit = self.stops.push(self.detokenizer.flush())

@@ -1,7 +1,8 @@
 """The router's core facade: admission, submission to the queue, health and warm-up.
 
 HTTP handlers (TGI or OpenAI shapes) use only this: ``admit()``, ``validator``, ``submit()`` and the
-entry's events. Scheduling lives in ``batcher``; validation in ``validation``.
+entry's events. The shard schedules; ``engine_client`` carries requests to it and tokens back;
+validation lives in ``validation``.
 """
 
 from __future__ import annotations
@@ -17,19 +18,20 @@ import grpc
 
 from proto import pb
 
-from .batcher import Batcher
 from .client import ShardClient
 from .config import RouterConfig
+from .engine_client import EngineClient
+from .entry import Entry
 from .errors import GenerationError, InferError, OverloadedError, UnhealthyError, ValidationError
 from .generation import Finished, GenerationState, StreamEvent
 from .metrics import Metrics
-from .queue import Entry, Queue
 from .tokenizer import Tokenizer
 from .validation import Validator, ValidRequest
 
 log = logging.getLogger(__name__)
 
-LIVENESS_BATCH_ID = 2**64 - 1
+# How long /health waits for its one-token request after a failed step.
+LIVENESS_TIMEOUT_S = 30.0
 
 
 class Admission:
@@ -80,14 +82,10 @@ class Infer:
         self.validator = Validator(
             config, tokenizer, info.unsupported_parameters, info.backend, info.processors
         )
-        self.queue = Queue(info.requires_padding)
         self.max_batch_total_tokens = config.max_batch_total_tokens or max(
             16000, config.max_total_tokens, config.max_batch_prefill_tokens
         )
-        self.batcher = Batcher(
-            config, client, self.queue, self.metrics, self.max_batch_total_tokens, tokenizer,
-            join_every_step=info.chunked_prefill,
-        )  # fmt: skip
+        self.engine = EngineClient(client, self.metrics, tokenizer)
         self.ready = False
         # Set on SIGTERM: new requests get 503 while the admitted ones finish (see ``drain``).
         self.draining = False
@@ -96,13 +94,13 @@ class Infer:
         self._task: asyncio.Task | None = None
 
     async def start(self) -> None:
-        """Warms the shards up, fixes the token budget, and starts the batching loop."""
-        supported = await self.client.warmup(self._warmup_batch())
+        """Warms the shards up, learns the KV memory they hold, and opens the generation stream."""
+        supported = await self.client.warmup(self._warmup_batch(), sorted(self.eos_ids))
         if supported:
-            self.max_batch_total_tokens = self.batcher.max_batch_total_tokens = supported
+            self.max_batch_total_tokens = supported
         log.info("Warmed up; max batch total tokens: %d", self.max_batch_total_tokens)
-        self._task = asyncio.create_task(self.batcher.run(), name="batcher")
-        self._task.add_done_callback(self._on_batcher_exit)
+        self._task = asyncio.create_task(self.engine.run(), name="generation-stream")
+        self._task.add_done_callback(self._on_stream_exit)
         self.ready = True
 
     async def stop(self) -> None:
@@ -113,9 +111,9 @@ class Infer:
                 await self._task
         self.validator.close()
 
-    def _on_batcher_exit(self, task: asyncio.Task) -> None:
+    def _on_stream_exit(self, task: asyncio.Task) -> None:
         if not task.cancelled() and task.exception() is not None:
-            log.error("Batching loop crashed", exc_info=task.exception())
+            log.error("The generation stream's task crashed", exc_info=task.exception())
             self.ready = False
 
     def _warmup_batch(self) -> pb.Batch:
@@ -141,9 +139,7 @@ class Infer:
             )
             for i in range(2)
         ]
-        return pb.Batch(
-            id=self.batcher.next_batch_id(), requests=requests, max_tokens=len(requests) * (len(ids) + 2)
-        )
+        return pb.Batch(id=0, requests=requests, max_tokens=len(requests) * (len(ids) + 2))
 
     @contextlib.contextmanager
     def admit(self) -> Iterator[Admission]:
@@ -185,8 +181,7 @@ class Infer:
         entry.group = group or entry.id
         self.metrics.request_input_length.observe(request.input_length)
         self.metrics.request_max_new_tokens.observe(request.max_new_tokens)
-        self.queue.append(entry)
-        self.metrics.queue_size.set(len(self.queue))
+        self.engine.add(entry)
         return entry
 
     @contextlib.asynccontextmanager
@@ -199,6 +194,7 @@ class Infer:
         finally:
             if not entry.done:
                 entry.cancelled = True
+                self.engine.abort(entry)
                 self.metrics.request_failure.labels("dropped").inc()
 
     async def stream_batches(self, entry: Entry) -> AsyncIterator[list[StreamEvent]]:
@@ -244,22 +240,23 @@ class Infer:
         m.request_generated_tokens.observe(finished.generated_tokens)
 
     async def healthy(self) -> bool:
-        """Shards answer Health; after a failed generation, a real one-token prefill must pass too."""
+        """Shards answer Health; after a failed generation, a real one-token request must run too."""
         if not self.ready or self.draining:
             return False
         try:
             await self.client.health(timeout=1.0)
-            if not self.batcher.generation_health:
-                ids = self.tokenizer.encode("liveness")[:1] or [0]
-                batch = pb.Batch(
-                    id=LIVENESS_BATCH_ID,
-                    requests=[pb.Request(id=LIVENESS_BATCH_ID, input_ids=ids, max_new_tokens=1)],
-                    max_tokens=2,
-                )
-                await self.client.prefill(batch)
-                await self.client.clear_cache(LIVENESS_BATCH_ID)
-                self.batcher.generation_health = True
         except grpc.aio.AioRpcError as e:
             log.warning("Health check failed: %s", e.details())
             return False
-        return True
+        if self.engine.generation_health:
+            return True
+        ids = self.tokenizer.encode("liveness")[:1] or [0]
+        probe = self.engine.probe(pb.Request(id=next(self._ids), input_ids=ids, max_new_tokens=1))
+        try:
+            ran = await asyncio.wait_for(probe, LIVENESS_TIMEOUT_S)
+        except TimeoutError:
+            log.warning("Health check failed: the liveness request did not end in %.0f s", LIVENESS_TIMEOUT_S)
+            return False
+        if ran:
+            self.engine.generation_health = True
+        return ran

@@ -23,6 +23,7 @@ from aiohttp import web
 from . import __version__
 from .body import read_json_object
 from .chat import normalize_messages
+from .entry import Entry
 from .errors import (
     AuthenticationError,
     InferError,
@@ -43,7 +44,6 @@ from .openai_params import (
     parse_options,
     refuse_unsupported,
 )
-from .queue import Entry
 from .sse import DirectSSE, json_text
 from .state import get_infer, get_prompter, state
 from .tokenizer import Tokenizer

@@ -27,8 +27,8 @@ from typing import ClassVar
 from aiohttp import web
 from aiohttp.http import HttpVersion11
 
+from .entry import EventChannel
 from .generation import StreamEvent
-from .queue import EventChannel
 
 # Past this many bytes waiting to be sent on a connection, events go through the handler, which waits
 # for the client (aiohttp's own drain limit).

@@ -91,6 +91,12 @@ class Job:
         return self.seq is not None
 
     @property
+    def sequence(self) -> Sequence:
+        """Its sequence, once opened (the scheduler opens every request it gives a chunk)."""
+        assert self.seq is not None, "the request has no sequence"
+        return self.seq
+
+    @property
     def num_tokens(self) -> int:
         seq = self.seq
         if seq is None:
@@ -133,33 +139,6 @@ class CachePool:
         self.cache.release(seq)
         job.seq = None
         job.prompt_logits = []
-
-
-def concat_results(results: list[StepResult]) -> StepResult:
-    """One step's results side by side (top alternatives padded to the widest)."""
-    results = [r for r in results if r.request_ids or r.failures]
-    if not results:
-        return StepResult([], [], [])
-    if len(results) == 1:
-        return results[0]
-    width = max(r.top_n for r in results)
-    top_ids: list[int] = []
-    top_logprobs: list[float] = []
-    for r in results:
-        pad = width - r.top_n
-        for row in range(len(r.request_ids)):
-            top_ids += r.top_ids[row * r.top_n : (row + 1) * r.top_n] + [0] * pad
-            top_logprobs += r.top_logprobs[row * r.top_n : (row + 1) * r.top_n] + [float("-inf")] * pad
-    return StepResult(
-        request_ids=[i for r in results for i in r.request_ids],
-        token_ids=[t for r in results for t in r.token_ids],
-        logprobs=[x for r in results for x in r.logprobs],
-        top_n=width,
-        top_ids=top_ids,
-        top_logprobs=top_logprobs,
-        prefill=[p for r in results for p in r.prefill],
-        failures=[f for r in results for f in r.failures],
-    )
 
 
 def detach(batch: Batch, request_ids: list[int]) -> Batch:
@@ -266,6 +245,9 @@ class ChunkedEngine(Engine):
             if batch_id is None or job.batch_id == batch_id:
                 self._leave(job)
 
+    def num_waiting(self) -> int:
+        return self.scheduler.num_waiting
+
     def stats(self) -> dict[str, int]:
         return {**self.backend.stats(), "preemptions": self.scheduler.num_preemptions}
 
@@ -327,12 +309,12 @@ class ChunkedEngine(Engine):
                 assert job.seq is not None
                 self.backend.cache.reserve(job.seq, job.seq.computed + take)
             if batch is None and not chunks:
-                return concat_results(results), self._cached(target, None)
+                return StepResult.join(results), self._cached(target, None)
             started = time.perf_counter()
             decode_logits, chunk_logits = self.backend.step(
                 batch.state if batch is not None else None,
                 batch.next_ids if batch is not None else None,
-                [Chunk(j.seq, take, j.want_logits) for j, take in chunks],
+                [Chunk(j.sequence, take, j.want_logits) for j, take in chunks],
             )
             self.costs.observe(time.perf_counter() - started, decoding, sum(t for _, t in chunks))
             if batch is not None:
@@ -361,7 +343,7 @@ class ChunkedEngine(Engine):
             self.scheduler.start(job)
             if job.resume is not None:  # recomputed: it goes on from the token it had
                 resumed, job.resume = job.resume, None
-                resumed.state = PagedState([job.seq])
+                resumed.state = PagedState([job.sequence])
                 joined.append(resumed)
             else:
                 new.append((job, logits))
@@ -375,7 +357,7 @@ class ChunkedEngine(Engine):
         if merged is not None:
             merged.id = target
             self.batches[target] = merged
-        return concat_results(results), self._cached(target, merged)
+        return StepResult.join(results), self._cached(target, merged)
 
     def _apply(
         self, plan: Plan[Job], batch: Batch | None, target: int
@@ -409,7 +391,7 @@ class ChunkedEngine(Engine):
     def _output(self, new: list[tuple[Job, torch.Tensor]]) -> PrefillOutput:
         """The completed prompts as a prefill's output: their sequences, last logits, prompt logits."""
         return PrefillOutput(
-            PagedState([j.seq for j, _ in new]),
+            PagedState([j.sequence for j, _ in new]),
             torch.cat([logits[-1:] for _, logits in new]),
             [torch.cat(j.prompt_logits) if j.want_logits else None for j, _ in new],
         )

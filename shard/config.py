@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.batching import MAX_BATCH_PREFILL_TOKENS, MAX_WAITING_TOKENS, WAITING_SERVED_RATIO
 from common.cuda_graphs import parse_cuda_graphs
 from common.flags import DEFAULT_UDS_PATH, flag
 
@@ -46,6 +47,18 @@ class ShardConfig:
     # holds); other backends leave it to the router, whose token budget it is.
     max_batch_total_tokens: int | None = flag(
         None, help="Paged backend: the KV pool in tokens (default: what memory allows)."
+    )
+    # TGI's batching flags, which the engine core honours (shard/core.py): the prompt tokens of a step that
+    # runs new prompts only (every engine), and for the engines that do not schedule for themselves
+    # (transformers, ct2) when waiting requests join a running batch.
+    max_batch_prefill_tokens: int = flag(
+        MAX_BATCH_PREFILL_TOKENS, help="Prompt tokens of a step that runs new prompts only."
+    )
+    waiting_served_ratio: float = flag(
+        WAITING_SERVED_RATIO, help="Transformers, ct2: waiting/running ratio at which waiting requests join."
+    )
+    max_waiting_tokens: int = flag(
+        MAX_WAITING_TOKENS, help="Transformers, ct2: steps after which waiting requests join."
     )
     # --cuda-memory-fraction: the share of each CUDA device this process may use.
     cuda_memory_fraction: float = flag(1.0, help="Share of each CUDA device this process may use.")

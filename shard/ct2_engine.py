@@ -231,7 +231,9 @@ class CT2Model(Protocol):
 
 
 class CT2Engine:
-    """The engine protocol the gRPC servicer uses (prefill, decode, cached, clear) over ctranslate2."""
+    """The engine protocol (shard.engine.StepEngine) over ctranslate2's own decoding loop."""
+
+    chunked_prefill = False
 
     def __init__(self, backend: CT2Model, faults: Faults | None = None) -> None:
         self.backend = backend
@@ -312,6 +314,12 @@ class CT2Engine:
     def stats(self) -> dict[str, int] | None:
         """ctranslate2 keeps its KV cache to itself: no figures."""
         return None
+
+    def num_waiting(self) -> int:
+        return sum(len(g.rows) for g in self.waiting)
+
+    def processor_names(self) -> list[str]:
+        return []  # ctranslate2 runs its own sampling: no logits processors
 
     def cached(self, batch_id: int) -> Cached | None:
         ids = self.batches.get(batch_id)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 
@@ -43,10 +44,47 @@ def prompt_logprobs(request_id: int, ids: list[int], logits: torch.Tensor) -> Pr
     return PromptLogprobs(request_id, list(ids), [math.nan, *values])
 
 
+class StepEngine(Protocol):
+    """What the engine core (shard/core.py) drives: batches named by the core, a step at a time."""
+
+    backend: Any
+    # Whether the engine schedules for itself: a prefill beside running batches only queues its requests,
+    # whose prompts then run inside the following decode steps (shard/scheduler.py).
+    chunked_prefill: bool
+
+    def prefill(self, batch_id: int, requests: list[RequestSpec], max_tokens: int) -> StepResult:
+        """Takes new requests as batch ``batch_id``; runs their prompts now unless it schedules itself
+        and something is running."""
+        ...
+
+    def decode(self, wanted: list[tuple[int, list[int]]]) -> tuple[StepResult, Cached | None]:
+        """One step over the named batches, each cut down first to the request ids still wanted."""
+        ...
+
+    def cached(self, batch_id: int) -> Cached | None:
+        """Batch ``batch_id``'s requests, in the engine's order (None: nothing left)."""
+        ...
+
+    def clear(self, batch_id: int | None = None) -> None:
+        """Drops one batch, or all, with their memory."""
+        ...
+
+    def stats(self) -> dict[str, int] | None:
+        """The KV cache's figures (proto CacheStats fields), where the engine keeps one."""
+        ...
+
+    def num_waiting(self) -> int:
+        """Requests it holds that have not started running."""
+        ...
+
+    def processor_names(self) -> list[str]:
+        """The logits processors a request may name."""
+        ...
+
+
 class Engine:
     """Holds the shard's cached batches and runs steps on them through a backend."""
 
-    # Whether a Prefill beside running batches only queues its requests (proto InfoResponse.chunked_prefill).
     chunked_prefill = False
 
     def __init__(
@@ -208,6 +246,12 @@ class Engine:
     def stats(self) -> dict[str, int] | None:
         """The KV cache's figures (proto CacheStats fields), from engines whose backend keeps one."""
         return None
+
+    def num_waiting(self) -> int:
+        return 0
+
+    def processor_names(self) -> list[str]:
+        return self.processors.names
 
     def cached(self, batch_id: int) -> Cached | None:
         """What the router is to be told of batch ``batch_id`` after a prefill (None: nothing left)."""

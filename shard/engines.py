@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .backends.base import Backend
+from .backends.paged import PagedBackend
 from .chunked import ChunkedEngine
 from .engine import Engine
 from .faults import Faults
@@ -24,7 +25,7 @@ def make_engine(
     own_engine = getattr(backend, "make_engine", None)
     if own_engine is not None:
         return own_engine(faults)
-    if hasattr(backend, "step"):
+    if isinstance(backend, PagedBackend):
         if prefill_tokens is None:
             return ChunkedEngine(backend, faults, processors)
         return ChunkedEngine(backend, faults, processors, prefill_tokens)

@@ -1,11 +1,12 @@
 """Rank 0 relays the model work it is asked for to the other ranks, through torch.distributed.
 
 The router talks to rank 0 only (ranks on other machines have no socket it could reach). On its model
-thread, before it runs a ``Warmup``, ``Prefill``, ``Decode`` or ``ClearCache`` itself, rank 0 sends the
-method and the request's protobuf bytes to every other rank over a gloo group of its own (gloo carries
-CPU tensors even where the model's group is NCCL): a length header, then the bytes. Each other rank
-follows on its model thread: it receives each message and runs the same engine call, in the same order,
-so every rank enters the model's collectives together; its answers are dropped.
+thread, before it runs a step or the warm-up itself, rank 0 sends the method and its protobuf bytes (a
+``StepPlan``: the requests added and aborted since the last step, and whether a step runs) to every other
+rank over a gloo group of its own (gloo carries CPU tensors even where the model's group is NCCL): a
+length header, then the bytes. Each other rank follows on its model thread: it receives each message and
+applies the same changes and runs the same step, in the same order, so every rank's scheduler decides
+alike and every rank enters the model's collectives together; its outputs are dropped.
 
 Failures end the server: rank 0 pings the followers every ``HEARTBEAT_S`` seconds when idle, so a rank
 that died (gloo reports a closed connection at once) or stopped receiving (``SEND_TIMEOUT_S``) makes rank
@@ -23,8 +24,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-PING, STOP = "Ping", "Stop"
-METHODS = (PING, STOP, "Warmup", "Prefill", "Decode", "ClearCache")
+PING, STOP, STEP, WARMUP = "Ping", "Stop", "Step", "Warmup"
+METHODS = (PING, STOP, WARMUP, STEP)
 HEARTBEAT_S = 3.0
 # How long rank 0 waits for a follower to take a message: a follower busy longer than any step is hung.
 SEND_TIMEOUT_S = 120.0

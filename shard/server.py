@@ -1,7 +1,9 @@
-"""The shard's gRPC service: protobuf <-> internal types, and nothing else.
+"""The shard's gRPC service: protobuf <-> internal types, and the model thread's loop.
 
-Model work runs on one worker thread, so the event loop keeps answering ``Health`` and ``Info`` while a
-long prefill runs, and steps never overlap.
+The router's one ``Generate`` stream brings requests and aborts; the model thread (``ModelLoop``) applies
+them between steps and runs the engine core's steps (shard/core.py) while it has work, so the event loop
+keeps answering ``Health`` and ``Info`` while a long step runs, and steps never overlap. With several
+ranks, rank 0 relays each step's changes to the others (shard/relay.py), which run the same step.
 """
 
 from __future__ import annotations
@@ -11,10 +13,12 @@ import contextlib
 import logging
 import os
 import signal
+import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import grpc
 import torch
@@ -24,15 +28,14 @@ from proto import pb, pb_grpc
 
 from .backends import load_backend
 from .backends.base import BackendInfo
-from .batch import UnknownRequestError
 from .config import ShardConfig
+from .core import EngineCore, Limits, Output
 from .dist import DistInfo, Parallel, init_parallel, select_device
-from .engine import Cached, Engine, UnknownBatchError
 from .engines import make_engine
-from .faults import Faults, is_fatal
+from .faults import Faults
 from .processors import ProcessorContext, load_processors
-from .relay import HEARTBEAT_S, PeerLostError, Relay
-from .types import RequestSpec, SamplingParams, StepResult
+from .relay import HEARTBEAT_S, STEP, WARMUP, PeerLostError, Relay
+from .types import RequestFailure, RequestSpec, SamplingParams, StepResult
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -70,10 +73,11 @@ def request_from_pb(r: pb.Request) -> RequestSpec:
         fault=r.fault,
         cache_salt=r.cache_salt,
         group=r.group,
+        ignore_eos=r.ignore_eos,
     )
 
 
-def generations_to_pb(result: StepResult) -> pb.Generations:
+def generations_to_pb(result: StepResult, finish_reasons: list[int] | None = None) -> pb.Generations:
     return pb.Generations(
         request_ids=result.request_ids,
         token_ids=result.token_ids,
@@ -85,12 +89,25 @@ def generations_to_pb(result: StepResult) -> pb.Generations:
             pb.PrefillTokens(request_id=p.request_id, ids=p.ids, logprobs=p.logprobs) for p in result.prefill
         ],
         failures=[pb.RequestFailure(request_id=f.request_id, message=f.message) for f in result.failures],
+        finish_reasons=cast("list[pb.FinishReason]", finish_reasons or []),
     )
 
 
-def info_to_pb(
-    info: BackendInfo, world_size: int, processors: list[str], chunked_prefill: bool = False
-) -> pb.InfoResponse:
+def output_to_pb(out: Output) -> pb.StepOutput:
+    message = pb.StepOutput(
+        generations=generations_to_pb(out.result, out.finish_reasons),
+        total_ns=out.total_ns,
+        waiting=out.waiting,
+        running=out.running,
+        prefill=out.prefill,
+        failed=out.failed,
+    )
+    if out.cache is not None:
+        message.cache.CopyFrom(pb.CacheStats(**out.cache))
+    return message
+
+
+def info_to_pb(info: BackendInfo, world_size: int, processors: list[str]) -> pb.InfoResponse:
     return pb.InfoResponse(
         requires_padding=info.requires_padding,
         dtype=info.dtype,
@@ -102,157 +119,196 @@ def info_to_pb(
         vocab_size=info.vocab_size,
         unsupported_parameters=list(info.unsupported_parameters),
         processors=processors,
-        chunked_prefill=chunked_prefill,
     )
 
 
-def _warmup(engine: Engine, request: pb.WarmupRequest) -> int:
-    batch = request.batch
-    engine.prefill(batch.id, [request_from_pb(r) for r in batch.requests], batch.max_tokens)
-    engine.decode([(batch.id, [r.id for r in batch.requests])])
-    engine.clear(batch.id)
-    return engine.backend.max_supported_total_tokens() or 0
+def apply_plan(core: EngineCore, plan: pb.StepPlan) -> tuple[list[RequestFailure], Output | None]:
+    """One step's changes and the step itself, alike on every rank: the requests added (a repeated id is
+    refused alone), the aborts, then the step when there is work."""
+    refused = core.add([request_from_pb(r) for r in plan.add])
+    core.abort(list(plan.abort))
+    return refused, core.step() if plan.step else None
 
 
-def _prefill(engine: Engine, request: pb.PrefillRequest) -> StepResult:
-    batch = request.batch
-    return engine.prefill(batch.id, [request_from_pb(r) for r in batch.requests], batch.max_tokens)
+def run_warmup(core: EngineCore, request: pb.WarmupRequest) -> int:
+    core.use_eos(list(request.eos_token_ids))
+    core.warmup([request_from_pb(r) for r in request.batch.requests])
+    return core.engine.backend.max_supported_total_tokens() or 0
 
 
-def _decode(engine: Engine, request: pb.DecodeRequest) -> tuple[StepResult, Cached | None]:
-    return engine.decode([(b.id, list(b.request_ids)) for b in request.batches])
+class ModelLoop:
+    """The model thread's loop (rank 0): between steps it applies what the router sent (requests, aborts)
+    and relays it to the other ranks; it runs the core's steps while there is work and hands each step's
+    output to the event loop; idle, it pings the other ranks.
+
+    Every torch operation of the process runs on this one thread (see ``serve``)."""
+
+    def __init__(self, core: EngineCore, relay: Relay | None, loop: asyncio.AbstractEventLoop) -> None:
+        self.core = core
+        self.relay = relay
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._adds: list[pb.Request] = []
+        self._aborts: list[int] = []
+        self._calls: deque[tuple[Callable[[], object], asyncio.Future]] = deque()
+        self.stopping = False
+        # Where step outputs go (the open Generate stream; called on the event loop), and None between
+        # streams: outputs then have nobody to go to.
+        self.sink: Callable[[pb.StepOutput], None] | None = None
+
+    # -- from the event loop -----------------------------------------------------------------------
+    def submit(self, adds: list[pb.Request], aborts: list[int]) -> None:
+        with self._lock:
+            self._adds.extend(adds)
+            self._aborts.extend(aborts)
+        self._wake.set()
+
+    def call(self, fn: Callable[[], T]) -> asyncio.Future[T]:
+        """Runs ``fn`` on the model thread between two steps; its result (or error) as a future."""
+        future: asyncio.Future[T] = self.loop.create_future()
+        with self._lock:
+            self._calls.append((fn, future))
+        self._wake.set()
+        return future
+
+    def stop(self) -> None:
+        self.stopping = True
+        self._wake.set()
+
+    # -- on the model thread -----------------------------------------------------------------------
+    def run(self) -> None:
+        relay = self.relay
+        try:
+            while not self.stopping:
+                with self._lock:
+                    adds, self._adds = self._adds, []
+                    aborts, self._aborts = self._aborts, []
+                    calls = list(self._calls)
+                    self._calls.clear()
+                    self._wake.clear()
+                for fn, future in calls:
+                    self._resolve(fn, future)
+                if not adds and not aborts and not self.core.has_work():
+                    if not calls and not self._wake.wait(HEARTBEAT_S) and relay is not None:
+                        relay.ping()
+                    continue
+                plan = pb.StepPlan(add=adds, abort=aborts)
+                plan.step = self._will_step(plan)
+                if relay is not None:
+                    relay.send(STEP, plan.SerializeToString())
+                refused, out = apply_plan(self.core, plan)
+                if out is None:  # only refusals: nothing ran
+                    if not refused:
+                        continue
+                    out = Output(StepResult([], [], []), [])
+                out.result.failures += refused
+                self.loop.call_soon_threadsafe(self._emit, out)
+        except PeerLostError as e:
+            if not (relay is not None and relay.stopping):
+                _lost(e)
+        except BaseException as e:
+            log.critical("Unrecoverable device error in a step, the shard exits: %s", e, exc_info=True)
+            self.loop.call_soon_threadsafe(self._emit_fatal, f"{type(e).__name__}: {e}")
+            time.sleep(0.2)
+            logging.shutdown()
+            os._exit(1)
+
+    def _will_step(self, plan: pb.StepPlan) -> bool:
+        """Whether there is work once ``plan`` is applied (the core's state is the same on every rank)."""
+        live = set(self.core.live) | {r.id for r in plan.add}
+        return bool(live - set(plan.abort)) or bool(self.core.batches)
+
+    def _resolve(self, fn: Callable[[], object], future: asyncio.Future) -> None:
+        try:
+            result = fn()
+        except Exception as e:
+            self.loop.call_soon_threadsafe(_settle, future, None, e)
+        else:
+            self.loop.call_soon_threadsafe(_settle, future, result, None)
+
+    # -- back on the event loop --------------------------------------------------------------------
+    def _emit(self, out: Output) -> None:
+        if self.sink is not None:
+            self.sink(output_to_pb(out))
+
+    def _emit_fatal(self, message: str) -> None:
+        ids = list(self.core.live)
+        out = Output(
+            StepResult([], [], [], failures=[RequestFailure(i, message) for i in ids]), [], failed=True
+        )
+        self._emit(out)
 
 
-def _clear(engine: Engine, request: pb.ClearCacheRequest) -> None:
-    engine.clear(request.id if request.HasField("id") else None)
-
-
-# The RPCs that run model work: every rank runs each of them, in the same order (shard/relay.py).
-MODEL_WORK: dict[str, tuple[type, Callable[[Engine, object], object]]] = {
-    "Warmup": (pb.WarmupRequest, _warmup),
-    "Prefill": (pb.PrefillRequest, _prefill),
-    "Decode": (pb.DecodeRequest, _decode),
-    "ClearCache": (pb.ClearCacheRequest, _clear),
-}
-
-
-def follow_step(engine: Engine, method: str, payload: bytes) -> None:
-    """A follower runs one relayed call; rank 0 answered the router's own mistakes and went on."""
-    request_type, work = MODEL_WORK[method]
-    try:
-        work(engine, request_type.FromString(payload))
-    except (UnknownBatchError, UnknownRequestError, ValueError) as e:
-        log.debug("%s refused, as on rank 0: %s", method, e)
+def _settle(future: asyncio.Future, result: object, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
 
 
 class ShardService(pb_grpc.TextGenerationServiceServicer):
-    def __init__(
-        self,
-        engine: Engine,
-        world_size: int,
-        relay: Relay | None = None,
-        model_thread: ThreadPoolExecutor | None = None,
-    ) -> None:
-        """``model_thread``: the one thread that runs every torch operation of this process (see
-        ``serve``); a new one when not given."""
-        self.engine = engine
+    """Protobuf in and out; the model work runs in ``ModelLoop`` (rank 0) or follows it (other ranks)."""
+
+    def __init__(self, core: EngineCore, world_size: int, model: ModelLoop | None) -> None:
+        self.core = core
         self.world_size = world_size
-        self.relay = relay
-        self._worker = model_thread or ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        self.model = model
 
-    async def _run(self, context: grpc.aio.ServicerContext, method: str, request: object) -> T:
-        """Runs model work on the worker thread (relayed first to the other ranks); maps failures to
-        gRPC status codes."""
-        relay = self.relay
-        if relay is not None and not relay.leader:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"rank {relay.rank} follows rank 0")
-        work = MODEL_WORK[method][1]
-
-        def job() -> T:
-            if relay is not None:
-                relay.send(method, request.SerializeToString())
-            return work(self.engine, request)
-
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self._worker, job)
-        except (UnknownBatchError, UnknownRequestError) as e:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
-        except ValueError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        except PeerLostError as e:
-            log.critical("Lost rank %d, the shard exits: %s", e.rank, e.cause)
-            asyncio.get_running_loop().call_later(0.2, os._exit, 1)
-            await context.abort(grpc.StatusCode.INTERNAL, str(e))
-        except Exception as e:
-            # With several ranks, a rank that failed mid-step may have skipped a collective the others
-            # wait in: the group cannot be trusted any more, so every failure is fatal there.
-            if is_fatal(e) or self.world_size > 1:
-                # The device cannot be trusted after this: fail the step, then exit so that the launcher
-                # takes the server down (a restart is the only recovery).
-                log.critical("Unrecoverable device error, the shard exits: %s", e)
-                asyncio.get_running_loop().call_later(0.2, os._exit, 1)
-            else:
-                log.exception("Step failed")
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-            await context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
-        raise AssertionError("unreachable")
-
-    def _cache_stats(self) -> pb.CacheStats | None:
-        stats = self.engine.stats()
-        return None if stats is None else pb.CacheStats(**stats)
+    async def _leader(self, context: grpc.aio.ServicerContext) -> ModelLoop:
+        if self.model is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this rank follows rank 0")
+            raise AssertionError("unreachable")
+        return self.model
 
     async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
-        processors = getattr(self.engine, "processors", None)
-        names = processors.names if processors is not None else []
-        chunked = getattr(self.engine, "chunked_prefill", False)
-        return info_to_pb(self.engine.backend.info, self.world_size, names, chunked)
+        engine = self.core.engine
+        return info_to_pb(engine.backend.info, self.world_size, engine.processor_names())
 
     async def Health(self, request: pb.HealthRequest, context: grpc.aio.ServicerContext) -> pb.HealthResponse:
         return pb.HealthResponse()
 
     async def Warmup(self, request: pb.WarmupRequest, context: grpc.aio.ServicerContext) -> pb.WarmupResponse:
-        return pb.WarmupResponse(max_supported_total_tokens=await self._run(context, "Warmup", request))
+        model = await self._leader(context)
 
-    async def Prefill(
-        self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext
-    ) -> pb.PrefillResponse:
-        start = time.perf_counter_ns()
-        batch = request.batch
-        result = await self._run(context, "Prefill", request)
-        total = time.perf_counter_ns() - start
-        kept = self.engine.cached(batch.id)
-        cached = pb.CachedBatch(
-            id=batch.id, request_ids=kept.request_ids if kept else [], max_tokens=batch.max_tokens
-        )
-        return pb.PrefillResponse(
-            generations=generations_to_pb(result), batch=cached, total_ns=total, cache=self._cache_stats()
-        )
+        def warmup() -> int:
+            if model.relay is not None:
+                model.relay.send(WARMUP, request.SerializeToString())
+            return run_warmup(self.core, request)
 
-    async def Decode(self, request: pb.DecodeRequest, context: grpc.aio.ServicerContext) -> pb.DecodeResponse:
-        start = time.perf_counter_ns()
-        result, batch = await self._run(context, "Decode", request)
-        total = time.perf_counter_ns() - start
-        response = pb.DecodeResponse(
-            generations=generations_to_pb(result), total_ns=total, cache=self._cache_stats()
-        )
-        if batch is not None:
-            response.batch.CopyFrom(
-                pb.CachedBatch(id=batch.id, request_ids=batch.request_ids, max_tokens=batch.max_tokens)
-            )
-        return response
+        try:
+            supported = await model.call(warmup)
+        except (ValueError, RuntimeError) as e:
+            await context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+        return pb.WarmupResponse(max_supported_total_tokens=supported)
 
-    async def DecodeStream(
-        self, requests: AsyncIterator[pb.DecodeRequest], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.DecodeResponse]:
-        async for request in requests:
-            yield await self.Decode(request, context)
+    async def Generate(
+        self, requests: AsyncIterator[pb.GenerateRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.StepOutput]:
+        model = await self._leader(context)
+        if model.sink is not None:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, "a Generate stream is open already")
+        outputs: asyncio.Queue[pb.StepOutput | None] = asyncio.Queue()
+        model.sink = outputs.put_nowait
+        added: set[int] = set()
 
-    async def ClearCache(
-        self, request: pb.ClearCacheRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ClearCacheResponse:
-        await self._run(context, "ClearCache", request)
-        return pb.ClearCacheResponse()
+        async def read() -> None:
+            async for message in requests:
+                added.update(r.id for r in message.add)
+                added.difference_update(message.abort)
+                model.submit(list(message.add), list(message.abort))
+            outputs.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (out := await outputs.get()) is not None:
+                yield out
+        finally:
+            reader.cancel()
+            model.sink = None
+            model.submit([], sorted(added))  # the stream's requests end with it
 
 
 async def serve(config: ShardConfig) -> None:
@@ -267,10 +323,11 @@ async def serve(config: ShardConfig) -> None:
     # the cores (a decode step measured 1.7x slower when the model loaded on the main thread).
     model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
     loop = asyncio.get_running_loop()
-    engine = await loop.run_in_executor(model_thread, _load_engine, config, device, parallel)
+    core = await loop.run_in_executor(model_thread, _load_core, config, device, parallel)
     if relay is not None:  # rank 0 answers only once every rank has loaded the model
         relay.wait_followers() if relay.leader else relay.ready()
-    service = ShardService(engine, config.world_size, relay, model_thread)
+    model = ModelLoop(core, relay, loop) if relay is None or relay.leader else None
+    service = ShardService(core, config.world_size, model)
     server = grpc.aio.server(options=GRPC_OPTIONS)
     pb_grpc.add_TextGenerationServiceServicer_to_server(service, server)
     path = config.socket_path
@@ -283,21 +340,22 @@ async def serve(config: ShardConfig) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    heartbeat = None
-    if relay is not None and relay.leader:
-        heartbeat = asyncio.create_task(_heartbeat(service, relay))
-    elif relay is not None:
-        model_thread.submit(_follow, engine, relay, loop, stop)
+    if model is not None:
+        model_thread.submit(model.run)
+    else:
+        assert relay is not None
+        model_thread.submit(_follow, core, relay, loop, stop)
     try:
         await stop.wait()
         log.info("Shard %d stopping", config.rank)
         if relay is not None:
             relay.stopping = True
-        if heartbeat is not None:
-            heartbeat.cancel()
         await server.stop(grace=1.0)
+        if model is not None:
+            model.stop()
+            model_thread.shutdown(wait=True)
         if relay is not None and relay.leader:
-            await loop.run_in_executor(service._worker, relay.stop)
+            relay.stop()
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
@@ -306,8 +364,8 @@ async def serve(config: ShardConfig) -> None:
         os._exit(0)
 
 
-def _load_engine(config: ShardConfig, device: torch.device, parallel: Parallel) -> Engine:
-    """Loads the backend and the logits processors and builds the engine (on the model thread)."""
+def _load_core(config: ShardConfig, device: torch.device, parallel: Parallel) -> EngineCore:
+    """Loads the backend and the logits processors and builds the engine core (on the model thread)."""
     started = time.perf_counter()
     backend = load_backend(config, device, parallel)
     log.info("Model ready in %.1f s", time.perf_counter() - started)
@@ -329,7 +387,14 @@ def _load_engine(config: ShardConfig, device: torch.device, parallel: Parallel) 
             options={"watermark_gamma": config.watermark_gamma, "watermark_delta": config.watermark_delta},
         )
         processors = load_processors(config.plugins, context)
-    return make_engine(backend, Faults(config.fault_injection), processors)
+    engine = make_engine(backend, Faults(config.fault_injection), processors, config.max_batch_prefill_tokens)
+    limits = Limits(
+        max_batch_prefill_tokens=config.max_batch_prefill_tokens,
+        max_batch_total_tokens=config.max_batch_total_tokens or max(16000, config.max_batch_prefill_tokens),
+        waiting_served_ratio=config.waiting_served_ratio,
+        max_waiting_tokens=config.max_waiting_tokens,
+    )
+    return EngineCore(engine, limits, contain_failures=config.world_size == 1)
 
 
 def _lost(error: PeerLostError) -> None:
@@ -338,22 +403,18 @@ def _lost(error: PeerLostError) -> None:
     os._exit(1)
 
 
-async def _heartbeat(service: ShardService, relay: Relay) -> None:
-    """Rank 0 pings the followers between steps: a rank that died or hangs takes the server down."""
-    loop = asyncio.get_running_loop()
-    while True:
-        await asyncio.sleep(HEARTBEAT_S)
-        try:
-            await loop.run_in_executor(service._worker, relay.ping)
-        except PeerLostError as e:
-            if not relay.stopping:
-                _lost(e)
+def follow_step(core: EngineCore, method: str, payload: bytes) -> None:
+    """A follower runs one relayed message: the same changes and step as rank 0, or its warm-up."""
+    if method == STEP:
+        apply_plan(core, pb.StepPlan.FromString(payload))
+    elif method == WARMUP:
+        run_warmup(core, pb.WarmupRequest.FromString(payload))
 
 
-def _follow(engine: Engine, relay: Relay, loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
-    """A follower's model thread: rank 0's calls, in its order, until it says stop (then exit 0)."""
+def _follow(core: EngineCore, relay: Relay, loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
+    """A follower's model thread: rank 0's steps, in its order, until it says stop (then exit 0)."""
     try:
-        relay.follow(lambda method, payload: follow_step(engine, method, payload))
+        relay.follow(lambda method, payload: follow_step(core, method, payload))
     except PeerLostError as e:
         if not relay.stopping:
             _lost(e)

@@ -25,6 +25,8 @@ class RequestSpec:
     cache_salt: str = ""
     # The client request this sequence belongs to (0: its own id): the scheduler is fair between them.
     group: int = 0
+    # TGI's ignore_eos_token: the end-of-sequence ids do not end it.
+    ignore_eos: bool = False
 
 
 @dataclass(frozen=True)
@@ -57,3 +59,30 @@ class StepResult:
     top_logprobs: list[float] = field(default_factory=list)
     prefill: list[PromptLogprobs] = field(default_factory=list)
     failures: list[RequestFailure] = field(default_factory=list)
+
+    @staticmethod
+    def join(results: list[StepResult]) -> StepResult:
+        """One step's results side by side (top alternatives padded to the widest)."""
+        results = [r for r in results if r.request_ids or r.failures or r.prefill]
+        if not results:
+            return StepResult([], [], [])
+        if len(results) == 1:
+            return results[0]
+        width = max(r.top_n for r in results)
+        top_ids: list[int] = []
+        top_logprobs: list[float] = []
+        for r in results:
+            pad = width - r.top_n
+            for row in range(len(r.request_ids)):
+                top_ids += r.top_ids[row * r.top_n : (row + 1) * r.top_n] + [0] * pad
+                top_logprobs += r.top_logprobs[row * r.top_n : (row + 1) * r.top_n] + [float("-inf")] * pad
+        return StepResult(
+            request_ids=[i for r in results for i in r.request_ids],
+            token_ids=[t for r in results for t in r.token_ids],
+            logprobs=[x for r in results for x in r.logprobs],
+            top_n=width,
+            top_ids=top_ids,
+            top_logprobs=top_logprobs,
+            prefill=[p for r in results for p in r.prefill],
+            failures=[f for r in results for f in r.failures],
+        )

@@ -13,7 +13,7 @@ from tests.e2e.harness import free_port
 
 pytestmark = pytest.mark.timeout(240)
 
-MESSAGES = [("Prefill", b"first"), ("Decode", b""), ("ClearCache", bytes(range(256)) * 400)]
+MESSAGES = [("Warmup", b"first"), ("Step", b""), ("Step", bytes(range(256)) * 400)]
 
 
 def _node(rank: int, world: int, port: int, scenario: str, queue) -> None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -12,34 +15,58 @@ import torch
 from proto import pb, pb_grpc
 from router.client import ShardClient
 from shard.backends.hf import HFBackend
+from shard.core import EngineCore
 from shard.engine import Engine
-from shard.server import ShardService
+from shard.server import ModelLoop, ShardService
 
 pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture
-async def client(tiny_model_dir: Path):
+async def served(tiny_model_dir: Path) -> AsyncIterator[tuple[ShardClient, EngineCore]]:
     socket = f"/tmp/tgi-unit-{uuid.uuid4().hex[:8]}-0"
     server = grpc.aio.server()
-    backend = HFBackend(tiny_model_dir, torch.device("cpu"))
-    pb_grpc.add_TextGenerationServiceServicer_to_server(ShardService(Engine(backend), 1), server)
+    core = EngineCore(Engine(HFBackend(tiny_model_dir, torch.device("cpu"))))
+    model = ModelLoop(core, None, asyncio.get_running_loop())
+    thread = threading.Thread(target=model.run, daemon=True)
+    thread.start()
+    pb_grpc.add_TextGenerationServiceServicer_to_server(ShardService(core, 1, model), server)
     server.add_insecure_port(f"unix://{socket}")
     await server.start()
     shard_client = ShardClient(socket)
     try:
-        yield shard_client
+        yield shard_client, core
     finally:
         await shard_client.close()
         await server.stop(None)
+        model.stop()
+        thread.join(10)
         Path(socket).unlink(missing_ok=True)
 
 
 def request(rid: int, ids: list[int], **kwargs: object) -> pb.Request:
-    return pb.Request(id=rid, input_ids=ids, max_new_tokens=8, **kwargs)
+    kwargs.setdefault("max_new_tokens", 4)
+    return pb.Request(id=rid, input_ids=ids, ignore_eos=True, **kwargs)  # type: ignore[arg-type]
 
 
-async def test_info_health_warmup(client: ShardClient) -> None:
+async def collect(call: grpc.aio.StreamStreamCall, ids: set[int]) -> dict[int, list[tuple[int, int]]]:
+    """Reads step outputs until every request in ``ids`` has ended: each one's (token, finish reason)."""
+    out: dict[int, list[tuple[int, int]]] = {rid: [] for rid in ids}
+    live = set(ids)
+    while live:
+        step = await asyncio.wait_for(call.read(), 30)
+        g = step.generations
+        for failure in g.failures:
+            raise AssertionError(f"request {failure.request_id} failed: {failure.message}")
+        for rid, token, reason in zip(g.request_ids, g.token_ids, g.finish_reasons, strict=True):
+            out[rid].append((token, reason))
+            if reason:
+                live.discard(rid)
+    return out
+
+
+async def test_info_health_warmup(served: tuple[ShardClient, EngineCore]) -> None:
+    client, core = served
     info = await client.info()
     assert info.requires_padding and info.dtype == "float32" and info.device_type == "cpu"
     assert info.backend == "transformers" and list(info.eos_token_ids) and info.vocab_size > 0
@@ -48,51 +75,68 @@ async def test_info_health_warmup(client: ShardClient) -> None:
         temperature=0.9, top_k=10, top_p=0.9, typical_p=0.9, do_sample=True
     )
     batch = pb.Batch(id=1, requests=[request(1, [5, 6, 7], parameters=params, prefill_logprobs=True)])
-    assert await client.warmup(batch) is None
+    assert await client.warmup(batch, []) is None
+    assert not core.has_work()
 
 
-async def test_prefill_decode_filter_clear(client: ShardClient) -> None:
-    batch = pb.Batch(
-        id=3, requests=[request(1, [5, 6, 7], top_n_tokens=2), request(2, [8, 9], prefill_logprobs=True)]
+async def test_requests_stream_their_tokens_and_end_on_the_shard(
+    served: tuple[ShardClient, EngineCore],
+) -> None:
+    client, core = served
+    call = client.generate()
+    await call.write(
+        pb.GenerateRequest(add=[request(1, [5, 6, 7], top_n_tokens=2), request(2, [8, 9], max_new_tokens=2)])
     )
-    response = await client.prefill(batch)
-    g = response.generations
-    assert list(g.request_ids) == [1, 2] and len(g.token_ids) == 2 and g.top_n == 2
-    assert len(g.top_ids) == 4
-    assert [p.request_id for p in g.prefill] == [2] and list(g.prefill[0].ids) == [8, 9]
-    assert list(response.batch.request_ids) == [1, 2]
-
-    decoded = await client.decode([pb.CachedBatch(id=3, request_ids=[2])])
-    assert list(decoded.generations.request_ids) == [2]
-    assert list(decoded.batch.request_ids) == [2]
-
-    with pytest.raises(grpc.aio.AioRpcError) as error:
-        await client.decode([pb.CachedBatch(id=99, request_ids=[1])])
-    assert error.value.code() == grpc.StatusCode.NOT_FOUND
-
-    await client.clear_cache(3)
-    with pytest.raises(grpc.aio.AioRpcError):
-        await client.decode([pb.CachedBatch(id=3, request_ids=[2])])
+    out = await collect(call, {1, 2})
+    assert [reason for _, reason in out[1]] == [0, 0, 0, pb.FINISH_LENGTH]
+    assert [reason for _, reason in out[2]] == [0, pb.FINISH_LENGTH]
+    assert not core.live
+    call.cancel()
 
 
-async def test_decode_steps_share_one_stream_until_one_fails(client: ShardClient) -> None:
-    response = await client.prefill(pb.Batch(id=7, requests=[request(1, [5, 6, 7])]))
-    stream = client._stream
-    first = await client.decode([response.batch])
-    call = stream._call
-    assert call is not None and list(first.generations.request_ids) == [1]
-    second = await client.decode([first.batch])
-    assert stream._call is call and list(second.generations.request_ids) == [1]
-
-    with pytest.raises(grpc.aio.AioRpcError) as error:  # the failed step ends the stream ...
-        await client.decode([pb.CachedBatch(id=99, request_ids=[1])])
-    assert error.value.code() == grpc.StatusCode.NOT_FOUND and stream._call is None
-    third = await client.decode([second.batch])  # ... and the next step opens a new one
-    assert stream._call not in (None, call) and list(third.generations.request_ids) == [1]
-    assert len(first.generations.token_ids) == len(third.generations.token_ids) == 1
+async def test_an_abort_ends_a_request_and_the_others_go_on(served: tuple[ShardClient, EngineCore]) -> None:
+    client, core = served
+    call = client.generate()
+    await call.write(
+        pb.GenerateRequest(add=[request(1, [5, 6], max_new_tokens=50), request(2, [7, 8], max_new_tokens=6)])
+    )
+    first = await asyncio.wait_for(call.read(), 30)
+    assert set(first.generations.request_ids) == {1, 2}
+    await call.write(pb.GenerateRequest(abort=[1]))
+    out = await collect(call, {2})
+    assert out[2][-1][1] == pb.FINISH_LENGTH
+    assert 1 not in core.live
+    call.cancel()
 
 
-async def test_empty_prefill_is_invalid(client: ShardClient) -> None:
-    with pytest.raises(grpc.aio.AioRpcError) as error:
-        await client.prefill(pb.Batch(id=5))
-    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+async def test_a_repeated_id_fails_alone_and_a_closed_stream_ends_its_requests(
+    served: tuple[ShardClient, EngineCore],
+) -> None:
+    client, core = served
+    call = client.generate()
+    await call.write(pb.GenerateRequest(add=[request(1, [5, 6], max_new_tokens=500)]))
+    await call.write(pb.GenerateRequest(add=[request(1, [5, 6])]))
+    failures: list[pb.RequestFailure] = []
+    while not failures:
+        step = await asyncio.wait_for(call.read(), 30)
+        failures = list(step.generations.failures)
+    assert failures[0].request_id == 1 and "already running" in failures[0].message
+    assert 1 in core.live  # the first one runs on
+    call.cancel()
+    for _ in range(100):
+        if not core.live:
+            break
+        await asyncio.sleep(0.05)
+    assert not core.live
+
+
+async def test_one_stream_at_a_time(served: tuple[ShardClient, EngineCore]) -> None:
+    client, _ = served
+    first = client.generate()
+    await first.write(pb.GenerateRequest(add=[request(1, [5, 6], max_new_tokens=2)]))
+    await collect(first, {1})
+    second = client.generate()
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await asyncio.wait_for(second.read(), 30)
+    assert e.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    first.cancel()

@@ -8,10 +8,10 @@ import math
 
 import pytest
 
+from router.entry import EventChannel
 from router.errors import GenerationError
 from router.generation import Finished, StreamEvent, Token
 from router.openai_api import _data, _TextChunks
-from router.queue import EventChannel
 from router.sse import WRITE_BUFFER_LIMIT, DirectSSE, WriteCoalescer
 from router.tgi_api import stream_event_bytes, stream_event_json
 

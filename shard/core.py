@@ -1,0 +1,281 @@
+"""The engine core: requests in, steps run one after another, tokens and endings out.
+
+The router adds requests and aborts them (proto ``Generate``); from then on the core owns them. Each
+``step`` hands waiting requests to the engine, runs one step of it, and decides how each request that got
+a token ends (its length, an end-of-sequence id, one of its stop token ids: ``Ending``), so the router
+never has to tell the shard what to keep. Admission, abort, failure and finishing are written here once,
+for every engine:
+
+- the paged engine (``ChunkedEngine``) schedules for itself (``shard.scheduler``: KV blocks, step budget,
+  preemption), so every waiting request is handed to it at once;
+- engines that run whole prompts and keep their own KV (transformers, CTranslate2) get waiting requests by
+  TGI's rule: a prefill batch within ``max_batch_prefill_tokens`` and, with what already runs, within
+  ``max_batch_total_tokens`` (a padded backend pays ``(n + 1) x the longest prompt``), joining a running
+  batch once ``waiting_served_ratio`` x the running count wait or ``max_waiting_tokens`` steps passed.
+
+Failures: a request whose own row fails (non-finite logits) leaves alone; a step that raises fails every
+request in it (``Output.failed``) and the engine's batches are dropped; the core goes on with the next.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from .engine import StepEngine
+from .faults import is_fatal
+from .types import RequestFailure, RequestSpec, StepResult
+
+log = logging.getLogger(__name__)
+
+# Finish reasons (proto FinishReason).
+FINISH_NONE, FINISH_LENGTH, FINISH_EOS, FINISH_STOP = 0, 1, 2, 3
+
+
+@dataclass(frozen=True)
+class Limits:
+    """TGI's batching flags, for engines that do not schedule for themselves."""
+
+    max_batch_prefill_tokens: int = 4096
+    max_batch_total_tokens: int = 16000
+    waiting_served_ratio: float = 1.2
+    max_waiting_tokens: int = 20
+
+
+@dataclass(slots=True)
+class Ending:
+    """What ends one request: its length, and the ids that end it once ``min_new_tokens`` are out."""
+
+    spec: RequestSpec
+    eos_ids: frozenset[int]
+    stop_ids: frozenset[int]
+    generated: int = 0
+
+    def push(self, token_id: int) -> int:
+        """Counts one generated token; returns the finish reason it brings (FINISH_NONE: it goes on)."""
+        self.generated += 1
+        spec = self.spec
+        if self.generated >= spec.max_new_tokens:
+            return FINISH_LENGTH
+        if self.generated < spec.min_new_tokens:
+            return FINISH_NONE
+        if token_id in self.eos_ids:
+            return FINISH_EOS
+        if token_id in self.stop_ids:
+            return FINISH_STOP
+        return FINISH_NONE
+
+
+@dataclass
+class Output:
+    """One step: its result (tokens, failures) and each row's finish reason; the queue after it."""
+
+    result: StepResult
+    finish_reasons: list[int]
+    total_ns: int = 0
+    waiting: int = 0
+    running: int = 0
+    prefill: bool = False
+    failed: bool = False
+    cache: dict[str, int] | None = field(default=None)
+
+
+class EngineCore:
+    """Owns the shard's requests from ``add`` until they end, and runs the engine's steps."""
+
+    def __init__(
+        self, engine: StepEngine, limits: Limits | None = None, contain_failures: bool = True
+    ) -> None:
+        """``contain_failures``: a failed step fails its requests and the core goes on (one rank); else
+        (several ranks, whose group a failed step may have left out of step) the error propagates."""
+        self.engine = engine
+        self.contain_failures = contain_failures
+        self.limits = limits or Limits()
+        self.schedules_itself = engine.chunked_prefill
+        self.requires_padding = engine.backend.info.requires_padding
+        self.eos_ids = frozenset(engine.backend.info.eos_token_ids)
+        # Requests alive, by id (added, not ended, not aborted).
+        self.live: dict[int, Ending] = {}
+        # Requests not yet handed to the engine, in arrival order.
+        self.waiting: deque[RequestSpec] = deque()
+        # The engine's batches and the request ids each holds, in the engine's order.
+        self.batches: list[tuple[int, list[int]]] = []
+        self._batch_ids = itertools.count(1)
+        self._waiting_steps = 0
+
+    # -- requests in ------------------------------------------------------------------------------
+    def use_eos(self, ids: list[int]) -> None:
+        """The router's end-of-sequence ids, for a model whose configuration declares none."""
+        if not self.eos_ids:
+            self.eos_ids = frozenset(ids)
+
+    def add(self, requests: list[RequestSpec]) -> list[RequestFailure]:
+        """Queues new requests; a repeated id is refused alone."""
+        refused = []
+        for r in requests:
+            if r.id in self.live:
+                refused.append(RequestFailure(r.id, f"request id {r.id} is already running"))
+                continue
+            eos = frozenset() if r.ignore_eos else self.eos_ids
+            self.live[r.id] = Ending(r, eos, frozenset(r.stop_token_ids))
+            self.waiting.append(r)
+        return refused
+
+    def abort(self, request_ids: list[int]) -> None:
+        """Ends these requests now; the engine drops them (and their memory) at its next step."""
+        gone = {rid for rid in request_ids if self.live.pop(rid, None) is not None}
+        if gone and self.waiting:
+            self.waiting = deque(r for r in self.waiting if r.id not in gone)
+
+    def has_work(self) -> bool:
+        """Whether a step has something to do: requests alive, or batches to free on the engine."""
+        return bool(self.live) or bool(self.batches)
+
+    # -- one step ---------------------------------------------------------------------------------
+    def step(self) -> Output:
+        """Hands waiting requests to the engine and runs one step: a prefill of new requests when
+        nothing runs, else a decode step (which new prompts join)."""
+        started = time.perf_counter_ns()
+        idle = not self.batches
+        joining = self._admit(idle)
+        results: list[StepResult] = []
+        involved = [r.id for r in joining] + [rid for _, ids in self.batches for rid in ids]
+        try:
+            if joining:
+                batch_id = next(self._batch_ids)
+                max_tokens = sum(len(r.input_ids) + r.max_new_tokens for r in joining)
+                results.append(self.engine.prefill(batch_id, joining, max_tokens))
+                cached = self.engine.cached(batch_id)
+                if cached is not None:
+                    self.batches.append((cached.id, cached.request_ids))
+            if not idle:
+                wanted = [(bid, [rid for rid in ids if rid in self.live]) for bid, ids in self.batches]
+                result, cached = self.engine.decode(wanted)
+                self.batches = [] if cached is None else [(cached.id, cached.request_ids)]
+                results.append(result)
+        except Exception as e:
+            return self._failed(involved, e, started)
+        out = self._finish(StepResult.join(results))
+        out.prefill = idle
+        out.total_ns = time.perf_counter_ns() - started
+        self._count(out)
+        return out
+
+    def warmup(self, requests: list[RequestSpec]) -> None:
+        """Runs requests to their end before serving (nothing else may be running)."""
+        self.add(requests)
+        while self.live:
+            out = self.step()
+            if out.failed or out.result.failures:
+                raise RuntimeError(f"warm-up failed: {out.result.failures[0].message}")
+        self.clear()
+
+    def clear(self) -> None:
+        """Drops every request and every batch of the engine."""
+        self.live.clear()
+        self.waiting.clear()
+        self.engine.clear(None)
+        self.batches = []
+
+    # -- inside ------------------------------------------------------------------------------------
+    def _admit(self, idle: bool) -> list[RequestSpec]:
+        """The waiting requests the engine takes now (see the module docstring)."""
+        if not self.waiting:
+            return []
+        if self.schedules_itself:
+            joining = list(self.waiting)
+            self.waiting.clear()
+            return joining
+        limits = self.limits
+        min_size = None
+        if not idle:
+            self._waiting_steps += 1
+            running = sum(len(ids) for _, ids in self.batches)
+            if self._waiting_steps < limits.max_waiting_tokens:
+                min_size = int(running * limits.waiting_served_ratio)
+                if len(self.waiting) < min_size:
+                    return []
+        taken = self._fit(min_size, limits.max_batch_total_tokens - self._held_tokens())
+        if not taken and idle:
+            # Nothing runs and the first request is larger than the budgets: it runs alone (the router
+            # admits nothing that exceeds --max-total-tokens, so the budgets were set below it).
+            taken = [self.waiting.popleft()]
+        if taken:
+            self._waiting_steps = 0
+        return taken
+
+    def _fit(self, min_size: int | None, token_budget: int) -> list[RequestSpec]:
+        """Pops the longest prefix of the waiting requests that fits the budgets (TGI's next_batch);
+        nothing when fewer than ``min_size`` fit."""
+        taken: list[RequestSpec] = []
+        prefill = decode = longest = 0
+        for r in self.waiting:
+            prompt = len(r.input_ids)
+            if self.requires_padding:
+                longest = max(longest, prompt)
+                next_prefill = (len(taken) + 1) * longest
+            else:
+                next_prefill = prefill + prompt
+            next_decode = decode + r.max_new_tokens
+            if (
+                next_prefill > self.limits.max_batch_prefill_tokens
+                or next_prefill + next_decode > token_budget
+            ):
+                break
+            taken.append(r)
+            prefill, decode = next_prefill, next_decode
+        if not taken or (min_size is not None and len(taken) < min_size):
+            return []
+        for _ in taken:
+            self.waiting.popleft()
+        return taken
+
+    def _held_tokens(self) -> int:
+        """Tokens the running requests hold (padded backends: every row as long as the longest)."""
+        rows = [self.live[rid] for _, ids in self.batches for rid in ids if rid in self.live]
+        if not rows:
+            return 0
+        if self.requires_padding:
+            longest = max(len(e.spec.input_ids) + e.generated for e in rows)
+            remaining = sum(e.spec.max_new_tokens - e.generated for e in rows)
+            return len(rows) * longest + remaining
+        return sum(len(e.spec.input_ids) + e.spec.max_new_tokens for e in rows)
+
+    def _finish(self, result: StepResult) -> Output:
+        """Each row's finish reason; ended and failed requests leave."""
+        live = self.live
+        for failure in result.failures:
+            live.pop(failure.request_id, None)
+        reasons = []
+        for rid, token_id in zip(result.request_ids, result.token_ids, strict=True):
+            ending = live.get(rid)
+            reason = FINISH_NONE if ending is None else ending.push(token_id)
+            if reason:
+                del live[rid]
+            reasons.append(reason)
+        return Output(result, reasons)
+
+    def _count(self, out: Output) -> None:
+        waiting = len(self.waiting) + self.engine.num_waiting()
+        out.waiting = waiting
+        out.running = max(len(self.live) - waiting, 0)
+        out.cache = self.engine.stats()
+
+    def _failed(self, involved: list[int], error: Exception, started: int) -> Output:
+        """A step that raised: every request in it fails, the engine's batches go."""
+        if is_fatal(error) or not self.contain_failures:
+            raise error
+        log.exception("Step failed")
+        message = f"{type(error).__name__}: {error}"
+        ids = [rid for rid in dict.fromkeys(involved) if self.live.pop(rid, None) is not None]
+        for bid, _ in self.batches:
+            self.engine.clear(bid)
+        self.batches = []
+        out = Output(StepResult([], [], []), [], failed=True)
+        out.result.failures = [RequestFailure(rid, message) for rid in ids]
+        out.total_ns = time.perf_counter_ns() - started
+        self._count(out)
+        return out
