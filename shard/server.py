@@ -152,6 +152,8 @@ class ModelLoop:
         self._adds: list[pb.Request] = []
         self._aborts: list[int] = []
         self._calls: deque[tuple[Callable[[], object], asyncio.Future]] = deque()
+        # Set when the stream that added the live requests has closed: they all end.
+        self._abort_all = False
         self.stopping = False
         # Where step outputs go (the open Generate stream; called on the event loop), and None between
         # streams: outputs then have nobody to go to.
@@ -162,6 +164,12 @@ class ModelLoop:
         with self._lock:
             self._adds.extend(adds)
             self._aborts.extend(aborts)
+        self._wake.set()
+
+    def abort_all(self) -> None:
+        """Ends every live request (its stream has closed) before the next step."""
+        with self._lock:
+            self._abort_all = True
         self._wake.set()
 
     def call(self, fn: Callable[[], T]) -> asyncio.Future[T]:
@@ -186,6 +194,9 @@ class ModelLoop:
                     aborts, self._aborts = self._aborts, []
                     calls = list(self._calls)
                     self._calls.clear()
+                    if self._abort_all:
+                        self._abort_all = False
+                        aborts = [*self.core.live, *aborts]
                     self._wake.clear()
                 for fn, future in calls:
                     self._resolve(fn, future)
@@ -292,12 +303,9 @@ class ShardService(pb_grpc.TextGenerationServiceServicer):
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, "a Generate stream is open already")
         outputs: asyncio.Queue[pb.StepOutput | None] = asyncio.Queue()
         model.sink = outputs.put_nowait
-        added: set[int] = set()
 
         async def read() -> None:
             async for message in requests:
-                added.update(r.id for r in message.add)
-                added.difference_update(message.abort)
                 model.submit(list(message.add), list(message.abort))
             outputs.put_nowait(None)
 
@@ -308,7 +316,7 @@ class ShardService(pb_grpc.TextGenerationServiceServicer):
         finally:
             reader.cancel()
             model.sink = None
-            model.submit([], sorted(added))  # the stream's requests end with it
+            model.abort_all()  # the stream's requests end with it
 
 
 async def serve(config: ShardConfig) -> None:
