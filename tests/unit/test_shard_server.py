@@ -59,6 +59,8 @@ async def collect(call: grpc.aio.StreamStreamCall, ids: set[int]) -> dict[int, l
         for failure in g.failures:
             raise AssertionError(f"request {failure.request_id} failed: {failure.message}")
         for rid, token, reason in zip(g.request_ids, g.token_ids, g.finish_reasons, strict=True):
+            if rid not in out:  # another request (an abort in flight reaches the shard between steps)
+                continue
             out[rid].append((token, reason))
             if reason:
                 live.discard(rid)
