@@ -31,6 +31,8 @@ from .types import RequestFailure, RequestSpec, StepResult
 
 log = logging.getLogger(__name__)
 
+# Steps the warm-up may take (its requests ask for 2 tokens each).
+WARMUP_STEPS = 1000
 # Finish reasons (proto FinishReason).
 FINISH_NONE, FINISH_LENGTH, FINISH_EOS, FINISH_STOP = 0, 1, 2, 3
 
@@ -167,10 +169,14 @@ class EngineCore:
     def warmup(self, requests: list[RequestSpec]) -> None:
         """Runs requests to their end before serving (nothing else may be running)."""
         self.add(requests)
-        while self.live:
+        for _ in range(WARMUP_STEPS):
+            if not self.live:
+                break
             out = self.step()
             if out.failed or out.result.failures:
                 raise RuntimeError(f"warm-up failed: {out.result.failures[0].message}")
+        if self.live:
+            raise RuntimeError(f"warm-up did not finish in {WARMUP_STEPS} steps")
         self.clear()
 
     def clear(self) -> None:

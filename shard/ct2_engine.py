@@ -350,11 +350,18 @@ class CT2Engine:
 
     # -- groups -----------------------------------------------------------------------------------
     def _groups(self, batch_id: int, requests: list[RequestSpec]) -> list[Group]:
-        """Requests with the same options and prompts within ``length_slack`` tokens, together."""
+        """Requests with the same options and prompts within ``length_slack`` tokens, together. A request
+        that wants top tokens (the step's whole logits, ``return_logits_vocab``) runs in a group of its
+        own: with the logits on, ctranslate2 does not report a batch's rows step by step in lock step,
+        and a group of two or more would wait for a step that never completes."""
         by_options: dict[Options, list[RequestSpec]] = {}
-        for r in requests:
-            by_options.setdefault(Options.of(r), []).append(r)
         groups = []
+        for r in requests:
+            options = Options.of(r)
+            if options.logits:
+                groups.append(Group([r], batch_id, options))
+            else:
+                by_options.setdefault(options, []).append(r)
         for options, members in by_options.items():
             members.sort(key=lambda r: len(r.input_ids))
             current: list[RequestSpec] = []

@@ -204,3 +204,25 @@ def test_unknown_batches_and_requests(engine: CT2Engine) -> None:
 
 def test_length_slack() -> None:
     assert length_slack(5) == 8 and length_slack(400) == 50
+
+
+def test_requests_that_want_top_tokens_each_finish(backend: CT2Backend) -> None:
+    """With the step's logits on (top_n_tokens), ctranslate2 does not report a batch's rows in lock step:
+    each such request runs in a group of its own, and two of them with one prompt both finish."""
+    from shard.core import FINISH_LENGTH, EngineCore
+
+    engine = backend.make_engine()
+    try:
+        core = EngineCore(engine)
+        core.add([request(i, [5, 6, 7, 8], 3, top_n_tokens=2) for i in range(2)])
+        ended: dict[int, int] = {}
+        for _ in range(20):
+            if not core.live:
+                break
+            out = core.step()
+            for rid, reason in zip(out.result.request_ids, out.finish_reasons, strict=True):
+                if reason:
+                    ended[rid] = reason
+        assert ended == {0: FINISH_LENGTH, 1: FINISH_LENGTH}
+    finally:
+        engine.close()
