@@ -166,9 +166,11 @@ class EngineClient:
             m.batch_inference_success.labels(method).inc()
         if out.HasField("cache"):
             m.observe_cache(out.cache)
-        seconds = out.total_ns / 1e9
-        m.batch_inference_duration.labels(method).observe(seconds)
-        m.batch_forward_duration.labels(method).observe(seconds)
+        m.batch_inference_duration.labels(method).observe(out.total_ns / 1e9)
+        m.batch_forward_duration.labels(method).observe(out.forward_ns / 1e9)
+        if out.joined:
+            m.batch_next_size.observe(out.joined)
+        m.batch_current_max_tokens.set(out.max_tokens)
         m.queue_size.set(out.waiting)
         if out.running != self._gauged_size:
             self._gauged_size = out.running

@@ -14,12 +14,12 @@ from .validation import ValidRequest
 
 
 class EventChannel:
-    """One producer (the batching loop), one consumer (the request's handler): cheaper than an
+    """One producer (the receiving loop), one consumer (the request's handler): cheaper than an
     asyncio.Queue on the per-token path, and the consumer can take everything that piled up at once.
 
     ``direct``, when the handler sets it, is offered each item first while nothing is queued: it returns
     True when it has taken the item itself (a streaming handler writes plain tokens to its connection
-    straight from the batching loop, see ``sse.DirectSSE``), False to let it be queued as usual."""
+    straight from the receiving loop, see ``sse.DirectSSE``), False to let it be queued as usual."""
 
     __slots__ = ("direct", "items", "waiter")
 

@@ -64,7 +64,7 @@ NO_TOP_TOKENS: list[Token] = []
 
 class GenerationState:
     """One request's tokens, text and ending. ``begin`` then ``push`` account each generated token (the
-    batching loop's per-token path: the facts it checks are precomputed here, once per request)."""
+    receiving loop's per-token path: the facts it checks are precomputed here, once per request)."""
 
     def __init__(self, request: ValidRequest, tokenizer: Tokenizer, eos_ids: frozenset[int]) -> None:
         self.request = request

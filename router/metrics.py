@@ -62,33 +62,30 @@ class Metrics:
         )
         self.batch_inference_duration = Histogram(
             "tgi_batch_inference_duration",
-            "Batch step seconds",
+            "Shard seconds per step (admission, the engine's step, endings)",
             ["method"],
             buckets=DURATION_BUCKETS,
             registry=r,
         )
         self.batch_forward_duration = Histogram(
             "tgi_batch_forward_duration",
-            "Shard seconds per step, by the shard's own clock (the rest of tgi_batch_inference_duration is the "
-            "trip between router and shard)",
+            "Seconds of the engine's step (forward and sampling) within tgi_batch_inference_duration",
             ["method"],
             buckets=DURATION_BUCKETS,
             registry=r,
         )
-        self.batch_router_duration = Histogram(
-            "tgi_batch_router_duration",
-            "Router seconds between a decode response and the next decode request (its own time per step)",
-            buckets=DURATION_BUCKETS,
-            registry=r,
-        )
-        self.batch_concat = Counter("tgi_batch_concat", "Batches joined", ["reason"], registry=r)
         self.batch_next_size = Histogram(
-            "tgi_batch_next_size", "Requests per prefill", buckets=tuple(range(1, 1025)), registry=r
+            "tgi_batch_next_size",
+            "Requests handed to the engine in a step",
+            buckets=tuple(range(1, 1025)),
+            registry=r,
         )
         self.queue_size = Gauge("tgi_queue_size", "Requests waiting", registry=r)
         self.batch_current_size = Gauge("tgi_batch_current_size", "Requests in the running batch", registry=r)
         self.batch_current_max_tokens = Gauge(
-            "tgi_batch_current_max_tokens", "Token budget held by the running batch", registry=r
+            "tgi_batch_current_max_tokens",
+            "Tokens the running requests may grow to (prompt + max_new_tokens each)",
+            registry=r,
         )
         # Reported by backends with a paged KV cache after every step.
         self.kv_cache_tokens = Gauge("tgi_kv_cache_tokens", "KV cache size in tokens", registry=r)

@@ -127,7 +127,7 @@ async def _stream_all(
     chunk); returns how many tokens they generated in all, or raises the first error (the other requests
     are then cancelled).
 
-    As on TGI's stream, the batching loop writes the plain token events itself (``DirectSSE``, on
+    As on TGI's stream, the receiving loop writes the plain token events itself (``DirectSSE``, on
     ``transport``: see ``DirectSSE.open``); a task per request writes the others (the last one, errors
     aside, and every event while the client is slow to read)."""
 
@@ -325,7 +325,7 @@ async def _chat_stream(
     content = _TextChunks(lambda index, text: chunk(index, {"content": text}))
 
     def event_bytes(index: int, event: StreamEvent) -> bytes:
-        """The event's chunk (the batching loop's per-token path for plain tokens); b"" for none."""
+        """The event's chunk (the receiving loop's per-token path for plain tokens); b"" for none."""
         if event.finished is None and event.delta and not logprobs:
             return content(index, event.delta)
         visible = _visible(event.token, requests[index])
@@ -494,7 +494,7 @@ async def _completions_stream(
     text_chunk = _TextChunks(lambda index, text: chunk(index, text, None, None))
 
     def event_bytes(index: int, event: StreamEvent) -> bytes:
-        """The event's chunk (the batching loop's per-token path for plain tokens); b"" for none."""
+        """The event's chunk (the receiving loop's per-token path for plain tokens); b"" for none."""
         if event.finished is None and event.delta and logprobs is None:
             return text_chunk(index, event.delta)
         lp = None

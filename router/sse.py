@@ -1,9 +1,10 @@
-"""Token streams written straight from the batching loop: the router's per-token hot path.
+"""Token streams written straight from the receiving loop (router/engine_client.py): the router's per-token
+hot path.
 
-A streaming handler used to wake up once per token: the batching loop put the event in the request's
+A streaming handler used to wake up once per token: the receiving loop put the event in the request's
 channel, the handler's task resumed, formatted it and wrote it through aiohttp's writer. At hundreds of
 streams that wake-up and the layers under it cost more than the token itself. With a ``DirectSSE``
-attached to the request's channel, the batching loop formats each plain token event itself and leaves it
+attached to the request's channel, the receiving loop formats each plain token event itself and leaves it
 to the loop's ``WriteCoalescer``, which writes it to the connection (a chunked-encoding frame, one
 ``transport.write`` for everything the connection has pending). The handler still gets, through the
 channel, everything else: the last event (it ends the response), errors, and every event while the
@@ -109,8 +110,8 @@ class WriteCoalescer:
 
 class DirectSSE:
     """One streaming response's events, numbered from 1, formatted by ``format_event(event, index)``
-    (complete ``data: ...`` events, or b"" for none), written by the batching loop where possible (``offer``) and by the
-    handler otherwise (``render`` then ``response.write``).
+    (complete ``data: ...`` events, or b"" for none), written by the receiving loop where possible
+    (``offer``) and by the handler otherwise (``render`` then ``response.write``).
 
     With a ``coalescer``, offered frames wait in ``pending`` until it flushes them; without one, each is
     written at once. Before ``offer`` declines an item, and in ``close``, pending frames are written: what
@@ -133,7 +134,7 @@ class DirectSSE:
     @staticmethod
     async def open(request: web.Request, response: web.StreamResponse) -> asyncio.Transport | None:
         """Sends the response's headers (chunked encoding on HTTP/1.1). Returns the connection's transport
-        when the batching loop may write events to it itself: chunked, not compressed; else None."""
+        when the receiving loop may write events to it itself: chunked, not compressed; else None."""
         if request.version >= HttpVersion11:
             response.enable_chunked_encoding()
         await response.prepare(request)
@@ -145,7 +146,7 @@ class DirectSSE:
     def attach(
         cls, transport: asyncio.Transport | None, channel: EventChannel, format_event: FormatEvent
     ) -> DirectSSE:
-        """Lets the batching loop write the plain token events of ``channel`` to ``transport`` (from
+        """Lets the receiving loop write the plain token events of ``channel`` to ``transport`` (from
         ``open``; None: the handler writes every event), until the handler calls ``close``: the
         connection may serve another request next. Several channels may share one transport."""
         sse = cls(transport, format_event, WriteCoalescer.of(asyncio.get_running_loop()))
@@ -183,7 +184,9 @@ class DirectSSE:
             return False
         try:
             data = self.format(item, self.index + 1)
-        except Exception:  # not in the batching loop: the handler formats it again and meets the error
+        except (
+            Exception
+        ):  # not in the receiving loop: the handler formats it again and meets the error
             self.flush()
             return False
         self.index += 1

@@ -208,7 +208,7 @@ async def generate_stream(request: web.Request, body: dict[str, Any] | None = No
         )
         async with infer.request(valid) as entry:
             details, input_length = valid.details, valid.input_length
-            # Plain tokens are written by the batching loop itself; the rest comes through here.
+            # Plain tokens are written by the receiving loop itself; the rest comes through here.
             sse = await DirectSSE.start(
                 request, response, entry.events, lambda e, i: stream_event_bytes(e, i, details, input_length)
             )

@@ -78,6 +78,10 @@ class Output:
     result: StepResult
     finish_reasons: list[int]
     total_ns: int = 0
+    # The engine's calls within the step (forward and sampling).
+    forward_ns: int = 0
+    joined: int = 0
+    max_tokens: int = 0
     waiting: int = 0
     running: int = 0
     prefill: bool = False
@@ -107,6 +111,8 @@ class EngineCore:
         self.batches: list[tuple[int, list[int]]] = []
         self._batch_ids = itertools.count(1)
         self._waiting_steps = 0
+        # Tokens the live requests may grow to (prompt + max_new_tokens each).
+        self._max_tokens = 0
 
     # -- requests in ------------------------------------------------------------------------------
     def use_eos(self, ids: list[int]) -> None:
@@ -123,12 +129,13 @@ class EngineCore:
                 continue
             eos = frozenset() if r.ignore_eos else self.eos_ids
             self.live[r.id] = Ending(r, eos, frozenset(r.stop_token_ids))
+            self._max_tokens += len(r.input_ids) + r.max_new_tokens
             self.waiting.append(r)
         return refused
 
     def abort(self, request_ids: list[int]) -> None:
         """Ends these requests now; the engine drops them (and their memory) at its next step."""
-        gone = {rid for rid in request_ids if self.live.pop(rid, None) is not None}
+        gone = {rid for rid in request_ids if self._end(rid)}
         if gone and self.waiting:
             self.waiting = deque(r for r in self.waiting if r.id not in gone)
 
@@ -145,6 +152,7 @@ class EngineCore:
         joining = self._admit(idle)
         results: list[StepResult] = []
         involved = [r.id for r in joining] + [rid for _, ids in self.batches for rid in ids]
+        engine_started = time.perf_counter_ns()
         try:
             if joining:
                 batch_id = next(self._batch_ids)
@@ -160,8 +168,11 @@ class EngineCore:
                 results.append(result)
         except Exception as e:
             return self._failed(involved, e, started)
+        forward_ns = time.perf_counter_ns() - engine_started
         out = self._finish(StepResult.join(results))
         out.prefill = idle
+        out.joined = len(joining)
+        out.forward_ns = forward_ns
         out.total_ns = time.perf_counter_ns() - started
         self._count(out)
         return out
@@ -182,11 +193,20 @@ class EngineCore:
     def clear(self) -> None:
         """Drops every request and every batch of the engine."""
         self.live.clear()
+        self._max_tokens = 0
         self.waiting.clear()
         self.engine.clear(None)
         self.batches = []
 
     # -- inside ------------------------------------------------------------------------------------
+    def _end(self, rid: int) -> bool:
+        """``rid`` leaves the live requests (whatever ended it); False if it was not live."""
+        ending = self.live.pop(rid, None)
+        if ending is None:
+            return False
+        self._max_tokens -= len(ending.spec.input_ids) + ending.spec.max_new_tokens
+        return True
+
     def _admit(self, idle: bool) -> list[RequestSpec]:
         """The waiting requests the engine takes now (see the module docstring)."""
         if not self.waiting:
@@ -254,13 +274,13 @@ class EngineCore:
         """Each row's finish reason; ended and failed requests leave."""
         live = self.live
         for failure in result.failures:
-            live.pop(failure.request_id, None)
+            self._end(failure.request_id)
         reasons = []
         for rid, token_id in zip(result.request_ids, result.token_ids, strict=True):
             ending = live.get(rid)
             reason = FINISH_NONE if ending is None else ending.push(token_id)
             if reason:
-                del live[rid]
+                self._end(rid)
             reasons.append(reason)
         return Output(result, reasons)
 
@@ -268,6 +288,7 @@ class EngineCore:
         waiting = len(self.waiting) + self.engine.num_waiting()
         out.waiting = waiting
         out.running = max(len(self.live) - waiting, 0)
+        out.max_tokens = self._max_tokens
         out.cache = self.engine.stats()
 
     def _failed(self, involved: list[int], error: Exception, started: int) -> Output:
@@ -276,7 +297,7 @@ class EngineCore:
             raise error
         log.exception("Step failed")
         message = f"{type(error).__name__}: {error}"
-        ids = [rid for rid in dict.fromkeys(involved) if self.live.pop(rid, None) is not None]
+        ids = [rid for rid in dict.fromkeys(involved) if self._end(rid)]
         for bid, _ in self.batches:
             self.engine.clear(bid)
         self.batches = []

@@ -97,6 +97,9 @@ def output_to_pb(out: Output) -> pb.StepOutput:
     message = pb.StepOutput(
         generations=generations_to_pb(out.result, out.finish_reasons),
         total_ns=out.total_ns,
+        forward_ns=out.forward_ns,
+        joined=out.joined,
+        max_tokens=out.max_tokens,
         waiting=out.waiting,
         running=out.running,
         prefill=out.prefill,
