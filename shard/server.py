@@ -40,6 +40,9 @@ from .types import RequestFailure, RequestSpec, SamplingParams, StepResult
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+# How long a step waits at most for the event loop to have sent the previous step's output.
+SEND_WAIT_S = 1.0
+
 GRPC_OPTIONS = [
     ("grpc.max_send_message_length", 256 * 1024 * 1024),
     ("grpc.max_receive_message_length", 256 * 1024 * 1024),
@@ -157,6 +160,11 @@ class ModelLoop:
         self._calls: deque[tuple[Callable[[], object], asyncio.Future]] = deque()
         # Set when the stream that added the live requests has closed: they all end.
         self._abort_all = False
+        # Set once the event loop has sent the last step's output: the next step waits for it, so that
+        # the event loop's work never runs beside the step's compute threads (on a CPU that has no core
+        # to spare it would stall them; a step costs more than the wait).
+        self._sent = threading.Event()
+        self._sent.set()
         self.stopping = False
         # Where step outputs go (the open Generate stream; called on the event loop), and None between
         # streams: outputs then have nobody to go to.
@@ -217,6 +225,8 @@ class ModelLoop:
                         continue
                     out = Output(StepResult([], [], []), [])
                 out.result.failures += refused
+                self._sent.wait(SEND_WAIT_S)
+                self._sent.clear()
                 self.loop.call_soon_threadsafe(self._emit, out)
         except PeerLostError as e:
             if not (relay is not None and relay.stopping):
@@ -243,8 +253,11 @@ class ModelLoop:
 
     # -- back on the event loop --------------------------------------------------------------------
     def _emit(self, out: Output) -> None:
-        if self.sink is not None:
-            self.sink(output_to_pb(out))
+        try:
+            if self.sink is not None:
+                self.sink(output_to_pb(out))
+        finally:
+            self._sent.set()
 
     def _emit_fatal(self, message: str) -> None:
         ids = list(self.core.live)
