@@ -184,9 +184,7 @@ class DirectSSE:
             return False
         try:
             data = self.format(item, self.index + 1)
-        except (
-            Exception
-        ):  # not in the receiving loop: the handler formats it again and meets the error
+        except Exception:  # not in the receiving loop: the handler formats it again and meets the error
             self.flush()
             return False
         self.index += 1
