@@ -1,0 +1,106 @@
+"""Text scanning helpers shared by the tool-call and reasoning parsers.
+
+Everything here works on a growing buffer: a scan that cannot decide yet says so (None), and the same
+decision is reached whatever the split of the text into deltas, which is what keeps streamed parsing equal
+to whole-text parsing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+def held_suffix(text: str, tags: Iterable[str]) -> int:
+    """The length of the longest suffix of ``text`` that is a proper prefix of one of ``tags``: the part a
+    stream must hold back, since the next delta could complete it into a tag."""
+    best = 0
+    for tag in tags:
+        for n in range(min(len(tag) - 1, len(text)), best, -1):
+            if text.endswith(tag[:n]):
+                best = n
+                break
+    return best
+
+
+def find_first(text: str, tags: Iterable[str], start: int = 0) -> tuple[int, str] | None:
+    """The earliest occurrence of any of ``tags`` in ``text`` from ``start`` (the longest tag on a tie)."""
+    best: tuple[int, str] | None = None
+    for tag in tags:
+        i = text.find(tag, start)
+        if i >= 0 and (best is None or i < best[0] or (i == best[0] and len(tag) > len(best[1]))):
+            best = (i, tag)
+    return best
+
+
+def skip_space(text: str, pos: int) -> int:
+    """The index of the first non-whitespace character at or after ``pos`` (``len(text)`` if none)."""
+    while pos < len(text) and text[pos].isspace():
+        pos += 1
+    return pos
+
+
+_OPEN = {"[": "]", "{": "}", "(": ")"}
+_CLOSE = frozenset("]})")
+
+
+class BracketScanner:
+    """Finds where a bracketed value that starts at ``start`` ends, incrementally.
+
+    ``python=False`` reads JSON strings (double quotes, backslash escapes); ``python=True`` also reads
+    Python's single-quoted and triple-quoted strings. Only nesting is tracked, not validity: the caller
+    parses the span once it is closed. Brackets are counted, not paired: ``[f(x]`` is still open, and a
+    span that closes with a wrong bracket fails to parse, as it should."""
+
+    def __init__(self, start: int, python: bool = False) -> None:
+        self.pos = start
+        self.python = python
+        self.depth = 0
+        self.quote: str | None = None  # the delimiter of the string being read
+
+    def advance(self, text: str) -> int | None:
+        """Reads ``text`` (the same buffer, grown since the last call) as far as it can; returns the index
+        just past the closing bracket, or None while the value is still open."""
+        pos = self.pos
+        n = len(text)
+        while pos < n:
+            ch = text[pos]
+            if self.quote is not None:
+                if ch == "\\":
+                    if pos + 1 >= n:
+                        break  # the escaped character has not arrived yet
+                    pos += 2
+                    continue
+                q = self.quote
+                if text.startswith(q, pos):
+                    pos += len(q)
+                    self.quote = None
+                    continue
+                if len(q) == 3 and ch == q[0] and n - pos < 3:
+                    break  # could be the start of the closing triple quote
+                if len(q) == 1 and ch == "\n" and self.python:
+                    pos += 1  # an unterminated one-line string: let the parser reject it
+                    continue
+                pos += 1
+                continue
+            if ch == '"' or (ch == "'" and self.python):
+                if self.python:
+                    if n - pos < 3:
+                        break  # one quote or three: not known yet
+                    triple = ch * 3
+                    if text.startswith(triple, pos):
+                        self.quote = triple
+                        pos += 3
+                        continue
+                self.quote = ch
+                pos += 1
+                continue
+            if ch in _OPEN:
+                self.depth += 1
+            elif ch in _CLOSE:
+                self.depth -= 1
+                if self.depth <= 0:
+                    self.pos = pos + 1
+                    return pos + 1
+            pos += 1
+        self.pos = pos
+        return None
