@@ -524,24 +524,22 @@ def step_cost(path: Path, plain_rows: int, constrained_rows: int, steps: int, re
     def run(batch: list[RequestSpec]) -> tuple[list[float], list[float], int]:
         engine.clear()
         spent.clear()
-        ids = [s.id for s in batch]
         constrained = {s.id for s in batch if s.params.processors}
-        first = engine.prefill(1, batch, 100_000)
-        live = (
-            steps
-            if not constrained
-            or all(
-                t not in eos
-                for r, t in zip(first.request_ids, first.token_ids, strict=True)
-                if r in constrained
-            )
-            else 0
-        )
+        if engine.add(batch):
+            raise RuntimeError("the engine refused a request")
+        first: dict[int, int] = {}  # each request's first token (prompts run in chunks, maybe over steps)
+        while len(first) < len(batch):
+            result = engine.step()
+            if result.failures:
+                raise RuntimeError(f"requests failed: {result.failures}")
+            for r, t in zip(result.request_ids, result.token_ids, strict=True):
+                first.setdefault(r, t)
+        live = steps if not constrained or all(first[r] not in eos for r in constrained) else 0
         times, grammar_times = [], []
         for step in range(steps):
             spent.clear()
             t = clock()
-            result, _ = engine.decode([(1, ids)])
+            result = engine.step()
             times.append(clock() - t)
             grammar_times.append(sum(spent))
             done = [r for r, tok in zip(result.request_ids, result.token_ids, strict=True) if tok in eos]

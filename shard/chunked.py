@@ -1,26 +1,26 @@
 """The engine of backends that run decodes and prompt chunks in one step (the paged backend).
 
-``Prefill`` hands new requests to the scheduler (``shard.scheduler``), which decides every step what runs:
+``add`` hands new requests to the scheduler (``shard.scheduler``), which decides every step what runs:
 the running sequences' next tokens, and the next chunks of waiting prompts in the same forward, under a
 token budget that keeps a step within about twice the cost of a plain decode step (``StepCosts``) and
 under the KV blocks the pool has. When blocks run out, the scheduler preempts the running sequence of
 lowest priority: its blocks go back and it recomputes its tokens later, picking up where it was (its
 sampling state waits in ``Job.resume``). A request whose prompt is complete gets its first token in that
-step and joins the running batch. Until then the router sees it in the cached batch's request ids,
-without a token.
+step and joins the running batch.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import torch
 
 from .backends.base import PrefillOutput
 from .backends.paged import Chunk, PagedBackend, PagedState
-from .batch import Batch, UnknownRequestError
-from .engine import Cached, Engine, UnknownBatchError
+from .batch import Batch
+from .engine import Engine, admit
 from .faults import Faults
 from .paged.kv_cache import PagedKVCache, Sequence
 from .processors import Processors
@@ -70,9 +70,8 @@ def _ewma(old: float | None, new: float) -> float:
 
 @dataclass(eq=False)
 class Job:
-    """One request on this shard, from ``Prefill`` until it leaves: the scheduler's ``Work``."""
+    """One request on this shard, from ``add`` until it leaves: the scheduler's ``Work``."""
 
-    batch_id: int
     request: RequestSpec
     # What it runs when it (re)starts: its prompt, or, after a preemption, every token it had fed.
     tokens: list[int]
@@ -141,26 +140,11 @@ class CachePool:
         job.prompt_logits = []
 
 
-def detach(batch: Batch, request_ids: list[int]) -> Batch:
-    """The rows of ``request_ids`` as a batch of their own without KV state (the caller has released
-    it); ``batch`` itself is unchanged."""
-    position = {rid: row for row, rid in enumerate(batch.request_ids)}
-    rows = [position[rid] for rid in request_ids]
-    index = torch.tensor(rows, dtype=torch.long, device=batch.next_ids.device)
-    return Batch(
-        batch.id,
-        [batch.requests[row] for row in rows],
-        batch.sampler.select(rows),
-        batch.history.select(index),
-        batch.next_ids[index],
-        None,
-        0,
-    )
-
-
 class ChunkedEngine(Engine):
+    """Every request it holds is the scheduler's: each step runs what ``Scheduler.schedule`` plans."""
+
     backend: PagedBackend
-    chunked_prefill = True
+    schedules_itself = True
 
     def __init__(
         self,
@@ -178,15 +162,11 @@ class ChunkedEngine(Engine):
         self.jobs: dict[int, Job] = {}
 
     # -- the protocol -----------------------------------------------------------------------------
-    def prefill(self, batch_id: int, requests: list[RequestSpec], max_tokens: int) -> StepResult:
-        if not requests:
-            raise ValueError("a prefill batch needs at least one request")
-        self.faults.before_step(requests)
-        requests, refused = self._admit(requests)
-        for r in requests:
+    def add(self, requests: list[RequestSpec]) -> list[RequestFailure]:
+        admitted, refused = admit(self.processors, requests)
+        for r in admitted:
             group = r.group or r.id
             job = Job(
-                batch_id,
                 r,
                 list(r.input_ids),
                 (self.scheduler.rank(group), group, r.id),
@@ -195,55 +175,23 @@ class ChunkedEngine(Engine):
             )
             self.jobs[r.id] = job
             self.scheduler.add(job)
-        if self.batches or not requests:  # streams are running: the prompts run in chunks beside them
-            return StepResult([], [], [], failures=refused)
-        result = self._step(batch_id, None)[0]
-        result.failures += refused
-        return result
+        return refused
 
-    def decode(self, wanted: list[tuple[int, list[int]]]) -> tuple[StepResult, Cached | None]:
-        waiting = {j.request.id: j for j in self.scheduler.waiting}
-        known = set(self.batches) | {j.batch_id for j in waiting.values()}
-        wanted = [(bid, ids) for bid, ids in wanted if ids or bid in known]
-        missing = [bid for bid, _ in wanted if bid not in known]
-        if missing:
-            raise UnknownBatchError(f"no cached batch {missing}")
-        if not wanted:
-            return StepResult([], [], []), None
-        target = wanted[0][0]
-        keep_waiting: set[int] = set()
-        kept: list[Batch] = []
-        popped = [(self.batches.pop(bid, None), bid, ids) for bid, ids in wanted]
-        try:
-            for old, bid, ids in popped:
-                running = [rid for rid in ids if rid not in waiting or waiting[rid].batch_id != bid]
-                keep_waiting.update(rid for rid in ids if rid not in running)
-                if old is None:
-                    if running:
-                        raise UnknownRequestError(f"batch {bid} holds no request {running}")
-                    continue
-                self._forget([rid for rid in old.request_ids if rid not in set(running)])
-                batch = old.select(running, self.backend)
-                if batch is not None:
-                    kept.append(batch)
-            self._cut_waiting({bid for _, bid, _ in popped}, keep_waiting, target)
-            merged = Batch.concatenate(kept, self.backend) if kept else None
-            if merged is not None:
-                merged.id = target
-        except BaseException:
-            for b in [*kept, *(old for old, _, _ in popped if old is not None)]:
-                self._drop(b)
-            raise
-        return self._step(target, merged)
-
-    def clear(self, batch_id: int | None = None) -> None:
-        for batch in list(self.batches.values()) if batch_id is None else [self.batches.get(batch_id)]:
-            if batch is not None:
-                self._drop(batch)
-                self.batches.pop(batch.id, None)
-        for job in list(self.scheduler.waiting):
-            if batch_id is None or job.batch_id == batch_id:
+    def remove(self, request_ids: Collection[int]) -> None:
+        in_batch = set()
+        for rid in request_ids:
+            job = self.jobs.get(rid)
+            if job is not None:
+                if job.running:
+                    in_batch.add(rid)
                 self._leave(job)
+        if in_batch:
+            self.batch = self._without(self.batch, in_batch)
+
+    def clear(self) -> None:
+        super().clear()
+        for job in list(self.jobs.values()):
+            self._leave(job)
 
     def num_waiting(self) -> int:
         return self.scheduler.num_waiting
@@ -251,7 +199,6 @@ class ChunkedEngine(Engine):
     def stats(self) -> dict[str, int]:
         return {**self.backend.stats(), "preemptions": self.scheduler.num_preemptions}
 
-    # -- bookkeeping ------------------------------------------------------------------------------
     def _leave(self, job: Job) -> None:
         """``job`` leaves the shard: out of the scheduler, its blocks back to the pool."""
         if self.jobs.pop(job.request.id, None) is None:
@@ -262,78 +209,55 @@ class ChunkedEngine(Engine):
             job.seq = None
 
     def _forget(self, request_ids: list[int]) -> None:
-        """Running requests that left their batch (whose ``select`` gave their blocks back)."""
+        """Requests that left the running batch (whose ``select`` gave their blocks back)."""
         for rid in request_ids:
             job = self.jobs.get(rid)
             if job is not None:
                 self._leave(job)
 
-    def _drop(self, batch: Batch) -> None:
-        """A running batch goes, with its requests and their blocks."""
-        self._forget(batch.request_ids)
-        if batch.state is not None:
-            self.backend.release(batch.state)
-
-    def _cut_waiting(self, batch_ids: set[int], keep: set[int], target: int) -> None:
-        """Waiting requests of these batches that the router no longer wants leave; the rest move into
-        the merged batch ``target``."""
-        for job in list(self.scheduler.waiting):
-            if job.batch_id not in batch_ids:
-                continue
-            if job.request.id in keep:
-                job.batch_id = target
-                if job.resume is not None:
-                    job.resume.id = target
-            else:
-                self._leave(job)
-
     # -- one step ---------------------------------------------------------------------------------
-    def _step(self, target: int, batch: Batch | None) -> tuple[StepResult, Cached | None]:
-        """Decodes ``batch`` (if any) and runs the chunks the scheduler picks among batch ``target``'s
-        waiting requests in the same forward; prompts that complete get their first token and join."""
-        decoding = len(batch) if batch is not None else 0
+    def step(self) -> StepResult:
+        """Decodes the running batch (if any) and runs the prompt chunks the scheduler picks in the same
+        forward; prompts that complete get their first token and join the batch."""
+        decoding = len(self.batch) if self.batch is not None else 0
         budget = self.costs.budget(decoding)
         if budget is None:
             budget = self.prefill_tokens
         budget = self.backend.parallel.agree(budget)  # timings differ between ranks; plans must not
-        mine = [j for j in self.scheduler.waiting if j.batch_id == target]
-        mine_ids = {id(j) for j in mine}
-        try:
-            plan = self.scheduler.schedule(budget, mine)
-            batch, results = self._apply(plan, batch, target)
-            decoding = len(batch) if batch is not None else 0
-            chunks = plan.chunks
-            requests = [j.request for j, _ in chunks] + (batch.requests if batch is not None else [])
-            self.faults.before_step(requests)
-            for job, take in chunks:
-                assert job.seq is not None
-                self.backend.cache.reserve(job.seq, job.seq.computed + take)
-            if batch is None and not chunks:
-                return StepResult.join(results), self._cached(target, None)
-            started = time.perf_counter()
-            decode_logits, chunk_logits = self.backend.step(
-                batch.state if batch is not None else None,
-                batch.next_ids if batch is not None else None,
-                [Chunk(j.sequence, take, j.want_logits) for j, take in chunks],
-            )
-            self.costs.observe(time.perf_counter() - started, decoding, sum(t for _, t in chunks))
-            if batch is not None:
-                assert decode_logits is not None
-                logits = self.faults.poison(batch.requests, decode_logits)
-                choice = batch.sampler.choose(logits, batch.history)
-                batch.history.append(choice.ids)
-                batch.next_ids = choice.ids
-                result, survivor = self._drop_failed(batch, self._result(batch, choice), logits, choice)
-                self._forget([f.request_id for f in result.failures])
-                batch = survivor
-                results.append(result)
-        except BaseException:
-            if batch is not None:
-                self._drop(batch)
-            for job in [j for j in self.scheduler.waiting if id(j) in mine_ids]:
-                self._leave(job)
-            raise
-        joined = [batch] if batch is not None else []
+        plan = self.scheduler.schedule(budget)
+        results = self._apply(plan)
+        batch = self.batch
+        decoding = len(batch) if batch is not None else 0
+        chunks = plan.chunks
+        if self.faults.enabled:
+            self.faults.before_step([j.request for j, _ in chunks] + (batch.requests if batch else []))
+        for job, take in chunks:
+            self.backend.cache.reserve(job.sequence, job.sequence.computed + take)
+        if batch is None and not chunks:
+            return StepResult.join(results)
+        started = time.perf_counter()
+        decode_logits, chunk_logits = self.backend.step(
+            batch.state if batch is not None else None,
+            batch.next_ids if batch is not None else None,
+            [Chunk(j.sequence, take, j.want_logits) for j, take in chunks],
+        )
+        self.costs.observe(time.perf_counter() - started, decoding, sum(t for _, t in chunks))
+        if batch is not None:
+            assert decode_logits is not None
+            logits = self.faults.poison(batch.requests, decode_logits)
+            choice = batch.sampler.choose(logits, batch.history)
+            batch.history.append(choice.ids)
+            batch.next_ids = choice.ids
+            result, self.batch = self._drop_failed(batch, self._result(batch, choice), logits, choice)
+            self._forget([f.request_id for f in result.failures])
+            results.append(result)
+        results += self._join(chunks, chunk_logits)
+        return StepResult.join(results)
+
+    def _join(self, chunks: list[tuple[Job, int]], chunk_logits: list[torch.Tensor]) -> list[StepResult]:
+        """Prompts this step completed start running: new requests with their first token, preempted
+        ones with the token they had."""
+        joined = [self.batch] if self.batch is not None else []
         new: list[tuple[Job, torch.Tensor]] = []
         for (job, _), logits in zip(chunks, chunk_logits, strict=True):
             if job.want_logits:
@@ -347,21 +271,17 @@ class ChunkedEngine(Engine):
                 joined.append(resumed)
             else:
                 new.append((job, logits))
+        results = []
         if new:
-            started_batch, result = self._start(target, [j.request for j, _ in new], self._output(new), 0)
+            started, result = self._start([j.request for j, _ in new], self._output(new))
             self._forget([f.request_id for f in result.failures])
             results.append(result)
-            if started_batch is not None:
-                joined.append(started_batch)
-        merged = Batch.concatenate(joined, self.backend) if joined else None
-        if merged is not None:
-            merged.id = target
-            self.batches[target] = merged
-        return StepResult.join(results), self._cached(target, merged)
+            if started is not None:
+                joined.append(started)
+        self.batch = Batch.concatenate(joined, self.backend) if joined else None
+        return results
 
-    def _apply(
-        self, plan: Plan[Job], batch: Batch | None, target: int
-    ) -> tuple[Batch | None, list[StepResult]]:
+    def _apply(self, plan: Plan[Job]) -> list[StepResult]:
         """Takes the preempted rows out of the running batch (to wait with their sampling state) and
         fails the requests that can never fit."""
         results: list[StepResult] = []
@@ -375,18 +295,14 @@ class ChunkedEngine(Engine):
                 for j in plan.failed
             ]
             results.append(StepResult([], [], [], failures=failures))
-            gone = [f.request_id for f in failures]
-            for rid in gone:
-                self.jobs.pop(rid, None)
-            if batch is not None:
-                batch = batch.select([r for r in batch.request_ids if r not in set(gone)], self.backend)
-        if plan.preempted and batch is not None:
-            out = [j.request.id for j in plan.preempted]
+            for job in plan.failed:
+                self.jobs.pop(job.request.id, None)
+            self.batch = self._without(self.batch, {f.request_id for f in failures})
+        if plan.preempted and self.batch is not None:
             for job in plan.preempted:
-                job.resume = detach(batch, [job.request.id])
-                job.batch_id = target
-            batch = batch.select([r for r in batch.request_ids if r not in set(out)], self.backend)
-        return batch, results
+                job.resume = self.batch.rows([job.request.id], None)
+            self.batch = self._without(self.batch, {j.request.id for j in plan.preempted})
+        return results
 
     def _output(self, new: list[tuple[Job, torch.Tensor]]) -> PrefillOutput:
         """The completed prompts as a prefill's output: their sequences, last logits, prompt logits."""
@@ -395,15 +311,3 @@ class ChunkedEngine(Engine):
             torch.cat([logits[-1:] for _, logits in new]),
             [torch.cat(j.prompt_logits) if j.want_logits else None for j, _ in new],
         )
-
-    def cached(self, batch_id: int) -> Cached | None:
-        return self._cached(batch_id, self.batches.get(batch_id))
-
-    def _cached(self, batch_id: int, batch: Batch | None) -> Cached | None:
-        waiting = [j for j in self.scheduler.waiting if j.batch_id == batch_id]
-        if batch is None and not waiting:
-            return None
-        running = batch.request_ids if batch is not None else []
-        max_tokens = sum(len(r.input_ids) + r.max_new_tokens for r in batch.requests) if batch else 0
-        max_tokens += sum(len(j.request.input_ids) + j.request.max_new_tokens for j in waiting)
-        return Cached(batch_id, running + [j.request.id for j in waiting], max_tokens)

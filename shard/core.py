@@ -13,13 +13,15 @@ for every engine:
   ``max_batch_total_tokens`` (a padded backend pays ``(n + 1) x the longest prompt``), joining a running
   batch once ``waiting_served_ratio`` x the running count wait or ``max_waiting_tokens`` steps passed.
 
+Requests that end (their length, EOS, a stop id, an abort) leave the engine at the start of the next step,
+all at once (``StepEngine.remove``): the core is the one place that knows which requests are alive.
+
 Failures: a request whose own row fails (non-finite logits) leaves alone; a step that raises fails every
-request in it (``Output.failed``) and the engine's batches are dropped; the core goes on with the next.
+request the engine holds (``Output.failed``) and the engine drops them all; the core goes on.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
 from collections import deque
@@ -100,16 +102,17 @@ class EngineCore:
         self.engine = engine
         self.contain_failures = contain_failures
         self.limits = limits or Limits()
-        self.schedules_itself = engine.chunked_prefill
+        self.schedules_itself = engine.schedules_itself
         self.requires_padding = engine.backend.info.requires_padding
         self.eos_ids = frozenset(engine.backend.info.eos_token_ids)
         # Requests alive, by id (added, not ended, not aborted).
         self.live: dict[int, Ending] = {}
         # Requests not yet handed to the engine, in arrival order.
         self.waiting: deque[RequestSpec] = deque()
-        # The engine's batches and the request ids each holds, in the engine's order.
-        self.batches: list[tuple[int, list[int]]] = []
-        self._batch_ids = itertools.count(1)
+        # Live requests the engine holds; and those it holds that have ended since the last step: they
+        # leave the engine (with their memory) at the start of the next one, all at once.
+        self.handed: set[int] = set()
+        self._gone: list[int] = []
         self._waiting_steps = 0
         # Tokens the live requests may grow to (prompt + max_new_tokens each).
         self._max_tokens = 0
@@ -140,36 +143,30 @@ class EngineCore:
             self.waiting = deque(r for r in self.waiting if r.id not in gone)
 
     def has_work(self) -> bool:
-        """Whether a step has something to do: requests alive, or batches to free on the engine."""
-        return bool(self.live) or bool(self.batches)
+        """Whether a step has something to do: requests alive, or ended ones to let go of."""
+        return bool(self.live) or bool(self._gone)
 
     # -- one step ---------------------------------------------------------------------------------
     def step(self) -> Output:
-        """Hands waiting requests to the engine and runs one step: a prefill of new requests when
-        nothing runs, else a decode step (which new prompts join)."""
+        """Lets ended requests go, hands waiting requests to the engine and runs one of its steps."""
         started = time.perf_counter_ns()
-        idle = not self.batches
+        idle = not self.handed
         joining = self._admit(idle)
-        results: list[StepResult] = []
-        involved = [r.id for r in joining] + [rid for _, ids in self.batches for rid in ids]
         engine_started = time.perf_counter_ns()
         try:
-            if joining:
-                batch_id = next(self._batch_ids)
-                max_tokens = sum(len(r.input_ids) + r.max_new_tokens for r in joining)
-                results.append(self.engine.prefill(batch_id, joining, max_tokens))
-                cached = self.engine.cached(batch_id)
-                if cached is not None:
-                    self.batches.append((cached.id, cached.request_ids))
-            if not idle:
-                wanted = [(bid, [rid for rid in ids if rid in self.live]) for bid, ids in self.batches]
-                result, cached = self.engine.decode(wanted)
-                self.batches = [] if cached is None else [(cached.id, cached.request_ids)]
-                results.append(result)
+            if self._gone:
+                self.engine.remove(self._gone)
+                self._gone = []
+            self.handed.update(r.id for r in joining)
+            refused = self.engine.add(joining) if joining else []
+            for failure in refused:
+                self.handed.discard(failure.request_id)
+            result = self.engine.step()
         except Exception as e:
-            return self._failed(involved, e, started)
+            return self._failed(e, started)
         forward_ns = time.perf_counter_ns() - engine_started
-        out = self._finish(StepResult.join(results))
+        result.failures += refused
+        out = self._finish(result)
         out.prefill = idle
         out.joined = len(joining)
         out.forward_ns = forward_ns
@@ -195,8 +192,9 @@ class EngineCore:
         self.live.clear()
         self._max_tokens = 0
         self.waiting.clear()
-        self.engine.clear(None)
-        self.batches = []
+        self.handed.clear()
+        self._gone = []
+        self.engine.clear()
 
     # -- inside ------------------------------------------------------------------------------------
     def _end(self, rid: int) -> bool:
@@ -205,6 +203,9 @@ class EngineCore:
         if ending is None:
             return False
         self._max_tokens -= len(ending.spec.input_ids) + ending.spec.max_new_tokens
+        if rid in self.handed:
+            self.handed.discard(rid)
+            self._gone.append(rid)
         return True
 
     def _admit(self, idle: bool) -> list[RequestSpec]:
@@ -219,7 +220,7 @@ class EngineCore:
         min_size = None
         if not idle:
             self._waiting_steps += 1
-            running = sum(len(ids) for _, ids in self.batches)
+            running = len(self.handed)
             if self._waiting_steps < limits.max_waiting_tokens:
                 min_size = int(running * limits.waiting_served_ratio)
                 if len(self.waiting) < min_size:
@@ -261,7 +262,7 @@ class EngineCore:
 
     def _held_tokens(self) -> int:
         """Tokens the running requests hold (padded backends: every row as long as the longest)."""
-        rows = [self.live[rid] for _, ids in self.batches for rid in ids if rid in self.live]
+        rows = [self.live[rid] for rid in self.handed]
         if not rows:
             return 0
         if self.requires_padding:
@@ -273,7 +274,8 @@ class EngineCore:
     def _finish(self, result: StepResult) -> Output:
         """Each row's finish reason; ended and failed requests leave."""
         live = self.live
-        for failure in result.failures:
+        for failure in result.failures:  # the engine has let them go already
+            self.handed.discard(failure.request_id)
             self._end(failure.request_id)
         reasons = []
         for rid, token_id in zip(result.request_ids, result.token_ids, strict=True):
@@ -291,16 +293,17 @@ class EngineCore:
         out.max_tokens = self._max_tokens
         out.cache = self.engine.stats()
 
-    def _failed(self, involved: list[int], error: Exception, started: int) -> Output:
-        """A step that raised: every request in it fails, the engine's batches go."""
+    def _failed(self, error: Exception, started: int) -> Output:
+        """A step that raised: every request the engine holds fails, and the engine drops them all."""
         if is_fatal(error) or not self.contain_failures:
             raise error
         log.exception("Step failed")
         message = f"{type(error).__name__}: {error}"
-        ids = [rid for rid in dict.fromkeys(involved) if self._end(rid)]
-        for bid, _ in self.batches:
-            self.engine.clear(bid)
-        self.batches = []
+        ids = sorted(self.handed)
+        for rid in ids:
+            self._end(rid)
+        self._gone = []
+        self.engine.clear()
         out = Output(StepResult([], [], []), [], failed=True)
         out.result.failures = [RequestFailure(rid, message) for rid in ids]
         out.total_ns = time.perf_counter_ns() - started

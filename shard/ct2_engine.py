@@ -1,22 +1,21 @@
 """The engine of the CTranslate2 backend: continuous batching over ctranslate2's own decoding loop.
 
 ctranslate2 runs a batch start to end in one call (``Generator.generate_batch``) and keeps its KV cache
-inside; a batch cannot grow once started. So each group of requests that arrive together (a ``Prefill``)
+inside; a batch cannot grow once started. So each group of requests that arrive together (an ``add``)
 runs as one batch (a *group*: the requests whose sampling options match and whose prompts have about the
-same length) on a worker thread of its own, and the engine paces every group one step per ``Decode``:
+same length) on a worker thread of its own, and the engine paces every group one step per ``step``:
 
 - ``generate_batch`` gets a callback that ctranslate2 calls for every token. At the first token of a new
   step the callback hands the previous step's tokens over and waits for the engine to release the group:
   the worker computes each step once, with its KV cache, and never runs ahead by more than that step.
-- Joining: a ``Prefill`` starts new groups; their requests take part in the next ``Decode`` steps with
-  the others. Leaving: a request the router no longer lists is stopped at its next token (the callback
-  returns True, which ends that row of the batch); a group whose rows have all left ends and frees its
-  worker. When every worker is busy a new group waits (its requests are listed, without tokens, in the
-  cached batch, as a chunked prefill's are) and starts as soon as one is free.
+- Joining: ``add`` queues new groups; each starts in the first step with a free worker (its first token)
+  and takes part in the steps after it with the others. Leaving: a removed request is stopped at its next
+  token (the callback returns True, which ends that row of the batch); a group whose rows have all left
+  ends and frees its worker.
 - Steps are paced group after group on CPU (each step uses every compute thread) and all at once on CUDA.
 - Prompts of one group may differ a little in length: ctranslate2 runs the shortest prompt at once and
   feeds the longer prompts' last tokens one per step, so a longer prompt gets its first token a few steps
-  later (it is listed without a token until then).
+  later.
 - Token log-probabilities come from ctranslate2 (``return_scores``); ``top_n_tokens`` from the step's
   logits (``return_logits_vocab``, only for groups that ask); prompt log-probabilities
   (``decoder_input_details``) from ``Generator.score_batch``.
@@ -31,13 +30,12 @@ import threading
 import time
 import weakref
 from collections import deque
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from .batch import UnknownRequestError
-from .engine import Cached, UnknownBatchError
 from .faults import Faults
 from .types import PromptLogprobs, RequestFailure, RequestSpec, StepResult
 
@@ -90,11 +88,10 @@ class Token:
 @dataclass
 class Row:
     request: RequestSpec
-    batch_id: int
     group: Group
     index: int
     started: bool = False  # has had its first token
-    stop: bool = False  # the router dropped it: end its row of the batch at its next token
+    stop: bool = False  # it left: end its row of the batch at its next token
     ended: bool = False  # ctranslate2 calls back no more for it
     prompt: PromptLogprobs | None = None  # delivered with its first token
 
@@ -106,9 +103,9 @@ class GroupError(RuntimeError):
 class Group:
     """One ctranslate2 batch on one worker thread, paused between steps by its callback."""
 
-    def __init__(self, requests: list[RequestSpec], batch_id: int, options: Options) -> None:
+    def __init__(self, requests: list[RequestSpec], options: Options) -> None:
         self.options = options
-        self.rows = [Row(r, batch_id, self, i) for i, r in enumerate(requests)]
+        self.rows = [Row(r, self, i) for i, r in enumerate(requests)]
         self.cond = threading.Condition()
         self.buffer: list[Token] = []  # the tokens of the step ctranslate2 is reporting
         self.buffer_step = -1
@@ -127,7 +124,7 @@ class Group:
 
     @property
     def live(self) -> bool:
-        """Whether a row may still produce tokens the router wants."""
+        """Whether a row may still produce tokens anybody wants."""
         return any(not (row.stop or row.ended) for row in self.rows)
 
     # -- the worker's side (ctranslate2's thread) --------------------------------------------------
@@ -233,13 +230,12 @@ class CT2Model(Protocol):
 class CT2Engine:
     """The engine protocol (shard.engine.StepEngine) over ctranslate2's own decoding loop."""
 
-    chunked_prefill = False
+    schedules_itself = False
 
     def __init__(self, backend: CT2Model, faults: Faults | None = None) -> None:
         self.backend = backend
         self.faults = faults or Faults(enabled=False)
-        self.rows: dict[int, Row] = {}  # request id -> its row
-        self.batches: dict[int, list[int]] = {}  # router batch id -> request ids, in order
+        self.rows: dict[int, Row] = {}  # request id -> its row, while the engine holds it
         self.running: list[Group] = []  # submitted, not finished
         self.waiting: list[Group] = []  # not submitted: every worker was busy
         self.parallel = backend.device.type == "cuda"
@@ -253,63 +249,56 @@ class CT2Engine:
         atexit.register(close_if_alive)
 
     # -- the protocol -----------------------------------------------------------------------------
-    def prefill(self, batch_id: int, requests: list[RequestSpec], max_tokens: int) -> StepResult:
-        if not requests:
-            raise ValueError("a prefill batch needs at least one request")
-        if batch_id in self.batches:
-            raise ValueError(f"batch {batch_id} exists already")
-        self.faults.before_step(requests)
+    def add(self, requests: list[RequestSpec]) -> list[RequestFailure]:
+        admitted, refused = [], []
         for r in requests:
-            self.backend.to_tokens(r.input_ids)  # fails now, not on a worker, for an unknown id
-        groups = self._groups(batch_id, requests)
-        self.batches[batch_id] = [r.id for r in requests]
+            try:
+                self.backend.to_tokens(r.input_ids)  # refused now, not on a worker, for an unknown id
+            except ValueError as e:
+                refused.append(RequestFailure(r.id, str(e)))
+            else:
+                admitted.append(r)
+        groups = self._groups(admitted)
         for group in groups:
             for row in group.rows:
                 self.rows[row.request.id] = row
-        earlier = any(g.live for g in self.waiting)  # they start first, in order, in the next steps
         self.waiting.extend(groups)
-        tokens: list[Token] = []
-        try:
-            if not earlier:
-                tokens += self._start_waiting(batch_id)
-        except BaseException:
-            self.clear(batch_id)
-            raise
-        return self._result(tokens)
+        return refused
 
-    def decode(self, wanted: list[tuple[int, list[int]]]) -> tuple[StepResult, Cached | None]:
-        wanted = [(bid, ids) for bid, ids in wanted if ids or bid in self.batches]
-        missing = [bid for bid, _ in wanted if bid not in self.batches]
-        if missing:
-            raise UnknownBatchError(f"no cached batch {missing}")
-        if not wanted:
-            return StepResult([], [], []), None
-        for bid, ids in wanted:
-            unknown = set(ids) - set(self.batches[bid])
-            if unknown:
-                raise UnknownRequestError(f"batch {bid} holds no request {sorted(unknown)}")
-        target = wanted[0][0]
-        listed: list[int] = []
-        for bid, ids in wanted:
-            keep = set(ids)
-            for rid in self.batches.pop(bid):
-                if rid in keep:
-                    listed.append(rid)
-                else:
-                    self._drop(rid)
-        for rid in listed:
-            self.rows[rid].batch_id = target
-        if not listed:
-            self._release_closing()
-            return StepResult([], [], []), None
-        self.batches[target] = listed
-        try:
-            self.faults.before_step([self.rows[rid].request for rid in listed])
-            result = self._step(target)
-        except BaseException:
-            self.clear(target)
-            raise
-        return result, self.cached(target)
+    def remove(self, request_ids: Collection[int]) -> None:
+        for rid in request_ids:
+            self._drop(rid)
+        self._release_closing()
+
+    def step(self) -> StepResult:
+        """One step of every running group, then the waiting groups that can start (their first token)."""
+        self.faults.before_step([row.request for row in self.rows.values()])
+        self._release_closing()
+        groups = [g for g in self.running if g.live]
+        tokens: list[Token] = []
+        failed: list[RequestFailure] = []
+        if self.parallel:
+            for group in groups:
+                group.release()
+        for group in groups:
+            if not self.parallel:
+                group.release()
+            step = group.take()
+            if step is not None:
+                tokens += self._accept(step)
+        got = {id(t.row) for t in tokens}
+        for group in groups:
+            if group.finished:
+                # The job is over: a row still held cannot get another token.
+                for row in group.rows:
+                    if not row.stop and self.rows.get(row.request.id) is row and id(row) not in got:
+                        failed.append(RequestFailure(row.request.id, "the CTranslate2 batch ended early"))
+        tokens += self._start_waiting()
+        for failure in failed:
+            self.rows.pop(failure.request_id, None)
+        result = self._result(tokens)
+        result.failures = failed
+        return result
 
     def stats(self) -> dict[str, int] | None:
         """ctranslate2 keeps its KV cache to itself: no figures."""
@@ -321,19 +310,9 @@ class CT2Engine:
     def processor_names(self) -> list[str]:
         return []  # ctranslate2 runs its own sampling: no logits processors
 
-    def cached(self, batch_id: int) -> Cached | None:
-        ids = self.batches.get(batch_id)
-        if not ids:
-            self.batches.pop(batch_id, None)
-            return None
-        requests = [self.rows[rid].request for rid in ids]
-        return Cached(batch_id, list(ids), sum(len(r.input_ids) + r.max_new_tokens for r in requests))
-
-    def clear(self, batch_id: int | None = None) -> None:
-        batch_ids = list(self.batches) if batch_id is None else [batch_id]
-        for bid in batch_ids:
-            for rid in self.batches.pop(bid, []):
-                self._drop(rid)
+    def clear(self) -> None:
+        for rid in list(self.rows):
+            self._drop(rid)
         self._release_closing()
 
     def close(self) -> None:
@@ -349,7 +328,7 @@ class CT2Engine:
         self.waiting.clear()
 
     # -- groups -----------------------------------------------------------------------------------
-    def _groups(self, batch_id: int, requests: list[RequestSpec]) -> list[Group]:
+    def _groups(self, requests: list[RequestSpec]) -> list[Group]:
         """Requests with the same options and prompts within ``length_slack`` tokens, together. A request
         that wants top tokens (the step's whole logits, ``return_logits_vocab``) runs in a group of its
         own: with the logits on, ctranslate2 does not report a batch's rows step by step in lock step,
@@ -359,7 +338,7 @@ class CT2Engine:
         for r in requests:
             options = Options.of(r)
             if options.logits:
-                groups.append(Group([r], batch_id, options))
+                groups.append(Group([r], options))
             else:
                 by_options.setdefault(options, []).append(r)
         for options, members in by_options.items():
@@ -369,16 +348,16 @@ class CT2Engine:
                 if current and len(r.input_ids) > len(current[0].input_ids) + length_slack(
                     len(current[0].input_ids)
                 ):
-                    groups.append(Group(current, batch_id, options))
+                    groups.append(Group(current, options))
                     current = []
                 current.append(r)
-            groups.append(Group(current, batch_id, options))
+            groups.append(Group(current, options))
         return groups
 
-    def _start_waiting(self, batch_id: int) -> list[Token]:
-        """Starts the waiting groups of ``batch_id`` while workers are free; returns their first tokens."""
+    def _start_waiting(self) -> list[Token]:
+        """Starts waiting groups, in order, while workers are free; returns their first tokens."""
         tokens: list[Token] = []
-        for group in [g for g in self.waiting if self._in(g, batch_id)]:
+        for group in list(self.waiting):
             if not group.live:
                 self.waiting.remove(group)
                 continue
@@ -388,12 +367,8 @@ class CT2Engine:
             self._submit(group)
             first = group.take()
             if first is not None:
-                tokens += self._accept(group, first)
+                tokens += self._accept(first)
         return tokens
-
-    @staticmethod
-    def _in(group: Group, batch_id: int) -> bool:
-        return any(row.batch_id == batch_id and not row.stop for row in group.rows)
 
     def _free_worker(self) -> bool:
         """Whether a worker can take a group now (waits for groups that are ending to end)."""
@@ -421,7 +396,7 @@ class CT2Engine:
             [backend.to_tokens(r.input_ids) for r in requests],
             max_length=max(r.max_new_tokens for r in requests),
             include_prompt_in_result=False,
-            end_token=[],  # the router decides where a sequence ends
+            end_token=[],  # the engine core decides where a sequence ends
             return_scores=True,
             return_logits_vocab=options.logits,
             sampling_topk=options.sampling_topk,
@@ -445,38 +420,9 @@ class CT2Engine:
             values = [float(v) for v in result.log_probs][: len(prompt) - 1]
             row.prompt = PromptLogprobs(row.request.id, list(prompt), [math.nan, *values])
 
-    def _accept(self, group: Group, tokens: list[Token]) -> list[Token]:
-        """A step's tokens, less those of rows the router has dropped since."""
+    def _accept(self, tokens: list[Token]) -> list[Token]:
+        """A step's tokens, less those of rows that have left since."""
         return [t for t in tokens if not t.row.stop and self.rows.get(t.row.request.id) is t.row]
-
-    def _step(self, target: int) -> StepResult:
-        """One step of every group of batch ``target``, then the waiting groups that can start."""
-        self._release_closing()
-        groups = [g for g in self.running if g.live and self._in(g, target)]
-        tokens: list[Token] = []
-        failed: list[RequestFailure] = []
-        if self.parallel:
-            for group in groups:
-                group.release()
-        for group in groups:
-            if not self.parallel:
-                group.release()
-            step = group.take()
-            if step is not None:
-                tokens += self._accept(group, step)
-        got = {id(t.row) for t in tokens}
-        for group in groups:
-            if group.finished:
-                # The job is over: a row the router still lists cannot get another token.
-                for row in group.rows:
-                    if not row.stop and self.rows.get(row.request.id) is row and id(row) not in got:
-                        failed.append(RequestFailure(row.request.id, "the CTranslate2 batch ended early"))
-        tokens += self._start_waiting(target)
-        for failure in failed:
-            self._forget(failure.request_id)
-        result = self._result(tokens)
-        result.failures = failed
-        return result
 
     def _release_closing(self) -> None:
         """Forgets the groups whose job is over (their worker is free)."""
@@ -491,14 +437,6 @@ class CT2Engine:
             row.group.cond.notify_all()  # a paused worker whose rows have all left goes on and ends them
         if not row.group.submitted and not row.group.live and row.group in self.waiting:
             self.waiting.remove(row.group)
-
-    def _forget(self, request_id: int) -> None:
-        row = self.rows.pop(request_id, None)
-        if row is None:
-            return
-        ids = self.batches.get(row.batch_id)
-        if ids is not None and request_id in ids:
-            ids.remove(request_id)
 
     def _result(self, tokens: list[Token]) -> StepResult:
         """The step's tokens as the columns the servicer sends (each row's first token brings its prompt

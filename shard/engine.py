@@ -1,10 +1,15 @@
-"""The shard's generation loop: cached batches, prefill, decode, clear; the same for every backend."""
+"""The plain engine (whole prompts, then decode steps) and the protocol every engine implements.
+
+An engine holds the requests the engine core (shard/core.py) hands it and runs one step at a time over
+all of them. The core tells it which requests leave (``remove``): the engine never reconciles lists of
+wanted ids, and a request's memory goes back as soon as it leaves.
+"""
 
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from collections.abc import Collection
 from typing import Any, Protocol
 
 import torch
@@ -19,23 +24,6 @@ from .types import PromptLogprobs, RequestFailure, RequestSpec, StepResult
 log = logging.getLogger(__name__)
 
 
-class UnknownBatchError(KeyError):
-    """The router named a batch this shard does not hold."""
-
-
-@dataclass(frozen=True)
-class Cached:
-    """What the router is told of a batch the shard keeps: its id and its requests, in the shard's order."""
-
-    id: int
-    request_ids: list[int]
-    max_tokens: int
-
-    @classmethod
-    def of(cls, batch: Batch) -> Cached:
-        return cls(batch.id, batch.request_ids, batch.max_tokens)
-
-
 def prompt_logprobs(request_id: int, ids: list[int], logits: torch.Tensor) -> PromptLogprobs:
     """Log-probability of each prompt token given the ones before it (NaN for the first)."""
     logprobs = torch.log_softmax(logits[:-1].float(), dim=-1)
@@ -45,28 +33,34 @@ def prompt_logprobs(request_id: int, ids: list[int], logits: torch.Tensor) -> Pr
 
 
 class StepEngine(Protocol):
-    """What the engine core (shard/core.py) drives: batches named by the core, a step at a time."""
+    """What the engine core drives: requests in (``add``), out (``remove``), one step at a time.
+
+    Contract: ``add`` takes requests the engine does not hold; each gets its first token in a later
+    ``step`` (or fails, alone, in a step's ``failures``). ``remove`` takes ids the engine holds or has
+    already let go (those are ignored), and frees their memory now. ``step`` runs one forward over what
+    the engine holds and returns a row per token; a request that fails alone (non-finite logits, a KV
+    need larger than the whole pool) is in ``failures`` and the engine has let it go. When ``step``
+    raises, the core fails every request the engine holds and calls ``clear``."""
 
     backend: Any
-    # Whether the engine schedules for itself: a prefill beside running batches only queues its requests,
-    # whose prompts then run inside the following decode steps (shard/scheduler.py).
-    chunked_prefill: bool
+    # Whether the engine schedules for itself (shard/scheduler.py): the core hands it every request at
+    # once, and it decides which prompts run in which step.
+    schedules_itself: bool
 
-    def prefill(self, batch_id: int, requests: list[RequestSpec], max_tokens: int) -> StepResult:
-        """Takes new requests as batch ``batch_id``; runs their prompts now unless it schedules itself
-        and something is running."""
+    def add(self, requests: list[RequestSpec]) -> list[RequestFailure]:
+        """Takes new requests; returns those refused at once (each alone), which it does not hold."""
         ...
 
-    def decode(self, wanted: list[tuple[int, list[int]]]) -> tuple[StepResult, Cached | None]:
-        """One step over the named batches, each cut down first to the request ids still wanted."""
+    def remove(self, request_ids: Collection[int]) -> None:
+        """These requests leave now (ended or aborted), with their memory."""
         ...
 
-    def cached(self, batch_id: int) -> Cached | None:
-        """Batch ``batch_id``'s requests, in the engine's order (None: nothing left)."""
+    def step(self) -> StepResult:
+        """One step over every request held: new prompts, then the running requests' next tokens."""
         ...
 
-    def clear(self, batch_id: int | None = None) -> None:
-        """Drops one batch, or all, with their memory."""
+    def clear(self) -> None:
+        """Drops every request, with its memory."""
         ...
 
     def stats(self) -> dict[str, int] | None:
@@ -82,10 +76,27 @@ class StepEngine(Protocol):
         ...
 
 
-class Engine:
-    """Holds the shard's cached batches and runs steps on them through a backend."""
+def admit(
+    processors: Processors, requests: list[RequestSpec]
+) -> tuple[list[RequestSpec], list[RequestFailure]]:
+    """Splits off the requests whose logits-processor arguments are refused: each fails on its own (the
+    router validates them first, so this is a second line of defence)."""
+    admitted, refused = [], []
+    for r in requests:
+        try:
+            processors.new_states(dict(r.params.processors), r.input_ids)
+        except ProcessorArgumentError as e:
+            refused.append(RequestFailure(r.id, str(e)))
+        else:
+            admitted.append(r)
+    return admitted, refused
 
-    chunked_prefill = False
+
+class Engine:
+    """Runs whole prompts (a step that has new requests prefills them first), then decode steps over one
+    running batch, through a backend."""
+
+    schedules_itself = False
 
     def __init__(
         self, backend: Backend, faults: Faults | None = None, processors: Processors | None = None
@@ -93,40 +104,60 @@ class Engine:
         self.backend = backend
         self.faults = faults or Faults(enabled=False)
         self.processors = processors or Processors([])
-        self.batches: dict[int, Batch] = {}
+        self.batch: Batch | None = None
+        # Requests added since the last step: their prompts run in the next one.
+        self.pending: list[RequestSpec] = []
 
-    def prefill(self, batch_id: int, requests: list[RequestSpec], max_tokens: int) -> StepResult:
-        """Runs new requests' prompts, picks their first token and caches them as batch ``batch_id``."""
-        if not requests:
-            raise ValueError("a prefill batch needs at least one request")
-        self.faults.before_step(requests)
-        requests, refused = self._admit(requests)
-        if not requests:
-            return StepResult([], [], [], failures=refused)
-        out = self._prefill_shared([r.input_ids for r in requests], [r.prefill_logprobs for r in requests])
-        batch, result = self._start(batch_id, requests, out, max_tokens)
-        if batch is not None:
-            self.batches[batch_id] = batch
-        result.failures += refused
+    def add(self, requests: list[RequestSpec]) -> list[RequestFailure]:
+        admitted, refused = admit(self.processors, requests)
+        self.pending += admitted
+        return refused
+
+    def remove(self, request_ids: Collection[int]) -> None:
+        gone = set(request_ids)
+        if self.pending:
+            self.pending = [r for r in self.pending if r.id not in gone]
+        self.batch = self._without(self.batch, gone)
+
+    def _without(self, batch: Batch | None, gone: set[int]) -> Batch | None:
+        """``batch`` less the rows of ``gone`` (their memory freed); None when nothing is left."""
+        if batch is None:
+            return None
+        keep = [rid for rid in batch.request_ids if rid not in gone]
+        return batch if len(keep) == len(batch) else batch.select(keep, self.backend)
+
+    def step(self) -> StepResult:
+        """Prefills the new requests (their first token); then, if a batch was running before, one decode
+        step over it with the new rows joined (TGI's loop: prefill, concatenate, decode)."""
+        running = self.batch is not None
+        results = []
+        if self.pending:
+            joining, self.pending = self.pending, []
+            self.faults.before_step(joining)
+            out = self._prefill_shared([r.input_ids for r in joining], [r.prefill_logprobs for r in joining])
+            new, result = self._start(joining, out)
+            results.append(result)
+            if new is not None:
+                self.batch = new if self.batch is None else Batch.concatenate([self.batch, new], self.backend)
+        if running:
+            results.append(self._decode())
+        return StepResult.join(results)
+
+    def _decode(self) -> StepResult:
+        batch = self.batch
+        assert batch is not None
+        self.faults.before_step(batch.requests)
+        logits = self.backend.decode(batch.state, batch.next_ids)
+        logits = self.faults.poison(batch.requests, logits)
+        choice = batch.sampler.choose(logits, batch.history)
+        batch.history.append(choice.ids)
+        batch.next_ids = choice.ids
+        result, self.batch = self._drop_failed(batch, self._result(batch, choice), logits, choice)
         return result
 
-    def _admit(self, requests: list[RequestSpec]) -> tuple[list[RequestSpec], list[RequestFailure]]:
-        """Splits off the requests whose logits-processor arguments are refused: each fails on its own
-        (the router validates them first, so this is a second line of defence)."""
-        admitted, refused = [], []
-        for r in requests:
-            try:
-                self.processors.new_states(dict(r.params.processors), r.input_ids)
-            except ProcessorArgumentError as e:
-                refused.append(RequestFailure(r.id, str(e)))
-            else:
-                admitted.append(r)
-        return admitted, refused
-
-    def _start(
-        self, batch_id: int, requests: list[RequestSpec], out: PrefillOutput, max_tokens: int
-    ) -> tuple[Batch | None, StepResult]:
-        """Picks the first token of requests whose prompts have run, and makes them a batch."""
+    def _start(self, requests: list[RequestSpec], out: PrefillOutput) -> tuple[Batch | None, StepResult]:
+        """Picks the first token of requests whose prompts have run, and makes them a batch (None when
+        every row failed)."""
         device = self.backend.device
         prompts = [r.input_ids for r in requests]
         try:
@@ -146,7 +177,7 @@ class Engine:
         except BaseException:
             self.backend.release(out.state)
             raise
-        batch = Batch(batch_id, requests, sampler, history, choice.ids, out.state, max_tokens)
+        batch = Batch(requests, sampler, history, choice.ids, out.state)
         result = self._result(batch, choice)
         result.prefill = [
             prompt_logprobs(r.id, r.input_ids, logits)
@@ -177,47 +208,11 @@ class Engine:
             ],
         )
 
-    def decode(self, wanted: list[tuple[int, list[int]]]) -> tuple[StepResult, Cached | None]:
-        """One step over the named batches, each cut down first to the request ids the router still wants.
-
-        Returns the step's generations and the merged batch now cached (None if nothing was left)."""
-        # A batch whose every request failed is gone already; the router may still name it, empty.
-        wanted = [(bid, ids) for bid, ids in wanted if ids or bid in self.batches]
-        missing = [bid for bid, _ in wanted if bid not in self.batches]
-        if missing:
-            raise UnknownBatchError(f"no cached batch {missing}")
-        popped = [(self.batches.pop(batch_id), request_ids) for batch_id, request_ids in wanted]
-        kept: list[Batch] = []
-        try:
-            for old, request_ids in popped:
-                batch = old.select(request_ids, self.backend)
-                if batch is not None:
-                    kept.append(batch)
-            if not kept:
-                return StepResult([], [], []), None
-            batch = Batch.concatenate(kept, self.backend)
-            self.faults.before_step(batch.requests)
-            logits = self.backend.decode(batch.state, batch.next_ids)
-            logits = self.faults.poison(batch.requests, logits)
-            choice = batch.sampler.choose(logits, batch.history)
-        except BaseException:
-            # The router clears these batches after a failed step; their KV memory goes back now.
-            for b in [*kept, *(old for old, _ in popped)]:
-                self.backend.release(b.state)
-            raise
-        batch.history.append(choice.ids)
-        batch.next_ids = choice.ids
-        result, survivor = self._drop_failed(batch, self._result(batch, choice), logits, choice)
-        if survivor is None:
-            return result, None
-        self.batches[survivor.id] = survivor
-        return result, Cached.of(survivor)
-
     def _drop_failed(
         self, batch: Batch, result: StepResult, logits: torch.Tensor, choice: Choice
     ) -> tuple[StepResult, Batch | None]:
         """Takes the rows whose logits or chosen token are not numbers out of the step's result and of the
-        cached batch, as failures of their own requests: one bad row never costs its batch-mates."""
+        running batch, as failures of their own requests: one bad row never costs its batch-mates."""
         # A row's sum is NaN when any of its logits is (or when it holds both infinities: a lost row too).
         bad = torch.isnan(logits.sum(dim=-1)) | torch.isnan(choice.logprobs)
         if not bool(bad.any()):
@@ -248,22 +243,16 @@ class Engine:
         return None
 
     def num_waiting(self) -> int:
-        return 0
+        return len(self.pending)
 
     def processor_names(self) -> list[str]:
         return self.processors.names
 
-    def cached(self, batch_id: int) -> Cached | None:
-        """What the router is to be told of batch ``batch_id`` after a prefill (None: nothing left)."""
-        batch = self.batches.get(batch_id)
-        return None if batch is None else Cached.of(batch)
-
-    def clear(self, batch_id: int | None = None) -> None:
-        dropped = list(self.batches.values()) if batch_id is None else [self.batches.get(batch_id)]
-        for batch in dropped:
-            if batch is not None:
-                self.backend.release(batch.state)
-                self.batches.pop(batch.id, None)
+    def clear(self) -> None:
+        self.pending = []
+        if self.batch is not None:
+            self.backend.release(self.batch.state)
+            self.batch = None
 
     @staticmethod
     def _result(batch: Batch, choice: Choice) -> StepResult:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import bisect
 from collections import Counter
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
@@ -154,20 +153,17 @@ class Scheduler(Generic[W]):
         return len(self.waiting)
 
     # -- the step ---------------------------------------------------------------------------------
-    def schedule(self, budget: int | None, candidates: Iterable[W] | None = None) -> Plan[W]:
+    def schedule(self, budget: int | None) -> Plan[W]:
         """The next step's plan. ``budget``: prompt tokens the step may run beside its decodes (None: no
-        limit); ``candidates``: the waiting work that may run a chunk (default: all of it)."""
+        limit)."""
         plan: Plan[W] = Plan()
         bs = self.pool.block_size
         growing = self._growth(plan)
-        allowed = None if candidates is None else {id(w) for w in candidates}
         # Shares whose prompt is being computed: their other members wait for its blocks.
         computing = {w.share for w in self.waiting if w.opened and w.num_computed < w.num_tokens}
         for work in list(self.waiting):
             if budget is not None and budget <= 0:
                 break
-            if allowed is not None and id(work) not in allowed:
-                continue
             if work.num_tokens > self.num_blocks * bs:  # more than the whole pool: it never fits
                 self._fail(work, plan)
                 continue

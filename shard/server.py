@@ -31,7 +31,7 @@ from .backends.base import BackendInfo
 from .config import ShardConfig
 from .core import EngineCore, Limits, Output
 from .dist import DistInfo, Parallel, init_parallel, select_device
-from .engines import make_engine
+from .engines import make_engine, runs_processors
 from .faults import Faults
 from .processors import ProcessorContext, load_processors
 from .relay import HEARTBEAT_S, STEP, WARMUP, PeerLostError, Relay
@@ -128,12 +128,12 @@ def info_to_pb(info: BackendInfo, world_size: int, processors: list[str]) -> pb.
     )
 
 
-def apply_plan(core: EngineCore, plan: pb.StepPlan) -> tuple[list[RequestFailure], Output | None]:
-    """One step's changes and the step itself, alike on every rank: the requests added (a repeated id is
-    refused alone), the aborts, then the step when there is work."""
+def apply_changes(core: EngineCore, plan: pb.StepPlan) -> list[RequestFailure]:
+    """One step's changes, alike on every rank: the requests added (a repeated id is refused alone), then
+    the aborts. The step itself follows when ``plan.step`` (rank 0 sets it once these are applied)."""
     refused = core.add([request_from_pb(r) for r in plan.add])
     core.abort(list(plan.abort))
-    return refused, core.step() if plan.step else None
+    return refused
 
 
 def run_warmup(core: EngineCore, request: pb.WarmupRequest) -> int:
@@ -216,10 +216,11 @@ class ModelLoop:
                         relay.ping()
                     continue
                 plan = pb.StepPlan(add=adds, abort=aborts)
-                plan.step = self._will_step(plan)
+                refused = apply_changes(self.core, plan)
+                plan.step = self.core.has_work()
                 if relay is not None:
                     relay.send(STEP, plan.SerializeToString())
-                refused, out = apply_plan(self.core, plan)
+                out = self.core.step() if plan.step else None
                 if out is None:  # only refusals: nothing ran
                     if not refused:
                         continue
@@ -237,11 +238,6 @@ class ModelLoop:
             time.sleep(0.2)
             logging.shutdown()
             os._exit(1)
-
-    def _will_step(self, plan: pb.StepPlan) -> bool:
-        """Whether there is work once ``plan`` is applied (the core's state is the same on every rank)."""
-        live = set(self.core.live) | {r.id for r in plan.add}
-        return bool(live - set(plan.abort)) or bool(self.core.batches)
 
     def _resolve(self, fn: Callable[[], object], future: asyncio.Future) -> None:
         try:
@@ -396,7 +392,7 @@ def _load_core(config: ShardConfig, device: torch.device, parallel: Parallel) ->
     if config.fault_injection:
         log.warning("Fault injection is on: requests can make this shard fail (tests only)")
     processors = None
-    if getattr(backend, "make_engine", None) is not None:  # a backend with its own engine runs none
+    if not runs_processors(backend):
         optional = [p.name for p in active("logits_processors", config.plugins) if not p.builtin]
         if optional:
             raise ValueError(
@@ -430,7 +426,10 @@ def _lost(error: PeerLostError) -> None:
 def follow_step(core: EngineCore, method: str, payload: bytes) -> None:
     """A follower runs one relayed message: the same changes and step as rank 0, or its warm-up."""
     if method == STEP:
-        apply_plan(core, pb.StepPlan.FromString(payload))
+        plan = pb.StepPlan.FromString(payload)
+        apply_changes(core, plan)
+        if plan.step:
+            core.step()
     elif method == WARMUP:
         run_warmup(core, pb.WarmupRequest.FromString(payload))
 

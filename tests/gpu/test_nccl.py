@@ -37,19 +37,14 @@ def _rank(rank: int, world: int, port: int, path: str, queue) -> None:
     from shard.dist import DistInfo, init_parallel, select_device
     from shard.engines import make_engine
     from shard.types import RequestSpec
+    from tests.engine_run import run_engine
 
     dist = DistInfo(rank, world, rank)
     device = select_device(dist)
     backend = PagedBackend(path, device, "float32", init_parallel(dist, device), kv_cache_bytes=256 * 2**20)
     engine = make_engine(backend)
-    result = engine.prefill(1, [RequestSpec(i, p, max_new_tokens=STEPS) for i, p in enumerate(PROMPTS)], 9999)
-    tokens: dict[int, list[int]] = {i: [] for i in range(len(PROMPTS))}
-    for rid, token in zip(result.request_ids, result.token_ids, strict=True):
-        tokens[rid].append(token)
-    for _ in range(STEPS - 1):
-        step, _ = engine.decode([(1, list(range(len(PROMPTS))))])
-        for rid, token in zip(step.request_ids, step.token_ids, strict=True):
-            tokens[rid].append(token)
+    requests = [RequestSpec(i, p, max_new_tokens=STEPS) for i, p in enumerate(PROMPTS)]
+    tokens = run_engine(engine, {0: requests})  # each request's STEPS tokens
     queue.put((rank, tokens))
 
 

@@ -37,13 +37,16 @@ def test_quantized_at_load_and_batched_by_the_engine(mode: str, layer: str, tiny
     assert backend.model.get_memory_footprint() < full.model.get_memory_footprint()
     engine = make_engine(backend)
     prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16]]
-    engine.prefill(0, [RequestSpec(i, p, max_new_tokens=4) for i, p in enumerate(prompts[:2])], 100)
-    engine.prefill(1, [RequestSpec(2, prompts[2], max_new_tokens=4)], 100)  # joins the running batch
-    result, cached = engine.decode([(0, [0, 1]), (1, [2])])
-    assert sorted(result.request_ids) == [0, 1, 2] and sorted(cached.request_ids) == [0, 1, 2]
-    result, cached = engine.decode([(cached.id, [0, 2])])  # request 1 leaves
+    assert engine.add([RequestSpec(i, p, max_new_tokens=4) for i, p in enumerate(prompts[:2])]) == []
+    assert sorted(engine.step().request_ids) == [0, 1]
+    assert engine.add([RequestSpec(2, prompts[2], max_new_tokens=4)]) == []  # joins the running batch
+    result = engine.step()  # its prompt, then one decode over the merged batch
+    assert sorted(set(result.request_ids)) == [0, 1, 2] and not result.failures
+    assert engine.batch is not None and sorted(engine.batch.request_ids) == [0, 1, 2]
+    engine.remove([1])  # request 1 leaves
+    result = engine.step()
     assert sorted(result.request_ids) == [0, 2]
-    engine.clear(None)
+    engine.clear()
 
 
 def test_bitsandbytes_refuses_the_paged_backend(tiny_model_dir: Path) -> None:

@@ -1,18 +1,18 @@
 """shard/core.py: admission (TGI's budgets for engines that do not schedule), endings, aborts, failures.
 
-The engine here is a stand-in that keeps batches of request ids and gives every running request the next
-id of a fixed list at each step: the core's decisions are checked without a model. The real engines
+The engine here is a stand-in that holds request ids and gives every one the next id of a fixed list at
+each step: the core's decisions are checked without a model. The real engines
 under the core are tested in test_paged.py, test_engine.py and end to end.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import pytest
 
 from shard.core import FINISH_EOS, FINISH_LENGTH, FINISH_NONE, FINISH_STOP, EngineCore, Limits
-from shard.engine import Cached
 from shard.types import RequestFailure, RequestSpec, StepResult
 
 pytestmark = pytest.mark.timeout(60)
@@ -32,60 +32,44 @@ class Backend:
 
 
 class FakeEngine:
-    """Batches of request ids; each step gives each running request ``tokens[i]`` (i: its step)."""
+    """Holds request ids; each step gives every held request ``tokens[i]`` (i: its step). New requests
+    get their first token in the step after ``add`` (a self-scheduling engine takes them all at once)."""
 
     def __init__(self, padding: bool = False, chunked: bool = False, tokens: list[int] | None = None) -> None:
         self.backend = Backend(Info(requires_padding=padding))
-        self.chunked_prefill = chunked
+        self.schedules_itself = chunked
         self.tokens = tokens or [10, 11, 12, 13, 14, 15, 16, 17]
-        self.batches: dict[int, list[int]] = {}
+        self.held: list[int] = []
         self.steps: dict[int, int] = {}
         self.prefills: list[list[int]] = []
+        self.removed: list[list[int]] = []
         self.fail_next: Exception | None = None
         self.nan_rows: set[int] = set()
 
-    def _tokens(self, ids: list[int]) -> StepResult:
+    def add(self, requests: list[RequestSpec]) -> list[RequestFailure]:
+        self.prefills.append([r.id for r in requests])
+        self.held += [r.id for r in requests]
+        return []
+
+    def remove(self, request_ids: Collection[int]) -> None:
+        self.removed.append(list(request_ids))
+        self.held = [rid for rid in self.held if rid not in set(request_ids)]
+
+    def step(self) -> StepResult:
         if self.fail_next is not None:
             error, self.fail_next = self.fail_next, None
             raise error
-        bad = [rid for rid in ids if rid in self.nan_rows]
-        ids = [rid for rid in ids if rid not in self.nan_rows]
+        bad = [rid for rid in self.held if rid in self.nan_rows]
+        self.held = [rid for rid in self.held if rid not in self.nan_rows]
         out = []
-        for rid in ids:
+        for rid in self.held:
             out.append(self.tokens[self.steps.get(rid, 0) % len(self.tokens)])
             self.steps[rid] = self.steps.get(rid, 0) + 1
-        for batch in self.batches.values():
-            batch[:] = [r for r in batch if r not in bad]
-        return StepResult(ids, out, [-0.5] * len(ids), failures=[RequestFailure(r, "NaN") for r in bad])
+        n = len(self.held)
+        return StepResult(list(self.held), out, [-0.5] * n, failures=[RequestFailure(r, "NaN") for r in bad])
 
-    def prefill(self, batch_id: int, requests: list[RequestSpec], max_tokens: int) -> StepResult:
-        ids = [r.id for r in requests]
-        self.prefills.append(ids)
-        self.batches[batch_id] = list(ids)
-        if self.chunked_prefill and len(self.batches) > 1:
-            return StepResult([], [], [])
-        return self._tokens(ids)
-
-    def decode(self, wanted: list[tuple[int, list[int]]]) -> tuple[StepResult, Cached | None]:
-        for bid, _ in wanted:
-            self.batches.pop(bid)
-        ids = [rid for _, rs in wanted for rid in rs]
-        if not ids:
-            return StepResult([], [], []), None
-        target = wanted[0][0]
-        self.batches[target] = ids
-        result = self._tokens(ids)
-        return result, Cached(target, self.batches[target], 0) if self.batches[target] else None
-
-    def cached(self, batch_id: int) -> Cached | None:
-        ids = self.batches.get(batch_id)
-        return None if not ids else Cached(batch_id, ids, 0)
-
-    def clear(self, batch_id: int | None = None) -> None:
-        if batch_id is None:
-            self.batches.clear()
-        else:
-            self.batches.pop(batch_id, None)
+    def clear(self) -> None:
+        self.held = []
 
     def stats(self) -> dict[str, int] | None:
         return None
@@ -121,7 +105,7 @@ def test_requests_end_on_their_length_and_the_engine_lets_them_go() -> None:
     core = EngineCore(engine)  # type: ignore[arg-type]
     core.add([spec(1, new=2), spec(2, new=4)])
     assert run(core) == {1: ([10, 11], FINISH_LENGTH), 2: ([10, 11, 12, 13], FINISH_LENGTH)}
-    assert engine.batches == {} and core.live == {}
+    assert engine.held == [] and core.live == {}
 
 
 def test_eos_and_stop_ids_end_a_request_once_min_new_tokens_are_out() -> None:
@@ -161,7 +145,7 @@ def test_an_aborted_request_leaves_at_the_next_step() -> None:
     core.abort([1])
     step = core.step()
     assert step.result.request_ids == [2]
-    assert engine.batches == {1: [2]}
+    assert engine.held == [2] and engine.removed == [[1]]
 
 
 def test_a_repeated_id_is_refused_alone() -> None:
@@ -180,7 +164,7 @@ def test_a_failed_step_fails_its_requests_and_the_core_goes_on() -> None:
     out = core.step()
     assert out.failed and sorted(f.request_id for f in out.result.failures) == [1, 2]
     assert "RuntimeError: boom" in out.result.failures[0].message
-    assert core.live == {} and engine.batches == {}
+    assert core.live == {} and engine.held == []
     core.add([spec(3, new=2)])
     assert run(core) == {3: ([10, 11], FINISH_LENGTH)}
 
@@ -268,4 +252,17 @@ def test_warmup_runs_to_the_end_and_leaves_nothing() -> None:
     engine = FakeEngine()
     core = EngineCore(engine)  # type: ignore[arg-type]
     core.warmup([spec(0, new=2), spec(1, new=2)])
-    assert core.live == {} and engine.batches == {} and not core.has_work()
+    assert core.live == {} and engine.held == [] and not core.has_work()
+
+
+def test_ended_requests_leave_the_engine_at_the_next_step_all_at_once() -> None:
+    engine = FakeEngine()
+    core = EngineCore(engine)  # type: ignore[arg-type]
+    core.add([spec(1, new=1), spec(2, new=1), spec(3, new=5)])
+    core.step()  # 1 and 2 end on their length
+    assert engine.removed == [] and not core.handed - {3}
+    core.engine.nan_rows = {3}
+    out = core.step()
+    assert engine.removed == [[1, 2]] and [f.request_id for f in out.result.failures] == [3]
+    core.step()  # the engine let the failed row go itself: nothing more to remove
+    assert engine.removed == [[1, 2]] and not core.has_work()

@@ -17,9 +17,8 @@ pytest.importorskip("ctranslate2")
 
 from launcher.weights import CONVERTED_DIR, ResolvedModel, WeightsError, ct2_converted
 from shard.backends.ct2 import CT2Backend, ct2_model_dir
-from shard.batch import UnknownRequestError
 from shard.ct2_engine import CT2Engine, length_slack
-from shard.engine import UnknownBatchError
+from shard.engines import make_engine
 from shard.types import RequestSpec, SamplingParams
 
 pytestmark = pytest.mark.timeout(180)
@@ -41,7 +40,7 @@ def backend(ct2_dir: Path) -> CT2Backend:
 
 @pytest.fixture
 def engine(backend: CT2Backend):
-    engine = backend.make_engine()
+    engine = CT2Engine(backend)
     yield engine
     engine.close()
 
@@ -58,39 +57,33 @@ def request(rid: int, prompt: list[int], n: int, **kwargs: object) -> RequestSpe
 
 
 class Driver:
-    """Plays the router: runs decode steps, drops requests once they have their tokens."""
+    """Plays the engine core: runs steps, removes requests once they have their tokens."""
 
     def __init__(self, engine: CT2Engine) -> None:
         self.engine = engine
         self.tokens: dict[int, list[int]] = {}
         self.limits: dict[int, int] = {}
-        self.batch: int | None = None
-        self.others: list[int] = []
 
     def take(self, result) -> None:
+        assert not result.failures, result.failures
         for rid, token in zip(result.request_ids, result.token_ids, strict=True):
             self.tokens.setdefault(rid, []).append(token)
 
-    def prefill(self, batch_id: int, requests: list[RequestSpec]) -> None:
+    def add(self, requests: list[RequestSpec]) -> None:
         for r in requests:
             self.limits[r.id] = r.max_new_tokens
-        self.take(self.engine.prefill(batch_id, requests, 1000))
-        if self.batch is None:
-            self.batch = batch_id
-        else:
-            self.others.append(batch_id)
+        assert self.engine.add(requests) == []
 
     def step(self) -> bool:
-        wanted = []
-        for bid in [self.batch, *self.others]:
-            cached = self.engine.cached(bid) if bid is not None else None
-            ids = cached.request_ids if cached else []
-            wanted.append((bid, [i for i in ids if len(self.tokens.get(i, [])) < self.limits[i]]))
-        self.others = []
-        result, cached = self.engine.decode(wanted)
-        self.take(result)
-        self.batch = cached.id if cached else None
-        return cached is not None
+        """Removes the requests that have their tokens, then one step; False when none was left."""
+        done = [rid for rid, n in self.limits.items() if len(self.tokens.get(rid, [])) >= n]
+        self.engine.remove(done)
+        for rid in done:
+            del self.limits[rid]
+        if not self.limits:
+            return False
+        self.take(self.engine.step())
+        return True
 
 
 def test_converted_layout_and_cache(ct2_dir: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -126,20 +119,22 @@ def test_joining_and_leaving_give_the_tokens_of_ctranslate2_alone(
     engine: CT2Engine, backend: CT2Backend
 ) -> None:
     driver = Driver(engine)
-    driver.prefill(0, [request(1, PROMPTS[0], 12), request(2, PROMPTS[1], 6)])
+    driver.add([request(1, PROMPTS[0], 12), request(2, PROMPTS[1], 6)])
+    assert not engine.running and engine.num_waiting() == 2  # the group starts in the next step
+    driver.step()
     # Close lengths: one batch. ctranslate2 runs the shorter prompt at once and feeds the longer one's
-    # last 2 tokens one per step: request 2 is listed without a token until then.
-    assert set(driver.tokens) == {1} and engine.cached(0).request_ids == [1, 2]
-    assert len(engine.running) == 1
+    # last 2 tokens one per step: request 2 is held without a token until then.
+    assert set(driver.tokens) == {1} and set(engine.rows) == {1, 2}
+    assert len(engine.running) == 1 and engine.num_waiting() == 0
     driver.step()
     driver.step()
     assert set(driver.tokens) == {1, 2}
-    driver.prefill(1, [request(3, PROMPTS[2], 8), request(4, PROMPTS[3], 9)])
+    driver.add([request(3, PROMPTS[2], 8), request(4, PROMPTS[3], 9)])
     while driver.step():
         pass
     for rid, prompt, n in ((1, PROMPTS[0], 12), (2, PROMPTS[1], 6), (3, PROMPTS[2], 8), (4, PROMPTS[3], 9)):
         assert driver.tokens[rid] == alone(backend, prompt, n), rid
-    assert not engine.rows and not engine.batches and not engine.waiting
+    assert not engine.rows and not engine.waiting
     deadline = time.monotonic() + 10
     while engine.running and time.monotonic() < deadline:  # the last jobs end as their rows left
         engine._release_closing()
@@ -148,31 +143,35 @@ def test_joining_and_leaving_give_the_tokens_of_ctranslate2_alone(
 
 
 def test_a_new_batch_waits_for_a_free_worker(engine: CT2Engine, backend: CT2Backend) -> None:
-    # max_batches is 2: the third batch (different options, so a batch of its own) waits.
-    engine.prefill(0, [request(1, PROMPTS[0], 50)], 100)
-    engine.prefill(1, [request(2, PROMPTS[0], 50, top_n_tokens=2)], 100)
-    result = engine.prefill(
-        2, [request(3, PROMPTS[3], 5, params=SamplingParams(repetition_penalty=1.2))], 100
-    )
-    assert result.request_ids == [] and engine.cached(2).request_ids == [3]
-    # Request 1 leaves: its batch ends, request 3 starts in the same step.
-    result, cached = engine.decode([(0, []), (1, [2]), (2, [3])])
-    assert sorted(result.request_ids) == [2, 3]
-    assert sorted(cached.request_ids) == [2, 3]
-    engine.clear(None)
-    assert not engine.rows and not engine.batches
+    # max_batches is 2: the third group (different options, so a group of its own) waits.
+    for r in (
+        request(1, PROMPTS[0], 50),
+        request(2, PROMPTS[0], 50, top_n_tokens=2),
+        request(3, PROMPTS[3], 5, params=SamplingParams(repetition_penalty=1.2)),
+    ):
+        assert engine.add([r]) == []
+    result = engine.step()
+    assert sorted(result.request_ids) == [1, 2] and not result.failures
+    assert len(engine.running) == 2 and engine.num_waiting() == 1 and set(engine.rows) == {1, 2, 3}
+    # Request 1 leaves: its group ends, request 3 starts in the same step.
+    engine.remove([1])
+    result = engine.step()
+    assert sorted(result.request_ids) == [2, 3] and not result.failures
+    assert engine.num_waiting() == 0 and set(engine.rows) == {2, 3}
+    engine.clear()
+    assert not engine.rows and not engine.waiting
 
 
 def test_prompt_logprobs_top_tokens_and_sampling(engine: CT2Engine, backend: CT2Backend) -> None:
     sampled = SamplingParams(do_sample=True, temperature=0.7, top_k=20, top_p=0.9, seed=3)
-    result = engine.prefill(
-        0,
+    refused = engine.add(
         [
             request(1, PROMPTS[1], 3, prefill_logprobs=True, top_n_tokens=3),
             request(2, PROMPTS[0], 3, params=sampled),
-        ],
-        100,
+        ]
     )
+    assert refused == []
+    result = engine.step()
     assert sorted(result.request_ids) == [1, 2]
     (prompt,) = result.prefill
     scores = backend.generator.score_batch([backend.to_tokens(PROMPTS[1])])[0].log_probs
@@ -185,21 +184,24 @@ def test_prompt_logprobs_top_tokens_and_sampling(engine: CT2Engine, backend: CT2
     assert top_ids[0] == result.token_ids[row]  # greedy: the chosen token is the most likely one
     assert top_logprobs == sorted(top_logprobs, reverse=True)
     assert result.logprobs[row] == pytest.approx(top_logprobs[0], abs=1e-4)
-    result, _ = engine.decode([(0, [1, 2])])
+    result = engine.step()
+    assert sorted(result.request_ids) == [1, 2]
     assert all(0 <= t < backend.info.vocab_size for t in result.token_ids)
     assert all(lp <= 0 for lp in result.logprobs)
 
 
-def test_unknown_batches_and_requests(engine: CT2Engine) -> None:
-    engine.prefill(0, [request(1, PROMPTS[0], 5)], 100)
-    with pytest.raises(UnknownBatchError):
-        engine.decode([(7, [1])])
-    with pytest.raises(UnknownRequestError):
-        engine.decode([(0, [1, 99])])
-    with pytest.raises(ValueError, match="vocabulary"):
-        engine.prefill(1, [request(2, [10**6], 5)], 100)
-    engine.clear(0)
-    assert engine.cached(0) is None
+def test_unknown_ids_are_refused_or_ignored(engine: CT2Engine) -> None:
+    refused = engine.add([request(1, PROMPTS[0], 5), request(2, [10**6], 5)])
+    assert [f.request_id for f in refused] == [2] and "vocabulary" in refused[0].message
+    assert set(engine.rows) == {1}
+    assert engine.step().request_ids == [1]
+    engine.remove([1, 99])  # an id it does not hold is ignored
+    engine.remove([1])  # so is one it has already let go
+    assert not engine.rows
+    result = engine.step()
+    assert result.request_ids == [] and not result.failures
+    engine.clear()
+    assert not engine.rows and not engine.waiting
 
 
 def test_length_slack() -> None:
@@ -211,7 +213,8 @@ def test_requests_that_want_top_tokens_each_finish(backend: CT2Backend) -> None:
     each such request runs in a group of its own, and two of them with one prompt both finish."""
     from shard.core import FINISH_LENGTH, EngineCore
 
-    engine = backend.make_engine()
+    engine = make_engine(backend)
+    assert isinstance(engine, CT2Engine)
     try:
         core = EngineCore(engine)
         core.add([request(i, [5, 6, 7, 8], 3, top_n_tokens=2) for i in range(2)])

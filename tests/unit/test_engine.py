@@ -12,10 +12,10 @@ import torch
 from shard.backends.base import Backend
 from shard.backends.hf import HFBackend
 from shard.backends.paged import PagedBackend
-from shard.batch import UnknownRequestError
-from shard.engine import Engine, UnknownBatchError
+from shard.engine import Engine, StepEngine
 from shard.engines import make_engine
 from shard.types import RequestSpec, SamplingParams
+from tests.engine_run import run_engine
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -48,15 +48,11 @@ def prompts(tiny_model_dir: Path) -> list[list[int]]:
     return [tokenizer.encode(t) for t in TEXTS]
 
 
-def run_alone(engine: Engine, ids: list[int], steps: int, params: SamplingParams | None = None) -> list[int]:
-    engine.clear()
+def run_alone(
+    engine: StepEngine, ids: list[int], steps: int, params: SamplingParams | None = None
+) -> list[int]:
     spec = RequestSpec(7, ids, params or SamplingParams(), max_new_tokens=steps)
-    tokens = engine.prefill(1, [spec], 1000).token_ids
-    for _ in range(steps - 1):
-        result, _ = engine.decode([(1, [7])])
-        tokens += result.token_ids
-    engine.clear()
-    return tokens
+    return run_engine(engine, {0: [spec]})[7]
 
 
 def test_greedy_matches_transformers_generate(
@@ -77,42 +73,24 @@ def test_requests_join_and_leave_without_changing_tokens(backend: Backend, promp
     params = {i: (seeded if i == 3 else SamplingParams()) for i in steps}
     alone = {i: run_alone(engine, prompts[i], n, params[i]) for i, n in steps.items()}
 
-    out: dict[int, list[int]] = {i: [] for i in steps}
-
-    def collect(result) -> None:
-        for rid, token in zip(result.request_ids, result.token_ids, strict=True):
-            out[rid].append(token)
-
     def spec(i: int) -> RequestSpec:
         return RequestSpec(i, prompts[i], params[i], max_new_tokens=steps[i])
 
-    collect(engine.prefill(10, [spec(0), spec(1)], 1000))
-    collect(engine.decode([(10, [0, 1])])[0])
-    collect(engine.prefill(11, [spec(2), spec(3)], 1000))  # joins a running batch
-    running = [(10, [0, 1]), (11, [2, 3])]
-    joined_late = False
-    while running:
-        wanted = [(bid, [r for r in ids if len(out[r]) < steps[r]]) for bid, ids in running]
-        result, batch = engine.decode(wanted)
-        if batch is None:
-            break
-        collect(result)
-        running = [(batch.id, batch.request_ids)]
-        if not joined_late and len(out[0]) == 6:
-            collect(engine.prefill(12, [spec(4)], 1000))  # joins after others have left
-            running.append((12, [4]))
-            joined_late = True
+    # 2 and 3 join a running batch; 4 joins after others have left.
+    out = run_engine(engine, {0: [spec(0), spec(1)], 2: [spec(2), spec(3)], 7: [spec(4)]})
     assert out == alone
 
 
 def test_leaving_trims_the_cache(hf: HFBackend, prompts: list[list[int]]) -> None:
     engine = Engine(hf)
     long_prompt = prompts[3] * 4
-    engine.prefill(1, [RequestSpec(1, long_prompt), RequestSpec(2, prompts[0])], 1000)
-    engine.decode([(1, [1, 2])])
-    _, batch = engine.decode([(1, [2])])
-    assert batch is not None
-    state = engine.batches[batch.id].state
+    engine.add([RequestSpec(1, long_prompt), RequestSpec(2, prompts[0])])
+    engine.step()
+    engine.step()
+    engine.remove([1])
+    engine.step()
+    assert engine.batch is not None
+    state = engine.batch.state
     # Only the short request's slots remain: its prompt, plus two generated tokens fed back.
     assert state.attention_mask.shape[1] == len(prompts[0]) + 2
     assert state.cache.layers[0].keys.shape[2] == len(prompts[0]) + 2
@@ -121,7 +99,8 @@ def test_leaving_trims_the_cache(hf: HFBackend, prompts: list[list[int]]) -> Non
 def test_prompt_logprobs_match_the_model(backend: Backend, hf: HFBackend, prompts: list[list[int]]) -> None:
     engine = make_engine(backend)
     ids = prompts[1]
-    result = engine.prefill(1, [RequestSpec(1, ids, prefill_logprobs=True), RequestSpec(2, prompts[0])], 100)
+    engine.add([RequestSpec(1, ids, prefill_logprobs=True), RequestSpec(2, prompts[0])])
+    result = engine.step()
     assert [p.request_id for p in result.prefill] == [1]
     logits = hf.model(torch.tensor([ids])).logits[0].float()
     expected = torch.log_softmax(logits[:-1], -1).gather(1, torch.tensor(ids[1:]).unsqueeze(1)).squeeze(1)
@@ -132,19 +111,26 @@ def test_prompt_logprobs_match_the_model(backend: Backend, hf: HFBackend, prompt
 
 def test_top_n_tokens(backend: Backend, prompts: list[list[int]]) -> None:
     engine = make_engine(backend)
-    result = engine.prefill(1, [RequestSpec(1, prompts[0], top_n_tokens=3), RequestSpec(2, prompts[1])], 100)
+    engine.add([RequestSpec(1, prompts[0], top_n_tokens=3), RequestSpec(2, prompts[1])])
+    result = engine.step()
     assert result.top_n == 3
     first = result.top_ids[:3]
     assert first[0] == result.token_ids[0]
     assert result.top_logprobs[:3] == sorted(result.top_logprobs[:3], reverse=True)
 
 
-def test_unknown_batch_or_request_is_an_error(backend: Backend, prompts: list[list[int]]) -> None:
+def test_removed_requests_leave_with_their_memory(backend: Backend, prompts: list[list[int]]) -> None:
     engine = make_engine(backend)
-    engine.prefill(1, [RequestSpec(1, prompts[0])], 100)
-    with pytest.raises(UnknownBatchError):
-        engine.decode([(2, [1])])
-    with pytest.raises(UnknownRequestError):
-        engine.decode([(1, [5])])
-    with pytest.raises(ValueError):
-        engine.prefill(3, [], 100)
+    before = engine.stats()
+    engine.add([RequestSpec(1, prompts[0], max_new_tokens=50), RequestSpec(2, prompts[1], max_new_tokens=50)])
+    engine.step()
+    engine.step()
+    engine.remove([1, 99])  # an id it does not hold is ignored
+    result = engine.step()
+    assert result.request_ids == [2]
+    engine.remove([2])
+    assert engine.step().request_ids == []
+    after = engine.stats()
+    if before is not None and after is not None:  # the paged pool: every block is back
+        assert after["tokens_used"] == before["tokens_used"]
+    engine.clear()

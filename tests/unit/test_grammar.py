@@ -13,11 +13,12 @@ import torch
 
 from common import grammar
 from shard.backends.paged import PagedBackend
-from shard.engine import Engine
+from shard.engine import StepEngine
 from shard.engines import make_engine
 from shard.processors import ProcessorArgumentError, ProcessorContext, Processors
 from shard.processors.grammar import Grammar, unpack_bitmask
 from shard.types import RequestSpec, SamplingParams
+from tests.engine_run import collect
 
 jsonschema = pytest.importorskip("jsonschema")
 pytestmark = pytest.mark.timeout(120)
@@ -146,25 +147,27 @@ SCHEMA_2 = {
 REGEX = r"[A-Z]{2}-[0-9]{2}"
 
 
-def run(engine: Engine, specs: list[RequestSpec], eos: int, steps: int) -> dict[int, list[int]]:
+def run(engine: StepEngine, specs: list[RequestSpec], eos: int, steps: int) -> dict[int, list[int]]:
     """Greedy generation; a row leaves after its EOS, as the router makes it."""
     engine.clear()
     out: dict[int, list[int]] = {s.id: [] for s in specs}
-    result = engine.prefill(1, specs, 10_000)
+    assert engine.add(specs) == []
+    live = set(out)
     for _ in range(steps):
+        result = engine.step()
         assert not result.failures, result.failures
-        for rid, token in zip(result.request_ids, result.token_ids, strict=True):
-            out[rid].append(token)
-        live = [rid for rid, ids in out.items() if not ids or (ids[-1] != eos and len(ids) < steps)]
+        collect(out, result)
+        done = {rid for rid in live if out[rid] and (out[rid][-1] == eos or len(out[rid]) >= steps)}
+        engine.remove(done)
+        live -= done
         if not live:
             break
-        result, _ = engine.decode([(1, live)])
     engine.clear()
     return out
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_model_dir: Path, processor: Grammar) -> Engine:
+def engine(tiny_model_dir: Path, processor: Grammar) -> StepEngine:
     backend = PagedBackend(tiny_model_dir, torch.device("cpu"), kv_cache_bytes=8 * 2**20)
     return make_engine(backend, processors=Processors([processor]))
 
@@ -176,7 +179,7 @@ def spec(rid: int, constraint: str | None = None, **params: Any) -> RequestSpec:
 
 @pytest.mark.parametrize("sampled", [False, True])
 def test_batched_grammars_give_valid_output_and_leave_other_rows_alone(
-    engine: Engine, tokenizer: Any, eos: int, sampled: bool
+    engine: StepEngine, tokenizer: Any, eos: int, sampled: bool
 ) -> None:
     params = {"do_sample": True, "seed": 5, "temperature": 1.5} if sampled else {}
     solo = run(engine, [spec(1, **params), spec(4, **params)], eos, 30)
@@ -199,7 +202,7 @@ def test_batched_grammars_give_valid_output_and_leave_other_rows_alone(
     jsonschema.validate(json.loads(text[5]), SCHEMA_2)
 
 
-def test_json_object_starts_an_object(engine: Engine, processor: Grammar, tokenizer: Any) -> None:
+def test_json_object_starts_an_object(engine: StepEngine, processor: Grammar, tokenizer: Any) -> None:
     state = processor.new_state(grammar.canonical("json_object"), [1])
     (mask,) = allowed(processor, [state])
     assert mask and all(tokenizer.decode([t]).startswith("{") for t in mask)

@@ -35,10 +35,12 @@ def run(backend: PagedBackend, steps: int) -> tuple[list[list[int]], list[list[f
     """Greedy tokens and log-probabilities of three requests decoding together, step by step."""
     engine = make_engine(backend)
     requests = [RequestSpec(rid, prompt, max_new_tokens=steps + 1) for rid, prompt in PROMPTS.items()]
-    engine.prefill(1, requests, 999)
+    assert engine.add(requests) == []
+    assert sorted(engine.step().request_ids) == list(PROMPTS)  # the prompts, with each first token
     tokens, logprobs = [], []
     for _ in range(steps):
-        result, _ = engine.decode([(1, list(PROMPTS))])
+        result = engine.step()
+        assert result.request_ids == list(PROMPTS) and not result.failures
         tokens.append(result.token_ids)
         logprobs.append(result.logprobs)
     engine.clear()

@@ -12,11 +12,12 @@ from shard.backends.hf import HFBackend
 from shard.backends.paged import PagedBackend
 from shard.chunked import StepCosts
 from shard.config import ShardConfig
-from shard.engine import Engine
+from shard.engine import Engine, StepEngine
 from shard.engines import make_engine
 from shard.paged.kv_cache import BlockAllocator, CacheFullError, PagedKVCache, block_hash
 from shard.paged.model import ModelSpec, UnsupportedModelError
 from shard.types import RequestSpec, SamplingParams
+from tests.engine_run import collect, run_engine
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -32,27 +33,23 @@ def free_blocks(backend: PagedBackend) -> int:
     return backend.cache.allocator.num_free
 
 
-def generate(engine: Engine, rid: int, ids: list[int], steps: int, params: SamplingParams | None = None):
-    tokens = engine.prefill(
-        rid, [RequestSpec(rid, ids, params or SamplingParams(), max_new_tokens=steps)], 999
-    )
-    out = list(tokens.token_ids)
-    for _ in range(steps - 1):
-        result, _ = engine.decode([(rid, [rid])])
-        out += result.token_ids
-    engine.clear(rid)
-    return out
+def generate(engine: StepEngine, rid: int, ids: list[int], steps: int, params: SamplingParams | None = None):
+    out = run_engine(engine, {0: [RequestSpec(rid, ids, params or SamplingParams(), max_new_tokens=steps)]})
+    engine.clear()
+    return out[rid]
 
 
 def test_blocks_come_back_when_requests_leave(paged: PagedBackend) -> None:
     total = paged.cache.allocator.num_blocks
     engine = make_engine(paged)
-    engine.prefill(1, [RequestSpec(1, list(range(3, 30))), RequestSpec(2, list(range(5, 12)))], 999)
-    for _ in range(6):
-        engine.decode([(1, [1, 2])])
+    engine.add([RequestSpec(1, list(range(3, 30))), RequestSpec(2, list(range(5, 12)))])
+    for _ in range(7):
+        engine.step()
     held = total - free_blocks(paged)
     assert held == -(-34 // 4) + -(-14 // 4)
-    engine.decode([(1, [2])])  # request 1 leaves: its blocks return at once
+    engine.remove([1])  # request 1 leaves: its blocks return at once
+    assert total - free_blocks(paged) == -(-14 // 4)
+    engine.step()
     assert total - free_blocks(paged) == -(-15 // 4)
     engine.clear()
     assert free_blocks(paged) == total
@@ -72,23 +69,9 @@ def test_prefix_cache_reuses_blocks_and_changes_nothing(paged: PagedBackend, tin
     assert free_blocks(paged) == paged.cache.allocator.num_blocks  # cached blocks are evictable, not held
 
 
-def run_all(engine: Engine, batch_id: int, requests: list[RequestSpec]) -> dict[int, list[int]]:
-    """Prefills ``requests`` as one batch and decodes, as the router would, until each has its tokens."""
-    out: dict[int, list[int]] = {r.id: [] for r in requests}
-    budget = {r.id: r.max_new_tokens for r in requests}
-
-    def collect(result) -> None:
-        assert result.failures == []
-        for rid, token in zip(result.request_ids, result.token_ids, strict=True):
-            out[rid].append(token)
-
-    collect(engine.prefill(batch_id, requests, 999))
-    cached = engine.cached(batch_id)
-    while cached is not None:
-        wanted = [r for r in cached.request_ids if len(out[r]) < budget[r]]
-        result, cached = engine.decode([(cached.id, wanted)])
-        collect(result)
-    return out
+def run_all(engine: StepEngine, requests: list[RequestSpec]) -> dict[int, list[int]]:
+    """Adds ``requests`` at once and steps until each has its tokens."""
+    return run_engine(engine, {0: requests})
 
 
 def test_samples_of_one_prompt_share_its_blocks(paged: PagedBackend, tiny_model_dir: Path) -> None:
@@ -98,7 +81,7 @@ def test_samples_of_one_prompt_share_its_blocks(paged: PagedBackend, tiny_model_
     alone = [generate(solo, 9, prompt, 6, p) for p in params]
     engine = make_engine(paged)
     requests = [RequestSpec(i, prompt, p, max_new_tokens=6, group=100) for i, p in enumerate(params)]
-    out = run_all(engine, 1, requests)
+    out = run_all(engine, requests)
     assert [out[i] for i in range(3)] == alone
     # One sample ran the prompt; the two others found its 4 full blocks in the prefix cache.
     assert paged.cache.allocator.hits == 2 * 4
@@ -117,7 +100,7 @@ def test_a_pool_too_small_for_everyone_preempts_and_every_request_completes(tiny
     small = PagedBackend(tiny_model_dir, CPU, kv_cache_bytes=40 * per_block, block_size=4)
     assert small.cache.allocator.num_blocks == 40  # 160 tokens; the requests need about 1,700
     engine = make_engine(small)
-    out = run_all(engine, 1, [RequestSpec(i, p, max_new_tokens=12) for i, p in enumerate(prompts)])
+    out = run_all(engine, [RequestSpec(i, p, max_new_tokens=12) for i, p in enumerate(prompts)])
     assert [out[i] for i in range(64)] == expected
     assert engine.stats()["preemptions"] > 0
     engine.clear()
@@ -185,33 +168,29 @@ def test_a_long_prompt_joins_in_chunks_while_others_stream(paged: PagedBackend, 
     expected_long = generate(hf, 1, long_prompt, 5)
     expected_short = generate(hf, 1, short, 40)
     engine = make_engine(paged)
-    out: dict[int, list[int]] = {1: [], 2: []}
-
-    def collect(result) -> None:
-        for rid, token in zip(result.request_ids, result.token_ids, strict=True):
-            out[rid].append(token)
-
-    collect(engine.prefill(1, [RequestSpec(1, short, max_new_tokens=40)], 999))
-    collect(engine.decode([(1, [1])])[0])
-    joined = engine.prefill(2, [RequestSpec(2, long_prompt, max_new_tokens=5, prefill_logprobs=True)], 999)
-    assert joined.request_ids == []  # the prompt runs beside the stream, not before it
-    running = [(1, [1]), (2, [2])]
+    out: dict[int, list[int]] = {}
+    engine.add([RequestSpec(1, short, max_new_tokens=40)])
+    collect(out, engine.step())
+    collect(out, engine.step())
+    engine.add([RequestSpec(2, long_prompt, max_new_tokens=5, prefill_logprobs=True)])
     steps_until_first = 0
     prompt_logprobs = None
-    while running:
-        wanted = [(bid, [r for r in ids if len(out[r]) < (40 if r == 1 else 5)]) for bid, ids in running]
-        result, cached = engine.decode(wanted)
+    while True:
+        done = [rid for rid, n in ((1, 40), (2, 5)) if len(out.get(rid, [])) == n]
+        engine.remove(done)
+        if len(done) == 2:
+            break
+        result = engine.step()
         assert 1 in result.request_ids or len(out[1]) == 40  # the stream got a token at every step
-        if not out[2]:
+        if 2 not in out:
             steps_until_first += 1
         prompt_logprobs = prompt_logprobs or next((p for p in result.prefill if p.request_id == 2), None)
-        collect(result)
-        if cached is None:
-            break
-        running = [(cached.id, cached.request_ids)]
+        collect(out, result)
     assert out == {1: expected_short, 2: expected_long}
     assert steps_until_first > 1  # the prompt ran in chunks, beside the stream
-    reference = hf.prefill(7, [RequestSpec(7, long_prompt, prefill_logprobs=True)], 999).prefill[0]
+    hf.add([RequestSpec(7, long_prompt, prefill_logprobs=True)])
+    reference = hf.step().prefill[0]
+    assert prompt_logprobs is not None
     assert torch.allclose(
         torch.tensor(prompt_logprobs.logprobs[1:]), torch.tensor(reference.logprobs[1:]), atol=1e-4
     )
@@ -226,10 +205,10 @@ def test_unwritten_cache_memory_never_leaks_into_attention(tiny_model_dir: Path)
     backend.cache.k[:, :null].fill_(float("nan"))  # as a request with NaN K/V would leave its blocks
     backend.cache.v[:, :null].fill_(float("nan"))
     engine = make_engine(backend)
-    result = engine.prefill(1, [RequestSpec(1, list(range(3, 8))), RequestSpec(2, list(range(3, 30)))], 999)
-    assert result.failures == []
+    engine.add([RequestSpec(1, list(range(3, 8))), RequestSpec(2, list(range(3, 30)))])
+    assert engine.step().failures == []
     for _ in range(4):
-        result, _ = engine.decode([(1, [1, 2])])
+        result = engine.step()
         assert result.failures == [] and len(result.token_ids) == 2
 
 

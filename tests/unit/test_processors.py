@@ -3,6 +3,7 @@ both backends, and the built-in watermark with its detector."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ import torch
 
 from shard.backends.base import Backend
 from shard.backends.paged import PagedBackend
-from shard.engine import Engine
+from shard.engine import StepEngine
 from shard.engines import make_engine
 from shard.processors import (
     LogitsProcessor,
@@ -22,6 +23,7 @@ from shard.processors import (
 )
 from shard.processors.watermark import Watermark, detect, is_green
 from shard.types import RequestSpec, SamplingParams
+from tests.engine_run import collect, run_engine
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -57,16 +59,9 @@ def backend(request: pytest.FixtureRequest, tiny_model_dir: Path) -> Backend:
     return PagedBackend(tiny_model_dir, torch.device("cpu"), kv_cache_bytes=8 * 2**20)
 
 
-def generate(engine: Engine, specs: list[RequestSpec], steps: int) -> dict[int, list[int]]:
+def generate(engine: StepEngine, specs: list[RequestSpec], steps: int) -> dict[int, list[int]]:
     engine.clear()
-    out: dict[int, list[int]] = {s.id: [] for s in specs}
-    first = engine.prefill(1, specs, 10_000)
-    for rid, token in zip(first.request_ids, first.token_ids, strict=True):
-        out[rid].append(token)
-    for _ in range(steps - 1):
-        result, _ = engine.decode([(1, [s.id for s in specs])])
-        for rid, token in zip(result.request_ids, result.token_ids, strict=True):
-            out[rid].append(token)
+    out = run_engine(engine, {0: [replace(s, max_new_tokens=steps) for s in specs]})
     engine.clear()
     return out
 
@@ -97,17 +92,14 @@ def test_states_follow_their_rows_when_requests_leave_and_join(backend: Backend)
     processor.new_state = record  # type: ignore[method-assign]
     engine = make_engine(backend, processors=Processors([processor]))
     tokens: dict[int, list[int]] = {}
-
-    def collect(result: Any) -> None:
-        for rid, token in zip(result.request_ids, result.token_ids, strict=True):
-            tokens.setdefault(rid, []).append(token)
-
-    collect(engine.prefill(1, [spec(1, (("ban", "3"),)), spec(2), spec(3, (("ban", "4"),))], 10_000))
-    collect(engine.decode([(1, [1, 2, 3])])[0])
-    collect(engine.decode([(1, [3])])[0])  # 1 and 2 leave
-    collect(engine.prefill(2, [spec(4, (("ban", "5"),))], 10_000))  # (paged: its prompt runs in Decode)
-    for wanted in ([(1, [3]), (2, [4])], [(1, [3, 4])], [(1, [3, 4])]):  # joined, then one batch
-        collect(engine.decode(wanted)[0])
+    engine.add([spec(1, (("ban", "3"),)), spec(2), spec(3, (("ban", "4"),))])
+    collect(tokens, engine.step())  # first tokens
+    collect(tokens, engine.step())
+    engine.remove([1, 2])  # 1 and 2 leave
+    collect(tokens, engine.step())
+    engine.add([spec(4, (("ban", "5"),))])  # joins the running batch (paged: its prompt runs beside 3)
+    for _ in range(3):
+        collect(tokens, engine.step())
     engine.clear()
     first, third, fourth = seen[1], seen[3], seen[4]
     assert first["seen"] == tokens[1] and len(tokens[1]) == 2  # prefill + one decode, then it left
@@ -165,13 +157,13 @@ def test_detector_rejects_too_little_text() -> None:
 def test_a_refused_argument_fails_its_request_alone(backend: Backend) -> None:
     engine = make_engine(backend, processors=Processors([BanFirstChoice()]))
     alone = generate(engine, [spec(1)], 3)
-    engine.clear()
-    result = engine.prefill(1, [spec(1), spec(2, (("ban", "not-ids"),))], 10_000)
-    assert [f.request_id for f in result.failures] == [2] and "comma-separated" in result.failures[0].message
-    tokens = list(result.token_ids)
-    for _ in range(3 - len(tokens)):
-        step, _ = engine.decode([(1, [1])])
+    refused = engine.add([spec(1), spec(2, (("ban", "not-ids"),))])
+    assert [f.request_id for f in refused] == [2] and "comma-separated" in refused[0].message
+    tokens: list[int] = []
+    for _ in range(3):
+        step = engine.step()
+        assert step.request_ids == [1] and not step.failures
         tokens += step.token_ids
     assert tokens == alone[1]
-    assert engine.cached(1) is not None and engine.cached(1).request_ids == [1]
+    assert engine.batch is not None and engine.batch.request_ids == [1]
     engine.clear()

@@ -17,6 +17,7 @@ from shard.engines import make_engine
 from shard.paged import quant
 from shard.paged.quant import QuantColumnLinear, QuantLinear, QuantRowLinear
 from shard.types import RequestSpec, SamplingParams
+from tests.engine_run import run_engine
 from tests.kernels import require_kernels
 
 pytestmark = pytest.mark.timeout(300)
@@ -143,12 +144,7 @@ def test_row_linear_all_reduces_and_ranks_quantize_their_own_slice() -> None:
 
 def greedy(backend: PagedBackend, prompt: list[int], steps: int) -> list[int]:
     engine = make_engine(backend)
-    tokens = list(
-        engine.prefill(1, [RequestSpec(1, prompt, SamplingParams(), max_new_tokens=steps)], 9).token_ids
-    )
-    for _ in range(steps - 1):
-        result, _ = engine.decode([(1, [1])])
-        tokens += result.token_ids
+    tokens = run_engine(engine, {0: [RequestSpec(1, prompt, SamplingParams(), max_new_tokens=steps)]})[1]
     engine.clear()
     return tokens
 

@@ -11,6 +11,7 @@ from shard.backends.hf import HFBackend
 from shard.engine import Engine
 from shard.sampling import Sampler, TokenHistory
 from shard.types import RequestSpec, SamplingParams
+from tests.engine_run import collect, run_engine
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -72,18 +73,17 @@ def test_n_samples_share_one_prefill(tiny_model_dir: Path) -> None:
     params = [SamplingParams(do_sample=True, seed=s) for s in (1, 2, 3)]
     requests = [RequestSpec(i, [5, 6, 7, 8], params[i], 6) for i in range(3)]
     requests.append(RequestSpec(9, [9, 10], SamplingParams(), 6, prefill_logprobs=True))
-    result = engine.prefill(1, requests, 100)
+    assert engine.add(requests) == []
+    result = engine.step()
     assert calls == [2]  # two distinct prompts, one forward each
     assert [p.request_id for p in result.prefill] == [9]
-    shared = {rid: [tok] for rid, tok in zip(result.request_ids, result.token_ids, strict=True)}
+    shared: dict[int, list[int]] = {}
+    collect(shared, result)
     for _ in range(4):
-        result, _ = engine.decode([(1, [0, 1, 2, 9])])
-        for rid, tok in zip(result.request_ids, result.token_ids, strict=True):
-            shared[rid].append(tok)
+        collect(shared, engine.step())
+    assert {rid: len(tokens) for rid, tokens in shared.items()} == {0: 5, 1: 5, 2: 5, 9: 5}
+    engine.clear()
     # each copy decodes on its own: the same tokens as the same seed alone
     for i in range(3):
-        engine.clear()
-        lone = engine.prefill(2, [RequestSpec(i, [5, 6, 7, 8], params[i], 6)], 100).token_ids
-        for _ in range(4):
-            lone += engine.decode([(2, [i])])[0].token_ids
+        lone = run_engine(engine, {0: [RequestSpec(i, [5, 6, 7, 8], params[i], 6)]})[i][:5]
         assert lone == shared[i]
