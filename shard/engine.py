@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Collection
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -73,6 +73,16 @@ class StepEngine(Protocol):
 
     def processor_names(self) -> list[str]:
         """The logits processors a request may name."""
+        ...
+
+
+@runtime_checkable
+class EngineBackend(Protocol):
+    """A backend that runs its own decoding loop (CTranslate2, or a plugin's) and brings the engine that
+    drives it; such an engine applies no logits processors."""
+
+    def make_engine(self, faults: Faults | None) -> StepEngine:
+        """The engine over this backend."""
         ...
 
 

@@ -18,7 +18,9 @@ import torch
 from common.quantize import CT2_UNSUPPORTED_PARAMETERS, ct2_compute_type, ct2_device, require
 
 from ..config import ShardConfig
+from ..ct2_engine import CT2Engine
 from ..dist import Parallel
+from ..faults import Faults
 from .base import BackendInfo
 
 log = logging.getLogger(__name__)
@@ -56,7 +58,7 @@ def _ids(value: object) -> list[int]:
 
 
 class CT2Backend:
-    """Loads the converted model; ``shard.ct2_engine.CT2Engine`` runs requests on it."""
+    """Loads the converted model; its engine (``shard.ct2_engine.CT2Engine``) runs requests on it."""
 
     def __init__(
         self, model_path: Path | str, dtype: str | None = None, threads: int = 0, max_batches: int = 16
@@ -112,6 +114,9 @@ class CT2Backend:
             return [tokens[i] for i in ids]
         except IndexError:
             raise ValueError(f"a token id is outside the model's vocabulary of {len(tokens)}") from None
+
+    def make_engine(self, faults: Faults | None) -> CT2Engine:
+        return CT2Engine(self, faults)
 
     def max_supported_total_tokens(self) -> int | None:
         return None
