@@ -14,25 +14,39 @@ from .validation import ValidRequest
 
 
 class EventChannel:
-    """One producer (the receiving loop), one consumer (the request's handler): cheaper than an
-    asyncio.Queue on the per-token path, and the consumer can take everything that piled up at once.
+    """One producer (the receiving loop), one consumer (the request's handler): a FIFO of API-neutral items
+    (``StreamEvent``s, or the ``InferError`` the request ended with; nothing follows the last event or an
+    error), cheaper than an asyncio.Queue on the per-token path; the consumer takes everything that piled
+    up at once. The producer formats nothing.
 
-    ``direct``, when the handler sets it, is offered each item first while nothing is queued: it returns
-    True when it has taken the item itself (a streaming handler writes plain tokens to its connection
-    straight from the receiving loop, see ``sse.DirectSSE``), False to let it be queued as usual."""
+    By default every ``put`` wakes the consumer's task (``wait``). A consumer that drains the channel
+    outside its task (a streaming handler's coalesced writer, ``sse.SSEWriter``) sets ``listener``: then a
+    plain token event (not the last one) calls ``listener()`` instead, only when it makes the channel
+    non-empty; the listener's owner later takes the items it handles from the front of ``items`` and calls
+    ``wake`` for any it leaves. The last event and an error always wake the task at once (it takes every
+    item before them too, so the order never changes)."""
 
-    __slots__ = ("direct", "items", "waiter")
+    __slots__ = ("items", "listener", "waiter")
 
     def __init__(self) -> None:
         self.items: deque[StreamEvent | InferError] = deque()
         self.waiter: asyncio.Future[None] | None = None
-        self.direct: Callable[[StreamEvent | InferError], bool] | None = None
+        self.listener: Callable[[], None] | None = None
 
     def put(self, item: StreamEvent | InferError) -> None:
-        direct = self.direct
-        if direct is not None and not self.items and direct(item):
+        items = self.items
+        items.append(item)
+        listener = self.listener
+        if listener is not None and type(item) is StreamEvent and item.finished is None:
+            if len(items) == 1:
+                listener()
             return
-        self.items.append(item)
+        waiter = self.waiter  # wake(), inline: the per-token path
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def wake(self) -> None:
+        """Wakes the consumer's task if it is waiting."""
         waiter = self.waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -41,17 +55,14 @@ class EventChannel:
         return not self.items
 
     async def wait(self) -> None:
-        """Returns once at least one item is waiting."""
+        """Returns once at least one item is waiting (with a ``listener``, the task is woken only for the
+        items the listener leaves to it)."""
         while not self.items:
             self.waiter = asyncio.get_running_loop().create_future()
             try:
                 await self.waiter
             finally:
                 self.waiter = None
-
-    async def get(self) -> StreamEvent | InferError:
-        await self.wait()
-        return self.items.popleft()
 
     def take_all(self) -> list[StreamEvent | InferError]:
         items = list(self.items)

@@ -44,7 +44,7 @@ from .openai_params import (
     parse_options,
     refuse_unsupported,
 )
-from .sse import DirectSSE, json_text
+from .sse import SSEWriter, json_text
 from .state import get_infer, get_prompter, state
 from .tokenizer import Tokenizer
 from .validation import ValidRequest
@@ -127,12 +127,12 @@ async def _stream_all(
     chunk); returns how many tokens they generated in all, or raises the first error (the other requests
     are then cancelled).
 
-    As on TGI's stream, the receiving loop writes the plain token events itself (``DirectSSE``, on
-    ``transport``: see ``DirectSSE.open``); a task per request writes the others (the last one, errors
+    As on TGI's stream, the write coalescer writes the plain token events (``SSEWriter``, on
+    ``transport``: see ``SSEWriter.open``); a task per request writes the others (the last one, errors
     aside, and every event while the client is slow to read)."""
 
     async def pump(index: int, entry: Entry) -> int:
-        sse = DirectSSE.attach(transport, entry.events, lambda event, _: event_bytes(index, event))
+        sse = SSEWriter.attach(transport, entry.events, lambda event, _: event_bytes(index, event))
         last: StreamEvent | None = None
         try:
             async for events in infer.stream_batches(entry):
@@ -141,7 +141,7 @@ async def _stream_all(
                     await response.write(data)
                 last = events[-1]
         finally:
-            sse.close(entry.events)  # the connection may serve another request next
+            sse.close()  # the connection may serve another request next
         return last.finished.generated_tokens if last is not None and last.finished is not None else 0
 
     async with contextlib.AsyncExitStack() as stack:
@@ -311,7 +311,7 @@ async def _chat_stream(
     logprobs: bool,
 ) -> web.StreamResponse:  # fmt: skip
     response = web.StreamResponse(headers=SSE_HEADERS)
-    transport = await DirectSSE.open(request, response)
+    transport = await SSEWriter.open(request, response)
     head = {**head, "object": "chat.completion.chunk"}
     extra = {"usage": None} if options.include_usage else {}
 
@@ -325,7 +325,7 @@ async def _chat_stream(
     content = _TextChunks(lambda index, text: chunk(index, {"content": text}))
 
     def event_bytes(index: int, event: StreamEvent) -> bytes:
-        """The event's chunk (the receiving loop's per-token path for plain tokens); b"" for none."""
+        """The event's chunk (the per-token path for plain tokens, see ``SSEWriter``); b"" for none."""
         if event.finished is None and event.delta and not logprobs:
             return content(index, event.delta)
         visible = _visible(event.token, requests[index])
@@ -479,7 +479,7 @@ async def _completions_stream(
     logprobs: int | None, echo: bool,
 ) -> web.StreamResponse:  # fmt: skip
     response = web.StreamResponse(headers=SSE_HEADERS)
-    transport = await DirectSSE.open(request, response)
+    transport = await SSEWriter.open(request, response)
     head = {**head, "object": "text_completion"}
     extra = {"usage": None} if options.include_usage else {}
     requests = [r for group in groups for r in group]
@@ -494,7 +494,7 @@ async def _completions_stream(
     text_chunk = _TextChunks(lambda index, text: chunk(index, text, None, None))
 
     def event_bytes(index: int, event: StreamEvent) -> bytes:
-        """The event's chunk (the receiving loop's per-token path for plain tokens); b"" for none."""
+        """The event's chunk (the per-token path for plain tokens, see ``SSEWriter``); b"" for none."""
         if event.finished is None and event.delta and logprobs is None:
             return text_chunk(index, event.delta)
         lp = None

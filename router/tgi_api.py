@@ -20,7 +20,7 @@ from .body import read_json_object
 from .errors import InferError, UnhealthyError, ValidationError
 from .generation import Finished, StreamEvent, Token
 from .infer import Admission, Infer
-from .sse import DirectSSE, json_text
+from .sse import SSEWriter, json_text
 from .state import get_infer, state
 from .validation import GenerateParameters, ValidRequest, parse_parameters
 
@@ -208,8 +208,8 @@ async def generate_stream(request: web.Request, body: dict[str, Any] | None = No
         )
         async with infer.request(valid) as entry:
             details, input_length = valid.details, valid.input_length
-            # Plain tokens are written by the receiving loop itself; the rest comes through here.
-            sse = await DirectSSE.start(
+            # The coalescer writes plain tokens with this format; the rest comes through here.
+            sse = await SSEWriter.start(
                 request, response, entry.events, lambda e, i: stream_event_bytes(e, i, details, input_length)
             )
             try:
@@ -219,7 +219,7 @@ async def generate_stream(request: web.Request, body: dict[str, Any] | None = No
                 infer.metrics.request_failure.labels(error.error_type).inc()
                 await response.write(b"data: " + json.dumps(error.body()).encode() + b"\n\n")
             finally:
-                sse.close(entry.events)  # the connection may serve another request next
+                sse.close()  # the connection may serve another request next
         await response.write_eof()
         return response
 

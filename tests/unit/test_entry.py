@@ -1,7 +1,8 @@
-"""router/entry.py: a request's entry and the channel of its events (direct consumers keep the order)."""
+"""router/entry.py: a request's entry and the channel of its events (a listener, or the consumer's task)."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from pathlib import Path
 
@@ -9,7 +10,8 @@ import pytest
 
 from common.params import SamplingParams
 from router.entry import Entry, EventChannel
-from router.generation import GenerationState
+from router.errors import GenerationError
+from router.generation import Finished, GenerationState, StreamEvent, Token
 from router.tokenizer import Tokenizer
 from router.validation import ValidRequest
 
@@ -56,26 +58,42 @@ def test_entry_cost_and_defaults(make) -> None:
     assert entry != make(7, 13)  # identity, not value, equality
 
 
-def test_direct_consumer_takes_items_while_nothing_is_queued() -> None:
-    """A handler's ``direct`` writer takes items until it declines one; from then on items queue behind it
-    (order kept) until the queue is empty again."""
+async def waiting(channel: EventChannel) -> asyncio.Task[None]:
+    """A consumer task that waits on ``channel`` (started: it waits before the caller puts anything)."""
+    task = asyncio.create_task(channel.wait())
+    await asyncio.sleep(0)
+    return task
+
+
+async def test_a_listener_hears_of_plain_tokens_and_the_task_of_the_rest() -> None:
+    """Without a listener every item wakes the consumer's task. With one, a plain token event only calls
+    the listener, once per empty -> non-empty; the last event and an error wake the task at once."""
+    plain = StreamEvent(Token(5, "hi", -0.5, False), "hi")
+    final = StreamEvent(plain.token, "hi", finished=Finished("hi", "length", 1, None, [], [], []))
     channel = EventChannel()
-    taken: list[object] = []
-    accept = True
+    waiter = await waiting(channel)
+    channel.put(plain)
+    await asyncio.sleep(0)
+    assert waiter.done() and channel.take_all() == [plain]
 
-    def direct(item: object) -> bool:
-        if accept:
-            taken.append(item)
-        return accept
-
-    channel.direct = direct
-    channel.put("a")  # type: ignore[arg-type]
-    accept = False
-    channel.put("b")  # type: ignore[arg-type]
-    accept = True
-    channel.put("c")  # type: ignore[arg-type]  # "b" is still queued: "c" must not overtake it
-    assert taken == ["a"] and channel.take_all() == ["b", "c"]
-    channel.put("d")  # type: ignore[arg-type]
-    channel.direct = None
-    channel.put("e")  # type: ignore[arg-type]
-    assert taken == ["a", "d"] and channel.take_all() == ["e"]
+    heard: list[int] = []
+    channel.listener = lambda: heard.append(len(channel.items))
+    waiter = await waiting(channel)
+    channel.put(plain)
+    channel.put(plain)
+    await asyncio.sleep(0)
+    assert heard == [1] and not waiter.done()
+    channel.items.clear()  # the listener's owner took them
+    channel.put(plain)
+    assert heard == [1, 1]
+    for last in (final, GenerationError("boom")):
+        channel.put(last)
+        await asyncio.sleep(0)
+        assert waiter.done() and heard == [1, 1]
+        assert channel.take_all()[-1] is last
+        waiter = await waiting(channel)
+    channel.wake()
+    await asyncio.sleep(0)
+    assert not waiter.done()  # wake() only wakes a task that has something to take
+    channel.put(final)
+    await waiter
