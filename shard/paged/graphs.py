@@ -18,7 +18,7 @@ block's first slot, attend to it alone, and their logits are dropped. Positions,
 gathered context slots and the mask are computed inside the graph (``decode_meta``).
 
 ``capture=False`` runs the same padded step eagerly: the bucketing and padding are then testable on any
-device (tests/unit/test_graphs.py).
+device (tests/unit/shard/paged/test_graphs.py).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """CUDA graphs of decode steps on a real GPU: captured, replayed, and the logits of eager steps.
 
-Marked ``gpu``: skipped without CUDA (tests/unit/test_graphs.py checks the padding on the CPU).
+Marked ``gpu``: skipped without CUDA (tests/unit/shard/paged/test_graphs.py checks the padding on the CPU).
 """
 
 from __future__ import annotations

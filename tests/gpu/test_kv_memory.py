@@ -1,7 +1,7 @@
 """The paged KV cache on a real GPU: --max-batch-total-tokens sizes it exactly, --cuda-memory-fraction
 bounds its budget and the torch allocator.
 
-Marked ``gpu``: skipped without CUDA (tests/unit/test_paged_pool.py checks the sizes on the CPU). Run it
+Marked ``gpu``: skipped without CUDA (tests/unit/shard/test_paged_pool.py checks the sizes on the CPU). Run it
 in a fresh process (``pytest tests/gpu/test_kv_memory.py``): the allocator's fraction stays set.
 """
 

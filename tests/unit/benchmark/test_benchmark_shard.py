@@ -29,9 +29,9 @@ from benchmark.shard_bench import (
     summarize,
 )
 from proto import pb, pb_grpc
-from tests.unit.test_benchmark_floor import synthetic_floor
+from tests.unit.benchmark.test_benchmark_floor import synthetic_floor
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 class CountingShard(pb_grpc.TextGenerationServiceServicer):

@@ -14,8 +14,7 @@ import grpc
 import pytest
 
 from proto import pb, pb_grpc
-
-from ..e2e.harness import REPO, free_port
+from tests.e2e.harness import REPO, free_port
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -13,7 +13,7 @@ from common.plugins import Plugin, PluginError
 
 pytestmark = pytest.mark.timeout(60)
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 MODULE = "tgi_fake_plugin_mod"
 
 ENTRY_POINTS = f"""\

@@ -41,7 +41,7 @@ from benchmark.serve import LevelOutcome, ServeResult
 from benchmark.sse import SSEParser
 from benchmark.workload import arrival_schedule, draw_length, length_range, make_requests, poisson_arrivals
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 # ---------------------------------------------------------------------------------------------------------

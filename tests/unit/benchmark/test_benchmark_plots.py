@@ -15,7 +15,7 @@ from benchmark.plots import LATENCY_FILE, THROUGHPUT_FILES, default_labels, load
 from benchmark.records import RequestRecord
 from benchmark.runner import LevelResult
 from benchmark.serve import LevelOutcome, ServeResult
-from tests.unit.test_benchmark import FakeTgi
+from tests.unit.benchmark.test_benchmark import FakeTgi
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
