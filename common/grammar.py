@@ -5,7 +5,10 @@ Canonical forms (compact JSON, the schema's own key order kept: it is the order 
 
 - ``{"type": "json", "value": <JSON schema object>}``: output is JSON that validates against the schema;
 - ``{"type": "json_object"}``: output is any JSON object (OpenAI's ``response_format: json_object``);
-- ``{"type": "regex", "value": "<pattern>"}``: the whole output matches the pattern.
+- ``{"type": "regex", "value": "<pattern>"}``: the whole output matches the pattern;
+- ``{"type": "lark", "value": "<grammar>"}``: llguidance's Lark grammar, written by the router only (forced
+  tool calls and constraints after reasoning, router/agent.py); its ``%json`` schemas carry
+  ``JSON_OPTIONS`` under ``x-guidance`` themselves.
 
 Constraints are compiled by llguidance (https://github.com/guidance-ai/llguidance). JSON is generated
 without free whitespace (``", "`` between items and ``": "`` after keys): a model cannot pad its answer
@@ -21,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from llguidance._lib import JsonCompileOptions  # a TypedDict of llguidance's type stubs only
 
-KINDS = ("json", "json_object", "regex")
+KINDS = ("json", "json_object", "regex", "lark")
 # llguidance's JSON compile options, forced over any "x-guidance" key of a schema.
 JSON_OPTIONS: JsonCompileOptions = {
     "whitespace_flexible": False,
@@ -53,8 +56,8 @@ def parse(argument: str) -> tuple[str, Any]:
     kind, value = body["type"], body.get("value")
     if kind == "json" and not isinstance(value, dict):
         raise GrammarError("a `json` grammar's `value` must be a JSON schema object")
-    if kind == "regex" and not isinstance(value, str):
-        raise GrammarError("a `regex` grammar's `value` must be a string")
+    if kind in ("regex", "lark") and not isinstance(value, str):
+        raise GrammarError(f"a `{kind}` grammar's `value` must be a string")
     return kind, value
 
 
@@ -66,6 +69,8 @@ def to_llguidance(argument: str) -> str:
     kind, value = parse(argument)
     if kind == "regex":
         return llguidance.LLMatcher.grammar_from_regex(value)
+    if kind == "lark":
+        return llguidance.LLMatcher.grammar_from_lark(value)
     schema = value if kind == "json" else {"type": "object"}
     try:
         return llguidance.LLMatcher.grammar_from_json_schema(

@@ -135,6 +135,20 @@ class LauncherConfig:
     chat_template: str | None = flag(
         None, help="Chat template (a Jinja file or string) instead of the model's."
     )
+    tool_call_parser: str = flag(
+        _router("tool_call_parser"),
+        help="Tool-call format: auto (from the chat template and tokenizer, else hermes), hermes, "
+        "llama3_json, mistral, pythonic, or a plugin's.",
+    )
+    reasoning_parser: str = flag(
+        _router("reasoning_parser"),
+        help="Reasoning format: auto (from the chat template), none, think, deepseek_r1, qwen3, gpt_oss, "
+        "or a plugin's.",
+    )
+    strict_model_name: bool = flag(
+        _router("strict_model_name"),
+        help="Answer 404 to a `model` that is not a served name (default: any name is served).",
+    )
     env: bool = flag(False, help="Print the runtime environment first.")
     api_key: str | None = flag(None, help="Bearer token required on every route but /health (and /metrics).")
     metrics_require_auth: bool = flag(

@@ -222,6 +222,9 @@ class Supervisor:
             chat_template=load_chat_template(c.chat_template),
             # TGICHAT_* from the launcher's environment: read once, here.
             chat_wrapping=ChatWrapping.from_env(os.environ),
+            tool_call_parser=c.tool_call_parser,
+            reasoning_parser=c.reasoning_parser,
+            strict_model_name=c.strict_model_name,
             api_key=c.api_key,
             metrics_require_auth=c.metrics_require_auth,
             payload_limit=c.payload_limit,

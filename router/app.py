@@ -13,7 +13,8 @@ from aiohttp import web
 
 from common import plugins
 
-from . import middleware, openai_api, tgi_api
+from . import anthropic_api, middleware, openai_api, tgi_api
+from .agent import Agent
 from .chat import ChatPrompter
 from .client import ShardClient
 from .config import RouterConfig
@@ -49,7 +50,8 @@ async def _connect(app: web.Application) -> None:
                 f"the shards report), fewer than `max_total_tokens` ({config.max_total_tokens}): one request "
                 "could never fit. Lower --max-total-tokens, or give the cache more memory"
             )
-        state.prompter = ChatPrompter(tokenizer, config.chat_template, config.chat_wrapping)
+        prompter = ChatPrompter(tokenizer, config.chat_template, config.chat_wrapping)
+        state.agent = Agent(prompter, tokenizer, config.tool_call_parser, config.reasoning_parser)
         state.infer = infer
         log.info("Router ready: %s on %s (%s)", config.model_id, info.device_type, info.dtype)
     except StartupRefused as e:
@@ -95,6 +97,7 @@ def create_app(config: RouterConfig) -> web.Application:
     app[STATE_KEY] = RouterState(config)
     tgi_api.add_routes(app)
     openai_api.add_routes(app)
+    anthropic_api.add_routes(app)
     app.router.add_get("/openapi.json", _openapi)
     app.router.add_get("/api-doc/openapi.json", _openapi)
     app.router.add_get("/docs", _docs)

@@ -1,4 +1,6 @@
-"""Chat prompts: OpenAI messages -> one prompt string, by the model's chat template or TGICHAT_* wrapping.
+"""Chat prompts: messages (chat templates' dicts: ``role``, ``content``, and an assistant's ``tool_calls``
+or a tool result's ``tool_call_id``) -> one prompt string, by the model's chat template or TGICHAT_*
+wrapping. Routes build the messages through ``router.agent`` (tools, generic rendering).
 
 Templates render exactly as transformers renders them (its own ``apply_chat_template``: sandboxed jinja2,
 ``raise_exception``, ``tojson``, ``add_generation_prompt``); the rendered text already holds the
@@ -18,7 +20,6 @@ from typing import Any
 from .errors import ValidationError
 from .tokenizer import Tokenizer
 
-ROLES = ("system", "developer", "user", "assistant", "tool")
 WRAPPING_VARIABLES = tuple(f"TGICHAT_{r}_{p}" for r in ("USER", "ASS", "SYS") for p in ("PRE", "POST"))
 
 
@@ -81,54 +82,6 @@ def load_chat_template(value: str | None) -> str | None:
     return value
 
 
-def _content_text(content: object, index: int) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts = []
-        for j, part in enumerate(content):
-            where = f"messages[{index}].content[{j}]"
-            if not isinstance(part, dict):
-                raise ChatError(f"`{where}` must be an object with a `type`", "messages")
-            kind = part.get("type")
-            if kind != "text":
-                raise ChatError(f"`{where}` has type {kind!r}: only text parts are supported", "messages")
-            if not isinstance(part.get("text"), str):
-                raise ChatError(f"`{where}.text` must be a string", "messages")
-            texts.append(part["text"])
-        return "".join(texts)
-    raise ChatError(f"`messages[{index}].content` must be a string or a list of text parts", "messages")
-
-
-def normalize_messages(messages: object) -> list[dict[str, Any]]:
-    """Checks OpenAI messages; returns them as {role, content[, name, tool_call_id]} with text content."""
-    if not isinstance(messages, list) or not messages:
-        raise ChatError("`messages` must be a non-empty array", "messages")
-    out = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise ChatError(f"`messages[{i}]` must be an object", "messages")
-        role = message.get("role")
-        if role not in ROLES:
-            raise ChatError(
-                f"`messages[{i}].role` must be one of {', '.join(ROLES)}. Given: {role!r}", "messages"
-            )
-        if message.get("tool_calls"):
-            raise ChatError(f"`messages[{i}].tool_calls`: tool calls are not supported yet", "messages")
-        content = message.get("content")
-        if content is None and role == "assistant":
-            content = ""
-        normalized: dict[str, Any] = {
-            "role": "system" if role == "developer" else role,
-            "content": _content_text(content, i),
-        }
-        for key in ("name", "tool_call_id"):
-            if isinstance(message.get(key), str):
-                normalized[key] = message[key]
-        out.append(normalized)
-    return out
-
-
 class ChatPrompter:
     """Renders conversations for one model: its template (or --chat-template), or TGICHAT_* wrapping."""
 
@@ -147,8 +100,10 @@ class ChatPrompter:
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
         template_kwargs: dict[str, Any] | None = None,
+        tools: list[dict[Any, Any]] | None = None,
     ) -> tuple[str, bool]:
-        """The prompt text, and whether tokenizing it should add the tokenizer's special tokens (BOS)."""
+        """The prompt text, and whether tokenizing it should add the tokenizer's special tokens (BOS).
+        ``tools`` (the template's ``tools`` argument) goes to templates only: wrapping has no tools."""
         if continue_final_message and messages[-1]["role"] != "assistant":
             raise ChatError(
                 "`continue_final_message` needs an assistant message last", "continue_final_message"
@@ -169,6 +124,7 @@ class ChatPrompter:
                 tokenize=False,
                 add_generation_prompt=add_generation_prompt and not continue_final_message,
                 continue_final_message=continue_final_message,
+                tools=None if tools is None else [*tools],
                 **(template_kwargs or {}),
             )
         except Exception as e:  # jinja2 errors and raise_exception() in templates

@@ -48,6 +48,22 @@ class RouterConfig:
         None, help="Chat template: a Jinja file or string.", parse=load_chat_template
     )
     chat_wrapping: ChatWrapping | None = None
+    # router/agent.py: the tool-call format (auto: from the chat template and tokenizer, else hermes with
+    # the generic rendering) and the reasoning format (auto: from the chat template; none: off).
+    tool_call_parser: str = flag(
+        "auto",
+        help="Tool-call format: auto, hermes, llama3_json, mistral, pythonic, or a plugin's "
+        "(text_generation.tool_parsers).",
+    )
+    reasoning_parser: str = flag(
+        "auto",
+        help="Reasoning format: auto (from the chat template), none, think (deepseek_r1, qwen3), gpt_oss, "
+        "or a plugin's (text_generation.reasoning_parsers).",
+    )
+    # vLLM's behaviour: a `model` that is not a served name gets 404 (default: any name is served).
+    strict_model_name: bool = flag(
+        False, help="Answer 404 to a `model` that is not a served name (default: any name is served)."
+    )
     # Bearer token required on every route but /health (and /metrics unless metrics_require_auth). It
     # comes from the API_KEY environment variable, never from a command line or a config file.
     api_key: str | None = field(default=None, metadata={"secret": True})

@@ -82,7 +82,8 @@ class GenerationState:
         stop_ids = frozenset(request.stop_token_ids)
         # Tokens that end the request (past min_new_tokens) and tokens that add no text.
         self.end_ids = self.eos_ids | stop_ids
-        self.silent_ids = self.end_ids | (self.special_ids if request.skip_special_tokens else frozenset())
+        skipped = self.special_ids - request.keep_special_ids if request.skip_special_tokens else frozenset()
+        self.silent_ids = self.end_ids | skipped
         self.has_stops = bool(self.stops.stops)
         # ``plain`` applies: no stop strings, no top tokens; and the ids it leaves to ``begin``/``push``.
         self.plain_ok = not self.has_stops and not request.top_n_tokens

@@ -21,8 +21,8 @@ from typing import Any
 from aiohttp import web
 
 from . import __version__
+from .agent import AssistantOutput, OutputPlan, ReasoningDelta, Turn
 from .body import read_json_object
-from .chat import normalize_messages
 from .entry import Entry
 from .errors import (
     AuthenticationError,
@@ -41,19 +41,24 @@ from .openai_params import (
     Options,
     build_requests,
     check_model,
+    parse_chat_extras,
+    parse_messages,
     parse_options,
+    parse_reasoning_effort,
+    parse_turn,
+    parse_user,
     refuse_unsupported,
 )
 from .sse import SSEWriter, json_text
-from .state import get_infer, get_prompter, state
+from .state import get_agent, get_infer, state
 from .tokenizer import Tokenizer
+from .toolcalls import ToolCallDelta
 from .validation import ValidRequest
 
 STARTED_AT = int(time.time())
 RETRY_AFTER_S = "1"
 
 
-# Fields accepted without effect: they change nothing a model computes.
 # -- errors ---------------------------------------------------------------------------------------------
 def openai_error(status: int, message: str, kind: str, param: str | None = None, code: str | None = None,
                  headers: dict[str, str] | None = None) -> web.Response:  # fmt: skip
@@ -180,15 +185,19 @@ class _TextChunks:
         return before, after
 
 
-def _finish_reason(finished: Finished | None) -> str | None:
+def _finish_reason(finished: Finished | None, calls: int = 0) -> str | None:
+    """OpenAI's finish reason; ``tool_calls`` when the answer made calls (and was not cut short)."""
     if finished is None:
         return None
-    return "length" if finished.finish_reason == "length" else "stop"
+    if finished.finish_reason == "length":
+        return "length"
+    return "tool_calls" if calls else "stop"
 
 
 def _visible(token: Token, request: ValidRequest) -> bool:
     """Whether a token belongs to the answer (end-of-sequence and skipped special tokens do not)."""
-    return not (token.special and request.skip_special_tokens) and token.id not in request.stop_token_ids
+    skipped = token.special and request.skip_special_tokens and token.id not in request.keep_special_ids
+    return not skipped and token.id not in request.stop_token_ids
 
 
 def _logprob(value: float | None) -> float:
@@ -251,7 +260,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     fields = Fields(await read_json_object(request))
     with infer.admit() as slots:
         model = check_model(fields, infer)
-        messages = normalize_messages(fields.raw("messages"))
+        messages = parse_messages(fields.raw("messages"))
         options = parse_options(fields, infer, infer.config.max_best_of)
         slots.need(options.n, "n")
         logprobs = fields.bool("logprobs", False)
@@ -271,26 +280,42 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                 f"`chat_template_kwargs` must be an object without {', '.join(TEMPLATE_RESERVED)}",
                 "chat_template_kwargs",
             )
+        effort = parse_reasoning_effort(fields)
+        if effort is not None:
+            kwargs = {"reasoning_effort": effort, **kwargs}
+        turn = parse_turn(fields, options)
+        echo = parse_chat_extras(fields)
         refuse_unsupported(fields)
         fields.finish()
-        prompter = get_prompter(request)
+        agent = get_agent(request)
         text, special = await infer.validator.run(
-            prompter.render, messages, add_generation_prompt, continue_final, kwargs
+            agent.render, messages, turn, add_generation_prompt, continue_final, kwargs
         )
+        plan = await infer.validator.run(agent.plan, turn, text)
+        if plan.grammar != options.constraint:
+            infer.validator.require_processor(
+                "grammar", "tool_choice" if turn.choice.forced else "response_format"
+            )
+            options = options.with_grammar(
+                plan.grammar, "tool_choice" if turn.choice.forced else "response_format"
+            )
         ids = await infer.validator.run(infer.tokenizer.encode, text, special)
-        requests = build_requests(infer, text, ids, options, options.n, top_logprobs or 0, False, False)
+        requests = build_requests(
+            infer, text, ids, options, options.n, top_logprobs or 0, False, False, plan.keep_special_ids
+        )
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model}
         if options.stream:
-            return await _chat_stream(request, infer, requests, head, options, logprobs)
+            return await _chat_stream(request, infer, requests, {**head, **echo}, options, logprobs, plan)
         results = await _run_all(infer, requests)
     choices = []
     for index, (finished, valid) in enumerate(zip(results, requests, strict=True)):
         choice: dict[str, Any] = {
             "index": index,
-            "message": {"role": "assistant", "content": finished.generated_text},
+            "message": _chat_message(finished.generated_text, plan),
             "logprobs": None,
-            "finish_reason": _finish_reason(finished),
+            "finish_reason": None,
         }
+        choice["finish_reason"] = _finish_reason(finished, len(choice["message"].get("tool_calls", ())))
         if logprobs:
             tops = finished.top_tokens or [[] for _ in finished.tokens]
             choice["logprobs"] = {
@@ -303,30 +328,66 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             }
         choices.append(choice)
     usage = _usage(len(ids), sum(f.generated_tokens for f in results))
-    return web.json_response({**head, "object": "chat.completion", "choices": choices, "usage": usage})
+    body = {**head, "object": "chat.completion", "choices": choices, "usage": usage, **echo}
+    return web.json_response(body)
+
+
+def _chat_message(text: str, plan: OutputPlan) -> dict[str, Any]:
+    """The answer's message: content (null when the answer is only calls), ``tool_calls`` when it made
+    any, ``reasoning_content`` when a reasoning parser reads the model."""
+    if not plan.parses:
+        return {"role": "assistant", "content": text}
+    answer: AssistantOutput = plan.parse(text)
+    message: dict[str, Any] = {"role": "assistant", "content": answer.content or None}
+    if not answer.calls and not answer.content:
+        message["content"] = ""
+    if answer.calls:
+        message["tool_calls"] = [call.to_openai() for call in answer.calls]
+    if plan.reasoning_parser is not None:
+        message["reasoning_content"] = answer.reasoning or None
+    return message
 
 
 async def _chat_stream(
     request: web.Request, infer: Infer, requests: list[ValidRequest], head: dict[str, Any], options: Options,
-    logprobs: bool,
+    logprobs: bool, plan: OutputPlan,
 ) -> web.StreamResponse:  # fmt: skip
     response = web.StreamResponse(headers=SSE_HEADERS)
     transport = await SSEWriter.open(request, response)
     head = {**head, "object": "chat.completion.chunk"}
-    extra = {"usage": None} if options.include_usage else {}
+    extra: dict[str, Any] = {"usage": None} if options.include_usage else {}
+    prompt_tokens = requests[0].input_length
+    generated = [0] * len(requests)  # tokens so far, per choice (continuous usage)
+    streams = [plan.stream() for _ in requests] if plan.parses else []
 
     def chunk(index: int, delta: dict[str, Any], finish: str | None = None, lp: Any = None) -> dict[str, Any]:
+        usage = {"usage": _usage(prompt_tokens, generated[index])} if options.continuous_usage else extra
         return {
             **head,
             "choices": [{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}],
-            **extra,
+            **usage,
         }
 
     content = _TextChunks(lambda index, text: chunk(index, {"content": text}))
+    plain = not logprobs and not plan.parses and not options.continuous_usage
+
+    def parsed(index: int, text: str, finished: bool) -> list[dict[str, Any]]:
+        """The deltas of the answer's next text, read by the plan's parsers."""
+        stream = streams[index]
+        out: list[dict[str, Any]] = []
+        for delta in stream.feed(text) + (stream.finish() if finished else []):
+            if isinstance(delta, ReasoningDelta):
+                out.append({"reasoning_content": delta.text})
+            elif isinstance(delta, ToolCallDelta):
+                out.append({"tool_calls": [delta.to_openai()]})
+            else:
+                out.append({"content": delta.text})
+        return out
 
     def event_bytes(index: int, event: StreamEvent) -> bytes:
-        """The event's chunk (the per-token path for plain tokens, see ``SSEWriter``); b"" for none."""
-        if event.finished is None and event.delta and not logprobs:
+        """The event's chunks (the per-token path for plain tokens, see ``SSEWriter``); b"" for none."""
+        generated[index] += 1
+        if plain and event.finished is None and event.delta:
             return content(index, event.delta)
         visible = _visible(event.token, requests[index])
         lp = (
@@ -334,19 +395,29 @@ async def _chat_stream(
             if logprobs and visible
             else None
         )
-        if event.delta or lp is not None or event.finished is not None:
-            delta = {"content": event.delta} if event.delta or event.finished is None else {}
-            return _data(chunk(index, delta, _finish_reason(event.finished), lp))
-        return b""
+        if streams:
+            deltas = parsed(index, event.delta, event.finished is not None)
+        else:
+            deltas = [{"content": event.delta}] if event.delta else []
+        if event.finished is None:
+            if lp is not None and not deltas:
+                deltas = [{}]
+            return b"".join(
+                _data(chunk(index, d, None, lp if i == 0 else None)) for i, d in enumerate(deltas)
+            )
+        # the last delta carries the finish reason
+        last = deltas.pop() if deltas else {}
+        out = [_data(chunk(index, d, None, lp if i == 0 else None)) for i, d in enumerate(deltas)]
+        finish = _finish_reason(event.finished, streams[index].calls if streams else 0)
+        out.append(_data(chunk(index, last, finish, None if out else lp)))
+        return b"".join(out)
 
     async def body() -> None:
         for index in range(len(requests)):
             await _send(response, chunk(index, {"role": "assistant", "content": ""}))
-        generated = await _stream_all(infer, requests, response, transport, event_bytes)
+        total = await _stream_all(infer, requests, response, transport, event_bytes)
         if options.include_usage:
-            await _send(
-                response, {**head, "choices": [], "usage": _usage(requests[0].input_length, generated)}
-            )
+            await _send(response, {**head, "choices": [], "usage": _usage(prompt_tokens, total)})
 
     return await _stream_errors_and_done(response, body())
 
@@ -400,6 +471,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
         slots.need(len(prompts) * best_of, "best_of")
         if fields.raw("suffix"):
             raise ValidationError("`suffix` (fill-in-the-middle) is not supported", "suffix")
+        parse_user(fields)
         refuse_unsupported(fields)
         fields.finish()
         vocab = infer.info.vocab_size or len(infer.tokenizer.hf)
@@ -552,11 +624,7 @@ async def tokenize(request: web.Request) -> web.Response:
         continue_final = fields.bool("continue_final_message", False)
         fields.finish()
         text, add_special = await infer.validator.run(
-            get_prompter(request).render,
-            normalize_messages(messages),
-            add_generation_prompt,
-            continue_final,
-            {},
+            get_agent(request).render, parse_messages(messages), Turn(), add_generation_prompt, continue_final
         )
     else:
         if not isinstance(prompt, str):

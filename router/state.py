@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from .chat import ChatPrompter
+from .agent import Agent
 from .config import RouterConfig
 from .errors import UnhealthyError
 from .infer import Infer
@@ -16,7 +16,7 @@ from .infer import Infer
 class RouterState:
     config: RouterConfig
     infer: Infer | None = None
-    prompter: ChatPrompter | None = None
+    agent: Agent | None = None
 
 
 STATE_KEY = web.AppKey("state", RouterState)
@@ -26,12 +26,13 @@ def state(request: web.Request) -> RouterState:
     return request.app[STATE_KEY]
 
 
-def get_prompter(request: web.Request) -> ChatPrompter:
-    """The app's chat prompter, or a 503 while the model is still loading (start-up sets it with Infer)."""
-    prompter = request.app[STATE_KEY].prompter
-    if prompter is None:
+def get_agent(request: web.Request) -> Agent:
+    """The app's chat prompter, tools and reasoning (router/agent.py), or a 503 while the model is still
+    loading (start-up sets it with Infer)."""
+    agent = request.app[STATE_KEY].agent
+    if agent is None:
         raise UnhealthyError("the model is still loading")
-    return prompter
+    return agent
 
 
 def get_infer(request: web.Request) -> Infer:

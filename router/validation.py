@@ -80,6 +80,9 @@ class ValidRequest:
     min_new_tokens: int = 0
     stop_token_ids: tuple[int, ...] = ()
     skip_special_tokens: bool = True
+    # Special tokens kept in the text even when skipping them (the markers a tool-call or reasoning parser
+    # reads, router/agent.py).
+    keep_special_ids: frozenset[int] = frozenset()
     # Test-only fault hook for the shard (see shard/faults.py); "" = none.
     fault: str = ""
     # Prefix-cache salt ("" = none): the shard shares cached prompt blocks only between equal salts.

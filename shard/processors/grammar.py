@@ -1,9 +1,9 @@
 """The ``grammar`` logits processor: constrained decoding with llguidance.
 
-A row's argument is a canonical constraint (common/grammar.py: a JSON schema, any JSON object, or a
-regular expression) that the router already checked. Each distinct constraint is compiled once into a
-template matcher (a bounded LRU); a row gets its own copy, which shares the template's compiled grammar
-and lexer. Per step, the rows' next-token bitmasks are computed (on llguidance's thread pool for large
+A row's argument is a canonical constraint (common/grammar.py: a JSON schema, any JSON object, a regular
+expression, or a Lark grammar the router wrote) that the router already checked. Each distinct constraint
+is compiled once into a template matcher (a bounded LRU); a row gets its own copy, which shares the
+template's compiled grammar and lexer. Per step, the rows' next-token bitmasks are computed (on llguidance's thread pool for large
 batches) into one bitmask that is applied to all rows at once; the chosen tokens then advance the matchers.
 Once a row's output is complete, only end-of-sequence tokens are allowed, so the request stops on EOS.
 Ids of the scores beyond the tokenizer's vocabulary (models pad their output width) are never allowed.

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from router.chat import ChatError, ChatPrompter, ChatWrapping, load_chat_template, normalize_messages
+from router.chat import ChatError, ChatPrompter, ChatWrapping, load_chat_template
+from router.openai_params import parse_messages
 from router.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.timeout(60)
@@ -23,6 +24,11 @@ CONVERSATION = [
     {"role": "assistant", "content": "Hello."},
     {"role": "user", "content": "Capital of France?"},
 ]
+
+
+def normalize_messages(messages: object) -> list[dict]:
+    """OpenAI messages as the chat template gets them."""
+    return [m.to_template() for m in parse_messages(messages)]
 
 
 @pytest.fixture(scope="module")
@@ -109,12 +115,39 @@ def test_messages_are_checked() -> None:
         ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], "image_url"),
         ([{"role": "user", "content": [{"type": "text"}]}], "messages[0].content[0].text"),
         ([{"role": "user", "content": 5}], "messages[0].content"),
-        ([{"role": "assistant", "content": "", "tool_calls": [{"id": "1"}]}], "tool_calls"),
+        ([{"role": "assistant", "content": "", "tool_calls": [{"id": "1"}]}], "messages[0].tool_calls[0]"),
+        ([{"role": "user", "content": "", "tool_calls": []}], "only assistant messages"),
+        ([{"role": "tool", "content": "42"}], "messages[0].tool_call_id"),
+        (
+            [
+                {
+                    "role": "assistant",
+                    "tool_calls": [
+                        {"id": "1", "type": "function", "function": {"name": "f", "arguments": "[1]"}}
+                    ],
+                }
+            ],
+            "arguments",
+        ),
     ]
     for messages, field in bad:
         with pytest.raises(ChatError) as error:
             normalize_messages(messages)
         assert field in error.value.detail
+
+
+def test_assistant_calls_reach_the_template_with_arguments_as_objects() -> None:
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}
+    messages = normalize_messages([{"role": "assistant", "content": None, "tool_calls": [call]}])
+    assert messages == [
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "f", "arguments": {"x": 1}}}
+            ],
+        }
+    ]
 
 
 def test_chat_template_flag_takes_a_file_or_a_string(tmp_path: Path) -> None:
