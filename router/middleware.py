@@ -8,13 +8,14 @@
 - Errors: the router's own errors become their status and JSON body; aiohttp's (404, 405, 413...) become
   JSON too; anything unexpected is logged and answered with a bare JSON 500, never a traceback.
 - With ``--api-key`` (API_KEY), every route but ``GET /health`` (and ``GET /metrics`` unless
-  ``--metrics-require-auth``) needs ``Authorization: Bearer <key>``, compared in constant time; otherwise
-  401 with ``WWW-Authenticate: Bearer``.
+  ``--metrics-require-auth``) needs ``Authorization: Bearer <key>`` (on the Anthropic routes, ``x-api-key:
+  <key>`` too, as Anthropic's clients send it), compared in constant time; otherwise 401 with
+  ``WWW-Authenticate: Bearer``.
 - A ``Content-Length`` over ``--payload-limit`` gets 413 before any of the body is read (chunked bodies are
   capped by the app's ``client_max_size``: see ``body.read_json_object``).
 
-Errors leave in the shape of the route they were aimed at: OpenAI's envelope on the OpenAI routes, TGI's
-``{"error", "error_type"}`` elsewhere.
+Errors leave in the shape of the route they were aimed at: Anthropic's on the Messages routes, OpenAI's
+envelope on the OpenAI routes, TGI's ``{"error", "error_type"}`` elsewhere.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from . import openai_api, tgi_api
+from . import anthropic_api, openai_api, tgi_api
 from .config import RouterConfig
 from .errors import AuthenticationError, InferError, PayloadTooLargeError
 
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 OPENAI_PATHS = frozenset({"/chat/completions", "/completions", "/tokenize", "/version", "/v1"})
 CORS_METHODS = "GET, POST, OPTIONS"
-CORS_HEADERS = "content-type, authorization"
+CORS_HEADERS = "content-type, authorization, x-api-key, anthropic-version"
 CORS_MAX_AGE_S = "600"
 
 
@@ -45,6 +46,8 @@ def is_openai_path(path: str) -> bool:
 
 def shaped_error(request: web.Request, error: InferError) -> web.Response:
     """``error`` as the route it was aimed at answers errors."""
+    if anthropic_api.is_anthropic_path(request.path):
+        return anthropic_api.error_to_anthropic(error)
     if is_openai_path(request.path):
         return openai_api.error_to_openai(error)
     response = tgi_api.error_response(error)
@@ -133,31 +136,39 @@ def cors_headers(origins: tuple[str, ...]):
 
 # -- the API key --------------------------------------------------------------------------------------------
 def auth_middleware(config: RouterConfig):
-    """Requires ``Authorization: Bearer <api_key>`` on every route but the open ones."""
+    """Requires ``Authorization: Bearer <api_key>`` (or ``x-api-key`` on the Anthropic routes) on every
+    route but the open ones."""
     assert config.api_key
     key = config.api_key.encode("utf-8")
     open_paths = {"/health"} if config.metrics_require_auth else {"/health", "/metrics"}
 
-    def authorized(request: web.Request) -> bool:
-        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer":
-            return False
+    def matches(token: str) -> bool:
         try:
             given = token.strip().encode("utf-8", "surrogateescape")
         except UnicodeEncodeError:
             return False
         return hmac.compare_digest(given, key)
 
+    def authorized(request: web.Request) -> bool:
+        if "x-api-key" in request.headers and anthropic_api.is_anthropic_path(request.path):
+            return matches(request.headers["x-api-key"])
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and matches(token)
+
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.method in ("GET", "HEAD") and request.path in open_paths:
             return await handler(request)
         if not authorized(request):
-            message = (
-                "invalid API key"
-                if "Authorization" in request.headers
-                else "missing API key: send the header `Authorization: Bearer <key>`"
-            )
+            anthropic = anthropic_api.is_anthropic_path(request.path)
+            if "Authorization" in request.headers or (anthropic and "x-api-key" in request.headers):
+                message = "invalid API key"
+            elif anthropic:
+                message = (
+                    "missing API key: send the header `x-api-key: <key>` or `Authorization: Bearer <key>`"
+                )
+            else:
+                message = "missing API key: send the header `Authorization: Bearer <key>`"
             return shaped_error(request, AuthenticationError(message))
         return await handler(request)
 

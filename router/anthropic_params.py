@@ -1,0 +1,428 @@
+"""Anthropic Messages bodies -> the API-neutral values of router/agent.py and the shared sampling options.
+
+What a Messages request becomes (the route itself is router/anthropic_api.py):
+
+- ``system`` (a string or text blocks) -> a first ``system`` ChatMessage; ``messages`` (roles ``user`` and
+  ``assistant``, content a string or blocks) -> ChatMessages: ``text`` blocks are the message's text
+  (several are joined by a blank line), an assistant's ``tool_use`` blocks are its ``tool_calls`` (``input``
+  as the arguments), and each ``tool_result`` block of a user message is a ``tool`` message answering its
+  ``tool_use_id`` (its text; with ``is_error`` it starts with ``Error: ``), in block order. An assistant's
+  ``thinking`` and ``redacted_thinking`` blocks are dropped (chat templates drop earlier reasoning too).
+  A last ``assistant`` message is a prefill: the answer continues it. ``image``, ``document`` and every
+  other block type are refused with a 400 naming the block.
+- ``tools`` (custom tools: ``name``, ``description``, ``input_schema``) -> FunctionTools; server tools
+  (``web_search_...``, ``bash_...``) are refused. ``tool_choice`` ``auto`` / ``any`` / ``tool`` (with
+  ``name``) / ``none`` -> ToolChoice ``auto`` / ``required`` / ``function`` / ``none``, and its
+  ``disable_parallel_tool_use`` -> ``parallel_tool_calls``. A tool's ``strict: true`` is honoured only
+  where the call is forced (``any`` / ``tool``: its input follows the schema by constrained decoding).
+- ``thinking``: ``disabled`` (the default), or ``adaptive`` (the model decides how long it thinks, within
+  ``max_tokens``), with ``display`` ``summarized`` (the thinking is returned) or ``omitted`` (thinking
+  blocks without their text). The chat template gets ``enable_thinking``. ``enabled`` needs
+  ``budget_tokens``, a bound on the thinking apart from ``max_tokens`` that this server cannot enforce: it
+  is refused, naming ``thinking.budget_tokens``.
+- ``max_tokens`` (required), ``temperature`` (0 to 1; 0 is greedy), ``top_p``, ``top_k`` (0: off),
+  ``stop_sequences``, ``stream`` -> the same ``Options`` as the OpenAI routes (``parse_options``: one
+  validation of sampling parameters for every API).
+- ``metadata`` (``user_id`` only: logged at debug level) and ``service_tier`` (``auto`` or
+  ``standard_only``: this server has one tier) are checked and change nothing the model computes.
+  ``cache_control`` on blocks, the system prompt and tools is accepted: the prefix cache is automatic.
+
+Any other field is refused with a 400 naming it (``Fields.finish``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from .agent import ChatMessage, FunctionTool, ToolChoice, Turn, check_tools
+from .errors import ValidationError
+from .infer import Infer
+from .openai_params import Fields, Options, parse_options
+from .toolcalls import ToolCall
+
+log = logging.getLogger(__name__)
+
+TEMPERATURE_MAX = 1.0
+SERVICE_TIERS = ("auto", "standard_only")
+THINKING_DISPLAYS = ("summarized", "omitted")
+# Blocks a client may send that this server has no way to read (a 400 says so by name).
+UNREADABLE_BLOCKS = {"image": "images", "document": "documents"}
+CACHE_CONTROL_TYPES = ("ephemeral",)
+CACHE_CONTROL_TTLS = ("5m", "1h")
+
+
+@dataclass(frozen=True)
+class Thinking:
+    """The request's ``thinking``: whether the model's reasoning comes back as thinking blocks (else it is
+    dropped), and whether their text is shown (``display: omitted`` leaves it out)."""
+
+    enabled: bool = False
+    shown: bool = True
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """What to render: the messages (the system prompt first), the turn (tools, choice), the thinking
+    asked for, and whether the last message is an assistant prefill that the answer continues."""
+
+    messages: tuple[ChatMessage, ...]
+    turn: Turn
+    thinking: Thinking
+    prefill: bool
+
+    def template_kwargs(self) -> dict[str, Any]:
+        """The chat template's extra variables: ``enable_thinking`` (Qwen3's, SmolLM3's), as asked."""
+        return {"enable_thinking": self.thinking.enabled}
+
+
+def _given(value: object) -> str:
+    return json.dumps(value, ensure_ascii=False)[:100]
+
+
+def _object(value: object, where: str, param: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ValidationError(f"`{where}` must be an object. Given: {_given(value)}", param)
+    return value
+
+
+def _only(value: dict[str, Any], allowed: tuple[str, ...], where: str, param: str) -> None:
+    unknown = sorted(set(value) - set(allowed))
+    if unknown:
+        raise ValidationError(f"`{where}.{unknown[0]}` is not supported", param)
+
+
+def _string(value: object, where: str, param: str) -> str:
+    if not isinstance(value, str):
+        raise ValidationError(f"`{where}` must be a string. Given: {_given(value)}", param)
+    return value
+
+
+def _check_cache_control(block: dict[str, Any], where: str, param: str) -> None:
+    """``cache_control`` is accepted (prefix caching is automatic here) when it has Anthropic's shape."""
+    value = block.get("cache_control")
+    if value is None:
+        return
+    control = _object(value, f"{where}.cache_control", param)
+    _only(control, ("type", "ttl"), f"{where}.cache_control", param)
+    if control.get("type") not in CACHE_CONTROL_TYPES or control.get("ttl", "5m") not in CACHE_CONTROL_TTLS:
+        raise ValidationError(
+            f'`{where}.cache_control` must be {{"type": "ephemeral"}} (with an optional `ttl` of '
+            f"{' or '.join(CACHE_CONTROL_TTLS)})",
+            param,
+        )
+
+
+def _text_block(block: dict[str, Any], where: str, param: str) -> str:
+    _only(block, ("type", "text", "cache_control", "citations"), where, param)
+    if block.get("citations"):
+        raise ValidationError(f"`{where}.citations` is not supported", param)
+    _check_cache_control(block, where, param)
+    text = _string(block.get("text"), f"{where}.text", param)
+    if not text:
+        raise ValidationError(f"`{where}.text` must be non-empty", param)
+    return text
+
+
+def _blocks(content: object, where: str, param: str) -> list[dict[str, Any]]:
+    """A content: a non-empty string (one text block) or a non-empty array of blocks with a ``type``."""
+    if isinstance(content, str):
+        if not content:
+            raise ValidationError(f"`{where}` must be non-empty", param)
+        return [{"type": "text", "text": content}]
+    if not isinstance(content, list) or not content:
+        raise ValidationError(f"`{where}` must be a non-empty string or a non-empty array of blocks", param)
+    blocks = []
+    for j, block in enumerate(content):
+        block = _object(block, f"{where}[{j}]", param)
+        kind = block.get("type")
+        if kind in UNREADABLE_BLOCKS:
+            raise ValidationError(
+                f"`{where}[{j}]` is an `{kind}` block: this server reads no {UNREADABLE_BLOCKS[kind]} "
+                "(only text, tool_use and tool_result blocks)",
+                param,
+            )
+        if not isinstance(kind, str):
+            raise ValidationError(f"`{where}[{j}].type` must be a string", param)
+        blocks.append(block)
+    return blocks
+
+
+def _unsupported_block(kind: str, where: str, role: str, param: str) -> ValidationError:
+    return ValidationError(f"`{where}` has type {kind!r}, which {role} messages cannot hold here", param)
+
+
+def parse_system(value: object) -> ChatMessage | None:
+    """``system``: a string or an array of text blocks (joined by a blank line)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return ChatMessage("system", value)
+    if not isinstance(value, list):
+        raise ValidationError("`system` must be a string or an array of text blocks", "system")
+    texts = []
+    for j, block in enumerate(value):
+        block = _object(block, f"system[{j}]", "system")
+        if block.get("type") != "text":
+            raise ValidationError(f"`system[{j}]` must be a text block", "system")
+        texts.append(_text_block(block, f"system[{j}]", "system"))
+    return ChatMessage("system", "\n\n".join(texts))
+
+
+def _tool_result_text(block: dict[str, Any], where: str) -> str:
+    _only(block, ("type", "tool_use_id", "content", "is_error", "cache_control"), where, "messages")
+    _check_cache_control(block, where, "messages")
+    content = block.get("content")
+    if content is None:
+        text = ""
+    elif isinstance(content, str):
+        text = content
+    else:
+        texts = []
+        for k, part in enumerate(_blocks(content, f"{where}.content", "messages")):
+            if part["type"] != "text":
+                raise ValidationError(
+                    f"`{where}.content[{k}]` has type {part['type']!r}: tool results hold text blocks only",
+                    "messages",
+                )
+            texts.append(_text_block(part, f"{where}.content[{k}]", "messages"))
+        text = "\n\n".join(texts)
+    is_error = block.get("is_error", False)
+    if not isinstance(is_error, bool):
+        raise ValidationError(f"`{where}.is_error` must be a boolean", "messages")
+    return f"Error: {text}" if is_error else text
+
+
+def _user_messages(blocks: list[dict[str, Any]], where: str) -> list[ChatMessage]:
+    """A user message's blocks, in order: runs of text -> user messages, each tool result -> a tool
+    message."""
+    out: list[ChatMessage] = []
+    texts: list[str] = []
+    for j, block in enumerate(blocks):
+        at = f"{where}[{j}]"
+        if block["type"] == "text":
+            texts.append(_text_block(block, at, "messages"))
+        elif block["type"] == "tool_result":
+            if texts:
+                out.append(ChatMessage("user", "\n\n".join(texts)))
+                texts = []
+            call_id = _string(block.get("tool_use_id"), f"{at}.tool_use_id", "messages")
+            out.append(ChatMessage("tool", _tool_result_text(block, at), tool_call_id=call_id))
+        else:
+            raise _unsupported_block(block["type"], at, "user", "messages")
+    if texts:
+        out.append(ChatMessage("user", "\n\n".join(texts)))
+    return out
+
+
+def _assistant_message(blocks: list[dict[str, Any]], where: str) -> ChatMessage:
+    """An assistant message's text blocks (joined) and tool_use blocks (its calls); thinking dropped."""
+    texts: list[str] = []
+    calls: list[ToolCall] = []
+    for j, block in enumerate(blocks):
+        at = f"{where}[{j}]"
+        kind = block["type"]
+        if kind == "text":
+            texts.append(_text_block(block, at, "messages"))
+        elif kind == "tool_use":
+            _only(block, ("type", "id", "name", "input", "cache_control"), at, "messages")
+            _check_cache_control(block, at, "messages")
+            call_id = _string(block.get("id"), f"{at}.id", "messages")
+            name = _string(block.get("name"), f"{at}.name", "messages")
+            arguments = _object(block.get("input"), f"{at}.input", "messages")
+            calls.append(ToolCall(call_id, name, json.dumps(arguments, ensure_ascii=False)))
+        elif kind not in ("thinking", "redacted_thinking"):
+            raise _unsupported_block(kind, at, "assistant", "messages")
+    return ChatMessage("assistant", "\n\n".join(texts), tool_calls=tuple(calls))
+
+
+def parse_messages(value: object) -> tuple[list[ChatMessage], bool]:
+    """``messages`` -> ChatMessages, and whether the last one is an assistant prefill."""
+    if not isinstance(value, list) or not value:
+        raise ValidationError("`messages` must be a non-empty array", "messages")
+    out: list[ChatMessage] = []
+    for i, message in enumerate(value):
+        message = _object(message, f"messages[{i}]", "messages")
+        _only(message, ("role", "content"), f"messages[{i}]", "messages")
+        role = message.get("role")
+        blocks = _blocks(message.get("content"), f"messages[{i}].content", "messages")
+        if role == "user":
+            out.extend(_user_messages(blocks, f"messages[{i}].content"))
+        elif role == "assistant":
+            out.append(_assistant_message(blocks, f"messages[{i}].content"))
+        else:
+            raise ValidationError(
+                f"`messages[{i}].role` must be user or assistant (the system prompt is the top-level "
+                f"`system`). Given: {_given(role)}",
+                "messages",
+            )
+    prefill = value[-1].get("role") == "assistant"
+    if prefill and out[-1].tool_calls:
+        raise ValidationError(
+            "the last message is an assistant prefill, which cannot hold tool_use blocks", "messages"
+        )
+    return out, prefill
+
+
+def _tool(raw: object, index: int) -> tuple[FunctionTool, bool]:
+    """One custom tool and whether it asks for ``strict`` inputs."""
+    where = f"tools[{index}]"
+    tool = _object(raw, where, "tools")
+    kind = tool.get("type")
+    if kind not in (None, "custom"):
+        raise ValidationError(
+            f"`{where}` is a server tool ({_given(kind)}): only custom tools (name, description, "
+            "input_schema) are supported",
+            "tools",
+        )
+    _only(tool, ("type", "name", "description", "input_schema", "cache_control", "strict"), where, "tools")
+    _check_cache_control(tool, where, "tools")
+    name = _string(tool.get("name"), f"{where}.name", "tools")
+    description = tool.get("description")
+    if description is not None:
+        _string(description, f"{where}.description", "tools")
+    schema = _object(tool.get("input_schema"), f"{where}.input_schema", "tools")
+    strict = tool.get("strict", False)
+    if not isinstance(strict, bool):
+        raise ValidationError(f"`{where}.strict` must be a boolean", "tools")
+    return FunctionTool(name, description, schema), strict
+
+
+def parse_tool_choice(raw: object, tools: tuple[FunctionTool, ...]) -> tuple[ToolChoice, bool]:
+    """``tool_choice`` -> the neutral choice and whether parallel calls are allowed."""
+    if raw is None:
+        return ToolChoice("auto" if tools else "none"), True
+    choice = _object(raw, "tool_choice", "tool_choice")
+    kind = choice.get("type")
+    allowed = {"auto": ("type", "disable_parallel_tool_use"), "any": ("type", "disable_parallel_tool_use"),
+               "tool": ("type", "name", "disable_parallel_tool_use"), "none": ("type",)}  # fmt: skip
+    if kind not in allowed:
+        raise ValidationError(
+            f"`tool_choice.type` must be auto, any, tool or none. Given: {_given(kind)}", "tool_choice"
+        )
+    _only(choice, allowed[kind], "tool_choice", "tool_choice")
+    disable_parallel = choice.get("disable_parallel_tool_use", False)
+    if not isinstance(disable_parallel, bool):
+        raise ValidationError("`tool_choice.disable_parallel_tool_use` must be a boolean", "tool_choice")
+    if kind in ("any", "tool") and not tools:
+        raise ValidationError(f"`tool_choice` {kind} needs `tools`", "tool_choice")
+    if kind == "tool":
+        name = _string(choice.get("name"), "tool_choice.name", "tool_choice")
+        if name not in {t.name for t in tools}:
+            raise ValidationError(
+                f"`tool_choice.name` names {name!r}, which is not in `tools`", "tool_choice"
+            )
+        return ToolChoice("function", name), not disable_parallel
+    mode = {"auto": "auto", "any": "required", "none": "none"}[kind]
+    return ToolChoice(mode), not disable_parallel  # type: ignore[arg-type]
+
+
+def parse_turn(tools_raw: object, choice_raw: object) -> Turn:
+    """``tools`` and ``tool_choice`` -> the neutral Turn."""
+    tools: tuple[FunctionTool, ...] = ()
+    strict: list[int] = []
+    if tools_raw is not None:
+        if not isinstance(tools_raw, list):
+            raise ValidationError("`tools` must be an array of tools", "tools")
+        parsed = [_tool(t, i) for i, t in enumerate(tools_raw)]
+        tools = tuple(tool for tool, _ in parsed)
+        strict = [i for i, (_, is_strict) in enumerate(parsed) if is_strict]
+        check_tools(tools)
+    choice, parallel = parse_tool_choice(choice_raw, tools)
+    if strict and not choice.forced:
+        raise ValidationError(
+            f"`tools[{strict[0]}].strict`: inputs are guaranteed to follow the schema only when the call is "
+            'forced (`tool_choice` {"type": "any"} or {"type": "tool", "name": ...})',
+            "tools",
+        )
+    return Turn(tools, choice, parallel, constraint_field="tool_choice")
+
+
+def parse_thinking(raw: object) -> Thinking:
+    """``thinking``: see the module's docstring."""
+    if raw is None:
+        return Thinking()
+    thinking = _object(raw, "thinking", "thinking")
+    kind = thinking.get("type")
+    if kind == "disabled":
+        _only(thinking, ("type",), "thinking", "thinking")
+        return Thinking()
+    if kind == "enabled":
+        raise ValidationError(
+            "`thinking.budget_tokens` cannot be enforced by this server (it bounds the thinking only by "
+            '`max_tokens`): send `thinking: {"type": "adaptive"}`',
+            "thinking",
+        )
+    if kind != "adaptive":
+        raise ValidationError(
+            f"`thinking.type` must be adaptive or disabled. Given: {_given(kind)}", "thinking"
+        )
+    _only(thinking, ("type", "display"), "thinking", "thinking")
+    display = thinking.get("display")
+    if display is not None and display not in THINKING_DISPLAYS:
+        raise ValidationError(
+            f"`thinking.display` must be {' or '.join(THINKING_DISPLAYS)}. Given: {_given(display)}",
+            "thinking",
+        )
+    return Thinking(enabled=True, shown=display != "omitted")
+
+
+def parse_conversation(fields: Fields) -> Conversation:
+    """``system``, ``messages``, ``tools``, ``tool_choice`` and ``thinking`` (both routes read them)."""
+    system = parse_system(fields.raw("system"))
+    messages, prefill = parse_messages(fields.raw("messages"))
+    turn = parse_turn(fields.raw("tools"), fields.raw("tool_choice"))
+    if prefill and turn.choice.forced:
+        raise ValidationError(
+            "an assistant prefill (the last message) cannot be combined with a forced `tool_choice`",
+            "tool_choice",
+        )
+    thinking = parse_thinking(fields.raw("thinking"))
+    return Conversation(tuple([system, *messages] if system else messages), turn, thinking, prefill)
+
+
+def parse_model(fields: Fields) -> None:
+    """``model`` is required (the served name is then resolved by ``check_model``)."""
+    if fields.body.get("model") is None:
+        raise ValidationError("`model` is required", "model")
+
+
+def parse_sampling(fields: Fields, infer: Infer) -> Options:
+    """``max_tokens`` (required), ``temperature``, ``top_p``, ``top_k``, ``stop_sequences`` and ``stream``,
+    checked by Anthropic's rules, then validated as every route's sampling options are (``parse_options``)."""
+    max_tokens = fields.int("max_tokens", 1)
+    if max_tokens is None:
+        raise ValidationError("`max_tokens` is required", "max_tokens")
+    temperature = fields.float("temperature", 0.0, TEMPERATURE_MAX)
+    top_p = fields.float("top_p", 0.0, 1.0, low_open=True)
+    top_k = fields.int("top_k", 0)
+    stop = fields.raw("stop_sequences")
+    if stop is None:
+        stop = []
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+        raise ValidationError("`stop_sequences` must be an array of non-empty strings", "stop_sequences")
+    limit = infer.config.max_stop_sequences
+    if len(stop) > limit:
+        raise ValidationError(
+            f"`stop_sequences` supports up to {limit} sequences. Given: {len(stop)}", "stop_sequences"
+        )
+    stream = fields.bool("stream", False)
+    shared = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k,
+              "stop": stop, "stream": stream}  # fmt: skip
+    return parse_options(Fields({k: v for k, v in shared.items() if v is not None}), infer, 1)
+
+
+def parse_request_extras(fields: Fields) -> None:
+    """``metadata`` (``user_id``, logged) and ``service_tier`` (one tier here), checked."""
+    metadata = fields.raw("metadata")
+    if metadata is not None:
+        _only(_object(metadata, "metadata", "metadata"), ("user_id",), "metadata", "metadata")
+        user = metadata.get("user_id")
+        if user is not None:
+            _string(user, "metadata.user_id", "metadata")
+            log.debug("request for user %r", user[:200])
+    tier = fields.raw("service_tier")
+    if tier is not None and tier not in SERVICE_TIERS:
+        raise ValidationError(f"`service_tier` must be {' or '.join(SERVICE_TIERS)}", "service_tier")
