@@ -20,6 +20,7 @@ from .client import ShardClient
 from .config import RouterConfig
 from .infer import Infer
 from .openapi import SWAGGER_UI, openapi_document
+from .responses_api import add_routes as add_responses_routes
 from .state import STATE_KEY, RouterState
 from .tokenizer import Tokenizer
 
@@ -97,6 +98,7 @@ def create_app(config: RouterConfig) -> web.Application:
     app[STATE_KEY] = RouterState(config)
     tgi_api.add_routes(app)
     openai_api.add_routes(app)
+    add_responses_routes(app)
     anthropic_api.add_routes(app)
     app.router.add_get("/openapi.json", _openapi)
     app.router.add_get("/api-doc/openapi.json", _openapi)
