@@ -26,10 +26,10 @@ the tools (OpenAI's behaviour: the model must not call), the generic rendering l
 answer is not parsed for calls.
 
 Decoding. ``auto`` is free: the model calls when it chooses and its call is parsed (no lazy grammar).
-``required`` (one of the tools) and a named function (that tool) are forced by a Lark grammar
-(llguidance): the call's markup in the parser's format (hermes, llama3_json, mistral; the other formats are
-forced in hermes' format and read with the hermes parser), the name, and arguments that follow the tool's
-JSON schema; one call when ``parallel_tool_calls`` is false, else one or more. The route's own constraint
+``required`` (calls to any of the tools: one when ``parallel_tool_calls`` is false, else one or more) and a
+named function (one call to it) are forced by a Lark grammar (llguidance): the call's markup in the
+parser's format (hermes, llama3_json, mistral; the other formats are forced in hermes' format and read
+with the hermes parser), the name, and arguments that follow the tool's JSON schema. The route's own constraint
 (``response_format``) applies to the content: with tools under ``auto`` the grammar allows a call or that
 content. With a ``think`` reasoning parser every grammar first allows the reasoning (``<think>`` ...
 ``</think>``, or just its end when the prompt opened it), so constraints apply after the reasoning ends;
@@ -464,7 +464,7 @@ class Agent:
             rules.append(f"{name}_args_{i}: %json {json.dumps(schema, ensure_ascii=False)}")
         obj = f"{name}_obj"
         rules.append(f"{obj}: {' | '.join(f'{obj}_{i}' for i in range(len(tools)))}")
-        more = turn.parallel_tool_calls
+        more = turn.parallel_tool_calls and turn.choice.mode == "required"
         if fmt == "hermes":
             rules.append(f'{name}_call: "<tool_call>\\n" {obj} "\\n</tool_call>"')
             first = f'{name}: {name}_call ("\\n" {name}_call)*' if more else f"{name}: {name}_call"

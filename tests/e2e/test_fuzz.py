@@ -59,7 +59,8 @@ OPENAI_FIELDS = (
     "response_format", "tools", "tool_choice", "modalities",
 )  # fmt: skip
 CHAT_FIELDS = (*OPENAI_FIELDS, "messages", "logprobs", "top_logprobs", "add_generation_prompt",
-               "continue_final_message", "chat_template_kwargs")  # fmt: skip
+               "continue_final_message", "chat_template_kwargs", "parallel_tool_calls", "metadata", "store",
+               "service_tier", "reasoning_effort")  # fmt: skip
 COMPLETION_FIELDS = (*OPENAI_FIELDS, "prompt", "echo", "logprobs", "best_of", "suffix")
 TOKENIZE_FIELDS = ("prompt", "messages", "model", "add_special_tokens", "add_generation_prompt",
                    "continue_final_message")  # fmt: skip
@@ -141,7 +142,8 @@ def mutate_object(rng: random.Random, route: str, body: dict) -> None:
         if numeric:
             target[rng.choice(numeric)] = rng.choice(BOUNDARY_NUMBERS)
     elif kind < 0.55:
-        target[rng.choice(fields(route))] = weird(rng)
+        name = rng.choice(fields(route))
+        target[name] = odd_tools(rng) if name == "tools" and rng.random() < 0.5 else weird(rng)
     elif kind < 0.65:
         if body:
             del body[rng.choice(list(body))]
@@ -152,6 +154,11 @@ def mutate_object(rng: random.Random, route: str, body: dict) -> None:
             body.pop("prompt", None)
             message = {"role": "user", "content": "Hello"}
             message[rng.choice(("role", "content", "name", "tool_calls", "tool_call_id"))] = weird(rng)
+            if rng.random() < 0.2:  # an assistant's call with an odd part
+                call: dict = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+                where = rng.choice((call, call["function"]))
+                where[rng.choice(("id", "type", "function", "name", "arguments"))] = weird(rng)
+                message.update(role="assistant", tool_calls=[call])
             if rng.random() < 0.3:
                 message["content"] = [{"type": rng.choice(("text", "image_url", None)), "text": weird(rng)}]
             body["messages"] = rng.choice(([message], [message] * rng.randint(2, 5), message, []))
@@ -177,6 +184,16 @@ def mutate_object(rng: random.Random, route: str, body: dict) -> None:
             body.update(
                 copy.deepcopy(rng.choice(({}, {"parameters": {}}, {"inputs": None}, {"prompt": None})))
             )
+
+
+def odd_tools(rng: random.Random) -> list:
+    """A valid function tool with one part set to something odd."""
+    tool: dict = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    where = rng.choice((tool, tool["function"], tool["function"]["parameters"]))
+    where[rng.choice(("type", "function", "name", "description", "parameters", "strict", "properties"))] = (
+        weird(rng)
+    )
+    return [tool] * rng.randint(1, 3)
 
 
 def dumps(value: object) -> bytes:

@@ -188,7 +188,7 @@ def test_forced_calls_are_valid_on_every_path(
     tools = (WEATHER, TIME)
     for turn, names, most in [
         (Turn(tools, ToolChoice("required")), {"get_weather", "get_time"}, 99),
-        (Turn(tools, ToolChoice("function", "get_time")), {"get_time"}, 99),
+        (Turn(tools, ToolChoice("function", "get_time")), {"get_time"}, 1),
         (Turn(tools, ToolChoice("required"), parallel_tool_calls=False), {"get_weather", "get_time"}, 1),
     ]:
         plan = forced.plan(turn, "prompt")
