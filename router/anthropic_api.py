@@ -34,7 +34,7 @@ from typing import Any
 
 from aiohttp import web
 
-from .agent import Agent, AssistantOutput, OutputDelta, OutputPlan, ReasoningDelta
+from .agent import Agent, AssistantOutput, OutputDelta, OutputPlan, ReasoningDelta, Turn
 from .anthropic_params import (
     Conversation,
     Thinking,
@@ -334,12 +334,13 @@ async def _render(infer: Infer, agent: Agent, conversation: Conversation) -> tup
 
 
 def _valid_request(
-    infer: Infer, text: str, ids: list[int], options: Options, plan: OutputPlan, forced: bool
+    infer: Infer, text: str, ids: list[int], options: Options, plan: OutputPlan, turn: Turn
 ) -> ValidRequest:
-    """The request to run: the plan's grammar (a forced call), its special tokens kept, and stop sequences
-    kept in the text (``matched_stop`` reads which one ended it; the answer is cut before it)."""
+    """The request to run: the plan's grammar (a forced call, ``output_config.format``), its special tokens
+    kept, and stop sequences kept in the text (``matched_stop`` reads which one ended it; the answer is
+    cut before it)."""
     if plan.grammar is not None:
-        field = "tool_choice" if forced else "messages"
+        field = "tool_choice" if turn.choice.forced else turn.constraint_field
         infer.validator.require_processor("grammar", field)
         options = options.with_grammar(plan.grammar, field)
     [valid] = build_requests(infer, text, ids, options, 1, 0, False, False, plan.keep_special_ids)
@@ -362,7 +363,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
         agent = get_agent(request)
         text, ids = await _render(infer, agent, conversation)
         plan = await infer.validator.run(agent.plan, conversation.turn, text)
-        valid = _valid_request(infer, text, ids, options, plan, conversation.turn.choice.forced)
+        valid = _valid_request(infer, text, ids, options, plan, conversation.turn)
         message_id = new_message_id()
         if options.stream:
             events = MessageEvents(message_id, model, len(ids), plan, conversation.thinking, options.stop)

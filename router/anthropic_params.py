@@ -23,9 +23,14 @@ What a Messages request becomes (the route itself is router/anthropic_api.py):
 - ``max_tokens`` (required), ``temperature`` (0 to 1; 0 is greedy), ``top_p``, ``top_k`` (0: off),
   ``stop_sequences``, ``stream`` -> the same ``Options`` as the OpenAI routes (``parse_options``: one
   validation of sampling parameters for every API).
+- ``output_config``: ``format`` ``{"type": "json_schema", "schema"}`` is enforced by constrained decoding
+  (after any reasoning; with tools under ``auto``, the answer is a call or that JSON), and ``effort`` goes
+  to the chat template as ``reasoning_effort`` (as the OpenAI route's ``reasoning_effort``).
 - ``metadata`` (``user_id`` only: logged at debug level) and ``service_tier`` (``auto`` or
   ``standard_only``: this server has one tier) are checked and change nothing the model computes.
-  ``cache_control`` on blocks, the system prompt and tools is accepted: the prefix cache is automatic.
+  ``cache_control`` (top-level, or on blocks, the system prompt and tools) is accepted: the prefix cache
+  is automatic. ``temperature``, ``top_p`` and ``top_k`` are honoured although recent SDKs no longer send
+  them (``extra_body`` does).
 
 Any other field is refused with a 400 naming it (``Fields.finish``).
 """
@@ -37,6 +42,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from common import grammar
+
 from .agent import ChatMessage, FunctionTool, ToolChoice, Turn, check_tools
 from .errors import ValidationError
 from .infer import Infer
@@ -46,6 +53,7 @@ from .toolcalls import ToolCall
 log = logging.getLogger(__name__)
 
 TEMPERATURE_MAX = 1.0
+OUTPUT_EFFORTS = ("low", "medium", "high", "xhigh", "max")
 SERVICE_TIERS = ("auto", "standard_only")
 THINKING_DISPLAYS = ("summarized", "omitted")
 # Blocks a client may send that this server has no way to read (a 400 says so by name).
@@ -65,17 +73,23 @@ class Thinking:
 
 @dataclass(frozen=True)
 class Conversation:
-    """What to render: the messages (the system prompt first), the turn (tools, choice), the thinking
-    asked for, and whether the last message is an assistant prefill that the answer continues."""
+    """What to render: the messages (the system prompt first), the turn (tools, choice, and
+    ``output_config.format``'s constraint), the thinking asked for, whether the last message is an
+    assistant prefill that the answer continues, and ``output_config.effort``."""
 
     messages: tuple[ChatMessage, ...]
     turn: Turn
     thinking: Thinking
     prefill: bool
+    effort: str | None = None
 
     def template_kwargs(self) -> dict[str, Any]:
-        """The chat template's extra variables: ``enable_thinking`` (Qwen3's, SmolLM3's), as asked."""
-        return {"enable_thinking": self.thinking.enabled}
+        """The chat template's extra variables: ``enable_thinking`` (Qwen3's, SmolLM3's) as asked, and
+        ``reasoning_effort`` (gpt-oss') when an effort is given, as the OpenAI route passes it."""
+        kwargs: dict[str, Any] = {"enable_thinking": self.thinking.enabled}
+        if self.effort is not None:
+            kwargs["reasoning_effort"] = self.effort
+        return kwargs
 
 
 def _given(value: object) -> str:
@@ -100,16 +114,16 @@ def _string(value: object, where: str, param: str) -> str:
     return value
 
 
-def _check_cache_control(block: dict[str, Any], where: str, param: str) -> None:
-    """``cache_control`` is accepted (prefix caching is automatic here) when it has Anthropic's shape."""
-    value = block.get("cache_control")
+def _check_cache_control(value: object, where: str, param: str) -> None:
+    """A ``cache_control`` (at ``where``) is accepted, prefix caching being automatic here, when it has
+    Anthropic's shape."""
     if value is None:
         return
-    control = _object(value, f"{where}.cache_control", param)
-    _only(control, ("type", "ttl"), f"{where}.cache_control", param)
+    control = _object(value, where, param)
+    _only(control, ("type", "ttl"), where, param)
     if control.get("type") not in CACHE_CONTROL_TYPES or control.get("ttl", "5m") not in CACHE_CONTROL_TTLS:
         raise ValidationError(
-            f'`{where}.cache_control` must be {{"type": "ephemeral"}} (with an optional `ttl` of '
+            f'`{where}` must be {{"type": "ephemeral"}} (with an optional `ttl` of '
             f"{' or '.join(CACHE_CONTROL_TTLS)})",
             param,
         )
@@ -119,7 +133,7 @@ def _text_block(block: dict[str, Any], where: str, param: str) -> str:
     _only(block, ("type", "text", "cache_control", "citations"), where, param)
     if block.get("citations"):
         raise ValidationError(f"`{where}.citations` is not supported", param)
-    _check_cache_control(block, where, param)
+    _check_cache_control(block.get("cache_control"), f"{where}.cache_control", param)
     text = _string(block.get("text"), f"{where}.text", param)
     if not text:
         raise ValidationError(f"`{where}.text` must be non-empty", param)
@@ -138,14 +152,14 @@ def _blocks(content: object, where: str, param: str) -> list[dict[str, Any]]:
     for j, block in enumerate(content):
         block = _object(block, f"{where}[{j}]", param)
         kind = block.get("type")
+        if not isinstance(kind, str):
+            raise ValidationError(f"`{where}[{j}].type` must be a string", param)
         if kind in UNREADABLE_BLOCKS:
             raise ValidationError(
                 f"`{where}[{j}]` is an `{kind}` block: this server reads no {UNREADABLE_BLOCKS[kind]} "
                 "(only text, tool_use and tool_result blocks)",
                 param,
             )
-        if not isinstance(kind, str):
-            raise ValidationError(f"`{where}[{j}].type` must be a string", param)
         blocks.append(block)
     return blocks
 
@@ -173,7 +187,7 @@ def parse_system(value: object) -> ChatMessage | None:
 
 def _tool_result_text(block: dict[str, Any], where: str) -> str:
     _only(block, ("type", "tool_use_id", "content", "is_error", "cache_control"), where, "messages")
-    _check_cache_control(block, where, "messages")
+    _check_cache_control(block.get("cache_control"), f"{where}.cache_control", "messages")
     content = block.get("content")
     if content is None:
         text = ""
@@ -228,7 +242,7 @@ def _assistant_message(blocks: list[dict[str, Any]], where: str) -> ChatMessage:
             texts.append(_text_block(block, at, "messages"))
         elif kind == "tool_use":
             _only(block, ("type", "id", "name", "input", "cache_control"), at, "messages")
-            _check_cache_control(block, at, "messages")
+            _check_cache_control(block.get("cache_control"), f"{at}.cache_control", "messages")
             call_id = _string(block.get("id"), f"{at}.id", "messages")
             name = _string(block.get("name"), f"{at}.name", "messages")
             arguments = _object(block.get("input"), f"{at}.input", "messages")
@@ -278,7 +292,7 @@ def _tool(raw: object, index: int) -> tuple[FunctionTool, bool]:
             "tools",
         )
     _only(tool, ("type", "name", "description", "input_schema", "cache_control", "strict"), where, "tools")
-    _check_cache_control(tool, where, "tools")
+    _check_cache_control(tool.get("cache_control"), f"{where}.cache_control", "tools")
     name = _string(tool.get("name"), f"{where}.name", "tools")
     description = tool.get("description")
     if description is not None:
@@ -298,7 +312,7 @@ def parse_tool_choice(raw: object, tools: tuple[FunctionTool, ...]) -> tuple[Too
     kind = choice.get("type")
     allowed = {"auto": ("type", "disable_parallel_tool_use"), "any": ("type", "disable_parallel_tool_use"),
                "tool": ("type", "name", "disable_parallel_tool_use"), "none": ("type",)}  # fmt: skip
-    if kind not in allowed:
+    if not isinstance(kind, str) or kind not in allowed:
         raise ValidationError(
             f"`tool_choice.type` must be auto, any, tool or none. Given: {_given(kind)}", "tool_choice"
         )
@@ -319,8 +333,35 @@ def parse_tool_choice(raw: object, tools: tuple[FunctionTool, ...]) -> tuple[Too
     return ToolChoice(mode), not disable_parallel  # type: ignore[arg-type]
 
 
-def parse_turn(tools_raw: object, choice_raw: object) -> Turn:
-    """``tools`` and ``tool_choice`` -> the neutral Turn."""
+def parse_output_config(raw: object) -> tuple[str | None, str | None]:
+    """``output_config``: ``format`` (``{"type": "json_schema", "schema": ...}``: the answer follows the
+    schema by constrained decoding) -> a canonical grammar argument, and ``effort``."""
+    if raw is None:
+        return None, None
+    config = _object(raw, "output_config", "output_config")
+    _only(config, ("format", "effort"), "output_config", "output_config")
+    effort = config.get("effort")
+    if effort is not None and effort not in OUTPUT_EFFORTS:
+        raise ValidationError(
+            f"`output_config.effort` must be one of {', '.join(OUTPUT_EFFORTS)}. Given: {_given(effort)}",
+            "output_config",
+        )
+    if config.get("format") is None:
+        return None, effort
+    output_format = _object(config["format"], "output_config.format", "output_config")
+    _only(output_format, ("type", "schema"), "output_config.format", "output_config")
+    if output_format.get("type") != "json_schema":
+        raise ValidationError("`output_config.format.type` must be json_schema", "output_config")
+    schema = _object(output_format.get("schema"), "output_config.format.schema", "output_config")
+    constraint = grammar.canonical("json", schema)
+    problem = grammar.check(constraint)
+    if problem:
+        raise ValidationError(f"`output_config.format.schema` is not valid: {problem}", "output_config")
+    return constraint, effort
+
+
+def parse_turn(tools_raw: object, choice_raw: object, constraint: str | None = None) -> Turn:
+    """``tools``, ``tool_choice`` and ``output_config.format``'s constraint -> the neutral Turn."""
     tools: tuple[FunctionTool, ...] = ()
     strict: list[int] = []
     if tools_raw is not None:
@@ -337,7 +378,7 @@ def parse_turn(tools_raw: object, choice_raw: object) -> Turn:
             'forced (`tool_choice` {"type": "any"} or {"type": "tool", "name": ...})',
             "tools",
         )
-    return Turn(tools, choice, parallel, constraint_field="tool_choice")
+    return Turn(tools, choice, parallel, constraint, constraint_field="output_config")
 
 
 def parse_thinking(raw: object) -> Thinking:
@@ -370,17 +411,20 @@ def parse_thinking(raw: object) -> Thinking:
 
 
 def parse_conversation(fields: Fields) -> Conversation:
-    """``system``, ``messages``, ``tools``, ``tool_choice`` and ``thinking`` (both routes read them)."""
+    """``system``, ``messages``, ``tools``, ``tool_choice``, ``output_config``, ``thinking`` and the top-level
+    ``cache_control`` (both routes read them)."""
+    _check_cache_control(fields.raw("cache_control"), "cache_control", "cache_control")
     system = parse_system(fields.raw("system"))
     messages, prefill = parse_messages(fields.raw("messages"))
-    turn = parse_turn(fields.raw("tools"), fields.raw("tool_choice"))
+    constraint, effort = parse_output_config(fields.raw("output_config"))
+    turn = parse_turn(fields.raw("tools"), fields.raw("tool_choice"), constraint)
     if prefill and turn.choice.forced:
         raise ValidationError(
             "an assistant prefill (the last message) cannot be combined with a forced `tool_choice`",
             "tool_choice",
         )
     thinking = parse_thinking(fields.raw("thinking"))
-    return Conversation(tuple([system, *messages] if system else messages), turn, thinking, prefill)
+    return Conversation(tuple([system, *messages] if system else messages), turn, thinking, prefill, effort)
 
 
 def parse_model(fields: Fields) -> None:

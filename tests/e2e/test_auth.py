@@ -32,6 +32,7 @@ PAYLOAD_LIMIT = 1000
 GENERATE = {"inputs": "Hello", "parameters": {"max_new_tokens": 2}}
 CHAT = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 2}
 COMPLETION = {"prompt": "Hello", "max_tokens": 2}
+MESSAGES = {"model": "tiny", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 2}
 # Every route the app serves, with a valid request for it.
 ROUTES: dict[tuple[str, str], dict | None] = {
     ("POST", "/generate"): GENERATE,
@@ -50,6 +51,8 @@ ROUTES: dict[tuple[str, str], dict | None] = {
     ("POST", "/completions"): COMPLETION,
     ("POST", "/tokenize"): {"prompt": "Hello"},
     ("GET", "/version"): None,
+    ("POST", "/v1/messages"): MESSAGES,
+    ("POST", "/v1/messages/count_tokens"): {"model": "tiny", "messages": MESSAGES["messages"]},
 }
 OPENAI_PATHS = {"/v1/models", "/v1/chat/completions", "/v1/completions", "/chat/completions", "/completions",
                 "/tokenize", "/version"}  # fmt: skip
@@ -91,7 +94,10 @@ def check_401(response: requests.Response, path: str) -> None:
     assert response.status_code == 401, (path, response.status_code, response.text)
     assert response.headers.get("WWW-Authenticate") == "Bearer", path
     body = response.json()  # always JSON
-    if path in OPENAI_PATHS:
+    if path.startswith("/v1/messages"):  # Anthropic's shape
+        assert body["type"] == "error" and body["error"]["type"] == "authentication_error", body
+        assert "API key" in body["error"]["message"]
+    elif path in OPENAI_PATHS:
         error = body["error"]
         assert error["type"] == "invalid_request_error" and error["code"] == "invalid_api_key", body
         assert error["param"] is None and "API key" in error["message"]

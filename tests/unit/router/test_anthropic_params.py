@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from common import grammar
 from router.agent import ChatMessage, FunctionTool, ToolChoice
 from router.anthropic_params import (
     Thinking,
@@ -123,7 +124,18 @@ def test_tool_use_and_tool_result_become_calls_and_tool_messages() -> None:
 def test_tool_choice(choice: dict, expected: ToolChoice, parallel: bool) -> None:
     turn = conversation(tools=[WEATHER], tool_choice=choice).turn
     assert turn.choice == expected and turn.parallel_tool_calls == parallel
-    assert turn.constraint is None and turn.constraint_field == "tool_choice"
+    assert turn.constraint is None and turn.constraint_field == "output_config"
+
+
+def test_output_config_and_cache_control() -> None:
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    parsed = conversation(
+        output_config={"format": {"type": "json_schema", "schema": schema}, "effort": "low"},
+        cache_control={"type": "ephemeral", "ttl": "1h"},
+    )
+    assert parsed.turn.constraint == grammar.canonical("json", schema)
+    assert parsed.template_kwargs() == {"enable_thinking": False, "reasoning_effort": "low"}
+    assert conversation(output_config={"effort": "max"}).turn.constraint is None
 
 
 def test_a_last_assistant_message_is_a_prefill() -> None:
@@ -152,6 +164,9 @@ def test_thinking() -> None:
         ({"messages": [{"role": "user", "content": "x", "name": "n"}]}, ["`messages[0].name`"]),
         ({"messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]},
          ["`messages[0].content[0]`", "`image` block", "no images"]),
+        ({"messages": [{"role": "user", "content": [{"type": {"a": 1}}]}]},
+         ["`messages[0].content[0].type` must be a string"]),
+        ({"tools": [WEATHER], "tool_choice": {"type": ["any"]}}, ["`tool_choice.type` must be"]),
         ({"messages": [{"role": "user", "content": [{"type": "document", "source": {}}]}]},
          ["`messages[0].content[0]`", "`document` block"]),
         ({"messages": [{"role": "user", "content": [{"type": "tool_use", "id": "a", "name": "f", "input": {}}]}]},
@@ -187,6 +202,12 @@ def test_thinking() -> None:
          ["`tool_choice.disable_parallel_tool_use` is not supported"]),
         ({"tools": [WEATHER], "tool_choice": {"type": "any"},
           "messages": [*HELLO, {"role": "assistant", "content": "x"}]}, ["prefill", "`tool_choice`"]),
+        ({"output_config": {"format": {"type": "json_object"}}}, ["`output_config.format.type`"]),
+        ({"output_config": {"format": {"type": "json_schema", "schema": {"type": "string", "pattern": "("}}}},
+         ["`output_config.format.schema` is not valid"]),
+        ({"output_config": {"effort": "extreme"}}, ["`output_config.effort`"]),
+        ({"output_config": {"task_budget": 5}}, ["`output_config.task_budget` is not supported"]),
+        ({"cache_control": {"type": "persistent"}}, ["`cache_control` must be"]),
         ({"thinking": {"type": "enabled", "budget_tokens": 2048}}, ["`thinking.budget_tokens`", "adaptive"]),
         ({"thinking": {"type": "between_tools"}}, ["`thinking.type`"]),
         ({"thinking": {"type": "adaptive", "display": "full"}}, ["`thinking.display`"]),
@@ -195,7 +216,16 @@ def test_thinking() -> None:
 )  # fmt: skip
 def test_refusals_name_the_field(body: dict[str, Any], words: list[str]) -> None:
     error = refused(body, *words)
-    assert error.status == 422 and error.param in {"messages", "system", "tools", "tool_choice", "thinking"}
+    assert error.status == 422
+    assert error.param in {
+        "messages",
+        "system",
+        "tools",
+        "tool_choice",
+        "thinking",
+        "output_config",
+        "cache_control",
+    }
 
 
 def test_unknown_fields_are_refused_by_name() -> None:
