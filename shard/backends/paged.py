@@ -1,4 +1,5 @@
-"""The paged backend: the Llama-family runner (shard/paged/) behind the Backend protocol.
+"""The paged backend: the paged runner (shard/paged/, its architectures in shard/paged/arch/) behind the
+Backend protocol.
 
 A batch's state is just its list of sequences: joining batches concatenates lists, leaving drops list
 entries and returns their blocks to the pool. Nobody's KV cache is copied, and no token is padded.
@@ -21,7 +22,7 @@ from ..dtypes import DTYPES, default_dtype
 from ..paged.attention import PrefillChunk, StepMeta, decode_meta
 from ..paged.graphs import DEFAULT_BATCH_SIZES, DecodeGraphs
 from ..paged.kv_cache import PagedKVCache, Sequence
-from ..paged.model import LlamaModel, ModelSpec, Weights, quantize_model, use_cpu_kernels
+from ..paged.model import ModelSpec, PagedModel, Weights, quantize_model, use_cpu_kernels
 from .base import BackendInfo, PrefillOutput
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,8 @@ def kv_budget_bytes(
 
 
 class PagedBackend:
-    """Implements ``shard.backends.base.Backend`` for Llama, Mistral and Qwen2 models."""
+    """Implements ``shard.backends.base.Backend`` for the model types of shard/paged/arch/ (Llama, Mistral,
+    Qwen2, Qwen3, Gemma 2, Gemma 3 text, Phi-3)."""
 
     def __init__(
         self,
@@ -97,7 +99,7 @@ class PagedBackend:
         path = Path(model_path)
         config = AutoConfig.from_pretrained(path)
         self.spec = spec = ModelSpec.from_config(config)
-        self.model = LlamaModel(config, spec, Weights(path, torch_dtype, device), self.parallel,
+        self.model = PagedModel(config, spec, Weights(path, torch_dtype, device), self.parallel,
                                 spec.max_position_embeddings)  # fmt: skip
         if quantize:
             quantize_model(self.model, quantize)
@@ -261,7 +263,11 @@ class PagedBackend:
             row += chunk.length
         meta.write_slots = torch.cat(parts_write)
         logits = self.model(
-            torch.cat(parts_ids), torch.cat(parts_pos), meta, self.cache, torch.tensor(logit_rows, device=dev)
+            torch.cat(parts_ids),
+            torch.cat(parts_pos),
+            meta,
+            self.cache,
+            torch.tensor(logit_rows, dtype=torch.long, device=dev),
         )
         self._advance(seqs, chunks)
         decode_logits = logits[: len(seqs)] if seqs else None

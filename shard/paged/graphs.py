@@ -32,7 +32,7 @@ import torch
 
 from .attention import decode_meta
 from .kv_cache import PagedKVCache
-from .model import LlamaModel
+from .model import PagedModel
 
 if TYPE_CHECKING:
     from torch.cuda import _POOL_HANDLE  # what CUDAGraph.pool() returns
@@ -66,7 +66,7 @@ class DecodeGraphs:
 
     def __init__(
         self,
-        model: LlamaModel,
+        model: PagedModel,
         cache: PagedKVCache,
         batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES,
         capture: bool = True,

@@ -1,4 +1,4 @@
-"""The Llama family's building blocks, written for a flat token layout and for tensor parallelism.
+"""The decoder's building blocks, written for a flat token layout and for tensor parallelism.
 
 Tokens of every sequence in a step are concatenated into one ``[tokens, hidden]`` tensor: no padding.
 Linear layers come in the two Megatron flavours so that a tensor-parallel group can split them without a
@@ -68,17 +68,20 @@ class ColumnLinear(nn.Module):
 
 
 class RowLinear(nn.Module):
-    """y = sum over ranks of x_r W_r^T: this rank holds a slice of the input features."""
+    """y = sum over ranks of x_r W_r^T (+ b): this rank holds a slice of the input features; the bias
+    (whole on every rank) is added once, after the sum."""
 
-    def __init__(self, weight: torch.Tensor, parallel: Parallel) -> None:
+    def __init__(self, weight: torch.Tensor, parallel: Parallel, bias: torch.Tensor | None = None) -> None:
         super().__init__()
         self.weight: nn.Parameter | None = nn.Parameter(weight, requires_grad=False)  # as ColumnLinear's
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.parallel = parallel
         self.dense = False
         self.packed: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.parallel.all_reduce(linear(x, self.weight, None, self.dense, self.packed))
+        y = self.parallel.all_reduce(linear(x, self.weight, None, self.dense, self.packed))
+        return y if self.bias is None else y + self.bias
 
 
 class RMSNorm(nn.Module):
@@ -156,19 +159,25 @@ class RotaryStep:
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x)); gate and up are one fused column-parallel matrix."""
+    """A gated MLP, down(act(gate(x)) * up(x)), gate and up one fused column-parallel matrix: SwiGLU
+    (``silu``) or GeGLU with tanh-approximated GELU (``gelu_tanh``, Gemma)."""
 
-    def __init__(self, gate_up: ColumnLinear, down: RowLinear) -> None:
+    def __init__(self, gate_up: ColumnLinear, down: RowLinear, activation: str = "silu") -> None:
         super().__init__()
+        if activation not in ("silu", "gelu_tanh"):
+            raise ValueError(f"unknown activation {activation!r}")
         self.gate_up = gate_up
         self.down = down
-        self.fused = False  # step_cpu.cpp's silu_mul: one call instead of a split, silu and product
+        self.activation = activation
+        # step_cpu.cpp's silu_mul (SwiGLU only): one call instead of a split, silu and product
+        self.fused = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused:
             return self.down(torch.ops.paged_step.silu_mul(self.gate_up(x)))
         gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
+        act = F.silu(gate) if self.activation == "silu" else F.gelu(gate, approximate="tanh")
+        return self.down(act * up)
 
 
 class VocabEmbedding(nn.Module):

@@ -1,7 +1,11 @@
-"""A Llama-family decoder (Llama, Mistral, Qwen2, SmolLM...) over a flat token layout and a paged KV cache.
+"""The shared decoder of every architecture the paged runner covers (shard/paged/arch/), over a flat
+token layout and a paged KV cache.
 
-Weights are read straight from the model's safetensors files, each rank reading only its slice (so no
-rank ever holds the whole model when sharded). q/k/v and gate/up are fused into one matrix each.
+A ``ModelSpec`` says where a model departs from Llama's decoder (biases, q/k norms, sandwich norms, GeGLU,
+attention scale, soft-capping, per-layer windows and rotary tables, fused checkpoint tensors); nothing
+here looks at a model type. Weights are read straight from the model's safetensors files, each rank
+reading only its slice (so no rank ever holds the whole model when sharded). q/k/v and gate/up are fused
+into one matrix each.
 """
 
 from __future__ import annotations
@@ -10,16 +14,15 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import torch
 from safetensors import safe_open
 from torch import nn
 
-from common.sharding import PAGED_ARCHITECTURES
-
 from ..dist import Parallel
-from .attention import StepMeta, attend, paged_attention
+from .arch import architecture
+from .attention import Scores, StepMeta, attend, paged_attention
 from .kv_cache import PagedKVCache
 from .layers import (
     MLP,
@@ -33,60 +36,11 @@ from .layers import (
     pack_weight,
 )
 from .quant import GROUP, MODES, QuantColumnLinear, QuantLinear, QuantRowLinear
+from .spec import ModelSpec, UnsupportedModelError
+
+__all__ = ["ModelSpec", "PagedModel", "UnsupportedModelError", "Weights", "quantize_model", "use_cpu_kernels"]
 
 log = logging.getLogger(__name__)
-
-ARCHITECTURES = PAGED_ARCHITECTURES
-
-
-class UnsupportedModelError(ValueError):
-    """This runner does not cover the model (the transformers backend does)."""
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    model_type: str
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    vocab_size: int
-    rms_norm_eps: float
-    tie_word_embeddings: bool
-    qkv_bias: bool
-    max_position_embeddings: int
-
-    @classmethod
-    def from_config(cls, config) -> ModelSpec:
-        """From a transformers config; raises UnsupportedModelError for what this runner cannot run."""
-        model_type = getattr(config, "model_type", None)
-        if model_type not in ARCHITECTURES:
-            raise UnsupportedModelError(f"model type {model_type!r} (supported: {', '.join(ARCHITECTURES)})")
-        if getattr(config, "hidden_act", "silu") != "silu":
-            raise UnsupportedModelError(f"activation {config.hidden_act!r}")
-        if getattr(config, "mlp_bias", False):
-            raise UnsupportedModelError("MLP biases")
-        window = getattr(config, "sliding_window", None)
-        sliding = window and getattr(config, "use_sliding_window", model_type == "mistral")
-        if sliding and window < config.max_position_embeddings:
-            raise UnsupportedModelError(f"sliding-window attention ({window} tokens)")
-        heads = config.num_attention_heads
-        return cls(
-            model_type=model_type,
-            hidden_size=config.hidden_size,
-            intermediate_size=config.intermediate_size,
-            num_layers=config.num_hidden_layers,
-            num_heads=heads,
-            num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
-            head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
-            vocab_size=config.vocab_size,
-            rms_norm_eps=config.rms_norm_eps,
-            tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
-            qkv_bias=model_type == "qwen2" or bool(getattr(config, "attention_bias", False)),
-            max_position_embeddings=config.max_position_embeddings,
-        )
 
 
 class Weights:
@@ -108,8 +62,15 @@ class Weights:
     def has(self, name: str) -> bool:
         return name in self.files
 
-    def get(self, name: str, dim: int | None = None, part: tuple[int, int] | None = None) -> torch.Tensor:
-        """The tensor ``name``, or its [start, end) slice along ``dim``."""
+    def get(
+        self,
+        name: str,
+        dim: int | None = None,
+        part: tuple[int, int] | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> torch.Tensor:
+        """The tensor ``name``, or its [start, end) slice along ``dim``, in the model's dtype (or
+        ``dtype``)."""
         if name not in self.files:
             raise UnsupportedModelError(f"missing tensor {name}")
         with safe_open(self.files[name], "pt") as f:
@@ -122,55 +83,117 @@ class Weights:
                 index = [slice(None)] * len(s.get_shape())
                 index[dim] = slice(*part)
                 tensor = s[tuple(index)]
-        return tensor.to(dtype=self.dtype, device=self.device).contiguous()
+        return tensor.to(dtype=dtype or self.dtype, device=self.device).contiguous()
+
+    def norm(self, name: str, spec: ModelSpec) -> RMSNorm:
+        """An RMSNorm whose weight is ``norm_offset + w`` (computed in float32, then in the model's dtype)."""
+        weight = self.get(name, dtype=torch.float32) + spec.norm_offset
+        return RMSNorm(weight.to(self.dtype), spec.rms_norm_eps)
+
+
+def stacked_rows(
+    w: Weights,
+    names: list[str],
+    fused: str | None,
+    widths: list[int],
+    parts: list[tuple[int, int]],
+    unit: int,
+) -> torch.Tensor:
+    """This rank's rows of several projections stacked into one matrix (or bias): part i is rows
+    [parts[i][0] * unit, parts[i][1] * unit) of ``names[i]``, or, from a checkpoint that fuses them into
+    ``fused``, of its i-th block of ``widths[i]`` rows."""
+    if fused is None:
+        return torch.cat(
+            [w.get(name, 0, (a * unit, b * unit)) for name, (a, b) in zip(names, parts, strict=True)]
+        )
+    offsets = [sum(widths[:i]) for i in range(len(widths))]
+    return torch.cat(
+        [w.get(fused, 0, (o + a * unit, o + b * unit)) for o, (a, b) in zip(offsets, parts, strict=True)]
+    )
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, spec: ModelSpec, w: Weights, prefix: str, parallel: Parallel) -> None:
+    """One pre-norm decoder layer: h += [out_norm](o(attention(rotary([qk_norm](qkv(norm(h))))))), then
+    h += [out_norm](mlp(norm(h))), the bracketed parts where the spec has them."""
+
+    def __init__(self, spec: ModelSpec, index: int, w: Weights, parallel: Parallel) -> None:
         super().__init__()
+        prefix = f"model.layers.{index}"
+        names = spec.names
         d = spec.head_dim
         q_part = parallel.split(spec.num_heads, "attention heads")
         kv_part = parallel.split(spec.num_kv_heads, "key/value heads")
         self.num_heads = q_part[1] - q_part[0]
         self.num_kv_heads = kv_part[1] - kv_part[0]
         self.head_dim = d
+        layer = spec.layers[index]
+        self.rope = layer.rope
+        self.scores = Scores(spec.attn_scale, spec.attn_softcap, layer.sliding_window)
         a = f"{prefix}.self_attn"
 
-        def rows(name: str, part: tuple[int, int]) -> torch.Tensor:
-            return w.get(name, 0, (part[0] * d, part[1] * d))
+        def qkv(kind: str) -> torch.Tensor:
+            widths = [spec.num_heads * d, spec.num_kv_heads * d, spec.num_kv_heads * d]
+            fused = f"{a}.qkv_proj.{kind}" if names.fused_qkv else None
+            projections = [f"{a}.{x}_proj.{kind}" for x in "qkv"]
+            return stacked_rows(w, projections, fused, widths, [q_part, kv_part, kv_part], d)
 
-        qkv = torch.cat([rows(f"{a}.q_proj.weight", q_part), rows(f"{a}.k_proj.weight", kv_part),
-                         rows(f"{a}.v_proj.weight", kv_part)])  # fmt: skip
-        bias = None
-        if spec.qkv_bias:
-            bias = torch.cat([rows(f"{a}.q_proj.bias", q_part), rows(f"{a}.k_proj.bias", kv_part),
-                              rows(f"{a}.v_proj.bias", kv_part)])  # fmt: skip
         # Quantized layers replace them under --quantize int8|int4 (quantize_model).
-        self.qkv: ColumnLinear | QuantLinear = ColumnLinear(qkv, bias)
-        self.o: RowLinear | QuantLinear = RowLinear(
-            w.get(f"{a}.o_proj.weight", 1, (q_part[0] * d, q_part[1] * d)), parallel
+        self.qkv: ColumnLinear | QuantLinear = ColumnLinear(
+            qkv("weight"), qkv("bias") if spec.qkv_bias else None
         )
+        o_bias = w.get(f"{a}.o_proj.bias") if spec.o_bias else None
+        self.o: RowLinear | QuantLinear = RowLinear(
+            w.get(f"{a}.o_proj.weight", 1, (q_part[0] * d, q_part[1] * d)), parallel, o_bias
+        )
+        self.q_norm = w.norm(f"{a}.q_norm.weight", spec) if spec.qk_norm else None
+        self.k_norm = w.norm(f"{a}.k_norm.weight", spec) if spec.qk_norm else None
         m = f"{prefix}.mlp"
         ff = parallel.split(spec.intermediate_size, "MLP width")
-        gate_up = torch.cat([w.get(f"{m}.gate_proj.weight", 0, ff), w.get(f"{m}.up_proj.weight", 0, ff)])
-        self.mlp = MLP(ColumnLinear(gate_up), RowLinear(w.get(f"{m}.down_proj.weight", 1, ff), parallel))
-        self.input_norm = RMSNorm(w.get(f"{prefix}.input_layernorm.weight"), spec.rms_norm_eps)
-        self.post_norm = RMSNorm(w.get(f"{prefix}.post_attention_layernorm.weight"), spec.rms_norm_eps)
+
+        def gate_up(kind: str) -> torch.Tensor:
+            fused = f"{m}.gate_up_proj.{kind}" if names.fused_gate_up else None
+            projections = [f"{m}.gate_proj.{kind}", f"{m}.up_proj.{kind}"]
+            return stacked_rows(w, projections, fused, [spec.intermediate_size] * 2, [ff, ff], 1)
+
+        down_bias = w.get(f"{m}.down_proj.bias") if spec.mlp_bias else None
+        self.mlp = MLP(
+            ColumnLinear(gate_up("weight"), gate_up("bias") if spec.mlp_bias else None),
+            RowLinear(w.get(f"{m}.down_proj.weight", 1, ff), parallel, down_bias),
+            spec.activation,
+        )
+        self.input_norm = w.norm(f"{prefix}.{names.input_norm}.weight", spec)
+        self.mlp_norm = w.norm(f"{prefix}.{names.mlp_norm}.weight", spec)
+        out = names.attn_out_norm, names.mlp_out_norm
+        self.attn_out_norm = None if out[0] is None else w.norm(f"{prefix}.{out[0]}.weight", spec)
+        self.mlp_out_norm = None if out[1] is None else w.norm(f"{prefix}.{out[1]}.weight", spec)
 
     def forward(
         self, h: torch.Tensor, rope: RotaryStep, k_pool: torch.Tensor, v_pool: torch.Tensor, meta: StepMeta
     ) -> torch.Tensor:
-        qkv = self.qkv(self.input_norm(h))
+        qkv = self.normed_qk(self.qkv(self.input_norm(h)))
         q, k, v = rope.qkv(qkv, self.num_heads, self.num_kv_heads, self.head_dim)
-        h = h + self.o(paged_attention(q, k, v, k_pool, v_pool, meta))
-        return h + self.mlp(self.post_norm(h))
+        attn = self.o(paged_attention(q, k, v, k_pool, v_pool, meta, self.scores))
+        h = h + (attn if self.attn_out_norm is None else self.attn_out_norm(attn))
+        mlp = self.mlp(self.mlp_norm(h))
+        return h + (mlp if self.mlp_out_norm is None else self.mlp_out_norm(mlp))
+
+    def normed_qk(self, qkv: torch.Tensor) -> torch.Tensor:
+        """The fused q/k/v product with each head's queries and keys RMS-normalized (q/k norms), else as
+        it is."""
+        if self.q_norm is None or self.k_norm is None:
+            return qkv
+        tokens, d = qkv.shape[0], self.head_dim
+        q, k, v = qkv.split([self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d], dim=-1)
+        q = self.q_norm(q.reshape(-1, d).contiguous()).view(tokens, -1)
+        k = self.k_norm(k.reshape(-1, d).contiguous()).view(tokens, -1)
+        return torch.cat([q, k, v], dim=-1)
 
     def attention(
         self, x: torch.Tensor, rope: RotaryStep, k_pool: torch.Tensor, v_pool: torch.Tensor, meta: StepMeta
     ) -> torch.Tensor:
-        """The attention half on the CPU kernels (``LlamaModel.fused``): normalized rows x -> the output
+        """The attention half on the CPU kernels (``PagedModel.fused``): normalized rows x -> the output
         projection, to add to the residual stream. The rotation and the KV cache write are one call."""
-        qkv = self.qkv(x)
+        qkv = self.normed_qk(self.qkv(x))
         heads, d, r = self.num_heads, self.head_dim, rope.rotary
         torch.ops.paged_step.rotary_store_(
             qkv,
@@ -184,11 +207,16 @@ class DecoderLayer(nn.Module):
             v_pool,
             meta.write_slots,
         )
-        return self.o(attend(qkv[:, : heads * d].view(-1, heads, d), k_pool, v_pool, meta))
+        return self.o(attend(qkv[:, : heads * d].view(-1, heads, d), k_pool, v_pool, meta, self.scores))
 
 
-class LlamaModel(nn.Module):
-    def __init__(self, config, spec: ModelSpec, w: Weights, parallel: Parallel, max_positions: int) -> None:
+class PagedModel(nn.Module):
+    """The decoder of any architecture in shard/paged/arch/: embeddings, ``DecoderLayer``s, final norm and
+    LM head, with ``spec``'s differences."""
+
+    def __init__(
+        self, config: Any, spec: ModelSpec, w: Weights, parallel: Parallel, max_positions: int
+    ) -> None:
         super().__init__()
         self.spec = spec
         self.parallel = parallel
@@ -198,10 +226,8 @@ class LlamaModel(nn.Module):
         vocab = (start, min(spec.vocab_size, start + self.vocab_part))
         embed = w.get("model.embed_tokens.weight", 0, vocab if parallel.world_size > 1 else None)
         self.embed = VocabEmbedding(embed, vocab[0], parallel)
-        self.layers = nn.ModuleList(
-            DecoderLayer(spec, w, f"model.layers.{i}", parallel) for i in range(spec.num_layers)
-        )
-        self.norm = RMSNorm(w.get("model.norm.weight"), spec.rms_norm_eps)
+        self.layers = nn.ModuleList(DecoderLayer(spec, i, w, parallel) for i in range(spec.num_layers))
+        self.norm = w.norm("model.norm.weight", spec)
         # None once quantize_model has replaced an untied head by ``head``.
         self.lm_head: nn.Parameter | None
         if spec.tie_word_embeddings or not w.has("lm_head.weight"):
@@ -210,16 +236,20 @@ class LlamaModel(nn.Module):
             self.lm_head = nn.Parameter(
                 w.get("lm_head.weight", 0, vocab if parallel.world_size > 1 else None), requires_grad=False
             )
-        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
-
-        rope = LlamaRotaryEmbedding(config)
-        self.rotary = Rotary(rope.inv_freq, rope.attention_scaling, max_positions, w.dtype)
+        tables = architecture(config).rotary(config)
+        # One per rotary table the layers use (Gemma 3: its sliding and global layers'), by LayerSpec.rope.
+        self.rotaries = {
+            key: Rotary(tables[key].inv_freq, tables[key].scaling, max_positions, w.dtype)
+            for key in sorted({layer.rope for layer in spec.layers})
+        }
+        for rotary in self.rotaries.values():
+            rotary.to(w.device)
         self.head: nn.Module | None = None  # a quantized LM head (shard/paged/quant.py) replaces F.linear
         self.dense_head = False  # see layers.linear
         self.head_packed: torch.Tensor | None = None
-        self.rotary.to(w.device)
-        # step_cpu.cpp's attention, RMSNorm and rotary kernels (use_cpu_kernels); with it off the backend
-        # builds the torch path's gathered slots and masks.
+        # step_cpu.cpp's attention, RMSNorm and rotary kernels (use_cpu_kernels, for models whose layers
+        # all have Llama's shape: ModelSpec.kernel_layers); with it off the backend builds the torch path's
+        # gathered slots and masks.
         self.fused = False
         self._decode_plan: DecodePlan | None = None
         self._decode_plan_made = False
@@ -248,13 +278,16 @@ class LlamaModel(nn.Module):
     ) -> torch.Tensor:
         """Runs one step's tokens; returns float32 logits [len(logit_rows), vocab] for the rows asked."""
         h = self.embed(ids)
-        rope = self.rotary.step(positions)
+        if self.spec.embed_scale is not None:
+            h = h * torch.tensor(self.spec.embed_scale, dtype=h.dtype, device=h.device)
+        ropes = {key: rotary.step(positions) for key, rotary in self.rotaries.items()}
         if self.fused:
-            h = self._layers_fused(h, rope, cache, meta)
+            h = self._layers_fused(h, ropes[""], cache, meta)
             h = h if logit_rows is None else h.index_select(0, logit_rows)
         else:
-            for layer, k_pool, v_pool in zip(self.layers, cache.k_layers, cache.v_layers, strict=True):
-                h = layer(h, rope, k_pool, v_pool, meta)
+            layers = zip(self.decoder_layers, cache.k_layers, cache.v_layers, strict=True)
+            for layer, k_pool, v_pool in layers:
+                h = layer(h, ropes[layer.rope], k_pool, v_pool, meta)
             h = self.norm(h if logit_rows is None else h.index_select(0, logit_rows))
         if self.head is not None:
             logits = self.head(h)
@@ -265,6 +298,9 @@ class LlamaModel(nn.Module):
             if pad:
                 logits = torch.nn.functional.pad(logits, (0, pad))
             logits = self.parallel.all_gather(logits)[:, : self.spec.vocab_size]
+        cap = self.spec.final_softcap
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
         return logits.float()
 
     def _layers_fused(
@@ -276,7 +312,7 @@ class LlamaModel(nn.Module):
         kernel runs them in one call (step_cpu.cpp's ``decode_layers``)."""
         plan = self.decode_plan()
         if plan is not None and not meta.prefills and h.shape[0] <= plan.max_rows:
-            r, first = self.rotary, self.decoder_layers[0]
+            r, first = rope.rotary, self.decoder_layers[0]
             return torch.ops.paged_step.decode_layers(
                 h, plan.weights, plan.kinds, cache.k_layers, cache.v_layers, rope.positions, r.cos32, r.sin32,
                 meta.write_slots, meta.decode_table, meta.decode_lengths, meta.block_size, first.num_heads,
@@ -287,14 +323,15 @@ class LlamaModel(nn.Module):
         norms = [layer.input_norm for layer in layers[1:]] + [self.norm]
         x = layers[0].input_norm(h)
         for layer, after, k_pool, v_pool in zip(layers, norms, cache.k_layers, cache.v_layers, strict=True):
-            post = layer.post_norm
+            post = layer.mlp_norm
             x = add_norm(h, layer.attention(x, rope, k_pool, v_pool, meta), post.weight, post.eps)
             x = add_norm(h, layer.mlp(x), after.weight, after.eps)
         return x
 
     def decode_plan(self) -> DecodePlan | None:
         """What ``decode_layers`` takes for this model (made on first use, once the layers are final); None
-        when it does not apply: not float32, several ranks, or a product without a kernel."""
+        when it does not apply: not float32, several ranks, q/k norms, a bias past q/k/v, or a product
+        without a kernel."""
         if not self._decode_plan_made:
             self._decode_plan = make_decode_plan(self) if self.fused else None
             self._decode_plan_made = True
@@ -316,7 +353,7 @@ class DecodePlan:
     max_rows: int
 
 
-def make_decode_plan(model: LlamaModel) -> DecodePlan | None:
+def make_decode_plan(model: PagedModel) -> DecodePlan | None:
     if model.parallel.world_size > 1 or model.norm.weight.dtype != torch.float32:
         return None
     none = torch.empty(0)
@@ -344,7 +381,9 @@ def make_decode_plan(model: LlamaModel) -> DecodePlan | None:
         products = [p for p in (product(m) for m in modules) if p is not None]
         if len(products) < len(modules) or any(getattr(m, "bias", None) is not None for m in modules[1:]):
             return None
-        weights += [layer.input_norm.weight, layer.post_norm.weight]
+        if layer.q_norm is not None:
+            return None
+        weights += [layer.input_norm.weight, layer.mlp_norm.weight]
         for kind, a, b in products:
             kinds.append(kind)
             weights += [a, b]
@@ -352,7 +391,7 @@ def make_decode_plan(model: LlamaModel) -> DecodePlan | None:
     return DecodePlan(weights, kinds, min(rows))
 
 
-def quantize_model(model: LlamaModel, mode: str) -> None:
+def quantize_model(model: PagedModel, mode: str) -> None:
     """Replaces every decoder layer's linear layers (q/k/v, o, gate/up, down) and the LM head, in place
     (shard/paged/quant.py's layers).
 
@@ -375,7 +414,8 @@ def quantize_model(model: LlamaModel, mode: str) -> None:
                 continue
             before += weight.numel() * weight.element_size()
             if isinstance(old, RowLinear):
-                new: QuantLinear = QuantRowLinear(weight, mode, old.parallel)
+                bias = None if old.bias is None else old.bias.data
+                new: QuantLinear = QuantRowLinear(weight, mode, old.parallel, bias)
             else:
                 new = QuantColumnLinear(weight, None if old.bias is None else old.bias.data, mode)
             after += new.nbytes()
@@ -389,8 +429,9 @@ def quantize_model(model: LlamaModel, mode: str) -> None:
     )  # fmt: skip
 
 
-def use_cpu_kernels(model: LlamaModel, unquantized: bool) -> bool:
-    """Runs a CPU model's attention, RMSNorms and rotary embedding through step_cpu.cpp's kernels. With
+def use_cpu_kernels(model: PagedModel, unquantized: bool) -> bool:
+    """Runs a CPU model's RMSNorms, SwiGLU, and (when its layers have Llama's shape,
+    ``ModelSpec.kernel_layers``) attention and rotary embedding through step_cpu.cpp's kernels. With
     ``unquantized`` (float32/bfloat16 linear layers) also its products: prepacked for oneDNN, and in
     float32 single rows (one stream decoding) through quant_cpu.cpp's dense kernel, which keeps the plain
     weights too (twice the memory, for 25% faster single-row products); bfloat16 keeps only the packed
@@ -408,14 +449,18 @@ def use_cpu_kernels(model: LlamaModel, unquantized: bool) -> bool:
         return False
     single_row_dense = norm.dtype == torch.float32
     for module in model.modules():
-        if isinstance(module, RMSNorm | MLP):
+        if isinstance(module, RMSNorm):
             module.fused = True
+        elif isinstance(module, MLP):
+            module.fused = module.activation == "silu"
         elif unquantized and isinstance(module, ColumnLinear | RowLinear) and module.weight is not None:
             module.packed = pack_weight(module.weight.data)
             module.dense = single_row_dense
             if module.packed is not None and not single_row_dense:
                 module.weight = None  # the packed copy serves every product
-    model.rotary.fused = model.fused = True
+    model.fused = spec.kernel_layers
+    for rotary in model.rotaries.values():
+        rotary.fused = model.fused
     head = model.lm_head
     if unquantized and model.head is None and head is not None:
         model.head_packed = pack_weight(head.data)

@@ -151,18 +151,22 @@ class QuantLinear(nn.Module):
         return sum(b.numel() * b.element_size() for b in self.buffers())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.product(x, self.bias)
+
+    def product(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x W^T (+ ``bias``)."""
         if self.fast and x.dim() == 2 and x.dtype == torch.float32 and x.shape[0] < self.large_m:
             # The decode step's case (float32 rows), in as few operations as it takes.
             y = self._kernel(x.contiguous())
-            return y if self.bias is None else y + self.bias
+            return y if bias is None else y + bias
         shape = x.shape
         rows = x.reshape(-1, self.in_features)
         if self.fast and rows.shape[0] < self.large_m:
             y = self._kernel(rows.to(torch.float32).contiguous()).to(x.dtype)
-            if self.bias is not None:
-                y = y + self.bias
+            if bias is not None:
+                y = y + bias
         else:
-            y = F.linear(rows, self.dequantized(), self.bias)
+            y = F.linear(rows, self.dequantized(), bias)
         return y.view(*shape[:-1], self.out_features)
 
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
@@ -177,11 +181,15 @@ class QuantColumnLinear(QuantLinear):
 
 
 class QuantRowLinear(QuantLinear):
-    """RowLinear with a quantized weight (this rank's input slice); sums the partial products across ranks."""
+    """RowLinear with a quantized weight (this rank's input slice); sums the partial products across ranks,
+    then adds the bias (whole on every rank) once."""
 
-    def __init__(self, weight: torch.Tensor, mode: str, parallel: Parallel) -> None:
-        super().__init__(weight, None, mode)
+    def __init__(
+        self, weight: torch.Tensor, mode: str, parallel: Parallel, bias: torch.Tensor | None = None
+    ) -> None:
+        super().__init__(weight, bias, mode)
         self.parallel = parallel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.parallel.all_reduce(super().forward(x))
+        y = self.parallel.all_reduce(self.product(x, None))
+        return y if self.bias is None else y + self.bias

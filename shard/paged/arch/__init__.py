@@ -1,0 +1,29 @@
+"""The paged runner's architectures, by transformers ``model_type``.
+
+Each module here is one family's differences over the shared decoder (shard/paged/model.py): a function
+from its config to a ``ModelSpec`` (sizes, biases, norms, activation, attention scale, soft-capping,
+per-layer windows and rotary tables, tensor names) and its rotary tables. To add one, write its module
+and list its ``ARCH`` in ``ARCHITECTURES``; docs/architecture.md tells what the decoder offers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..spec import Architecture, UnsupportedModelError
+from . import gemma, llama, phi3, qwen3
+
+ARCHITECTURES: dict[str, Architecture] = {
+    model_type: module.ARCH
+    for module in (llama, qwen3, gemma, phi3)
+    for model_type in module.ARCH.model_types
+}
+
+
+def architecture(config: Any) -> Architecture:
+    """The architecture of a transformers config, or UnsupportedModelError naming its model type."""
+    model_type = getattr(config, "model_type", None)
+    arch = ARCHITECTURES.get(model_type) if isinstance(model_type, str) else None
+    if arch is None:
+        raise UnsupportedModelError(f"model type {model_type!r} (supported: {', '.join(ARCHITECTURES)})")
+    return arch

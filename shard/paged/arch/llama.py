@@ -1,0 +1,41 @@
+"""Llama, Mistral and Qwen2: the shared decoder as it is (SwiGLU, pre-norms, one rotary table).
+
+Llama's ``attention_bias`` puts a bias on every attention projection, o included; Qwen2 has one on q/k/v
+only. ``mlp_bias``: biases on gate, up and down.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..spec import (
+    Architecture,
+    ModelSpec,
+    RopeTable,
+    UnsupportedModelError,
+    config_spec,
+    refuse_sliding_window,
+    rope_tables,
+)
+
+
+def spec(config: Any) -> ModelSpec:
+    if getattr(config, "hidden_act", "silu") != "silu":
+        raise UnsupportedModelError(f"activation {config.hidden_act!r}")
+    refuse_sliding_window(config, default_on=config.model_type == "mistral")
+    attention_bias = bool(getattr(config, "attention_bias", False))
+    return config_spec(
+        config,
+        qkv_bias=config.model_type == "qwen2" or attention_bias,
+        o_bias=config.model_type != "qwen2" and attention_bias,
+        mlp_bias=bool(getattr(config, "mlp_bias", False)),
+    )
+
+
+def rotary(config: Any) -> dict[str, RopeTable]:
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    return rope_tables(LlamaRotaryEmbedding(config))
+
+
+ARCH = Architecture(("llama", "mistral", "qwen2"), spec, rotary)

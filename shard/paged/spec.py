@@ -1,0 +1,168 @@
+"""What the shared decoder (shard/paged/model.py) needs to know about a model: its sizes, and the few ways an
+architecture departs from Llama's decoder. Each model type's module in shard/paged/arch/ reads its
+transformers config into a ``ModelSpec``; the decoder never looks at a model type.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+
+class UnsupportedModelError(ValueError):
+    """This runner does not cover the model (the transformers backend does)."""
+
+
+ACTIVATIONS = ("silu", "gelu_tanh")
+
+
+@dataclass(frozen=True)
+class LayerNames:
+    """Where a decoder layer's tensors are, under ``model.layers.{i}.``.
+
+    ``mlp_norm`` is the norm before the MLP (Llama calls it ``post_attention_layernorm``);
+    ``attn_out_norm`` and ``mlp_out_norm``, when named, normalize the attention and MLP outputs before
+    their residual adds (Gemma's sandwich norms). ``fused_qkv``/``fused_gate_up``: the checkpoint holds
+    ``self_attn.qkv_proj`` and ``mlp.gate_up_proj`` (Phi-3) instead of the separate projections."""
+
+    input_norm: str = "input_layernorm"
+    mlp_norm: str = "post_attention_layernorm"
+    attn_out_norm: str | None = None
+    mlp_out_norm: str | None = None
+    fused_qkv: bool = False
+    fused_gate_up: bool = False
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One decoder layer's attention: its sliding window (a query attends to the keys of the last
+    ``sliding_window`` positions, itself included; None: all earlier positions) and which rotary table
+    rotates its queries and keys (a key of ``Architecture.rotary``'s tables)."""
+
+    sliding_window: int | None = None
+    rope: str = ""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A decoder-only model as the shared decoder runs it.
+
+    Norms compute ``x / rms(x) * (norm_offset + w)`` (Gemma: 1 + w). ``attn_scale``: the factor on
+    q.k (None: 1 / sqrt(head_dim)); ``attn_softcap``/``final_softcap``: ``c * tanh(x / c)`` on the
+    attention scores and on the logits; ``embed_scale``: a factor on the embeddings (Gemma: sqrt(hidden)).
+    ``qk_norm``: each head's queries and keys are RMS-normalized (``self_attn.q_norm``/``k_norm``) before
+    the rotation."""
+
+    model_type: str
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    rms_norm_eps: float
+    tie_word_embeddings: bool
+    max_position_embeddings: int
+    layers: tuple[LayerSpec, ...]
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    norm_offset: float = 0.0
+    activation: str = "silu"
+    embed_scale: float | None = None
+    attn_scale: float | None = None
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+    names: LayerNames = LayerNames()
+
+    @classmethod
+    def from_config(cls, config: Any) -> ModelSpec:
+        """From a transformers config, by its model type's module (shard/paged/arch/); raises
+        UnsupportedModelError for what this runner cannot run."""
+        from .arch import architecture
+
+        return architecture(config).spec(config)
+
+    @property
+    def kernel_layers(self) -> bool:
+        """Whether every layer has Llama's shape as the CPU kernels run it (``PagedModel._layers_fused``):
+        SiLU, no sandwich norms, default attention scale, no soft-capping and no window. Other models run
+        their layers on the torch path (the kernels still serve their norms and products)."""
+        return (
+            self.activation == "silu"
+            and self.names.attn_out_norm is None
+            and self.names.mlp_out_norm is None
+            and self.attn_scale is None
+            and self.attn_softcap is None
+            and all(layer.sliding_window is None for layer in self.layers)
+        )
+
+
+@dataclass(frozen=True)
+class RopeTable:
+    """A rotary table's inverse frequencies [head_dim / 2] and the factor on its cos/sin."""
+
+    inv_freq: Any  # torch.Tensor
+    scaling: float
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One model type family's differences over the shared decoder: how its config reads as a
+    ``ModelSpec``, and its rotary tables (by ``LayerSpec.rope`` key) from transformers' own rotary
+    embedding for that config."""
+
+    model_types: tuple[str, ...]
+    spec: Callable[[Any], ModelSpec]
+    rotary: Callable[[Any], dict[str, RopeTable]]
+
+
+def rope_tables(module: nn.Module, keys: tuple[str, ...] = ("",)) -> dict[str, RopeTable]:
+    """The tables of a transformers rotary embedding module: its ``inv_freq`` and ``attention_scaling``
+    (key ""), or per layer type ``{type}_inv_freq`` and ``{type}_attention_scaling`` (Gemma 3)."""
+    tables = {}
+    for key in keys:
+        prefix = f"{key}_" if key else ""
+        inv_freq = getattr(module, f"{prefix}inv_freq")
+        tables[key] = RopeTable(inv_freq, float(getattr(module, f"{prefix}attention_scaling")))
+    return tables
+
+
+def config_spec(config: Any, layers: tuple[LayerSpec, ...] | None = None, **differences: Any) -> ModelSpec:
+    """A spec with the sizes every decoder-only config names alike (``head_dim`` when given, else hidden
+    over heads), global attention on every layer unless ``layers`` says otherwise, and an architecture's
+    ``differences`` (``ModelSpec``'s other fields)."""
+    heads = config.num_attention_heads
+    num_layers = config.num_hidden_layers
+    return ModelSpec(
+        model_type=config.model_type,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_layers=num_layers,
+        num_heads=heads,
+        num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+        vocab_size=config.vocab_size,
+        rms_norm_eps=config.rms_norm_eps,
+        tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+        max_position_embeddings=config.max_position_embeddings,
+        layers=layers if layers is not None else (LayerSpec(),) * num_layers,
+        **differences,
+    )
+
+
+def refuse_sliding_window(config: Any, default_on: bool = False) -> None:
+    """Mistral/Qwen-style windows (``sliding_window`` with ``use_sliding_window``) shorter than the context
+    are not run here: their blocks would have to leave the cache as they fall out of the window."""
+    window = getattr(config, "sliding_window", None)
+    if (
+        window
+        and getattr(config, "use_sliding_window", default_on)
+        and window < config.max_position_embeddings
+    ):
+        raise UnsupportedModelError(f"sliding-window attention ({window} tokens)")
