@@ -241,7 +241,11 @@ def _assistant_message(blocks: list[dict[str, Any]], where: str) -> ChatMessage:
         if kind == "text":
             texts.append(_text_block(block, at, "messages"))
         elif kind == "tool_use":
-            _only(block, ("type", "id", "name", "input", "cache_control"), at, "messages")
+            _only(block, ("type", "id", "name", "input", "cache_control", "caller"), at, "messages")
+            if block.get("caller") not in (None, {"type": "direct"}):
+                raise ValidationError(
+                    f'`{at}.caller` must be {{"type": "direct"}} (the model\'s own call)', "messages"
+                )
             _check_cache_control(block.get("cache_control"), f"{at}.cache_control", "messages")
             call_id = _string(block.get("id"), f"{at}.id", "messages")
             name = _string(block.get("name"), f"{at}.name", "messages")

@@ -71,6 +71,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except web.HTTPException as e:
         if e.content_type == "application/json":
             raise
+        if anthropic_api.is_anthropic_path(request.path):  # e.g. 405 for a GET
+            response = anthropic_api.error_to_anthropic(e)
+            response.headers.update(_allow(e))
+            return response
         return web.json_response(
             {"error": e.reason, "error_type": "http"}, status=e.status, headers=_allow(e)
         )
@@ -78,6 +82,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         raise
     except Exception:
         log.exception("Unhandled error on %s %s", request.method, request.path)
+        if anthropic_api.is_anthropic_path(request.path):
+            return anthropic_api.anthropic_error(500, "internal server error")
         return web.json_response({"error": "internal server error", "error_type": "internal"}, status=500)
 
 

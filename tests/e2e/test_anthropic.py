@@ -145,7 +145,7 @@ def test_tool_result_round_trip(client: anthropic.Anthropic) -> None:
     [call] = [b for b in first.content if b.type == "tool_use"]
     history = [
         *ASK,
-        {"role": "assistant", "content": [block.model_dump(exclude_none=True) for block in first.content]},
+        {"role": "assistant", "content": first.content},  # the SDK's blocks, as Anthropic's docs pass them
         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call.id, "content": "22 degrees, sunny"}]},
     ]  # fmt: skip
     answer = client.messages.create(

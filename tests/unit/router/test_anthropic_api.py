@@ -359,6 +359,9 @@ async def test_bad_input_and_the_api_key(server: tuple[test_utils.TestClient, Sc
         error = await response.json()
         assert response.status == 400 and error["type"] == "error", error
         assert error["error"]["type"] == "invalid_request_error" and words in error["error"]["message"]
+    response = await client.get("/v1/messages", headers=HEADERS)
+    assert response.status == 405 and (await response.json())["error"]["type"] == "invalid_request_error"
+    assert response.headers["Allow"] == "POST"
     response = await client.post(
         "/v1/messages", data=b"{", headers={**HEADERS, "Content-Type": "application/json"}
     )

@@ -81,7 +81,8 @@ def test_tool_use_and_tool_result_become_calls_and_tool_messages() -> None:
             {"role": "assistant", "content": [
                 {"type": "thinking", "thinking": "two calls", "signature": "x"},
                 {"type": "text", "text": "Checking."},
-                {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}},
+                {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"},
+                 "caller": {"type": "direct"}},
                 {"type": "tool_use", "id": "toolu_2", "name": "get_weather", "input": {"city": "Rome"}},
             ]},
             {"role": "user", "content": [
@@ -176,6 +177,9 @@ def test_thinking() -> None:
         ({"messages": [*HELLO, {"role": "assistant", "content": [
             {"type": "tool_use", "id": "a", "name": "f", "input": []}]}, *HELLO]},
          ["`messages[1].content[0].input` must be an object"]),
+        ({"messages": [*HELLO, {"role": "assistant", "content": [
+            {"type": "tool_use", "id": "a", "name": "f", "input": {}, "caller": {"type": "code_execution"}}]}, *HELLO]},
+         ["`messages[1].content[0].caller`"]),
         ({"messages": [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": 3}]}]},
          ["`messages[0].content[0].tool_use_id` must be a string"]),
         ({"messages": [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "a",
