@@ -211,6 +211,41 @@ def test_bad_bodies_never_get_a_5xx(default_server: Launched) -> None:
             )
 
 
+# -- thinking ---------------------------------------------------------------------------------------------
+THINK_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}"
+)
+
+
+def test_thinking_blocks(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A tiny random model whose template opens <think>: its whole answer is reasoning (it never closes
+    it). With thinking adaptive it comes back as a thinking block, streamed and not; without, it is dropped;
+    --strict-model-name gives an unknown model Anthropic's 404."""
+    args = ["--model-id", str(tiny_model_dir), "--chat-template", THINK_TEMPLATE, "--strict-model-name"]
+    server = Launched(args).start(tmp_path)
+    try:
+        server.wait_healthy(120)
+        client = anthropic.Anthropic(base_url=server.url, api_key="x", max_retries=0, timeout=60)
+        kwargs = {"model": str(tiny_model_dir), "messages": ASK, "max_tokens": 8, **GREEDY}
+        message = client.messages.create(**kwargs, thinking={"type": "adaptive"})
+        [block] = message.content
+        assert block.type == "thinking" and block.thinking and block.signature == ""
+        with client.messages.stream(**kwargs, thinking={"type": "adaptive"}) as stream:
+            events = list(stream)
+            final = stream.get_final_message()
+        streamed = "".join(e.delta.thinking for e in events if e.type == "content_block_delta")
+        assert streamed == block.thinking and final.content[0].thinking == block.thinking
+        assert client.messages.create(**kwargs).content == []  # thinking not asked for: dropped
+        omitted = client.messages.create(**kwargs, thinking={"type": "adaptive", "display": "omitted"})
+        assert [(b.type, b.thinking) for b in omitted.content] == [("thinking", "")]
+        with pytest.raises(anthropic.NotFoundError) as excinfo:
+            client.messages.create(**{**kwargs, "model": "dummy"})
+        assert excinfo.value.body["error"]["type"] == "not_found_error"  # type: ignore[index]
+    finally:
+        stop_and_check(server)
+
+
 # -- the API key --------------------------------------------------------------------------------------------
 KEY = "anthropic-e2e-key-5c1"
 
