@@ -45,7 +45,8 @@ SERVER_ARGS = [
 TGI_ROUTES = ("/generate", "/generate_stream", "/")
 CHAT_ROUTES = ("/v1/chat/completions", "/chat/completions")
 COMPLETION_ROUTES = ("/v1/completions", "/completions")
-ROUTES = (*TGI_ROUTES, *CHAT_ROUTES, *COMPLETION_ROUTES, "/tokenize")
+RESPONSES_ROUTES = ("/v1/responses",)
+ROUTES = (*TGI_ROUTES, *CHAT_ROUTES, *COMPLETION_ROUTES, "/tokenize", *RESPONSES_ROUTES)
 
 TGI_PARAMETERS = (
     "best_of", "temperature", "repetition_penalty", "frequency_penalty", "presence_penalty", "top_k", "top_p",
@@ -64,6 +65,9 @@ CHAT_FIELDS = (*OPENAI_FIELDS, "messages", "logprobs", "top_logprobs", "add_gene
 COMPLETION_FIELDS = (*OPENAI_FIELDS, "prompt", "echo", "logprobs", "best_of", "suffix")
 TOKENIZE_FIELDS = ("prompt", "messages", "model", "add_special_tokens", "add_generation_prompt",
                    "continue_final_message")  # fmt: skip
+RESPONSES_FIELDS = ("model", "input", "instructions", "tools", "tool_choice", "parallel_tool_calls", "max_tool_calls",
+                    "text", "max_output_tokens", "temperature", "top_p", "stream", "store", "previous_response_id",
+                    "metadata", "user", "reasoning", "include", "truncation", "background")  # fmt: skip
 
 NAN, INF = float("nan"), float("inf")
 LARGE_INTEGERS = (2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**53 + 1, 2**63 - 1, 2**63, 2**64 - 1, 2**64, 2**200,
@@ -73,7 +77,8 @@ BOUNDARY_NUMBERS = (0, -1, 1, 2, 4, 5, 6, *LARGE_INTEGERS, 1e308, -1e308, 5e-324
 # Fields that take numbers: they get boundary values in otherwise valid bodies.
 NUMERIC = ("best_of", "temperature", "repetition_penalty", "frequency_penalty", "presence_penalty", "top_k",
            "top_p", "typical_p", "max_new_tokens", "truncate", "seed", "top_n_tokens", "min_p", "max_tokens",
-           "max_completion_tokens", "n", "min_tokens", "logprobs", "top_logprobs")  # fmt: skip
+           "max_completion_tokens", "n", "min_tokens", "logprobs", "top_logprobs", "max_output_tokens",
+           "max_tool_calls")  # fmt: skip
 WEIRD = (
     *BOUNDARY_NUMBERS, "NaN", "Infinity", "-Infinity", "", "a", "0", "1e308", True, False, None, [], {}, [1, 2],
     ["a"], [["a"]], [[[1]]], {"a": 1}, {"type": "text"}, "\ud800", "\udfff", "x\ud83d", "\udc00y", "é🤗東京",
@@ -97,6 +102,8 @@ def valid_body(route: str) -> dict:
         return {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 2}
     if route in COMPLETION_ROUTES:
         return {"prompt": "Hello", "max_tokens": 2}
+    if route in RESPONSES_ROUTES:
+        return {"input": "Hello", "max_output_tokens": 2}
     return {"prompt": "Hello"}
 
 
@@ -107,6 +114,8 @@ def fields(route: str) -> tuple[str, ...]:
         return CHAT_FIELDS
     if route in COMPLETION_ROUTES:
         return COMPLETION_FIELDS
+    if route in RESPONSES_ROUTES:
+        return RESPONSES_FIELDS
     return TOKENIZE_FIELDS
 
 
@@ -162,6 +171,8 @@ def mutate_object(rng: random.Random, route: str, body: dict) -> None:
             if rng.random() < 0.3:
                 message["content"] = [{"type": rng.choice(("text", "image_url", None)), "text": weird(rng)}]
             body["messages"] = rng.choice(([message], [message] * rng.randint(2, 5), message, []))
+        elif route in RESPONSES_ROUTES:
+            body["input"] = odd_input(rng)
         else:
             key = "inputs" if route in TGI_ROUTES else "prompt"
             body[key] = weird(rng)
@@ -194,6 +205,19 @@ def odd_tools(rng: random.Random) -> list:
         weird(rng)
     )
     return [tool] * rng.randint(1, 3)
+
+
+def odd_input(rng: random.Random) -> list:
+    """Valid Responses input items (a message, a call, its output) with one part set to something odd."""
+    part = {"type": "input_text", "text": "Hello"}
+    message = {"type": "message", "role": "user", "content": [part]}
+    call = {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"}
+    output = {"type": "function_call_output", "call_id": "c", "output": "1"}
+    where = rng.choice((part, message, call, output))
+    where[rng.choice(("type", "role", "content", "text", "call_id", "name", "arguments", "output", "id"))] = (
+        weird(rng)
+    )
+    return rng.choice(([message, call, output], [message], [call, output, message], [output]))
 
 
 def dumps(value: object) -> bytes:

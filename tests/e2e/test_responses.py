@@ -5,14 +5,18 @@ the store, and bad input."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+from pathlib import Path
 from typing import Any
 
+import agents
 import jsonschema
 import openai
 import pytest
 import requests
 
+from .conftest import stop_and_check
 from .harness import Launched
 
 pytestmark = pytest.mark.timeout(600)
@@ -292,3 +296,73 @@ def test_raw_bad_bodies_are_4xx(default_server: Launched) -> None:
         assert "error" in response.json()
     assert requests.get(f"{url}/resp_nope", params={"stream": "true"}, timeout=30).status_code == 400
     assert requests.delete(f"{url}/resp_nope", timeout=30).json()["error"]["param"] == "response_id"
+
+
+def test_openai_agents_sdk(client: openai.OpenAI, model: str, default_server: Launched) -> None:
+    """The openai-agents SDK's Responses model runs an agent with a function tool: the forced call runs the
+    tool, whose result goes back as function_call_output (tool_choice is reset to auto after it) for the
+    final answer; and streamed, stopping at the tool's result."""
+    agents.set_tracing_disabled(True)
+    seen: list[str] = []
+
+    @agents.function_tool
+    def get_weather(city: str) -> str:
+        """Get the current weather in a city."""
+        seen.append(city)
+        return f"It is sunny and 21 degrees in {city}."
+
+    settings = agents.ModelSettings(
+        tool_choice="required", parallel_tool_calls=False, temperature=0, max_tokens=400
+    )
+
+    async def run() -> tuple[Any, Any, list[str]]:
+        client = openai.AsyncOpenAI(base_url=f"{default_server.url}/v1", api_key="unused", max_retries=0)
+        responses_model = agents.OpenAIResponsesModel(model=model, openai_client=client)
+        agent = agents.Agent(
+            name="weather", instructions="Answer with the weather tool.", model=responses_model,
+            tools=[get_weather], model_settings=settings,
+        )  # fmt: skip
+        result = await agents.Runner.run(agent, "What is the weather in Paris?", max_turns=4)
+        stopping = agent.clone(tool_use_behavior="stop_on_first_tool")
+        streamed = agents.Runner.run_streamed(stopping, "What is the weather in Rome?")
+        events = [event.type async for event in streamed.stream_events()]
+        await client.close()
+        return result, streamed.final_output, events
+
+    result, final, events = asyncio.run(run())
+    assert seen and isinstance(result.final_output, str) and result.final_output
+    kinds = [item.type for item in result.new_items]
+    assert kinds[0] == "tool_call_item" and "tool_call_output_item" in kinds, kinds
+    assert kinds[-1] == "message_output_item", kinds
+    assert final == f"It is sunny and 21 degrees in {seen[-1]}." and "raw_response_event" in events
+
+
+THINK_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}"
+)
+
+
+def test_reasoning_is_an_item_before_the_message(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A tiny random model whose template opens <think>: what it writes is reasoning (it never closes it),
+    a reasoning item with the text as its summary, streamed and not."""
+    server = Launched(["--model-id", str(tiny_model_dir), "--chat-template", THINK_TEMPLATE]).start(tmp_path)
+    try:
+        server.wait_healthy(120)
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
+        kwargs: dict[str, Any] = {"model": "tiny", "input": "Hello", "max_output_tokens": 8, "temperature": 0}
+        whole = client.responses.create(**kwargs)
+        reasoning = whole.output[0]  # cut off while reasoning: no message follows
+        assert [item.type for item in whole.output] == ["reasoning"] and whole.status == "incomplete"
+        assert reasoning.type == "reasoning" and reasoning.summary[0].text and whole.output_text == ""
+        assert whole.usage is not None and 0 < whole.usage.output_tokens_details.reasoning_tokens <= 8
+        events = list(client.responses.create(**kwargs, stream=True))
+        streamed = "".join(e.delta for e in events if e.type == "response.reasoning_summary_text.delta")
+        assert streamed == reasoning.summary[0].text
+        assert squeeze([e.type for e in events])[2:5] == [
+            "response.output_item.added",
+            "response.reasoning_summary_part.added",
+            "response.reasoning_summary_text.delta",
+        ]
+    finally:
+        stop_and_check(server)
