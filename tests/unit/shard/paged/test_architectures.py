@@ -87,7 +87,7 @@ def gemma3_config(vocab: int) -> Any:
         head_dim=16,
         max_position_embeddings=512,
         sliding_window=8,
-        query_pre_attn_scalar=16,
+        query_pre_attn_scalar=32,
         rope_local_base_freq=100.0,
         layer_types=["sliding_attention", "full_attention"] * 2,
         final_logit_softcapping=10.0,
@@ -120,9 +120,12 @@ CONFIGS: dict[str, Callable[[int], Any]] = {
 }
 
 
-def build(path: Path, tokenizer_dir: Path, make_config: Callable[[int], Any], seed: int = 0) -> Path:
+def build(
+    path: Path, tokenizer_dir: Path, make_config: Callable[[int], Any], seed: int = 0, sharp: bool = True
+) -> Path:
     """A tiny random model of ``make_config``'s architecture, with the tiny tokenizer: biases and norm
-    weights drawn away from their zero/one initial values, logits scaled up (greedy picks that are not
+    weights drawn away from their zero/one initial values, queries and keys scaled up with ``sharp``
+    (attention that depends on its scale, soft-capping and window), logits scaled up (greedy picks that are not
     near-ties)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -134,6 +137,10 @@ def build(path: Path, tokenizer_dir: Path, make_config: Callable[[int], Any], se
         for name, p in model.named_parameters():
             if name.endswith("bias"):
                 p.normal_(0.0, 0.5)
+            elif sharp and name.endswith(("q_proj.weight", "k_proj.weight", "qkv_proj.weight")):
+                p.mul_(4.0)  # sharp attention: the scale, soft-capping and windows change the tokens
+            elif sharp and name.endswith(("q_norm.weight", "k_norm.weight")):
+                p.add_(3.0)  # the same through q/k norms
             elif "norm" in name:
                 p.add_(torch.randn_like(p) * 0.2)
             elif name.endswith("embed_tokens.weight") and config.tie_word_embeddings:
@@ -221,7 +228,7 @@ def test_int8_and_int4_follow_float32(
 ) -> None:
     """Quantized q/k-normed (Qwen3) and biased (o_proj, MLP) layers: the prompt's logits stay within the
     quantization's error of float32's (relative error of the logits; Gaussian weights, 64 wide)."""
-    path = build(tmp_path / "q", tiny_model_dir, make_config)
+    path = build(tmp_path / "q", tiny_model_dir, make_config, sharp=False)
     prompt = list(range(3, 30))
     want = prompt_logits(PagedBackend(path, CPU, kv_cache_bytes=2**20, block_size=4), prompt)
     for mode, bound in (("int8", 0.05), ("int4", 0.3)):
