@@ -112,9 +112,13 @@ def _status(finished: Finished) -> Status:
     return "incomplete" if finished.finish_reason == "length" else "completed"
 
 
-def _store(request: web.Request, parsed: ResponsesRequest, items: tuple[dict, ...], response: dict) -> None:
+async def _store(
+    request: web.Request, infer: Infer, parsed: ResponsesRequest, items: tuple[dict, ...], response: dict
+) -> None:
+    """Keeps the response unless ``store`` is false (its size is measured off the event loop)."""
     if parsed.store:
-        request.app[STORE_KEY].put(StoredResponse(response, items))
+        stored = StoredResponse(response, items)
+        request.app[STORE_KEY].put(stored, await infer.validator.run(stored.size))
 
 
 @responses_route
@@ -161,7 +165,7 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     output.feed(finished.generated_text, True)
     events = builder.finish(_status(finished), await _usage(infer, valid, finished, output))
     result = events[-1]["response"]
-    _store(request, parsed, items, result)
+    await _store(request, infer, parsed, items, result)
     return web.json_response(result)
 
 
@@ -191,8 +195,10 @@ async def _stream(
         assert last is not None and last.finished is not None  # stream_batches ends on the last event
         finished = last.finished
         done = builder.finish(_status(finished), await _usage(infer, valid, finished, output))
+        await _store(
+            request, infer, parsed, items, done[-1]["response"]
+        )  # kept before the client hears of it
         await response.write(sse_bytes(done))
-        _store(request, parsed, items, done[-1]["response"])
     except InferError as e:
         await response.write(sse_bytes(builder.fail(e.message)))
     await response.write_eof()

@@ -241,10 +241,16 @@ def test_retrieve_delete_and_store_false(client: openai.OpenAI, model: str) -> N
     fetched = client.responses.retrieve(created.id)
     assert fetched.model_dump() == created.model_dump() and fetched.metadata == {"k": "v"}
     client.responses.delete(created.id)
+    streamed = list(client.responses.create(model=model, input="Hi", max_output_tokens=4, stream=True))
+    final = streamed[-1].response
+    assert client.responses.retrieve(final.id).model_dump() == final.model_dump()
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve(created.id)
     with pytest.raises(openai.NotFoundError):
         client.responses.delete(created.id)
+    streamed = list(client.responses.create(model=model, input="Hi", max_output_tokens=4, stream=True))
+    final = streamed[-1].response
+    assert client.responses.retrieve(final.id).model_dump() == final.model_dump()
     unstored = client.responses.create(model=model, input="Hi", max_output_tokens=4, store=False)
     assert unstored.store is False
     with pytest.raises(openai.NotFoundError) as error:

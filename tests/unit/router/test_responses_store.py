@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from router.responses_store import DEFAULT_CAPACITY, ResponseStore, StoredResponse
+from router.responses_store import DEFAULT_CAPACITY, DEFAULT_MAX_CHARS, ResponseStore, StoredResponse
 
 
 def stored(response_id: str, output: list[dict] | None = None) -> StoredResponse:
@@ -33,5 +33,19 @@ def test_delete_and_unknown_ids() -> None:
 
 def test_default_capacity_and_refused_capacity() -> None:
     assert ResponseStore().capacity == DEFAULT_CAPACITY == 1000
+    assert ResponseStore().max_chars == DEFAULT_MAX_CHARS == 256 * 2**20
     with pytest.raises(ValueError):
         ResponseStore(capacity=0)
+
+
+def test_bounded_by_size_too() -> None:
+    one = stored("a").size()
+    store = ResponseStore(capacity=100, max_chars=2 * one + 1)
+    for name in ("a", "b", "c"):
+        assert store.put(stored(name))
+    assert store.get("a") is None and len(store) == 2 and store.chars == 2 * one
+    assert store.delete("b") and store.chars == one
+    big = StoredResponse(
+        {"id": "big", "output": []}, ({"type": "message", "role": "user", "content": "x" * 3 * one},)
+    )
+    assert not store.put(big) and store.get("big") is None and store.get("c") is not None
