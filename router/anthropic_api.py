@@ -25,16 +25,17 @@ by ``Infer``, and streamed through the ``SSEWriter``; only the shapes are Anthro
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import json
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from aiohttp import web
 
-from .agent import Agent, AssistantOutput, OutputDelta, OutputPlan, ReasoningDelta, Turn
+from .agent import THINK_PARSERS, Agent, AssistantOutput, OutputDelta, OutputPlan, ReasoningDelta, Turn
 from .anthropic_params import (
     Conversation,
     Thinking,
@@ -219,6 +220,11 @@ class MessageEvents:
         self.block = -1  # the index of the block open last
         self.kind: str | None = None  # the type of the open block, None when none is open
         self.text_prefix = b""  # a text_delta event's bytes before the text, for the open text block
+        # A thinking budget's first phase (see ``ThinkingBudget``): the last event goes on to a second phase
+        # when ``continuation`` says so; ``carried`` is then the text it added and the first phase's ending.
+        self.continuation: Callable[[Finished], str | None] | None = None
+        self.carried: tuple[str, Finished] | None = None
+        self.tokens_before = 0  # tokens of a first phase, for the usage
 
     def start(self) -> bytes:
         message = {**self.head, "content": [], "stop_reason": None, "stop_sequence": None,
@@ -236,6 +242,11 @@ class MessageEvents:
         finished = event.finished
         if finished is None and self.output is None:
             return self._text(event.delta) if event.delta else b""
+        if finished is not None and self.continuation is not None:
+            added = self.continuation(finished)
+            if added is not None:  # not the end: the second phase follows
+                self.carried = (added, finished)
+                return self(StreamEvent(event.token, event.delta + added), _index)
         delta, stop_sequence = event.delta, None
         if finished is not None and finished.finish_reason == "stop_sequence":
             stop_sequence = matched_stop(finished.generated_text, self.stops)
@@ -308,10 +319,18 @@ class MessageEvents:
             return opened
         return opened + self._block_delta({"type": "input_json_delta", "partial_json": delta.arguments})
 
+    def end(self, finished: Finished) -> bytes:
+        """Ends the message without another event (a second phase with no tokens left)."""
+        deltas = self.output.finish() if self.output is not None else []
+        return b"".join(self._delta(d) for d in deltas) + self._end(finished, None)
+
     def _end(self, finished: Finished, stop_sequence: str | None) -> bytes:
         calls = self.output.calls if self.output is not None else 0
         delta = {"stop_reason": stop_reason(finished, calls, stop_sequence), "stop_sequence": stop_sequence}
-        usage = {"input_tokens": self.input_tokens, "output_tokens": finished.generated_tokens}
+        usage = {
+            "input_tokens": self.input_tokens,
+            "output_tokens": self.tokens_before + finished.generated_tokens,
+        }
         return (
             self._close()
             + sse_event("message_delta", {"type": "message_delta", "delta": delta, "usage": usage})
@@ -320,8 +339,17 @@ class MessageEvents:
 
 
 # -- the routes ---------------------------------------------------------------------------------------------
-async def _render(infer: Infer, agent: Agent, conversation: Conversation) -> tuple[str, list[int]]:
-    """The conversation's prompt text and token ids (the chat template, with its tools)."""
+@dataclass(frozen=True)
+class Prompt:
+    """A rendered conversation: its text, whether tokenizing it adds special tokens, and its ids."""
+
+    text: str
+    special: bool
+    ids: list[int]
+
+
+async def _render(infer: Infer, agent: Agent, conversation: Conversation) -> Prompt:
+    """The conversation's prompt (the chat template, with its tools)."""
     text, special = await infer.validator.run(
         agent.render,
         list(conversation.messages),
@@ -330,11 +358,11 @@ async def _render(infer: Infer, agent: Agent, conversation: Conversation) -> tup
         conversation.prefill,
         conversation.template_kwargs(),
     )
-    return text, await infer.validator.run(infer.tokenizer.encode, text, special)
+    return Prompt(text, special, await infer.validator.run(infer.tokenizer.encode, text, special))
 
 
 def _valid_request(
-    infer: Infer, text: str, ids: list[int], options: Options, plan: OutputPlan, turn: Turn
+    infer: Infer, prompt: Prompt, options: Options, plan: OutputPlan, turn: Turn
 ) -> ValidRequest:
     """The request to run: the plan's grammar (a forced call, ``output_config.format``), its special tokens
     kept, and stop sequences kept in the text (``matched_stop`` reads which one ended it; the answer is
@@ -343,8 +371,97 @@ def _valid_request(
         field = "tool_choice" if turn.choice.forced else turn.constraint_field
         infer.validator.require_processor("grammar", field)
         options = options.with_grammar(plan.grammar, field)
-    [valid] = build_requests(infer, text, ids, options, 1, 0, False, False, plan.keep_special_ids)
+    [valid] = build_requests(
+        infer, prompt.text, prompt.ids, options, 1, 0, False, False, plan.keep_special_ids
+    )
     return replace(valid, include_stop=True)
+
+
+@dataclass(frozen=True)
+class ThinkingBudget:
+    """``thinking.budget_tokens``, enforced by budget forcing (Muennighoff et al., s1): a first phase runs
+    for at most ``tokens`` tokens and stops at the end of the thought (``</think>``); if the budget ran out
+    while the model was still thinking, ``FORCED_END`` closes the thought; a second phase then continues
+    the same text (the prompt plus what the first phase wrote) with the tokens ``max_tokens`` has left, so
+    that the answer follows a thought of at most ``tokens`` tokens. The two phases read as one answer:
+    one text, one set of blocks, one usage. Only ``think`` reasoning (``<think>`` ... ``</think>``) can be
+    closed this way."""
+
+    tokens: int
+    plan: OutputPlan
+    stops: list[str]
+
+    def first(self, options: Options) -> Options:
+        return replace(options, max_tokens=self.tokens, stop=[*options.stop, THINK_END])
+
+    def continuation(self, finished: Finished) -> str | None:
+        """What the first phase's ending calls for: the text to add before the second phase (``FORCED_END``
+        mid-thought, "" otherwise), or None when the answer is complete."""
+        text = finished.generated_text
+        if finished.finish_reason == "stop_sequence":
+            ours = text.endswith(THINK_END) and matched_stop(text, self.stops) is None
+            return "" if ours else None
+        if finished.finish_reason != "length":
+            return None
+        reasoning = self.plan.reasoning_parser
+        assert reasoning is not None
+        opened = self.plan.in_reasoning or text.lstrip().startswith("<think>")
+        thinking = opened and not reasoning.parse(text, self.plan.in_reasoning).content
+        return FORCED_END if thinking else ""
+
+
+THINK_END = "</think>"
+FORCED_END = "\n</think>\n\n"
+
+
+def _budget(conversation: Conversation, options: Options, plan: OutputPlan) -> ThinkingBudget | None:
+    """The thinking budget to enforce, if any (none when the model does not reason)."""
+    tokens = conversation.thinking.budget_tokens
+    if tokens is None:
+        return None
+    if options.max_tokens is not None and tokens >= options.max_tokens:
+        raise ValidationError(
+            f"`thinking.budget_tokens` ({tokens}) must be less than `max_tokens` ({options.max_tokens})",
+            "thinking",
+        )
+    if plan.reasoning_parser is None:
+        return None
+    if plan.reasoning_parser.name not in THINK_PARSERS:
+        raise ValidationError(
+            f"`thinking.budget_tokens` cannot be enforced on {plan.reasoning_parser.name} reasoning: send "
+            '`thinking: {"type": "adaptive"}`',
+            "thinking",
+        )
+    return ThinkingBudget(tokens, plan, options.stop)
+
+
+async def _second_phase(
+    infer: Infer, agent: Agent, turn: Turn, options: Options, prompt: Prompt, added: str, first: Finished
+) -> ValidRequest | None:
+    """The second phase of a thinking budget: the prompt plus the first phase's text, for the tokens left
+    (None when none are: the answer then ends as cut by ``max_tokens``)."""
+    text = prompt.text + first.generated_text + added
+    ids = await infer.validator.run(infer.tokenizer.encode, text, prompt.special)
+    assert options.max_tokens is not None  # Messages requests always have one
+    left = min(options.max_tokens - first.generated_tokens, infer.config.max_total_tokens - len(ids))
+    if left < 1 or len(ids) > infer.config.max_input_length:
+        return None
+    plan = await infer.validator.run(agent.plan, turn, text)
+    return _valid_request(
+        infer, Prompt(text, prompt.special, ids), replace(options, max_tokens=left), plan, turn
+    )
+
+
+def _joined(first: Finished, added: str, second: Finished | None) -> Finished:
+    """The two phases' endings as one."""
+    if second is None:
+        return replace(first, generated_text=first.generated_text + added, finish_reason="length")
+    return replace(
+        second,
+        generated_text=first.generated_text + added + second.generated_text,
+        generated_tokens=first.generated_tokens + second.generated_tokens,
+        tokens=first.tokens + second.tokens,
+    )
 
 
 @anthropic_route
@@ -361,39 +478,67 @@ async def messages(request: web.Request) -> web.StreamResponse:
         parse_request_extras(fields)
         fields.finish()
         agent = get_agent(request)
-        text, ids = await _render(infer, agent, conversation)
-        plan = await infer.validator.run(agent.plan, conversation.turn, text)
-        valid = _valid_request(infer, text, ids, options, plan, conversation.turn)
+        prompt = await _render(infer, agent, conversation)
+        turn = conversation.turn
+        plan = await infer.validator.run(agent.plan, turn, prompt.text)
+        budget = _budget(conversation, options, plan)
+        valid = _valid_request(infer, prompt, budget.first(options) if budget else options, plan, turn)
         message_id = new_message_id()
         if options.stream:
-            events = MessageEvents(message_id, model, len(ids), plan, conversation.thinking, options.stop)
-            return await _stream(request, infer, valid, events)
+            events = MessageEvents(
+                message_id, model, len(prompt.ids), plan, conversation.thinking, options.stop
+            )
+            response = web.StreamResponse(headers=SSE_HEADERS)
+            transport = await SSEWriter.open(request, response)
+            await response.write(events.start())
+            try:
+                if budget is not None:
+                    events.continuation = budget.continuation
+                await _pump(infer, valid, response, transport, events)
+                if events.carried is not None:
+                    added, first = events.carried
+                    events.continuation, events.tokens_before = None, first.generated_tokens
+                    second = await _second_phase(infer, agent, turn, options, prompt, added, first)
+                    if second is None:
+                        await response.write(
+                            events.end(replace(first, finish_reason="length", generated_tokens=0))
+                        )
+                    else:
+                        await _pump(infer, second, response, transport, events)
+            except InferError as e:
+                await response.write(events.error(e))
+            await response.write_eof()
+            return response
         async with infer.request(valid) as entry:
             finished = await infer.generate(entry)
-    body = message_body(message_id, model, finished, plan, conversation.thinking, options.stop, len(ids))
+        then = budget.continuation(finished) if budget is not None else None
+        if then is not None:
+            second = await _second_phase(infer, agent, turn, options, prompt, then, finished)
+            if second is None:
+                finished = _joined(finished, then, None)
+            else:
+                async with infer.request(second) as entry:
+                    finished = _joined(finished, then, await infer.generate(entry))
+    body = message_body(
+        message_id, model, finished, plan, conversation.thinking, options.stop, len(prompt.ids)
+    )
     return web.json_response(body)
 
 
-async def _stream(
-    request: web.Request, infer: Infer, valid: ValidRequest, events: MessageEvents
-) -> web.StreamResponse:
-    response = web.StreamResponse(headers=SSE_HEADERS)
-    transport = await SSEWriter.open(request, response)
-    await response.write(events.start())
-    try:
-        async with infer.request(valid) as entry:
-            sse = SSEWriter.attach(transport, entry.events, events)
-            try:
-                async for batch in infer.stream_batches(entry):
-                    data = sse.render(batch)
-                    if data:
-                        await response.write(data)
-            finally:
-                sse.close()  # the connection may serve another request next
-    except InferError as e:
-        await response.write(events.error(e))
-    await response.write_eof()
-    return response
+async def _pump(
+    infer: Infer, valid: ValidRequest, response: web.StreamResponse, transport: asyncio.Transport | None,
+    events: MessageEvents,
+) -> None:  # fmt: skip
+    """Streams one request's events as ``events`` formats them (the SSEWriter writes the plain ones)."""
+    async with infer.request(valid) as entry:
+        sse = SSEWriter.attach(transport, entry.events, events)
+        try:
+            async for batch in infer.stream_batches(entry):
+                data = sse.render(batch)
+                if data:
+                    await response.write(data)
+        finally:
+            sse.close()  # the connection may serve another request next
 
 
 @anthropic_route
@@ -405,8 +550,8 @@ async def count_tokens(request: web.Request) -> web.Response:
     check_model(fields, infer)
     conversation = parse_conversation(fields)
     fields.finish()
-    _, ids = await _render(infer, get_agent(request), conversation)
-    return web.json_response({"input_tokens": len(ids)})
+    prompt = await _render(infer, get_agent(request), conversation)
+    return web.json_response({"input_tokens": len(prompt.ids)})
 
 
 def add_routes(app: web.Application) -> None:

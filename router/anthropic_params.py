@@ -15,11 +15,11 @@ What a Messages request becomes (the route itself is router/anthropic_api.py):
   ``name``) / ``none`` -> ToolChoice ``auto`` / ``required`` / ``function`` / ``none``, and its
   ``disable_parallel_tool_use`` -> ``parallel_tool_calls``. A tool's ``strict: true`` is honoured only
   where the call is forced (``any`` / ``tool``: its input follows the schema by constrained decoding).
-- ``thinking``: ``disabled`` (the default), or ``adaptive`` (the model decides how long it thinks, within
-  ``max_tokens``), with ``display`` ``summarized`` (the thinking is returned) or ``omitted`` (thinking
-  blocks without their text). The chat template gets ``enable_thinking``. ``enabled`` needs
-  ``budget_tokens``, a bound on the thinking apart from ``max_tokens`` that this server cannot enforce: it
-  is refused, naming ``thinking.budget_tokens``.
+- ``thinking``: ``disabled`` (the default), ``adaptive`` (the model decides how long it thinks, within
+  ``max_tokens``) or ``enabled`` with ``budget_tokens`` (at least 1 and below ``max_tokens``: the model
+  thinks for at most that many tokens, see router/anthropic_api.py), with ``display`` ``summarized`` (the
+  thinking is returned) or ``omitted`` (thinking blocks without their text). The chat template gets
+  ``enable_thinking``.
 - ``max_tokens`` (required), ``temperature`` (0 to 1; 0 is greedy), ``top_p``, ``top_k`` (0: off),
   ``stop_sequences``, ``stream`` -> the same ``Options`` as the OpenAI routes (``parse_options``: one
   validation of sampling parameters for every API).
@@ -65,10 +65,12 @@ CACHE_CONTROL_TTLS = ("5m", "1h")
 @dataclass(frozen=True)
 class Thinking:
     """The request's ``thinking``: whether the model's reasoning comes back as thinking blocks (else it is
-    dropped), and whether their text is shown (``display: omitted`` leaves it out)."""
+    dropped), whether their text is shown (``display: omitted`` leaves it out), and the most tokens the
+    model may think for (``budget_tokens``; None: only ``max_tokens`` bounds it)."""
 
     enabled: bool = False
     shown: bool = True
+    budget_tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -394,24 +396,27 @@ def parse_thinking(raw: object) -> Thinking:
     if kind == "disabled":
         _only(thinking, ("type",), "thinking", "thinking")
         return Thinking()
+    budget: int | None = None
     if kind == "enabled":
+        _only(thinking, ("type", "budget_tokens", "display"), "thinking", "thinking")
+        budget = thinking.get("budget_tokens")
+        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+            raise ValidationError(
+                f"`thinking.budget_tokens` must be an integer >= 1. Given: {_given(budget)}", "thinking"
+            )
+    elif kind == "adaptive":
+        _only(thinking, ("type", "display"), "thinking", "thinking")
+    else:
         raise ValidationError(
-            "`thinking.budget_tokens` cannot be enforced by this server (it bounds the thinking only by "
-            '`max_tokens`): send `thinking: {"type": "adaptive"}`',
-            "thinking",
+            f"`thinking.type` must be enabled, adaptive or disabled. Given: {_given(kind)}", "thinking"
         )
-    if kind != "adaptive":
-        raise ValidationError(
-            f"`thinking.type` must be adaptive or disabled. Given: {_given(kind)}", "thinking"
-        )
-    _only(thinking, ("type", "display"), "thinking", "thinking")
     display = thinking.get("display")
     if display is not None and display not in THINKING_DISPLAYS:
         raise ValidationError(
             f"`thinking.display` must be {' or '.join(THINKING_DISPLAYS)}. Given: {_given(display)}",
             "thinking",
         )
-    return Thinking(enabled=True, shown=display != "omitted")
+    return Thinking(enabled=True, shown=display != "omitted", budget_tokens=budget)
 
 
 def parse_conversation(fields: Fields) -> Conversation:

@@ -180,8 +180,8 @@ def test_output_config_format(client: anthropic.Anthropic) -> None:
         ({"messages": QUESTION}, "`max_tokens` is required"),
         ({"max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]},
          "`image` block"),
-        ({"max_tokens": 5, "messages": QUESTION, "thinking": {"type": "enabled", "budget_tokens": 2048}},
-         "`thinking.budget_tokens`"),
+        ({"max_tokens": 5, "messages": QUESTION, "thinking": {"type": "enabled", "budget_tokens": 5}},
+         "`thinking.budget_tokens` (5) must be less than `max_tokens` (5)"),
         ({"max_tokens": 5, "messages": QUESTION, "temperature": 1.5}, "`temperature`"),
         ({"max_tokens": 5, "messages": QUESTION, "tools": [{"name": "x", "input_schema": {"type": "object"}}],
           "tool_choice": {"type": "tool", "name": "y"}}, "not in `tools`"),
@@ -237,6 +237,18 @@ def test_thinking_blocks(tiny_model_dir: Path, tmp_path: Path) -> None:
         streamed = "".join(e.delta.thinking for e in events if e.type == "content_block_delta")
         assert streamed == block.thinking and final.content[0].thinking == block.thinking
         assert client.messages.create(**kwargs).content == []  # thinking not asked for: dropped
+        # a budget: the thought stops after 3 tokens and the answer follows it, streamed and not
+        budget = {**kwargs, "max_tokens": 12, "thinking": {"type": "enabled", "budget_tokens": 3}}
+        budgeted = client.messages.create(**budget)
+        assert budgeted.content[0].type == "thinking" and budgeted.usage.output_tokens <= 12
+        assert len(budgeted.content[0].thinking) < len(block.thinking)
+        with client.messages.stream(**budget) as stream:
+            streamed_blocks = stream.get_final_message().content
+
+        def shown(blocks: list) -> list[tuple[str, str]]:
+            return [(b.type, b.thinking if b.type == "thinking" else b.text) for b in blocks]
+
+        assert shown(streamed_blocks) == shown(budgeted.content)
         omitted = client.messages.create(**kwargs, thinking={"type": "adaptive", "display": "omitted"})
         assert [(b.type, b.thinking) for b in omitted.content] == [("thinking", "")]
         with pytest.raises(anthropic.NotFoundError) as excinfo:

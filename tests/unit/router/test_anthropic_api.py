@@ -219,7 +219,7 @@ class ScriptedInfer:
         self.metrics = SimpleNamespace(
             request_count=counter, request_failure=SimpleNamespace(labels=lambda _: counter)
         )
-        self.script = ""
+        self.script: str | list[str] = ""  # a list: one script per request, in turn
         self.requests: list[ValidRequest] = []
         self.eos = tokenizer.hf.eos_token_id
 
@@ -233,7 +233,8 @@ class ScriptedInfer:
         entry = Entry(
             len(self.requests), valid, GenerationState(valid, self.tokenizer, frozenset([self.eos]))
         )
-        ids = [*self.tokenizer.encode(self.script, False), self.eos]
+        script = self.script if isinstance(self.script, str) else self.script.pop(0)
+        ids = [*self.tokenizer.encode(script, False), self.eos]
         asyncio.get_running_loop().call_soon(self._feed, entry, ids)
         yield entry
 
@@ -380,3 +381,48 @@ async def test_bad_input_and_the_api_key(server: tuple[test_utils.TestClient, Sc
         headers={"Authorization": f"Bearer {KEY}"},
     )
     assert response.status == 200
+
+
+async def test_thinking_budget(server: tuple[test_utils.TestClient, ScriptedInfer]) -> None:
+    """Budget forcing: the first phase stops at the budget (the thought is then closed for it) or at the
+    end of the thought; the second continues the same text; they read as one answer."""
+    client, infer = server
+    thought = "<think>" + "hmm " * 40
+    cut = infer.tokenizer.decode(infer.tokenizer.encode(thought, False)[:10])
+    for stream in (False, True):
+        infer.script = [thought + "</think>never reached", "Paris."]
+        body = {**BODY, "thinking": {"type": "enabled", "budget_tokens": 10}, "stream": stream}
+        response = await client.post("/v1/messages", json=body, headers=HEADERS)
+        raw = await response.read()
+        first, second = infer.requests[-2:]
+        assert first.max_new_tokens == 10 and "</think>" in first.stop
+        assert second.inputs == first.inputs + cut + "\n</think>\n\n"
+        assert second.max_new_tokens == 400 - 10 and "</think>" not in second.stop
+        if stream:
+            out = parse_sse(raw)
+            blocks = [p["content_block"]["type"] for n, p in out if n == "content_block_start"]
+            text = "".join(p["delta"].get("text", "") for n, p in out if n == "content_block_delta")
+            assert blocks == ["thinking", "text"] and text == "Paris."
+            usage = out[-2][1]["usage"]
+        else:
+            whole = json.loads(raw)
+            assert [b["type"] for b in whole["content"]] == ["thinking", "text"]
+            assert (
+                whole["content"][0]["thinking"].startswith("hmm") and whole["content"][1]["text"] == "Paris."
+            )
+            assert whole["stop_reason"] == "end_turn"
+            usage = whole["usage"]
+        assert usage["output_tokens"] == 10 + len(infer.tokenizer.encode("Paris.", False)) + 1
+    # a thought within the budget: the first phase stops at its end
+    infer.script = ["<think>short</think>", "Rome."]
+    body = {**BODY, "thinking": {"type": "enabled", "budget_tokens": 100}}
+    whole = await (await client.post("/v1/messages", json=body, headers=HEADERS)).json()
+    assert whole["content"] == [{"type": "thinking", "thinking": "short", "signature": ""},
+                                {"type": "text", "text": "Rome."}]  # fmt: skip
+    assert infer.requests[-1].inputs.endswith("<think>short</think>")
+    # a budget of max_tokens or more is refused, as Anthropic does
+    response = await client.post("/v1/messages", json={**body, "max_tokens": 100}, headers=HEADERS)
+    assert (
+        response.status == 400
+        and "`thinking.budget_tokens` (100)" in (await response.json())["error"]["message"]
+    )

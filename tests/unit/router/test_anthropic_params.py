@@ -154,6 +154,8 @@ def test_thinking() -> None:
     assert conversation(thinking={"type": "adaptive", "display": "summarized"}).thinking == Thinking(
         True, True
     )
+    enabled = conversation(thinking={"type": "enabled", "budget_tokens": 2048, "display": "omitted"})
+    assert enabled.thinking == Thinking(True, False, 2048)
 
 
 @pytest.mark.parametrize(
@@ -212,7 +214,8 @@ def test_thinking() -> None:
         ({"output_config": {"effort": "extreme"}}, ["`output_config.effort`"]),
         ({"output_config": {"task_budget": 5}}, ["`output_config.task_budget` is not supported"]),
         ({"cache_control": {"type": "persistent"}}, ["`cache_control` must be"]),
-        ({"thinking": {"type": "enabled", "budget_tokens": 2048}}, ["`thinking.budget_tokens`", "adaptive"]),
+        ({"thinking": {"type": "enabled"}}, ["`thinking.budget_tokens` must be an integer >= 1"]),
+        ({"thinking": {"type": "enabled", "budget_tokens": 0}}, ["`thinking.budget_tokens` must be an integer"]),
         ({"thinking": {"type": "between_tools"}}, ["`thinking.type`"]),
         ({"thinking": {"type": "adaptive", "display": "full"}}, ["`thinking.display`"]),
         ({"thinking": {"type": "disabled", "budget_tokens": 5}}, ["`thinking.budget_tokens` is not supported"]),
