@@ -443,7 +443,9 @@ def use_cpu_kernels(model: PagedModel, unquantized: bool) -> bool:
     if norm.device.type != "cpu" or norm.dtype not in (torch.float32, torch.bfloat16):
         return False
     spec = model.spec
-    if spec.head_dim % 16 or spec.head_dim > 128:
+    if spec.kernel_layers and (
+        spec.head_dim % 16 or spec.head_dim > 128
+    ):  # the attention and rotary kernels'
         return False
     if not load_kernels():
         return False

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 
@@ -107,7 +108,7 @@ class ModelSpec:
 class RopeTable:
     """A rotary table's inverse frequencies [head_dim / 2] and the factor on its cos/sin."""
 
-    inv_freq: Any  # torch.Tensor
+    inv_freq: torch.Tensor
     scaling: float
 
 
