@@ -226,6 +226,13 @@ class PagedModel(nn.Module):
         vocab = (start, min(spec.vocab_size, start + self.vocab_part))
         embed = w.get("model.embed_tokens.weight", 0, vocab if parallel.world_size > 1 else None)
         self.embed = VocabEmbedding(embed, vocab[0], parallel)
+        # Gemma's factor on the embeddings, in the model's dtype as transformers rounds it (made here: a step
+        # captured in a CUDA graph cannot copy it from the host).
+        self.embed_scale = (
+            None
+            if spec.embed_scale is None
+            else torch.tensor(spec.embed_scale, dtype=w.dtype, device=w.device)
+        )
         self.layers = nn.ModuleList(DecoderLayer(spec, i, w, parallel) for i in range(spec.num_layers))
         self.norm = w.norm("model.norm.weight", spec)
         # None once quantize_model has replaced an untied head by ``head``.
@@ -278,8 +285,8 @@ class PagedModel(nn.Module):
     ) -> torch.Tensor:
         """Runs one step's tokens; returns float32 logits [len(logit_rows), vocab] for the rows asked."""
         h = self.embed(ids)
-        if self.spec.embed_scale is not None:
-            h = h * torch.tensor(self.spec.embed_scale, dtype=h.dtype, device=h.device)
+        if self.embed_scale is not None:
+            h = h * self.embed_scale
         ropes = {key: rotary.step(positions) for key, rotary in self.rotaries.items()}
         if self.fused:
             h = self._layers_fused(h, ropes[""], cache, meta)
