@@ -205,7 +205,7 @@ def test_greedy_ids_equal_transformers(arch_dir: Path, cpu_kernels: bool) -> Non
     assert backend.cache.allocator.num_free == backend.cache.allocator.num_blocks
 
 
-def test_the_llama_output_projection_bias_counts(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_llama_biases_are_loaded_on_every_projection(tiny_model_dir: Path, tmp_path: Path) -> None:
     """The o_proj bias and the MLP biases are read (the greedy test shows they are applied right)."""
     path = build(tmp_path / "m", tiny_model_dir, llama_config)
     backend = PagedBackend(path, CPU, kv_cache_bytes=2**20, block_size=4)
