@@ -32,14 +32,13 @@ from __future__ import annotations
 
 import importlib.metadata
 import re
-from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from common.plugins import PluginError
 
-from .toolcalls.scan import find_first, held_suffix, skip_space
+from .toolcalls.scan import StepStream, skip_space
 
 REASONING_PARSERS_GROUP = "text_generation.reasoning_parsers"
 
@@ -80,43 +79,21 @@ class ReasoningParser(Protocol):
     def stream(self, in_reasoning: bool = False) -> ReasoningStream: ...
 
 
-class _BufferedStream(ABC):
-    """Unread text in ``buf``; ``step(final)`` consumes from its start or returns False when it needs more
-    text to decide (with ``final`` it must consume everything)."""
+class _BufferedStream(StepStream[ReasoningOutput]):
+    """A reasoning stream on ``StepStream``: ``step`` puts what it reads in ``_reasoning`` and
+    ``_content``."""
 
     def __init__(self) -> None:
-        self.buf = ""
+        super().__init__()
         self._reasoning: list[str] = []
         self._content: list[str] = []
-        self._finished = False
 
-    def feed(self, delta: str) -> ReasoningOutput:
-        if self._finished:
-            raise RuntimeError("feed() after finish()")
-        self.buf += delta
-        while self.step(False):
-            pass
-        return self._take()
-
-    def finish(self) -> ReasoningOutput:
-        if self._finished:
-            return ReasoningOutput()
-        self._finished = True
-        while self.buf and self.step(True):
-            pass
-        self.flush()
-        return self._take()
-
-    def _take(self) -> ReasoningOutput:
+    def take(self) -> ReasoningOutput:
         out = ReasoningOutput("".join(self._reasoning), "".join(self._content))
         self._reasoning, self._content = [], []
         return out
 
-    @abstractmethod
-    def step(self, final: bool) -> bool: ...
-
     def flush(self) -> None:
-        """At the end: whatever is still held goes out."""
         if self.buf:
             self._content.append(self.buf)
             self.buf = ""
@@ -169,15 +146,10 @@ class ThinkStream(_BufferedStream):
                 self._content_started = True  # a response without reasoning comes back unchanged
             return True
         if self._state == "reasoning":
-            i = buf.find(THINK_CLOSE)
-            if i < 0:
-                keep = 0 if final else held_suffix(buf, (THINK_CLOSE,))
-                self._add_reasoning(buf[: len(buf) - keep])
-                self.buf = buf[len(buf) - keep :]
+            if self.emit_until((THINK_CLOSE,), final, self._add_reasoning) is None:
                 return False
-            self._add_reasoning(buf[:i])
             self._held_space = ""
-            self.buf = buf[i + len(THINK_CLOSE) :]
+            self.buf = self.buf[len(THINK_CLOSE) :]
             self._state = "content"
             return True
         if not self._content_started:
@@ -273,19 +245,13 @@ class HarmonyStream(_BufferedStream):
             self.buf = buf[i + len(MESSAGE) :]
             self._state = "body"
             return True
-        found = find_first(buf, _ENDS + _HEADS)
-        if found is None:
-            keep = 0 if final else held_suffix(buf, _ENDS + _HEADS)
-            self._emit(buf[: len(buf) - keep])
-            self.buf = buf[len(buf) - keep :]
+        tag = self.emit_until(_ENDS + _HEADS, final, self._emit)
+        if tag is None:
             return False
-        i, tag = found
-        self._emit(buf[:i])
         if tag in _ENDS:
             if self._channel == "raw":
                 self._content.append(tag)
-            i += len(tag)
-        self.buf = buf[i:]
+            self.buf = self.buf[len(tag) :]
         self._state = "header"
         return True
 

@@ -33,10 +33,11 @@ from __future__ import annotations
 import json
 import secrets
 import string
-from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
+
+from .scan import BracketScanner, StepStream
 
 _ALPHANUMERIC = string.ascii_letters + string.digits
 
@@ -206,16 +207,12 @@ def call_from_object(
     return name.strip(), "{}"
 
 
-class BufferedStream(ABC):
-    """A stream that keeps unread text in ``buf`` and lets ``step`` consume it.
-
-    ``step(final)`` looks at the start of ``buf`` and either consumes something (returning True) or
-    decides that nothing more can be decided before more text comes (False). It must decide only what no
-    later text could change, and with ``final`` it must consume everything. Output goes through
+class BufferedStream(StepStream[list[Delta]]):
+    """A tool-call stream on ``StepStream``: ``step`` reads ``buf`` and its output goes through
     ``content`` and ``call``, which apply the whitespace rule of the module docstring."""
 
     def __init__(self, id_factory: IdFactory = new_call_id) -> None:
-        self.buf = ""
+        super().__init__()
         self._id_factory = id_factory
         self._out: list[Delta] = []
         self._held_space = ""  # trailing whitespace of the content so far: dropped if a call follows
@@ -223,41 +220,57 @@ class BufferedStream(ABC):
         self._space_before_calls = ""  # restored if content follows the calls, to keep words apart
         self._emitted_content = False
         self._calls = 0
-        self._finished = False
+        self._scanner: BracketScanner | None = None  # of the value ``open_value`` began
+        self._value_start = 0
 
     @property
     def calls(self) -> int:
         """How many calls were emitted so far."""
         return self._calls
 
-    def feed(self, delta: str) -> list[Delta]:
-        if self._finished:
-            raise RuntimeError("feed() after finish()")
-        self.buf += delta
-        while self.step(False):
-            pass
-        return self._take()
-
-    def finish(self) -> list[Delta]:
-        if self._finished:
-            return []
-        self._finished = True
-        while self.buf and self.step(True):
-            pass
+    def flush(self) -> None:
         if self.buf:  # a step that left text at the end: it is content
             self.content(self.buf)
             self.buf = ""
         if self._held_space and not self._after_call:
             self._out.append(ContentDelta(self._held_space))
         self._held_space = ""
-        return self._take()
 
-    def _take(self) -> list[Delta]:
+    def take(self) -> list[Delta]:
         out, self._out = self._out, []
         return out
 
-    @abstractmethod
-    def step(self, final: bool) -> bool: ...
+    def content_until(self, tag: str, final: bool) -> bool:
+        """Emits the content before ``tag`` (``emit_until``): True when ``buf`` now starts with it."""
+        return self.emit_until((tag,), final, self.content) is not None
+
+    def release(self, n: int) -> None:
+        """The first ``n`` characters of ``buf`` are content."""
+        self.content(self.buf[:n])
+        self.buf = self.buf[n:]
+
+    def open_value(self, start: int, python: bool = False) -> None:
+        """A bracketed value starts at ``start`` in ``buf`` (``BracketScanner``): see ``closed_value``."""
+        self._value_start = start
+        self._scanner = BracketScanner(start, python)
+
+    def closed_value(self) -> tuple[str, str] | None:
+        """Once the value ``open_value`` began is closed, consumes ``buf`` up to its end and returns that
+        text and the value's own; None while it is open."""
+        assert self._scanner is not None
+        buf = self.buf
+        end = self._scanner.advance(buf)
+        if end is None:
+            return None
+        self.buf = buf[end:]
+        return buf[:end], buf[self._value_start : end]
+
+    def wait(self, final: bool) -> bool:
+        """Nothing can be decided before more text comes (False); at the end of the text (``final``), what
+        is held is content."""
+        if final:
+            self.release(len(self.buf))
+        return False
 
     def content(self, text: str) -> None:
         if self._after_call:

@@ -30,7 +30,6 @@ from .base import (
     new_call_id,
 )
 from .literals import python_literal
-from .scan import held_suffix
 
 OPEN = "<tool_call>"
 CLOSE = "</tool_call>"
@@ -50,27 +49,18 @@ class HermesStream(BufferedStream):
         self._search = len(OPEN)  # where to look for CLOSE next
 
     def step(self, final: bool) -> bool:
-        buf = self.buf
         if not self._in_call:
-            i = buf.find(OPEN)
-            if i < 0:
-                keep = 0 if final else held_suffix(buf, (OPEN,))
-                self.content(buf[: len(buf) - keep])
-                self.buf = buf[len(buf) - keep :]
+            if not self.content_until(OPEN, final):
                 return False
-            self.content(buf[:i])
-            self.buf = buf[i:]
             self._in_call = True
             self._search = len(OPEN)
             return True
+        buf = self.buf
         j = buf.find(CLOSE, self._search)
         if j < 0:
-            if final:
-                self.content(buf)
-                self.buf = ""
-            else:
+            if not final:
                 self._search = max(len(OPEN), len(buf) - len(CLOSE) + 1)
-            return False
+            return self.wait(final)
         end = j + len(CLOSE)
         body = buf[len(OPEN) : j]
         self.buf = buf[end:]

@@ -25,7 +25,7 @@ from .base import (
     loads_json,
     new_call_id,
 )
-from .scan import BracketScanner, held_suffix, skip_space
+from .scan import skip_space
 
 PYTHON_TAG = "<|python_tag|>"
 
@@ -52,8 +52,6 @@ class Llama3JsonStream(BufferedStream):
         self._state = "content"  # content | tag | object
         self._json_may_open = True  # a bare "{" would open a call here
         self._separator_seen = False  # the ";" after the last call was read
-        self._scanner: BracketScanner | None = None
-        self._value_start = 0
 
     def step(self, final: bool) -> bool:
         buf = self.buf
@@ -61,45 +59,32 @@ class Llama3JsonStream(BufferedStream):
             if self._json_may_open:
                 p = skip_space(buf, 0)
                 if p == len(buf):
-                    if final:
-                        self.content(buf)
-                        self.buf = ""
-                    return False
+                    return self.wait(final)
                 if buf[p] == "{":
-                    self.content(buf[:p])
-                    self.buf = buf[p:]
+                    self.release(p)
                     return self._object(0)
                 if buf[p] == ";" and self.calls and not self._separator_seen:
                     self._separator_seen = True
                     self.buf = buf[p + 1 :]
                     return True
                 self._json_may_open = False
-            i = buf.find(PYTHON_TAG)
-            if i < 0:
-                keep = 0 if final else held_suffix(buf, (PYTHON_TAG,))
-                self.content(buf[: len(buf) - keep])
-                self.buf = buf[len(buf) - keep :]
+            if not self.content_until(PYTHON_TAG, final):
                 return False
-            self.content(buf[:i])
-            self.buf = buf[i:]
             self._state = "tag"
             return True
         if self._state == "tag":
             p = skip_space(buf, len(PYTHON_TAG))
             if p == len(buf):
-                return self._wait(final)
+                return self.wait(final)
             if buf[p] == "{":
                 return self._object(p)
-            self.content(PYTHON_TAG)
-            self.buf = buf[len(PYTHON_TAG) :]
+            self.release(len(PYTHON_TAG))
             self._state = "content"
             return True
-        assert self._scanner is not None
-        end = self._scanner.advance(buf)
-        if end is None:
-            return self._wait(final)
-        region, value = buf[:end], buf[self._value_start : end]
-        self.buf = buf[end:]
+        closed = self.closed_value()
+        if closed is None:
+            return self.wait(final)
+        region, value = closed
         before = self.calls
         self.calls_or_content(region, lambda: [_call(value)])
         self._state = "content"
@@ -109,16 +94,8 @@ class Llama3JsonStream(BufferedStream):
 
     def _object(self, start: int) -> bool:
         self._state = "object"
-        self._value_start = start
-        self._scanner = BracketScanner(start)
+        self.open_value(start)
         return True
-
-    def _wait(self, final: bool) -> bool:
-        if final:
-            self.content(self.buf)
-            self.buf = ""
-            self._state = "content"
-        return False
 
 
 class Llama3JsonParser(BufferedParser):

@@ -28,7 +28,7 @@ from .base import (
     loads_json,
     random_alphanumeric,
 )
-from .scan import BracketScanner, held_suffix, skip_space
+from .scan import skip_space
 
 TOOL_CALLS = "[TOOL_CALLS]"
 ARGS = "[ARGS]"
@@ -49,46 +49,26 @@ class MistralStream(BufferedStream):
     def __init__(self, id_factory: IdFactory = new_mistral_call_id) -> None:
         super().__init__(id_factory)
         self._state = "content"  # content | marker | array | object
-        self._scanner: BracketScanner | None = None
-        self._value_start = 0
         self._name = ""
-
-    def _wait(self, final: bool) -> bool:
-        """Not decidable yet: at the end of the text, what is held is content."""
-        if final:
-            self.content(self.buf)
-            self.buf = ""
-            self._state = "content"
-        return False
 
     def _not_a_call(self) -> bool:
         """The marker does not start a call: it is content, and reading goes on after it."""
-        self.content(TOOL_CALLS)
-        self.buf = self.buf[len(TOOL_CALLS) :]
+        self.release(len(TOOL_CALLS))
         self._state = "content"
         return True
 
     def step(self, final: bool) -> bool:
-        buf = self.buf
         if self._state == "content":
-            i = buf.find(TOOL_CALLS)
-            if i < 0:
-                keep = 0 if final else held_suffix(buf, (TOOL_CALLS,))
-                self.content(buf[: len(buf) - keep])
-                self.buf = buf[len(buf) - keep :]
+            if not self.content_until(TOOL_CALLS, final):
                 return False
-            self.content(buf[:i])
-            self.buf = buf[i:]
             self._state = "marker"
             return True
         if self._state == "marker":
             return self._marker(final)
-        assert self._scanner is not None
-        end = self._scanner.advance(buf)
-        if end is None:
-            return self._wait(final)
-        region, value = buf[:end], buf[self._value_start : end]
-        self.buf = buf[end:]
+        closed = self.closed_value()
+        if closed is None:
+            return self.wait(final)
+        region, value = closed
         if self._state == "array":
             self.calls_or_content(region, lambda: _array_calls(value))
         else:
@@ -103,7 +83,7 @@ class MistralStream(BufferedStream):
         buf = self.buf
         p = skip_space(buf, len(TOOL_CALLS))
         if p == len(buf):
-            return self._wait(final)
+            return self.wait(final)
         if buf[p] == "[":  # the JSON array of the older format
             return self._value("array", p)
         q = p
@@ -112,35 +92,34 @@ class MistralStream(BufferedStream):
         if q == p:
             return self._not_a_call()
         if q == len(buf):
-            return self._wait(final)
+            return self.wait(final)
         self._name = buf[p:q]
         if buf.startswith(CALL_ID, q):
             q += len(CALL_ID)
             while q < len(buf) and buf[q].isalnum():
                 q += 1
             if q == len(buf):
-                return self._wait(final)
+                return self.wait(final)
             if buf.startswith(ARGS, q):
                 q += len(ARGS)
             elif _is_prefix(buf[q:], ARGS):
-                return self._wait(final)
+                return self.wait(final)
             else:
                 return self._not_a_call()
         elif buf.startswith(ARGS, q):
             q += len(ARGS)
         elif buf[q] != "{":
-            return self._wait(final) if _is_prefix(buf[q:], ARGS, CALL_ID) else self._not_a_call()
+            return self.wait(final) if _is_prefix(buf[q:], ARGS, CALL_ID) else self._not_a_call()
         a = skip_space(buf, q)
         if a == len(buf):
-            return self._wait(final)
+            return self.wait(final)
         if buf[a] != "{":
             return self._not_a_call()
         return self._value("object", a)
 
     def _value(self, state: str, start: int) -> bool:
         self._state = state
-        self._value_start = start
-        self._scanner = BracketScanner(start)
+        self.open_value(start)
         return True
 
 

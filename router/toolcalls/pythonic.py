@@ -19,7 +19,7 @@ from typing import Any
 
 from .base import BufferedParser, BufferedStream, CallError, IdFactory, dumps_arguments, new_call_id
 from .literals import literal
-from .scan import BracketScanner, held_suffix, skip_space
+from .scan import skip_space
 
 PYTHON_START = "<|python_start|>"
 PYTHON_END = "<|python_end|>"
@@ -69,7 +69,6 @@ class PythonicStream(BufferedStream):
         super().__init__(id_factory)
         self._state = "content"  # content | list | tagged
         self._at_start = True
-        self._scanner: BracketScanner | None = None
         self._search = 0
 
     def step(self, final: bool) -> bool:
@@ -78,55 +77,36 @@ class PythonicStream(BufferedStream):
             if self._at_start:
                 p = skip_space(buf, 0)
                 if p == len(buf):
-                    if final:
-                        self.content(buf)
-                        self.buf = ""
-                    return False
+                    return self.wait(final)
                 self._at_start = False
                 if buf[p] == "[":
-                    self.content(buf[:p])
-                    self.buf = buf[p:]
+                    self.release(p)
                     self._state = "list"
-                    self._scanner = BracketScanner(0, python=True)
+                    self.open_value(0, python=True)
                     return True
-            i = buf.find(PYTHON_START)
-            if i < 0:
-                keep = 0 if final else held_suffix(buf, (PYTHON_START,))
-                self.content(buf[: len(buf) - keep])
-                self.buf = buf[len(buf) - keep :]
+            if not self.content_until(PYTHON_START, final):
                 return False
-            self.content(buf[:i])
-            self.buf = buf[i:]
             self._state = "tagged"
             self._search = len(PYTHON_START)
             return True
         if self._state == "list":
-            assert self._scanner is not None
-            end = self._scanner.advance(buf)
-            if end is None:
-                return self._wait(final)
-            region = buf[:end]
-            self.buf = buf[end:]
+            closed = self.closed_value()
+            if closed is None:
+                return self.wait(final)
+            region, _ = closed
             self._state = "content"
             self.calls_or_content(region, lambda: parse_pythonic(region))
             return True
         j = buf.find(PYTHON_END, self._search)
         if j < 0:
             self._search = max(len(PYTHON_START), len(buf) - len(PYTHON_END) + 1)
-            return self._wait(final)
+            return self.wait(final)
         end = j + len(PYTHON_END)
         region, body = buf[:end], buf[len(PYTHON_START) : j]
         self.buf = buf[end:]
         self._state = "content"
         self.calls_or_content(region, lambda: parse_pythonic(body, allow_bare_call=True))
         return True
-
-    def _wait(self, final: bool) -> bool:
-        if final:
-            self.content(self.buf)
-            self.buf = ""
-            self._state = "content"
-        return False
 
 
 class PythonicParser(BufferedParser):

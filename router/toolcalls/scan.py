@@ -1,4 +1,5 @@
-"""Text scanning helpers shared by the tool-call and reasoning parsers.
+"""Text scanning helpers, and the stream they serve (``StepStream``), shared by the tool-call and reasoning
+parsers.
 
 Everything here works on a growing buffer: a scan that cannot decide yet says so (None), and the same
 decision is reached whatever the split of the text into deltas, which is what keeps streamed parsing equal
@@ -7,7 +8,11 @@ to whole-text parsing.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
+from typing import Generic, TypeVar
+
+Out = TypeVar("Out")
 
 
 def held_suffix(text: str, tags: Iterable[str]) -> int:
@@ -37,6 +42,64 @@ def skip_space(text: str, pos: int) -> int:
     while pos < len(text) and text[pos].isspace():
         pos += 1
     return pos
+
+
+class StepStream(ABC, Generic[Out]):
+    """A stream that keeps unread text in ``buf`` and lets ``step`` consume it: the shape of the tool-call
+    and the reasoning streams, whose output (``Out``) ``take`` returns.
+
+    ``step(final)`` looks at the start of ``buf`` and either consumes something (returning True) or
+    decides that nothing more can be decided before more text comes (False). It must decide only what no
+    later text could change, and with ``final`` it must consume everything (what it leaves goes to
+    ``flush``)."""
+
+    def __init__(self) -> None:
+        self.buf = ""
+        self._finished = False
+
+    def feed(self, delta: str) -> Out:
+        if self._finished:
+            raise RuntimeError("feed() after finish()")
+        self.buf += delta
+        while self.step(False):
+            pass
+        return self.take()
+
+    def finish(self) -> Out:
+        if self._finished:
+            return self.take()
+        self._finished = True
+        while self.buf and self.step(True):
+            pass
+        self.flush()
+        return self.take()
+
+    @abstractmethod
+    def step(self, final: bool) -> bool: ...
+
+    @abstractmethod
+    def flush(self) -> None:
+        """At the end: whatever is still held goes out."""
+
+    @abstractmethod
+    def take(self) -> Out:
+        """The output released since the last ``take`` (and forgets it)."""
+
+    def emit_until(self, tags: tuple[str, ...], final: bool, emit: Callable[[str], None]) -> str | None:
+        """Emits the text of ``buf`` before the first of ``tags`` and leaves ``buf`` starting at that tag,
+        which it returns. Without a tag in ``buf``, emits all of it but a suffix that may be the start of
+        one (all of it when ``final``) and returns None."""
+        buf = self.buf
+        found = find_first(buf, tags)
+        if found is None:
+            keep = 0 if final else held_suffix(buf, tags)
+            emit(buf[: len(buf) - keep])
+            self.buf = buf[len(buf) - keep :]
+            return None
+        i, tag = found
+        emit(buf[:i])
+        self.buf = buf[i:]
+        return tag
 
 
 _OPEN = {"[": "]", "{": "}", "(": ")"}
