@@ -10,13 +10,19 @@ The server's own plugins (this distribution's entry points) are always on: its b
 ``--backend``/``--quantize`` and its logits processors only act on requests that ask for them. Plugins of
 other distributions are optional: ``--plugin NAME`` enables every entry point called NAME, in any group.
 A plugin that is named but missing or broken stops the start with an error naming it.
+
+``NamedPlugins`` serves the groups whose objects a flag picks by name among built-ins and plugins (the
+router's ``text_generation.tool_parsers`` and ``text_generation.reasoning_parsers``).
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar, cast
+
+T = TypeVar("T")
 
 GROUPS = {
     "backends": "text_generation.backends",
@@ -113,3 +119,43 @@ def check_enabled(enabled: tuple[str, ...]) -> list[Plugin]:
             plugin.load()
             out.append(plugin)
     return out
+
+
+@dataclass(frozen=True)
+class NamedPlugins(Generic[T]):
+    """Objects picked by name (the router's tool-call and reasoning parsers): built-in factories, then
+    the entry points of ``group`` (callables taking no argument), which naming enables; a built-in of the
+    same name wins. ``kind`` names an object in errors; what a plugin returns must be an instance of
+    ``protocol`` (a runtime-checkable protocol of ``T``)."""
+
+    group: str  # the entry point group
+    kind: str
+    builtins: Mapping[str, Callable[[], T]]
+    protocol: type
+
+    def names(self) -> list[str]:
+        """The built-in names, then those of installed plugins."""
+        plugins = sorted({ep.name for ep in importlib.metadata.entry_points(group=self.group)})
+        return list(self.builtins) + [n for n in plugins if n not in self.builtins]
+
+    def get(self, name: str) -> T:
+        """A new object of the built-in or plugin called ``name``; PluginError when there is none or it
+        fails to load."""
+        if name in self.builtins:
+            return self.builtins[name]()
+        for ep in importlib.metadata.entry_points(group=self.group):
+            if ep.name != name:
+                continue
+            dist = f"{ep.dist.metadata['Name']} {ep.dist.version}" if ep.dist is not None else "?"
+            try:
+                value = ep.load()()
+            except Exception as e:
+                raise PluginError(
+                    f"{self.kind} {name!r} (from {dist}) failed to load {ep.value}: {type(e).__name__}: {e}"
+                ) from e
+            if not isinstance(value, self.protocol):
+                raise PluginError(
+                    f"{self.kind} {name!r} (from {dist}) is not a {self.protocol.__name__}: {value!r}"
+                )
+            return cast(T, value)
+        raise PluginError(f"no {self.kind} named {name!r} (known: {', '.join(self.names())})")

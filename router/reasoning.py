@@ -30,13 +30,12 @@ Formats:
 
 from __future__ import annotations
 
-import importlib.metadata
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from common.plugins import PluginError
+from common.plugins import NamedPlugins
 
 from .toolcalls.scan import StepStream, skip_space
 
@@ -285,32 +284,21 @@ BUILTIN_REASONING_PARSERS: dict[str, Callable[[], ReasoningParser]] = {
 }
 
 
+_PLUGINS = NamedPlugins(
+    REASONING_PARSERS_GROUP, "reasoning parser", BUILTIN_REASONING_PARSERS, ReasoningParser
+)
+
+
 def reasoning_parser_names() -> list[str]:
     """The built-in names, then those of installed plugins (entry point group
     ``text_generation.reasoning_parsers``: a callable without arguments returning a ReasoningParser)."""
-    plugins = sorted({ep.name for ep in importlib.metadata.entry_points(group=REASONING_PARSERS_GROUP)})
-    return list(BUILTIN_REASONING_PARSERS) + [n for n in plugins if n not in BUILTIN_REASONING_PARSERS]
+    return _PLUGINS.names()
 
 
 def get_reasoning_parser(name: str) -> ReasoningParser:
     """The parser called ``name``, a built-in or a plugin (a built-in wins); PluginError when there is
     none or it fails to load."""
-    if name in BUILTIN_REASONING_PARSERS:
-        return BUILTIN_REASONING_PARSERS[name]()
-    for ep in importlib.metadata.entry_points(group=REASONING_PARSERS_GROUP):
-        if ep.name != name:
-            continue
-        dist = f"{ep.dist.metadata['Name']} {ep.dist.version}" if ep.dist is not None else "?"
-        try:
-            parser = ep.load()()
-        except Exception as e:
-            raise PluginError(
-                f"reasoning parser {name!r} (from {dist}) failed to load {ep.value}: {type(e).__name__}: {e}"
-            ) from e
-        if not isinstance(parser, ReasoningParser):
-            raise PluginError(f"reasoning parser {name!r} (from {dist}) is not a ReasoningParser: {parser!r}")
-        return parser
-    raise PluginError(f"no reasoning parser named {name!r} (known: {', '.join(reasoning_parser_names())})")
+    return _PLUGINS.get(name)
 
 
 def detect_reasoning_parser(chat_template: str | None) -> str | None:

@@ -9,10 +9,9 @@ same name wins. A named plugin that is missing or fails to load raises ``common.
 
 from __future__ import annotations
 
-import importlib.metadata
 from collections.abc import Callable, Iterable
 
-from common.plugins import PluginError
+from common.plugins import NamedPlugins
 
 from .base import ToolCallParser
 from .hermes import HermesParser
@@ -30,31 +29,18 @@ BUILTIN_TOOL_PARSERS: dict[str, Callable[[], ToolCallParser]] = {
 }
 
 
+_PLUGINS = NamedPlugins(TOOL_PARSERS_GROUP, "tool call parser", BUILTIN_TOOL_PARSERS, ToolCallParser)
+
+
 def tool_parser_names() -> list[str]:
     """Every parser name that ``get_tool_parser`` knows: the built-ins, then installed plugins."""
-    plugins = sorted({ep.name for ep in importlib.metadata.entry_points(group=TOOL_PARSERS_GROUP)})
-    return list(BUILTIN_TOOL_PARSERS) + [n for n in plugins if n not in BUILTIN_TOOL_PARSERS]
+    return _PLUGINS.names()
 
 
 def get_tool_parser(name: str) -> ToolCallParser:
     """The parser called ``name``: a built-in, else the entry point of that name in
     ``text_generation.tool_parsers``. PluginError when there is none or it fails to load."""
-    if name in BUILTIN_TOOL_PARSERS:
-        return BUILTIN_TOOL_PARSERS[name]()
-    for ep in importlib.metadata.entry_points(group=TOOL_PARSERS_GROUP):
-        if ep.name != name:
-            continue
-        dist = f"{ep.dist.metadata['Name']} {ep.dist.version}" if ep.dist is not None else "?"
-        try:
-            parser = ep.load()()
-        except Exception as e:
-            raise PluginError(
-                f"tool parser {name!r} (from {dist}) failed to load {ep.value}: {type(e).__name__}: {e}"
-            ) from e
-        if not isinstance(parser, ToolCallParser):
-            raise PluginError(f"tool parser {name!r} (from {dist}) is not a ToolCallParser: {parser!r}")
-        return parser
-    raise PluginError(f"no tool call parser named {name!r} (known: {', '.join(tool_parser_names())})")
+    return _PLUGINS.get(name)
 
 
 # (marker in the chat template or among the tokenizer's special tokens, parser), first match wins.

@@ -3,13 +3,13 @@ word matcher (examples/ban-word-plugin)."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
 from common import plugins
 from common.plugins import Plugin, PluginError
+from tests.fake_plugins import installed
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -56,15 +56,9 @@ def load(config, device, parallel):
 @pytest.fixture
 def fake_distribution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A distribution ``tgi-fake-plugin`` 1.2.3 installed in a directory put on sys.path."""
-    info = tmp_path / "tgi_fake_plugin-1.2.3.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: tgi-fake-plugin\nVersion: 1.2.3\n")
-    (info / "entry_points.txt").write_text(ENTRY_POINTS)
-    (tmp_path / f"{MODULE}.py").write_text(MODULE_SOURCE)
-    monkeypatch.syspath_prepend(str(tmp_path))  # also invalidates the import caches
-    monkeypatch.delitem(sys.modules, MODULE, raising=False)
-    yield tmp_path
-    sys.modules.pop(MODULE, None)
+    yield from installed(
+        tmp_path, monkeypatch, "tgi-fake-plugin", "1.2.3", ENTRY_POINTS, MODULE, MODULE_SOURCE
+    )
 
 
 def names(found: list[Plugin], group: str) -> list[str]:

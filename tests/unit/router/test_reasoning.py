@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import itertools
 import random
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from router.reasoning import (
     reasoning_parser_names,
 )
 from router.toolcalls import HermesParser, ParsedOutput, ToolCallDelta
+from tests.fake_plugins import installed
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -284,17 +284,11 @@ class Bracketed(ThinkReasoningParser):
 
 @pytest.fixture
 def fake_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    info = tmp_path / "tgi_fake_reasoning-0.2.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: tgi-fake-reasoning\nVersion: 0.2\n")
-    (info / "entry_points.txt").write_text(
-        f"[text_generation.reasoning_parsers]\nbracketed = {PLUGIN_MODULE}:Bracketed\nbroken = nowhere_mod:X\n"
-    )
-    (tmp_path / f"{PLUGIN_MODULE}.py").write_text(PLUGIN_SOURCE)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, PLUGIN_MODULE, raising=False)
-    yield tmp_path
-    sys.modules.pop(PLUGIN_MODULE, None)
+    yield from installed(
+        tmp_path, monkeypatch, "tgi-fake-reasoning", "0.2",
+        f"[text_generation.reasoning_parsers]\nbracketed = {PLUGIN_MODULE}:Bracketed\nbroken = nowhere_mod:X\n",
+        PLUGIN_MODULE, PLUGIN_SOURCE,
+    )  # fmt: skip
 
 
 def test_plugin(fake_plugin: Path) -> None:

@@ -8,7 +8,6 @@ import itertools
 import json
 import random
 import re
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from router.toolcalls import (
     tool_parser_names,
 )
 from router.toolcalls.base import BufferedParser, BufferedStream
+from tests.fake_plugins import installed
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -621,21 +621,16 @@ def not_a_parser():
 
 @pytest.fixture
 def fake_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    info = tmp_path / "tgi_fake_tool_parser-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: tgi-fake-tool-parser\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text(
+    entry_points = (
         "[text_generation.tool_parsers]\n"
         f"shout = {PLUGIN_MODULE}:ShoutParser\n"
         f"broken = {PLUGIN_MODULE}:Missing\n"
         f"wrong = {PLUGIN_MODULE}:not_a_parser\n"
         f"hermes = {PLUGIN_MODULE}:ShoutParser\n"
     )
-    (tmp_path / f"{PLUGIN_MODULE}.py").write_text(PLUGIN_SOURCE)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, PLUGIN_MODULE, raising=False)
-    yield tmp_path
-    sys.modules.pop(PLUGIN_MODULE, None)
+    yield from installed(
+        tmp_path, monkeypatch, "tgi-fake-tool-parser", "0.1", entry_points, PLUGIN_MODULE, PLUGIN_SOURCE
+    )
 
 
 def test_plugin_parsers(fake_plugin: Path) -> None:
