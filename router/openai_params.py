@@ -446,18 +446,24 @@ def _function_tool(raw: object, index: int) -> FunctionTool:
     unknown = sorted(set(function) - {"name", "description", "parameters", "strict"})
     if unknown:
         raise ValidationError(f"`{where}.function` has an unknown field `{unknown[0]}`", "tools")
+    return function_fields(function, f"{where}.function")
+
+
+def function_fields(function: dict[str, Any], where: str) -> FunctionTool:
+    """A function tool's ``name``, ``description``, ``strict`` and ``parameters`` (in OpenAI's chat tools
+    and, flat, in its Responses tools), checked; ``where`` is the object's path in errors."""
     name, description = function.get("name"), function.get("description")
     if not isinstance(name, str):
-        raise ValidationError(f"`{where}.function.name` must be a string", "tools")
+        raise ValidationError(f"`{where}.name` must be a string", "tools")
     if description is not None and not isinstance(description, str):
-        raise ValidationError(f"`{where}.function.description` must be a string", "tools")
+        raise ValidationError(f"`{where}.description` must be a string", "tools")
     if function.get("strict") is not None and not isinstance(function["strict"], bool):
-        raise ValidationError(f"`{where}.function.strict` must be a boolean", "tools")
+        raise ValidationError(f"`{where}.strict` must be a boolean", "tools")
     parameters = function.get("parameters")
     if parameters is None:
         return FunctionTool(name, description)
     if not isinstance(parameters, dict):
-        raise ValidationError(f"`{where}.function.parameters` must be a JSON schema object", "tools")
+        raise ValidationError(f"`{where}.parameters` must be a JSON schema object", "tools")
     return FunctionTool(name, description, parameters)
 
 

@@ -142,28 +142,25 @@ class ResponseBuilder:
     # -- output --
     def reasoning(self, text: str) -> list[Event]:
         """A piece of the model's reasoning (a ``reasoning`` item's summary text)."""
-        if not text:
-            return []
-        events = self._switch("reasoning")
-        item = self._open
-        assert item is not None
-        item.parts.append(text)
-        events.append(
-            self._item_event("response.reasoning_summary_text.delta", item, summary_index=0, delta=text)
+        return self._piece(
+            "reasoning", text, "response.reasoning_summary_text.delta", summary_index=0, delta=text
         )
-        return events
 
     def text(self, text: str) -> list[Event]:
         """A piece of the answer's text (a ``message`` item's ``output_text``)."""
+        return self._piece(
+            "message", text, "response.output_text.delta", content_index=0, delta=text, logprobs=[]
+        )
+
+    def _piece(self, kind: str, text: str, event_type: str, **fields: Any) -> list[Event]:
+        """``text`` added to the open item of ``kind`` (opened first if need be), and its delta event."""
         if not text:
             return []
-        events = self._switch("message")
+        events = self._switch(kind)
         item = self._open
         assert item is not None
         item.parts.append(text)
-        events.append(
-            self._item_event("response.output_text.delta", item, content_index=0, delta=text, logprobs=[])
-        )
+        events.append(self._item_event(event_type, item, **fields))
         return events
 
     def call(self, delta: ToolCallDelta) -> list[Event]:

@@ -31,7 +31,15 @@ from .agent import ChatMessage, FunctionTool, ToolChoice, Turn, check_tools
 from .errors import ValidationError
 from .grammar import from_response_format
 from .infer import Infer
-from .openai_params import REASONING_EFFORTS, Fields, Options, check_model, parse_chat_extras, parse_options
+from .openai_params import (
+    REASONING_EFFORTS,
+    Fields,
+    Options,
+    check_model,
+    function_fields,
+    parse_chat_extras,
+    parse_options,
+)
 from .toolcalls import ToolCall
 
 MESSAGE_ROLES = ("user", "system", "developer", "assistant")
@@ -198,23 +206,12 @@ def _function_tool(raw: object, index: int) -> tuple[FunctionTool, dict[str, Any
     unknown = sorted(set(raw) - _TOOL_FIELDS)
     if unknown:
         raise _fail(f"`{where}` has an unknown field `{unknown[0]}`", "tools")
-    name, description, parameters = raw.get("name"), raw.get("description"), raw.get("parameters")
-    if not isinstance(name, str):
-        raise _fail(f"`{where}.name` must be a string", "tools")
-    if description is not None and not isinstance(description, str):
-        raise _fail(f"`{where}.description` must be a string", "tools")
-    if raw.get("strict") is not None and not isinstance(raw["strict"], bool):
-        raise _fail(f"`{where}.strict` must be a boolean", "tools")
-    if parameters is not None and not isinstance(parameters, dict):
-        raise _fail(f"`{where}.parameters` must be a JSON schema object", "tools")
-    tool = (
-        FunctionTool(name, description) if parameters is None else FunctionTool(name, description, parameters)
-    )
+    tool = function_fields(raw, where)
     echo = {
         "type": "function",
-        "name": name,
-        "description": description,
-        "parameters": parameters,
+        "name": tool.name,
+        "description": tool.description,
+        "parameters": raw.get("parameters"),
         "strict": raw.get("strict", True),
     }
     return tool, echo
