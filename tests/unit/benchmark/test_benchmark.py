@@ -4,6 +4,7 @@ against a fake TGI streaming server (aiohttp, 127.0.0.1, ephemeral port, in a th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import itertools
 import json
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -92,6 +94,22 @@ class FakeServer:
         await web.SockSite(self._runner, sock).start()
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
 
+    @contextlib.asynccontextmanager
+    async def streaming(self, request: web.Request) -> AsyncIterator[web.StreamResponse]:
+        """An SSE response to ``request``, counted in ``active`` while the block writes it; ended after the
+        block, or quietly when the client went away."""
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        self.active += 1
+        self.max_active = max(self.max_active, self.active)
+        try:
+            yield response
+            await response.write_eof()
+        except (ConnectionResetError, asyncio.CancelledError):
+            pass
+        finally:
+            self.active -= 1
+
     def start(self):
         self._thread.start()
         asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
@@ -124,11 +142,7 @@ class FakeTgi(FakeServer):
         if index in b.reject_429:
             return web.json_response({"error": "Model is overloaded", "error_type": "overloaded"}, status=429)
         n = body["parameters"]["max_new_tokens"]
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        self.active += 1
-        self.max_active = max(self.max_active, self.active)
-        try:
+        async with self.streaming(request) as response:
             await asyncio.sleep(b.ttft_s + (STALL_S if index in b.stall else 0.0))
             for i in range(n):
                 if i:
@@ -149,11 +163,6 @@ class FakeTgi(FakeServer):
                     else None,
                 }
                 await response.write(f"data: {json.dumps(event)}\n\n".encode())
-            await response.write_eof()
-        except (ConnectionResetError, asyncio.CancelledError):
-            pass
-        finally:
-            self.active -= 1
         return response
 
 
@@ -215,11 +224,7 @@ class FakeOpenAI(FakeServer):
             obj = {**head, "choices": [choice], **({"usage": None} if usage else {})}
             return f"data: {json.dumps(obj)}\n\n".encode()
 
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        self.active += 1
-        self.max_active = max(self.max_active, self.active)
-        try:
+        async with self.streaming(request) as response:
             if chat:
                 await response.write(chunk(None).replace(b'"delta": {}', b'"delta": {"role": "assistant"}'))
             await asyncio.sleep(b.ttft_s)
@@ -242,11 +247,6 @@ class FakeOpenAI(FakeServer):
                     )
             if not b.no_done:
                 await response.write(b"data: [DONE]\n\n")
-            await response.write_eof()
-        except (ConnectionResetError, asyncio.CancelledError):
-            pass
-        finally:
-            self.active -= 1
         return response
 
 

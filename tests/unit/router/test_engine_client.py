@@ -176,15 +176,21 @@ async def test_a_request_that_fails_alone_gets_its_error_and_the_others_go_on(se
     await settle(infer, shard)
 
 
-async def test_a_failed_step_fails_its_requests_and_a_probe_restores_health(setup) -> None:
-    infer, shard = setup
+async def fails_with_a_running_request(infer: Infer, shard: FakeShard, fault: str, message: str) -> None:
+    """A request with ``fault`` fails with ``message``, and so does a long one that was running (it was in
+    the step too)."""
     shard.step_s = 0.002
     running = asyncio.ensure_future(generate(infer, "Hello", max_new_tokens=1000))
     await until(lambda: shard.tokens_generated > 0, "a first token")
-    with pytest.raises(GenerationError, match="the step failed"):
-        await generate(infer, "Hello", max_new_tokens=5, fault="step")
-    with pytest.raises(GenerationError, match="the step failed"):
-        await running  # it was in the step too
+    with pytest.raises(GenerationError, match=message):
+        await generate(infer, "Hello", max_new_tokens=5, fault=fault)
+    with pytest.raises(GenerationError, match=message):
+        await running
+
+
+async def test_a_failed_step_fails_its_requests_and_a_probe_restores_health(setup) -> None:
+    infer, shard = setup
+    await fails_with_a_running_request(infer, shard, "step", "the step failed")
     assert not infer.engine.generation_health
     steps = shard.steps
     assert await infer.healthy()  # a one-token request ran
@@ -204,13 +210,7 @@ async def test_the_probe_resolves_true_after_a_real_run_and_false_when_its_step_
 
 async def test_a_broken_stream_fails_its_requests_and_the_next_stream_serves(setup) -> None:
     infer, shard = setup
-    shard.step_s = 0.002
-    running = asyncio.ensure_future(generate(infer, "Hello", max_new_tokens=1000))
-    await until(lambda: shard.tokens_generated > 0, "a first token")
-    with pytest.raises(GenerationError, match="stream broke"):
-        await generate(infer, "Hello", max_new_tokens=5, fault="fatal")
-    with pytest.raises(GenerationError, match="stream broke"):
-        await running
+    await fails_with_a_running_request(infer, shard, "fatal", "stream broke")
     assert infer.engine.running == {} and not infer.engine.generation_health
     # Requests that come while the router waits to open the stream again are sent on the new one.
     result = await asyncio.wait_for(generate(infer, "Hello", max_new_tokens=4), 10)
