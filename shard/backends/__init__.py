@@ -67,7 +67,11 @@ def load_backend(config: ShardConfig, device: torch.device, parallel: Parallel |
             ) from None
         if parallel.world_size > 1:
             raise ValueError(f"this model cannot be sharded: {e}") from None
-        log.info("Paged backend not applicable (%s): using transformers", e)
+        log.warning(
+            "The paged backend cannot run this model (%s): serving it with transformers, without prefix "
+            "caching, chunked prefill, tensor parallelism or int8/int4",
+            e,
+        )
     return plugins.find("backends", "transformers").load()(config, device, parallel)
 
 

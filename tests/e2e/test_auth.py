@@ -53,9 +53,13 @@ ROUTES: dict[tuple[str, str], dict | None] = {
     ("GET", "/version"): None,
     ("POST", "/v1/messages"): MESSAGES,
     ("POST", "/v1/messages/count_tokens"): {"model": "tiny", "messages": MESSAGES["messages"]},
+    ("POST", "/v1/responses"): {"input": "Hello", "max_output_tokens": 2},
+    # No stored response has this id: past the key check, the route answers 404.
+    ("GET", "/v1/responses/{response_id}"): None,
+    ("DELETE", "/v1/responses/{response_id}"): None,
 }
 OPENAI_PATHS = {"/v1/models", "/v1/chat/completions", "/v1/completions", "/chat/completions", "/completions",
-                "/tokenize", "/version"}  # fmt: skip
+                "/tokenize", "/version", "/v1/responses", "/v1/responses/{response_id}"}  # fmt: skip
 
 
 def _server(tiny_model_dir: Path, log_dir: Path, *args: str) -> Iterator[Launched]:
@@ -87,7 +91,8 @@ def bearer(key: str = KEY) -> dict[str, str]:
 
 def call(server: Launched, method: str, path: str, headers: dict[str, str] | None = None,
          body: dict | None = None) -> requests.Response:  # fmt: skip
-    return requests.request(method, server.url + path, json=body, headers=headers or {}, timeout=60)
+    url = server.url + path.replace("{response_id}", "resp_unknown")
+    return requests.request(method, url, json=body, headers=headers or {}, timeout=60)
 
 
 def check_401(response: requests.Response, path: str) -> None:
@@ -131,7 +136,8 @@ def auth_matrix(server: Launched, open_paths: set[str]) -> dict[str, int]:
                 check_401(response, path)
                 counts[label] += 1
         response = call(server, method, path, bearer(), body)
-        assert response.status_code == 200, (path, response.status_code, response.text[:300])
+        expected = 404 if "{" in path else 200
+        assert response.status_code == expected, (path, response.status_code, response.text[:300])
         counts["right key"] += 1
     return counts
 

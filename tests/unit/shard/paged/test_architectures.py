@@ -328,3 +328,10 @@ def test_two_ranks_equal_one(tiny_model_dir: Path, tmp_path: Path, make_config: 
         t.join()
     assert not errors, errors
     assert results[0] == results[1] == one
+
+
+def test_the_launchers_list_of_shardable_models_is_the_paged_registry() -> None:
+    from common.sharding import PAGED_ARCHITECTURES
+    from shard.paged.arch import ARCHITECTURES
+
+    assert sorted(PAGED_ARCHITECTURES) == sorted(ARCHITECTURES)
