@@ -253,6 +253,13 @@ class OutputStream:
             content = split.content
         return out + self._content(content, True)
 
+    def read(self, text: str, final: bool) -> list[OutputDelta]:
+        """``feed(text)`` (when there is text), then ``finish()`` when the answer ends with it."""
+        deltas = self.feed(text) if text else []
+        if final:
+            deltas += self.finish()
+        return deltas
+
     def _content(self, text: str, final: bool) -> list[OutputDelta]:
         if self._tools is None:
             return [ContentDelta(text)] if text else []

@@ -27,9 +27,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -55,9 +54,10 @@ from .errors import (
 )
 from .generation import Finished, StreamEvent
 from .infer import Infer
+from .openai_api import Handler, error_route
 from .openai_params import Fields, ModelNotFoundError, Options, build_requests, check_model
-from .sse import SSEWriter, json_text
-from .state import get_agent, get_infer, state
+from .sse import SSEWriter, json_text, write_stream
+from .state import get_agent, get_infer
 from .toolcalls import ContentDelta, ToolCall, ToolCallDelta
 from .toolcalls.base import random_alphanumeric
 from .validation import ValidRequest
@@ -115,20 +115,9 @@ def error_to_anthropic(error: BaseException) -> web.Response:
     return anthropic_error(500, "internal server error")
 
 
-def anthropic_route(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
+def anthropic_route(handler: Handler) -> Handler:
     """Errors raised by a Messages handler leave in Anthropic's shape."""
-
-    @functools.wraps(handler)
-    async def wrapped(request: web.Request) -> web.StreamResponse:
-        try:
-            return await handler(request)
-        except (InferError, web.HTTPClientError) as e:
-            infer = state(request).infer
-            if infer is not None and isinstance(e, ValidationError | ModelNotFoundError):
-                infer.metrics.request_failure.labels("validation").inc()
-            return error_to_anthropic(e)
-
-    return wrapped
+    return error_route(handler, error_to_anthropic)
 
 
 # -- the answer ---------------------------------------------------------------------------------------------
@@ -257,10 +246,7 @@ class MessageEvents:
             if delta:
                 parts.append(self._text(delta))
         else:
-            deltas = self.output.feed(delta) if delta else []
-            if finished is not None:
-                deltas += self.output.finish()
-            parts.extend(self._delta(d) for d in deltas)
+            parts.extend(self._delta(d) for d in self.output.read(delta, finished is not None))
         if finished is not None:
             parts.append(self._end(finished, stop_sequence))
         return b"".join(parts)
@@ -531,14 +517,7 @@ async def _pump(
 ) -> None:  # fmt: skip
     """Streams one request's events as ``events`` formats them (the SSEWriter writes the plain ones)."""
     async with infer.request(valid) as entry:
-        sse = SSEWriter.attach(transport, entry.events, events)
-        try:
-            async for batch in infer.stream_batches(entry):
-                data = sse.render(batch)
-                if data:
-                    await response.write(data)
-        finally:
-            sse.close()  # the connection may serve another request next
+        await write_stream(response, transport, entry.events, events, infer.stream_batches(entry))
 
 
 @anthropic_route

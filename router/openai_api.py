@@ -49,7 +49,7 @@ from .openai_params import (
     parse_user,
     refuse_unsupported,
 )
-from .sse import SSEWriter, json_text
+from .sse import SSEWriter, json_text, write_stream
 from .state import get_agent, get_infer, state
 from .tokenizer import Tokenizer
 from .toolcalls import ToolCallDelta
@@ -94,8 +94,12 @@ def error_to_openai(error: BaseException) -> web.Response:
     return openai_error(500, getattr(error, "message", "internal server error"), "server_error")
 
 
-def openai_route(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
-    """Errors raised by an OpenAI handler leave in OpenAI's envelope."""
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def error_route(handler: Handler, to_response: Callable[[BaseException], web.Response]) -> Handler:
+    """``handler`` whose errors (the router's, and aiohttp's client errors) leave as ``to_response``
+    answers them; bad input and unknown models are counted as validation failures."""
 
     @functools.wraps(handler)
     async def wrapped(request: web.Request) -> web.StreamResponse:
@@ -105,9 +109,14 @@ def openai_route(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
             infer = state(request).infer
             if infer is not None and isinstance(e, ValidationError | ModelNotFoundError):
                 infer.metrics.request_failure.labels("validation").inc()
-            return error_to_openai(e)
+            return to_response(e)
 
     return wrapped
+
+
+def openai_route(handler: Handler) -> Handler:
+    """Errors raised by an OpenAI handler leave in OpenAI's envelope."""
+    return error_route(handler, error_to_openai)
 
 
 # -- running ----------------------------------------------------------------------------------------------
@@ -137,16 +146,12 @@ async def _stream_all(
     aside, and every event while the client is slow to read)."""
 
     async def pump(index: int, entry: Entry) -> int:
-        sse = SSEWriter.attach(transport, entry.events, lambda event, _: event_bytes(index, event))
-        last: StreamEvent | None = None
-        try:
-            async for events in infer.stream_batches(entry):
-                data = sse.render(events)
-                if data:
-                    await response.write(data)
-                last = events[-1]
-        finally:
-            sse.close()  # the connection may serve another request next
+        def format_event(event: StreamEvent, _: int) -> bytes:
+            return event_bytes(index, event)
+
+        last = await write_stream(
+            response, transport, entry.events, format_event, infer.stream_batches(entry)
+        )
         return last.finished.generated_tokens if last is not None and last.finished is not None else 0
 
     async with contextlib.AsyncExitStack() as stack:
@@ -375,7 +380,7 @@ async def _chat_stream(
         """The deltas of the answer's next text, read by the plan's parsers."""
         stream = streams[index]
         out: list[dict[str, Any]] = []
-        for delta in stream.feed(text) + (stream.finish() if finished else []):
+        for delta in stream.read(text, finished):
             if isinstance(delta, ReasoningDelta):
                 out.append({"reasoning_content": delta.text})
             elif isinstance(delta, ToolCallDelta):

@@ -20,9 +20,6 @@ of tokens, else ``completed``. A failure after a stream started ends it with ``r
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Awaitable, Callable
-
 from aiohttp import web
 
 from .agent import ChatMessage, OutputPlan, ReasoningDelta
@@ -30,12 +27,12 @@ from .body import read_json_object
 from .errors import InferError, ValidationError
 from .generation import Finished, StreamEvent
 from .infer import Infer
-from .openai_api import SSE_HEADERS, openai_error, openai_route
+from .openai_api import SSE_HEADERS, Handler, error_route, error_to_openai, openai_error
 from .openai_params import build_requests
 from .responses_events import Event, ResponseBuilder, Status, Usage, sse_bytes
 from .responses_params import ResponsesRequest, normalize_output, parse_request, to_messages
 from .responses_store import ResponseStore, StoredResponse
-from .sse import SSEWriter
+from .sse import SSEWriter, write_stream
 from .state import get_agent, get_infer
 from .toolcalls import ContentDelta, ToolCallDelta
 from .validation import ValidRequest
@@ -55,18 +52,17 @@ class ResponseNotFoundError(InferError):
         self.code = code
 
 
-def responses_route(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
+def error_to_responses(error: BaseException) -> web.Response:
+    """``error_to_openai``, and unknown response ids as a 404 in the same envelope."""
+    if isinstance(error, ResponseNotFoundError):
+        return openai_error(404, error.message, "invalid_request_error", error.param, error.code)
+    return error_to_openai(error)
+
+
+def responses_route(handler: Handler) -> Handler:
     """An OpenAI route (``openai_route``'s errors) whose unknown response ids are a 404 in the same
     envelope."""
-
-    @functools.wraps(handler)
-    async def wrapped(request: web.Request) -> web.StreamResponse:
-        try:
-            return await handler(request)
-        except ResponseNotFoundError as e:
-            return openai_error(404, e.message, "invalid_request_error", e.param, e.code)
-
-    return openai_route(wrapped)
+    return error_route(handler, error_to_responses)
 
 
 class _Output:
@@ -82,11 +78,8 @@ class _Output:
     def feed(self, text: str, final: bool) -> list[Event]:
         if self.stream is None:
             return self.builder.text(text)
-        deltas = self.stream.feed(text) if text else []
-        if final:
-            deltas += self.stream.finish()
         events: list[Event] = []
-        for delta in deltas:
+        for delta in self.stream.read(text, final):
             if isinstance(delta, ReasoningDelta):
                 self.reasoning.append(delta.text)
                 events += self.builder.reasoning(delta.text)
@@ -181,17 +174,10 @@ async def _stream(
         return sse_bytes(output.feed(event.delta, event.finished is not None))
 
     try:
-        last: StreamEvent | None = None
         async with infer.request(valid) as entry:
-            sse = SSEWriter.attach(transport, entry.events, format_event)
-            try:
-                async for events in infer.stream_batches(entry):
-                    data = sse.render(events)
-                    if data:
-                        await response.write(data)
-                    last = events[-1]
-            finally:
-                sse.close()  # the connection may serve another request next
+            last = await write_stream(
+                response, transport, entry.events, format_event, infer.stream_batches(entry)
+            )
         assert last is not None and last.finished is not None  # stream_batches ends on the last event
         finished = last.finished
         done = builder.finish(_status(finished), await _usage(infer, valid, finished, output))

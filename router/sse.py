@@ -28,7 +28,7 @@ import json
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterable, Callable, Iterable
 from typing import ClassVar, cast
 
 from aiohttp import web
@@ -229,3 +229,28 @@ class SSEWriter:
             self.index += 1
             chunks.append(self.format(event, self.index))
         return b"".join(chunks)
+
+
+async def write_stream(
+    response: web.StreamResponse,
+    transport: asyncio.Transport | None,
+    channel: EventChannel,
+    format_event: FormatEvent,
+    batches: AsyncIterable[list[StreamEvent]],
+) -> StreamEvent | None:
+    """Writes one request's events to ``response``: the plain token events by an ``SSEWriter`` attached to
+    its ``channel`` (``transport`` from ``SSEWriter.open``), the others as ``batches`` (the request's
+    ``Infer.stream_batches``) hands them to the handler. Returns the last event (None when none came); an
+    error of ``batches`` propagates, the writer detached first (the connection may serve another request
+    next)."""
+    sse = SSEWriter.attach(transport, channel, format_event)
+    last: StreamEvent | None = None
+    try:
+        async for events in batches:
+            data = sse.render(events)
+            if data:
+                await response.write(data)
+            last = events[-1]
+    finally:
+        sse.close()
+    return last
