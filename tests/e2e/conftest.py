@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import openai
 import pytest
 
 from .harness import Launched
@@ -37,3 +38,15 @@ def default_model_dir(default_server: Launched, test_cache: Path) -> Path:
     from launcher.weights import WeightsConfig, resolve
 
     return resolve(WeightsConfig(hub_cache=test_cache / "hub"), progress=False).path
+
+
+@pytest.fixture(scope="module")
+def client(default_server: Launched) -> openai.OpenAI:
+    """An OpenAI client of the default server (test_anthropic.py has an Anthropic one of that name)."""
+    return openai.OpenAI(base_url=f"{default_server.url}/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def model(client: openai.OpenAI) -> str:
+    """The default server's model name, as it lists it."""
+    return client.models.list().data[0].id

@@ -22,26 +22,17 @@ import requests
 from .conftest import stop_and_check
 from .harness import Launched
 from .test_fuzz import FORBIDDEN, mutate_bytes, weird
+from .test_tools import ASK, WEATHER_SCHEMA
+from .test_tools import TOOLS as OPENAI_TOOLS
 
 pytestmark = pytest.mark.timeout(600)
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
-WEATHER_SCHEMA = {
-    "type": "object",
-    "properties": {"city": {"type": "string", "maxLength": 20}, "unit": {"enum": ["celsius", "fahrenheit"]}},
-    "required": ["city", "unit"],
-    "additionalProperties": False,
-}
+# The tools of test_tools.py, in Anthropic's shape.
 TOOLS = [
-    {"name": "get_weather", "description": "Weather in a city", "input_schema": WEATHER_SCHEMA},
-    {
-        "name": "get_time",
-        "description": "The time in a timezone",
-        "input_schema": {"type": "object", "properties": {"tz": {"type": "string", "maxLength": 20}},
-                         "required": ["tz"], "additionalProperties": False},
-    },
-]  # fmt: skip
-ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+    {"name": f["name"], "description": f["description"], "input_schema": f["parameters"]}
+    for f in (tool["function"] for tool in OPENAI_TOOLS)
+]
 MODEL = "claude-sonnet-4-5"  # any name is served by the one model
 # Recent SDKs no longer send sampling parameters; the server still honours them (greedy here).
 GREEDY = {"extra_body": {"temperature": 0}}

@@ -60,16 +60,6 @@ TEXT_EVENTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def client(default_server: Launched) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{default_server.url}/v1", api_key="unused", max_retries=0, timeout=300)
-
-
-@pytest.fixture(scope="module")
-def model(client: openai.OpenAI) -> str:
-    return client.models.list().data[0].id
-
-
 def squeeze(types: list[str]) -> list[str]:
     """Event types with runs of the same type as one."""
     return [t for i, t in enumerate(types) if i == 0 or types[i - 1] != t]

@@ -47,11 +47,6 @@ SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
-@pytest.fixture(scope="module")
-def client(default_server: Launched) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{default_server.url}/v1", api_key="unused", max_retries=0, timeout=300)
-
-
 def assert_valid(calls: list, names: set[str]) -> None:
     assert calls
     for call in calls:
