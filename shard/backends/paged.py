@@ -19,10 +19,11 @@ import torch
 from ..config import ConfigError, ShardConfig
 from ..dist import Parallel
 from ..dtypes import DTYPES, default_dtype
+from ..paged.arch import model_spec
 from ..paged.attention import PrefillChunk, StepMeta, decode_meta
 from ..paged.graphs import DEFAULT_BATCH_SIZES, DecodeGraphs
 from ..paged.kv_cache import PagedKVCache, Sequence
-from ..paged.model import ModelSpec, PagedModel, Weights, quantize_model, use_cpu_kernels
+from ..paged.model import PagedModel, Weights, quantize_model, use_cpu_kernels
 from .base import BackendInfo, PrefillOutput
 
 log = logging.getLogger(__name__)
@@ -98,7 +99,7 @@ class PagedBackend:
         torch_dtype = DTYPES[dtype] if dtype else default_dtype(device)
         path = Path(model_path)
         config = AutoConfig.from_pretrained(path)
-        self.spec = spec = ModelSpec.from_config(config)
+        self.spec = spec = model_spec(config)
         self.model = PagedModel(config, spec, Weights(path, torch_dtype, device), self.parallel,
                                 spec.max_position_embeddings)  # fmt: skip
         if quantize:

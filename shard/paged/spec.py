@@ -81,14 +81,6 @@ class ModelSpec:
     final_softcap: float | None = None
     names: LayerNames = LayerNames()
 
-    @classmethod
-    def from_config(cls, config: Any) -> ModelSpec:
-        """From a transformers config, by its model type's module (shard/paged/arch/); raises
-        UnsupportedModelError for what this runner cannot run."""
-        from .arch import architecture
-
-        return architecture(config).spec(config)
-
     @property
     def kernel_layers(self) -> bool:
         """Whether every layer has Llama's shape as the CPU kernels run it (``PagedModel._layers_fused``):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..spec import Architecture, UnsupportedModelError
+from ..spec import Architecture, ModelSpec, UnsupportedModelError
 from . import gemma, llama, phi3, qwen3
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -27,3 +27,9 @@ def architecture(config: Any) -> Architecture:
     if arch is None:
         raise UnsupportedModelError(f"model type {model_type!r} (supported: {', '.join(ARCHITECTURES)})")
     return arch
+
+
+def model_spec(config: Any) -> ModelSpec:
+    """A transformers config's ``ModelSpec``, by its model type's module; raises UnsupportedModelError for
+    what this runner cannot run."""
+    return architecture(config).spec(config)

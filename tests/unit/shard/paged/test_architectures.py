@@ -18,7 +18,8 @@ from shard.backends.paged import PagedBackend
 from shard.config import ShardConfig
 from shard.dist import Parallel
 from shard.engines import make_engine
-from shard.paged.model import ModelSpec, UnsupportedModelError
+from shard.paged.arch import model_spec
+from shard.paged.model import UnsupportedModelError
 from shard.types import RequestSpec
 from tests.engine_run import run_engine
 
@@ -252,7 +253,7 @@ def test_unsupported_features_are_named() -> None:
     from transformers import Gemma2Config, Phi3Config
 
     with pytest.raises(UnsupportedModelError, match="longrope"):
-        ModelSpec.from_config(
+        model_spec(
             Phi3Config(
                 rope_scaling={
                     "rope_type": "longrope",
@@ -264,7 +265,7 @@ def test_unsupported_features_are_named() -> None:
             )
         )
     with pytest.raises(UnsupportedModelError, match="activation"):
-        ModelSpec.from_config(Gemma2Config(hidden_activation="relu"))
+        model_spec(Gemma2Config(hidden_activation="relu"))
 
 
 def test_auto_falls_back_to_transformers_for_other_types(tmp_path: Path) -> None:

@@ -14,8 +14,9 @@ from shard.chunked import StepCosts
 from shard.config import ShardConfig
 from shard.engine import Engine, StepEngine
 from shard.engines import make_engine
+from shard.paged.arch import model_spec
 from shard.paged.kv_cache import BlockAllocator, CacheFullError, PagedKVCache, block_hash
-from shard.paged.model import ModelSpec, UnsupportedModelError
+from shard.paged.model import UnsupportedModelError
 from shard.types import RequestSpec, SamplingParams
 from tests.engine_run import collect, run_engine
 
@@ -157,9 +158,9 @@ def test_unsupported_models_are_named() -> None:
     from transformers import GPT2Config, MistralConfig
 
     with pytest.raises(UnsupportedModelError, match="gpt2"):
-        ModelSpec.from_config(GPT2Config())
+        model_spec(GPT2Config())
     with pytest.raises(UnsupportedModelError, match="sliding"):
-        ModelSpec.from_config(MistralConfig(sliding_window=16, max_position_embeddings=64))
+        model_spec(MistralConfig(sliding_window=16, max_position_embeddings=64))
 
 
 def test_a_long_prompt_joins_in_chunks_while_others_stream(paged: PagedBackend, tiny_model_dir: Path) -> None:
