@@ -149,6 +149,13 @@ def config_spec(config: Any, layers: tuple[LayerSpec, ...] | None = None, **diff
     )
 
 
+def require_silu(config: Any) -> None:
+    """SwiGLU's SiLU is the only activation these families run (a config without one means SiLU)."""
+    act = getattr(config, "hidden_act", "silu")
+    if act != "silu":
+        raise UnsupportedModelError(f"activation {act!r}")
+
+
 def refuse_sliding_window(config: Any, default_on: bool = False) -> None:
     """Mistral/Qwen-style windows (``sliding_window`` with ``use_sliding_window``) shorter than the context
     are not run here: their blocks would have to leave the cache as they fall out of the window."""

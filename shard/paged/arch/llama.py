@@ -12,16 +12,15 @@ from ..spec import (
     Architecture,
     ModelSpec,
     RopeTable,
-    UnsupportedModelError,
     config_spec,
     refuse_sliding_window,
+    require_silu,
     rope_tables,
 )
 
 
 def spec(config: Any) -> ModelSpec:
-    if getattr(config, "hidden_act", "silu") != "silu":
-        raise UnsupportedModelError(f"activation {config.hidden_act!r}")
+    require_silu(config)
     refuse_sliding_window(config, default_on=config.model_type == "mistral")
     attention_bias = bool(getattr(config, "attention_bias", False))
     return config_spec(

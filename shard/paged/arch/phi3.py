@@ -14,13 +14,13 @@ from ..spec import (
     UnsupportedModelError,
     config_spec,
     refuse_sliding_window,
+    require_silu,
     rope_tables,
 )
 
 
 def spec(config: Any) -> ModelSpec:
-    if config.hidden_act != "silu":
-        raise UnsupportedModelError(f"activation {config.hidden_act!r}")
+    require_silu(config)
     rope = getattr(config, "rope_parameters", None) or {}
     if rope.get("rope_type", "default") != "default":
         raise UnsupportedModelError(f"{rope['rope_type']} rotary scaling (LongRoPE) on phi3")

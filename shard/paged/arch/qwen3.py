@@ -9,16 +9,15 @@ from ..spec import (
     Architecture,
     ModelSpec,
     RopeTable,
-    UnsupportedModelError,
     config_spec,
     refuse_sliding_window,
+    require_silu,
     rope_tables,
 )
 
 
 def spec(config: Any) -> ModelSpec:
-    if config.hidden_act != "silu":
-        raise UnsupportedModelError(f"activation {config.hidden_act!r}")
+    require_silu(config)
     refuse_sliding_window(config)
     bias = bool(config.attention_bias)
     return config_spec(config, qkv_bias=bias, o_bias=bias, qk_norm=True)
