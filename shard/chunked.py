@@ -36,15 +36,24 @@ PREFILL_TOKENS = 4096
 
 
 class StepCosts:
-    """What steps cost here, learnt from the steps themselves: a decode step's seconds, and the seconds
-    one more prompt token adds to a step. Chunks are then sized so that a step with a chunk takes about
+    """What steps cost here, learnt from the steps themselves: the seconds of a step's decodes, and the
+    seconds one prompt token adds to a step. Chunks are then sized so that a step with a chunk takes about
     twice a plain decode step: running streams keep at least half their pace, and prompts go as fast as
-    that allows, on any device."""
+    that allows, on any device.
+
+    A step costs about ``decode_s + token_s * prompt_tokens``. ``token_s`` is measured cleanly on steps
+    that decode nothing (the warm-up's, an idle server's first prompts); ``decode_s`` on every step, as
+    what is left of it once its prompt tokens are paid for. Under steady load nearly every step carries a
+    chunk and the decodes grow dearer as contexts lengthen: learning ``decode_s`` from plain decode steps
+    alone left it at its early, cheap value, charged the growth to the prompt tokens and shrank every
+    budget to the floor, so arriving users queued for seconds behind a few tokens a step."""
 
     def __init__(self, free_tokens: int) -> None:
         self.free_tokens = free_tokens
         self.decode_s: float | None = None
         self.token_s: float | None = None
+        # Whether token_s was measured on a step without decodes (else it is inferred, and provisional).
+        self._token_s_measured = False
 
     def budget(self, decoding: int) -> int | None:
         """Prompt tokens for a step beside ``decoding`` running rows; None = no limit (nobody waits)."""
@@ -55,13 +64,22 @@ class StepCosts:
         return max(self.free_tokens, int(self.decode_s / self.token_s))
 
     def observe(self, seconds: float, decoding: int, prompt_tokens: int) -> None:
-        if prompt_tokens == 0:
-            if decoding:
-                self.decode_s = _ewma(self.decode_s, seconds)
+        if not decoding:
+            if prompt_tokens:
+                self.token_s = _ewma(
+                    self.token_s if self._token_s_measured else None, seconds / prompt_tokens
+                )
+                self._token_s_measured = True
             return
-        extra = seconds - (self.decode_s or 0.0) if decoding else seconds
-        if extra > 0:
-            self.token_s = _ewma(self.token_s, extra / prompt_tokens)
+        if not prompt_tokens:
+            self.decode_s = _ewma(self.decode_s, seconds)
+        elif self._token_s_measured:
+            assert self.token_s is not None
+            self.decode_s = _ewma(self.decode_s, max(seconds - self.token_s * prompt_tokens, 0.0))
+        else:  # no clean measure yet: charge the prompt tokens what the step cost over its decodes
+            extra = seconds - (self.decode_s or 0.0)
+            if extra > 0:
+                self.token_s = _ewma(self.token_s, extra / prompt_tokens)
 
 
 def _ewma(old: float | None, new: float) -> float:

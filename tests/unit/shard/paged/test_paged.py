@@ -222,3 +222,15 @@ def test_step_costs_size_chunks_to_about_one_decode_step() -> None:
     assert costs.budget(8) == 50  # 50 more tokens ~ one more decode step: about twice the step
     costs.observe(0.001, decoding=8, prompt_tokens=0)
     assert costs.budget(8) >= 16  # never below the floor
+
+
+def test_step_costs_follow_decodes_that_grow_dearer_under_steady_chunks() -> None:
+    """Under load every step carries a chunk while contexts lengthen: the decodes' growing cost must not
+    be charged to the prompt tokens (it shrank the budget to its floor and queued arriving users)."""
+    costs = StepCosts(free_tokens=16)
+    costs.observe(1.0, decoding=0, prompt_tokens=1000)  # the warm-up's prefill: 1 ms a prompt token
+    costs.observe(0.050, decoding=8, prompt_tokens=0)  # one plain decode step while contexts are short
+    for step in range(200):  # then never a step without a chunk, and decodes grow to 400 ms
+        decode = 0.050 + 0.350 * min(step / 100, 1.0)
+        costs.observe(decode + 0.001 * 16, decoding=40, prompt_tokens=16)
+    assert costs.budget(40) == pytest.approx(400, rel=0.05)  # a chunk as dear as the decodes: 400 tokens
