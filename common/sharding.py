@@ -8,7 +8,17 @@ from typing import Any
 # The architectures the paged backend runs (and so the only ones that shard): shard/paged/arch's registry,
 # named here so that the launcher can check a model without importing the shard (a unit test keeps the two
 # equal).
-PAGED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
+PAGED_ARCHITECTURES = (
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma2",
+    "gemma3_text",
+    "phi3",
+    "mixtral",
+    "qwen3_moe",
+)
 
 
 def sharding_problem(config: dict[str, Any], world_size: int) -> str | None:
@@ -28,6 +38,7 @@ def sharding_problem(config: dict[str, Any], world_size: int) -> str | None:
         ("attention heads", heads),
         ("key/value heads", kv_heads),
         ("MLP width (intermediate_size)", text.get("intermediate_size", 0)),
+        ("expert MLP width (moe_intermediate_size)", text.get("moe_intermediate_size", 0)),
     ):
         if value % world_size:
             return f"the model's {value} {name} are not divisible by --num-shard {world_size}"

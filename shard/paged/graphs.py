@@ -9,7 +9,8 @@ captured batch size (``--cuda-graphs``, TGI's flag) and the context up to the ne
 blocks per sequence, up to ``MAX_CONTEXT`` tokens. Each (batch, width) graph is captured the first time a
 step needs it; all share one memory pool (they never run at the same time) and write their logits into
 one buffer. A step outside every bucket, a step with prompt chunks, or a device without graphs runs
-eagerly, as before; so does every step after a failed capture.
+eagerly, as before; so does every step after a failed capture, and every step of a mixture-of-experts
+model (its experts' products are sized by the step's routing, on the host).
 
 The graph's inputs are two buffers it owns: the token ids [batch], and the block table [batch, width]
 with each row's context length in an extra last column, copied from the host in one transfer per step.
@@ -88,7 +89,11 @@ class DecodeGraphs:
         # the pool: a graph's own logits are then free pool memory once it is captured, not one more
         # [batch, vocab] float32 tensor kept alive per graph.
         self.logits: torch.Tensor | None = None
-        self.failed = False
+        # An MoE layer sizes each expert's product from the step's routing (a host read), which a graph
+        # cannot hold: such models decode eagerly (shard/paged/moe.py).
+        self.failed = model.spec.has_experts
+        if self.failed:
+            log.info("Mixture-of-experts layers: decode steps run without CUDA graphs")
 
     def bucket(self, batch: int, width: int) -> tuple[int, int] | None:
         """The (batch, width) graph a step of ``batch`` rows and ``width`` blocks per row runs in; None

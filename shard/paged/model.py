@@ -2,7 +2,8 @@
 token layout and a paged KV cache.
 
 A ``ModelSpec`` says where a model departs from Llama's decoder (biases, q/k norms, sandwich norms, GeGLU,
-attention scale, soft-capping, per-layer windows and rotary tables, fused checkpoint tensors); nothing
+attention scale, soft-capping, per-layer windows and rotary tables, fused checkpoint tensors, per-layer
+mixture-of-experts MLPs: shard/paged/moe.py); nothing
 here looks at a model type. Weights are read straight from the model's safetensors files, each rank
 reading only its slice (so no rank ever holds the whole model when sharded). q/k/v and gate/up are fused
 into one matrix each.
@@ -35,6 +36,7 @@ from .layers import (
     linear,
     pack_weight,
 )
+from .moe import MoE, load_moe
 from .quant import GROUP, MODES, QuantColumnLinear, QuantLinear, QuantRowLinear
 from .spec import ModelSpec, UnsupportedModelError
 
@@ -147,25 +149,38 @@ class DecoderLayer(nn.Module):
         )
         self.q_norm = w.norm(f"{a}.q_norm.weight", spec) if spec.qk_norm else None
         self.k_norm = w.norm(f"{a}.k_norm.weight", spec) if spec.qk_norm else None
-        m = f"{prefix}.mlp"
-        ff = parallel.split(spec.intermediate_size, "MLP width")
-
-        def gate_up(kind: str) -> torch.Tensor:
-            fused = f"{m}.gate_up_proj.{kind}" if names.fused_gate_up else None
-            projections = [f"{m}.gate_proj.{kind}", f"{m}.up_proj.{kind}"]
-            return stacked_rows(w, projections, fused, [spec.intermediate_size] * 2, [ff, ff], 1)
-
-        down_bias = w.get(f"{m}.down_proj.bias") if spec.mlp_bias else None
-        self.mlp = MLP(
-            ColumnLinear(gate_up("weight"), gate_up("bias") if spec.mlp_bias else None),
-            RowLinear(w.get(f"{m}.down_proj.weight", 1, ff), parallel, down_bias),
-            spec.activation,
+        self.mlp: MLP | MoE = (
+            self.dense_mlp(spec, prefix, w, parallel)
+            if layer.moe is None
+            else load_moe(layer.moe, prefix, w, parallel, spec.activation)
         )
         self.input_norm = w.norm(f"{prefix}.{names.input_norm}.weight", spec)
         self.mlp_norm = w.norm(f"{prefix}.{names.mlp_norm}.weight", spec)
         out = names.attn_out_norm, names.mlp_out_norm
         self.attn_out_norm = None if out[0] is None else w.norm(f"{prefix}.{out[0]}.weight", spec)
         self.mlp_out_norm = None if out[1] is None else w.norm(f"{prefix}.{out[1]}.weight", spec)
+
+    @staticmethod
+    def dense_mlp(spec: ModelSpec, prefix: str, w: Weights, parallel: Parallel) -> MLP:
+        m = f"{prefix}.mlp"
+        ff = parallel.split(spec.intermediate_size, "MLP width")
+
+        def gate_up(kind: str) -> torch.Tensor:
+            fused = f"{m}.gate_up_proj.{kind}" if spec.names.fused_gate_up else None
+            projections = [f"{m}.gate_proj.{kind}", f"{m}.up_proj.{kind}"]
+            return stacked_rows(w, projections, fused, [spec.intermediate_size] * 2, [ff, ff], 1)
+
+        down_bias = w.get(f"{m}.down_proj.bias") if spec.mlp_bias else None
+        return MLP(
+            ColumnLinear(gate_up("weight"), gate_up("bias") if spec.mlp_bias else None),
+            RowLinear(w.get(f"{m}.down_proj.weight", 1, ff), parallel, down_bias),
+            spec.activation,
+        )
+
+    def linears(self) -> list[tuple[nn.Module, str]]:
+        """The layer's products as (owner, attribute): q/k/v, o, then the MLP's (each expert's in an MoE)."""
+        mlp = self.mlp.linears() if isinstance(self.mlp, MoE) else [(self.mlp, "gate_up"), (self.mlp, "down")]
+        return [(self, "qkv"), (self, "o"), *mlp]
 
     def forward(
         self, h: torch.Tensor, rope: RotaryStep, k_pool: torch.Tensor, v_pool: torch.Tensor, meta: StepMeta
@@ -384,6 +399,8 @@ def make_decode_plan(model: PagedModel) -> DecodePlan | None:
     weights: list[torch.Tensor] = []
     kinds: list[int] = []
     for layer in model.decoder_layers:
+        if isinstance(layer.mlp, MoE):  # decode_layers runs dense MLPs only
+            return None
         modules = (layer.qkv, layer.o, layer.mlp.gate_up, layer.mlp.down)
         products = [p for p in (product(m) for m in modules) if p is not None]
         if len(products) < len(modules) or any(getattr(m, "bias", None) is not None for m in modules[1:]):
@@ -399,8 +416,8 @@ def make_decode_plan(model: PagedModel) -> DecodePlan | None:
 
 
 def quantize_model(model: PagedModel, mode: str) -> None:
-    """Replaces every decoder layer's linear layers (q/k/v, o, gate/up, down) and the LM head, in place
-    (shard/paged/quant.py's layers).
+    """Replaces every decoder layer's linear layers (q/k/v, o, gate/up, down; each expert's gate/up and
+    down in an MoE layer) and the LM head, in place (shard/paged/quant.py's layers).
 
     The LM head is int8 in both modes. A layer whose input width the kernels cannot take stays float."""
     if mode not in MODES:
@@ -410,7 +427,7 @@ def quantize_model(model: PagedModel, mode: str) -> None:
         raise ValueError("the model is quantized already")
     before = after = 0
     for layer in model.decoder_layers:
-        for owner, name in ((layer, "qkv"), (layer, "o"), (layer.mlp, "gate_up"), (layer.mlp, "down")):
+        for owner, name in layer.linears():
             old = getattr(owner, name)
             if not isinstance(old, ColumnLinear | RowLinear) or old.weight is None:
                 raise TypeError(f"cannot quantize {type(old).__name__}")

@@ -38,13 +38,37 @@ class LayerNames:
 
 
 @dataclass(frozen=True)
+class MoESpec:
+    """A mixture-of-experts MLP (shard/paged/moe.py): a router (``{block}.{router}.weight``, [experts,
+    hidden]) picks ``top_k`` of ``num_experts`` SwiGLU experts per token, each ``intermediate_size`` wide,
+    whose tensors are ``{block}.{experts}.{e}.{gate|up|down}.weight`` (``projections`` names them).
+
+    Routing, as transformers defines it for both families: softmax over the router's logits in float32,
+    the top_k probabilities, divided by their sum when ``normalize`` (Mixtral always; Qwen3-MoE's
+    ``norm_topk_prob``). ``weights_in_model_dtype``: the weights are rounded to the model's dtype before
+    they scale the experts' outputs (Qwen3-MoE); else they stay float32 (Mixtral)."""
+
+    num_experts: int
+    top_k: int
+    intermediate_size: int
+    normalize: bool
+    weights_in_model_dtype: bool
+    block: str
+    router: str = "gate"
+    experts: str = "experts"
+    projections: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
 class LayerSpec:
     """One decoder layer's attention: its sliding window (a query attends to the keys of the last
     ``sliding_window`` positions, itself included; None: all earlier positions) and which rotary table
-    rotates its queries and keys (a key of ``Architecture.rotary``'s tables)."""
+    rotates its queries and keys (a key of ``Architecture.rotary``'s tables); and its MLP: a mixture of
+    experts (``moe``) or the dense one (None)."""
 
     sliding_window: int | None = None
     rope: str = ""
+    moe: MoESpec | None = None
 
 
 @dataclass(frozen=True)
@@ -94,6 +118,11 @@ class ModelSpec:
             and self.attn_softcap is None
             and all(layer.sliding_window is None for layer in self.layers)
         )
+
+    @property
+    def has_experts(self) -> bool:
+        """Whether any layer's MLP is a mixture of experts."""
+        return any(layer.moe is not None for layer in self.layers)
 
 
 @dataclass(frozen=True)

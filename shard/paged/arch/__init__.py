@@ -2,8 +2,9 @@
 
 Each module here is one family's differences over the shared decoder (shard/paged/model.py): a function
 from its config to a ``ModelSpec`` (sizes, biases, norms, activation, attention scale, soft-capping,
-per-layer windows and rotary tables, tensor names) and its rotary tables. To add one, write its module
-and list its ``ARCH`` in ``ARCHITECTURES``; docs/architecture.md tells what the decoder offers.
+per-layer windows, rotary tables and mixture-of-experts MLPs, tensor names) and its rotary tables. To
+add one, write its module and list its ``ARCH`` in ``ARCHITECTURES``; docs/architecture.md tells what
+the decoder offers.
 """
 
 from __future__ import annotations
@@ -11,11 +12,11 @@ from __future__ import annotations
 from typing import Any
 
 from ..spec import Architecture, ModelSpec, UnsupportedModelError
-from . import gemma, llama, phi3, qwen3
+from . import gemma, llama, mixtral, phi3, qwen3, qwen3_moe
 
 ARCHITECTURES: dict[str, Architecture] = {
     model_type: module.ARCH
-    for module in (llama, qwen3, gemma, phi3)
+    for module in (llama, qwen3, gemma, phi3, mixtral, qwen3_moe)
     for model_type in module.ARCH.model_types
 }
 

@@ -1,7 +1,8 @@
 """The paged runner's architectures (shard/paged/arch/) against transformers: on tiny random models of each
 (float32, with the features that matter non-trivial: biases, q/k norms, soft-capping, sliding windows
-shorter than the prompt, per-layer rotary tables), greedy ids equal transformers' ``generate`` (eager
-attention) over 40+ tokens, through the chunked engine with prompts run in chunks and prefix-cache hits."""
+shorter than the prompt, per-layer rotary tables, several experts with top-2 routing), greedy ids equal
+transformers' ``generate`` (eager attention) over 40+ tokens, through the chunked engine with prompts run
+in chunks and prefix-cache hits."""
 
 from __future__ import annotations
 
@@ -112,12 +113,49 @@ def phi3_config(vocab: int) -> Any:
     )
 
 
+def mixtral_config(vocab: int) -> Any:
+    from transformers import MixtralConfig
+
+    return MixtralConfig(
+        vocab_size=vocab,
+        num_hidden_layers=2,
+        max_position_embeddings=512,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        tie_word_embeddings=False,
+        **TINY,
+        **NO_SPECIAL,
+    )
+
+
+def qwen3_moe_config(vocab: int, norm_topk_prob: bool = False) -> Any:
+    from transformers import Qwen3MoeConfig
+
+    # Layers 0 and 2 sparse (6 experts of width 64, top 2, probabilities not renormalized), layer 1 dense.
+    return Qwen3MoeConfig(
+        vocab_size=vocab,
+        num_hidden_layers=3,
+        head_dim=32,
+        max_position_embeddings=512,
+        num_experts=6,
+        num_experts_per_tok=2,
+        moe_intermediate_size=64,
+        norm_topk_prob=norm_topk_prob,
+        mlp_only_layers=[1],
+        tie_word_embeddings=False,
+        **TINY,
+        **NO_SPECIAL,
+    )
+
+
 CONFIGS: dict[str, Callable[[int], Any]] = {
     "llama-bias": llama_config,
     "qwen3": qwen3_config,
     "gemma2": gemma2_config,
     "gemma3_text": gemma3_config,
     "phi3": phi3_config,
+    "mixtral": mixtral_config,
+    "qwen3_moe": qwen3_moe_config,
 }
 
 
@@ -127,7 +165,8 @@ def build(
     """A tiny random model of ``make_config``'s architecture, with the tiny tokenizer: biases and norm
     weights drawn away from their zero/one initial values, queries and keys scaled up with ``sharp``
     (attention that depends on its scale, soft-capping and window), logits scaled up (greedy picks that are not
-    near-ties)."""
+    near-ties); MoE routers drawn at unit scale (decisive top-k choices, not near-ties) and experts scaled
+    up (their outputs, and so the routing and its weights, move the tokens)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -144,6 +183,10 @@ def build(
                 p.add_(3.0)  # the same through q/k norms
             elif "norm" in name:
                 p.add_(torch.randn_like(p) * 0.2)
+            elif name.endswith(".gate.weight"):  # an MoE router
+                p.normal_(0.0, 1.0)
+            elif ".experts." in name:
+                p.mul_(4.0)
             elif name.endswith("embed_tokens.weight") and config.tie_word_embeddings:
                 p.mul_(10.0)
         if not config.tie_word_embeddings:
