@@ -165,8 +165,8 @@ def build(
     """A tiny random model of ``make_config``'s architecture, with the tiny tokenizer: biases and norm
     weights drawn away from their zero/one initial values, queries and keys scaled up with ``sharp``
     (attention that depends on its scale, soft-capping and window), logits scaled up (greedy picks that are not
-    near-ties); MoE routers drawn at unit scale (decisive top-k choices, not near-ties) and experts scaled
-    up (their outputs, and so the routing and its weights, move the tokens)."""
+    near-ties); MoE routers drawn at unit scale (decisive top-k choices, not near-ties) and, with ``sharp``,
+    experts scaled up (their outputs, and so the routing and its weights, move the tokens)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -185,7 +185,7 @@ def build(
                 p.add_(torch.randn_like(p) * 0.2)
             elif name.endswith(".gate.weight"):  # an MoE router
                 p.normal_(0.0, 1.0)
-            elif ".experts." in name:
+            elif sharp and ".experts." in name:
                 p.mul_(4.0)
             elif name.endswith("embed_tokens.weight") and config.tie_word_embeddings:
                 p.mul_(10.0)
@@ -347,7 +347,9 @@ class ThreadGroup:
         return Parallel(rank, self.world_size, all_reduce, all_gather)
 
 
-@pytest.mark.parametrize("make_config", [qwen3_config, gemma2_config], ids=["qwen3", "gemma2"])
+@pytest.mark.parametrize(
+    "make_config", [qwen3_config, gemma2_config, mixtral_config], ids=["qwen3", "gemma2", "mixtral"]
+)
 def test_two_ranks_equal_one(tiny_model_dir: Path, tmp_path: Path, make_config: Callable[[int], Any]) -> None:
     """Two tensor-parallel ranks (threads summing each other's partial products) give one rank's tokens."""
     path = build(tmp_path / "tp", tiny_model_dir, make_config)
