@@ -25,15 +25,20 @@ user message of ``<tool_response>`` blocks. With ``tool_choice: none`` a tool-aw
 the tools (OpenAI's behaviour: the model must not call), the generic rendering leaves them out, and the
 answer is not parsed for calls.
 
-Decoding. ``auto`` is free: the model calls when it chooses and its call is parsed (no lazy grammar).
-``required`` (calls to any of the tools: one when ``parallel_tool_calls`` is false, else one or more) and a
-named function (one call to it) are forced by a Lark grammar (llguidance): the call's markup in the
-parser's format (hermes, llama3_json, mistral; the other formats are forced in hermes' format and read
-with the hermes parser), the name, and arguments that follow the tool's JSON schema. The route's own constraint
-(``response_format``) applies to the content: with tools under ``auto`` the grammar allows a call or that
-content. With a ``think`` reasoning parser every grammar first allows the reasoning (``<think>`` ...
-``</think>``, or just its end when the prompt opened it), so constraints apply after the reasoning ends;
-with another reasoning parser a constraint is refused (400 naming the field).
+Decoding (the grammars are router/call_grammar.py's). ``required`` (calls to any of the tools: one when
+``parallel_tool_calls`` is false, else one or more) and a named function (one call to it) are forced by a
+Lark grammar (llguidance): the call's markup in the parser's format (hermes, llama3_json, mistral; the
+other formats are forced in hermes' format and read with the hermes parser), the name, and arguments that
+follow the tool's JSON schema. ``auto`` uses a lazy grammar where the shards run the grammar processor
+(``Agent(lazy_calls=...)``) and the format has an opener (hermes, llama3_json's ``<|python_tag|>``,
+mistral): the text is free until the model writes the opener, then its call is forced the same way. The
+pythonic format and plugins' formats (whose arguments are not JSON), and models whose reasoning a grammar
+cannot follow (gpt_oss), stay free under ``auto``: their calls are parsed as written. Every grammar allows
+at most ``Turn.call_limit`` calls (``MAX_CALLS`` unless the request bounds them). The route's own
+constraint (``response_format``) applies to the content: with tools under ``auto`` the grammar allows
+calls (forced as above) or that content. With a ``think`` reasoning parser every grammar first allows the
+reasoning (``<think>`` ... ``</think>``, or just its end when the prompt opened it), so constraints apply
+after the reasoning ends; with another reasoning parser a constraint is refused (400 naming the field).
 
 Reading. The reasoning parser (if any) splits the text first; the tool-call parser then reads the content
 (except under ``none``). With ``parallel_tool_calls`` false only the first call is kept. Plain requests
@@ -51,6 +56,15 @@ from typing import Any, Literal
 
 from common import grammar
 
+from .call_grammar import (
+    GRAMMAR_FORMATS,
+    MAX_CALLS,
+    OPENERS,
+    THINK_PARSERS,
+    CallSyntax,
+    constraint_rules,
+    reasoning_rules,
+)
 from .chat import ChatPrompter
 from .errors import ValidationError
 from .reasoning import ReasoningParser, ReasoningStream, detect_reasoning_parser, get_reasoning_parser
@@ -90,9 +104,6 @@ PARSER_MARKERS = {
     "deepseek_r1": ("<think>", "</think>"),
     "qwen3": ("<think>", "</think>"),
 }
-# Formats whose forced calls follow their own markup; the others are forced in hermes' format.
-FORCED_FORMATS = ("hermes", "llama3_json", "mistral")
-THINK_PARSERS = ("think", "deepseek_r1", "qwen3")
 
 
 # -- values -------------------------------------------------------------------------------------------------
@@ -136,10 +147,25 @@ class Turn:
     parallel_tool_calls: bool = True
     constraint: str | None = None
     constraint_field: str = "response_format"
+    #: The most calls the answer may hold (Responses' ``max_tool_calls``); None: no bound asked.
+    max_calls: int | None = None
 
     @property
     def calls_allowed(self) -> bool:
         return bool(self.tools) and self.choice.mode != "none"
+
+    @property
+    def kept_calls(self) -> int | None:
+        """The calls read from the answer (the later ones are dropped); None: all."""
+        if self.choice.mode == "function" or not self.parallel_tool_calls:
+            return 1
+        return self.max_calls
+
+    @property
+    def call_limit(self) -> int:
+        """The most calls a grammar allows: the calls kept, ``MAX_CALLS`` when the request sets no bound."""
+        kept = self.kept_calls
+        return MAX_CALLS if kept is None else kept
 
 
 @dataclass(frozen=True)
@@ -279,9 +305,11 @@ class OutputStream:
 @dataclass(frozen=True)
 class OutputPlan:
     """How one request's answer is generated and read: the grammar to decode with (a canonical argument,
-    or None), the special tokens to keep in the text, and the parsers."""
+    or None) and the request field it enforces (errors name it), the special tokens to keep in the text,
+    and the parsers."""
 
     grammar: str | None = None
+    grammar_field: str = "response_format"
     keep_special_ids: frozenset[int] = frozenset()
     tool_parser: ToolCallParser | None = None
     reasoning_parser: ReasoningParser | None = None
@@ -322,13 +350,17 @@ class Agent:
         tokenizer: Tokenizer,
         tool_call_parser: str = "auto",
         reasoning_parser: str = "auto",
+        lazy_calls: bool = False,
     ) -> None:
+        """``lazy_calls``: whether ``auto`` may decode with a lazy grammar (the shards run the grammar
+        processor)."""
         self.prompter = prompter
         self.tokenizer = tokenizer
         template = prompter.template if prompter.wrapping is None else None
         #: The chat template renders tools and tool messages itself.
         self.template_tools = bool(template and _REFERENCES_TOOLS.search(template))
-        added = [str(t) for t in getattr(tokenizer.hf, "added_tokens_decoder", {}).values()]
+        added_tokens = getattr(tokenizer.hf, "added_tokens_decoder", {})
+        added = [str(t) for t in added_tokens.values()]
         name = tool_call_parser
         if name == "auto":
             detected = detect_tool_parser(template, added) if self.template_tools else None
@@ -342,11 +374,18 @@ class Agent:
         self.reasoning_parser = (
             get_reasoning_parser(self.reasoning_parser_name) if self.reasoning_parser_name else None
         )
-        forced_name = name if name in FORCED_FORMATS else "hermes"
+        forced_name = name if name in GRAMMAR_FORMATS else "hermes"
         self.forced_parser = self.tool_parser if forced_name == name else get_tool_parser("hermes")
-        self._forced_format = forced_name
         special = {tokenizer.hf.convert_ids_to_tokens(i): i for i in tokenizer.special_ids}
-        special.update({str(t): int(i) for i, t in getattr(tokenizer.hf, "added_tokens_decoder", {}).items()})
+        special.update({str(t): int(i) for i, t in added_tokens.items()})
+        unspellable = {str(t): int(i) for i, t in added_tokens.items() if getattr(t, "special", False)}
+        thinks = self.reasoning_parser_name in (None, *THINK_PARSERS)  # a grammar can follow the reasoning
+        #: How grammars write calls: forced ones in ``forced_name``'s format, lazy ones (``auto``) in the
+        #: parser's own; None: ``auto`` stays free.
+        self.forced_syntax = CallSyntax(forced_name, unspellable)
+        self.lazy_syntax = (
+            CallSyntax(name, unspellable) if lazy_calls and thinks and name in OPENERS else None
+        )
 
         def keep(parser_name: str | None) -> frozenset[int]:
             if parser_name == "gpt_oss":  # harmony's headers are special tokens: keep them all
@@ -356,12 +395,11 @@ class Agent:
 
         self._keep_tools = keep(name) | keep(forced_name)
         self._keep_reasoning = keep(self.reasoning_parser_name)
-        # [TOOL_CALLS] in a forced mistral call: the special token itself when it is one.
-        self._tool_calls_token = special.get("[TOOL_CALLS]")
         log.info(
-            "Tool calls: %s parser (%s rendering); reasoning: %s",
+            "Tool calls: %s parser (%s rendering; auto %s); reasoning: %s",
             name,
             "the chat template's" if self.template_tools else "generic",
+            "by lazy grammar" if self.lazy_syntax is not None else "free",
             self.reasoning_parser_name or "none",
         )
 
@@ -425,98 +463,43 @@ class Agent:
         field = turn.constraint_field
         if turn.calls_allowed:
             keep = keep | self._keep_tools
+            tools = turn.tools
+            if turn.choice.mode == "function":
+                tools = tuple(t for t in tools if t.name == turn.choice.function)
+            limit = turn.call_limit
             if turn.choice.forced:
                 tool_parser = self.forced_parser
-                answer = self._calls_rules(turn, "answer")
+                answer = self.forced_syntax.forced_rules(tools, "answer", limit)
                 field = "tool_choice"
             else:
                 tool_parser = self.tool_parser
                 if turn.constraint is not None:
                     answer = [
                         "answer: calls | content",
-                        *self._calls_rules(turn, "calls"),
-                        *_constraint_rules(turn.constraint, "content", field),
+                        *self.forced_syntax.forced_rules(tools, "calls", limit),
+                        *constraint_rules(turn.constraint, "content", field),
                     ]
+                elif self.lazy_syntax is not None:
+                    answer = self.lazy_syntax.lazy_rules(tools, "answer", limit)
+                    field = "tools"
         elif turn.constraint is not None and reasoning is not None:
-            answer = _constraint_rules(turn.constraint, "answer", field)
+            answer = constraint_rules(turn.constraint, "answer", field)
         argument = turn.constraint
         if answer:
-            lark = "\n".join([*_reasoning_rules(reasoning, in_reasoning, field), *answer])
+            lark = "\n".join([*reasoning_rules(reasoning, in_reasoning, field), *answer])
             argument = grammar.canonical("lark", lark)
             problem = grammar.check(argument)
             if problem:
                 raise ValidationError(f"`{field}` cannot be enforced: {problem}", field)
         return OutputPlan(
             grammar=argument,
+            grammar_field=field,
             keep_special_ids=keep,
             tool_parser=tool_parser,
             reasoning_parser=reasoning,
             in_reasoning=in_reasoning,
-            max_calls=None if turn.parallel_tool_calls else 1,
+            max_calls=turn.kept_calls if turn.calls_allowed else None,
         )
-
-    def _calls_rules(self, turn: Turn, name: str) -> list[str]:
-        """Lark rules (rule ``name`` first) for calls to the turn's tools (the named one only) in the
-        forced format."""
-        tools = turn.tools
-        if turn.choice.mode == "function":
-            tools = tuple(t for t in tools if t.name == turn.choice.function)
-        fmt = self._forced_format
-        key = "parameters" if fmt == "llama3_json" else "arguments"
-        rules: list[str] = []
-        for i, tool in enumerate(tools):
-            head = _lark_literal(f'{{"name": {json.dumps(tool.name, ensure_ascii=False)}, "{key}": ')
-            rules.append(f'{name}_obj_{i}: {head} {name}_args_{i} "}}"')
-            schema = {**tool.parameters, "x-guidance": grammar.JSON_OPTIONS}
-            rules.append(f"{name}_args_{i}: %json {json.dumps(schema, ensure_ascii=False)}")
-        obj = f"{name}_obj"
-        rules.append(f"{obj}: {' | '.join(f'{obj}_{i}' for i in range(len(tools)))}")
-        more = turn.parallel_tool_calls and turn.choice.mode == "required"
-        if fmt == "hermes":
-            rules.append(f'{name}_call: "<tool_call>\\n" {obj} "\\n</tool_call>"')
-            first = f'{name}: {name}_call ("\\n" {name}_call)*' if more else f"{name}: {name}_call"
-        elif fmt == "llama3_json":
-            first = f'{name}: {obj} ("; " {obj})*' if more else f"{name}: {obj}"
-        else:  # mistral: [TOOL_CALLS] is the special token itself when it is one
-            token = self._tool_calls_token
-            marker = f"<[{token}]>" if token is not None else '"[TOOL_CALLS]"'
-            items = f'{obj} (", " {obj})*' if more else obj
-            first = f'{name}: {marker} "[" {items} "]"'
-        return [first, *rules]
-
-
-def _lark_literal(text: str) -> str:
-    """A Lark string literal (JSON's escapes are Lark's)."""
-    return json.dumps(text, ensure_ascii=False)
-
-
-def _constraint_rules(constraint: str, name: str, field: str) -> list[str]:
-    """Lark rules (rule ``name``) for a canonical JSON constraint."""
-    kind, value = grammar.parse(constraint)
-    if kind == "json_object":
-        value = {"type": "object"}
-    elif kind != "json":
-        raise ValidationError(f"`{field}`: only JSON constraints can follow reasoning or tools", field)
-    schema = {**value, "x-guidance": grammar.JSON_OPTIONS}
-    return [f"{name}: %json {json.dumps(schema, ensure_ascii=False)}"]
-
-
-def _reasoning_rules(reasoning: ReasoningParser | None, in_reasoning: bool, field: str) -> list[str]:
-    """The grammar's start: the reasoning the parser allows, then the rule ``answer``."""
-    if reasoning is None:
-        return ["start: answer"]
-    if reasoning.name not in THINK_PARSERS:
-        raise ValidationError(
-            f"`{field}` cannot be enforced after {reasoning.name} reasoning: start the server with "
-            "--reasoning-parser none to constrain the whole answer",
-            field,
-        )
-    return [
-        "start: thought answer" if in_reasoning else 'start: ("<think>" thought)? answer',
-        "thought: THOUGHT /\\s*/",
-        # any text up to the first </think>, one lexeme (a lexeme stopping before it could not be ended)
-        "THOUGHT: /(?s:.*)<\\/think>/ & ~/(?s:.*<\\/think>.+)/",
-    ]
 
 
 def render_calls(parser: str, calls: tuple[ToolCall, ...]) -> str:

@@ -34,7 +34,7 @@ from typing import Any
 
 from aiohttp import web
 
-from .agent import THINK_PARSERS, Agent, AssistantOutput, OutputDelta, OutputPlan, ReasoningDelta, Turn
+from .agent import Agent, AssistantOutput, OutputDelta, OutputPlan, ReasoningDelta, Turn
 from .anthropic_params import (
     Conversation,
     Thinking,
@@ -44,6 +44,7 @@ from .anthropic_params import (
     parse_sampling,
 )
 from .body import read_json_object
+from .call_grammar import THINK_PARSERS
 from .errors import (
     AuthenticationError,
     InferError,
@@ -347,16 +348,13 @@ async def _render(infer: Infer, agent: Agent, conversation: Conversation) -> Pro
     return Prompt(text, special, await infer.validator.run(infer.tokenizer.encode, text, special))
 
 
-def _valid_request(
-    infer: Infer, prompt: Prompt, options: Options, plan: OutputPlan, turn: Turn
-) -> ValidRequest:
+def _valid_request(infer: Infer, prompt: Prompt, options: Options, plan: OutputPlan) -> ValidRequest:
     """The request to run: the plan's grammar (a forced call, ``output_config.format``), its special tokens
     kept, and stop sequences kept in the text (``matched_stop`` reads which one ended it; the answer is
     cut before it)."""
     if plan.grammar is not None:
-        field = "tool_choice" if turn.choice.forced else turn.constraint_field
-        infer.validator.require_processor("grammar", field)
-        options = options.with_grammar(plan.grammar, field)
+        infer.validator.require_processor("grammar", plan.grammar_field)
+        options = options.with_grammar(plan.grammar, plan.grammar_field)
     [valid] = build_requests(
         infer, prompt.text, prompt.ids, options, 1, 0, False, False, plan.keep_special_ids
     )
@@ -433,9 +431,7 @@ async def _second_phase(
     if left < 1 or len(ids) > infer.config.max_input_length:
         return None
     plan = await infer.validator.run(agent.plan, turn, text)
-    return _valid_request(
-        infer, Prompt(text, prompt.special, ids), replace(options, max_tokens=left), plan, turn
-    )
+    return _valid_request(infer, Prompt(text, prompt.special, ids), replace(options, max_tokens=left), plan)
 
 
 def _joined(first: Finished, added: str, second: Finished | None) -> Finished:
@@ -468,7 +464,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
         turn = conversation.turn
         plan = await infer.validator.run(agent.plan, turn, prompt.text)
         budget = _budget(conversation, options, plan)
-        valid = _valid_request(infer, prompt, budget.first(options) if budget else options, plan, turn)
+        valid = _valid_request(infer, prompt, budget.first(options) if budget else options, plan)
         message_id = new_message_id()
         if options.stream:
             events = MessageEvents(

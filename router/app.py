@@ -52,7 +52,8 @@ async def _connect(app: web.Application) -> None:
                 "could never fit. Lower --max-total-tokens, or give the cache more memory"
             )
         prompter = ChatPrompter(tokenizer, config.chat_template, config.chat_wrapping)
-        state.agent = Agent(prompter, tokenizer, config.tool_call_parser, config.reasoning_parser)
+        lazy_calls = "grammar" in infer.validator.processors  # auto's lazy grammar needs the processor
+        state.agent = Agent(prompter, tokenizer, config.tool_call_parser, config.reasoning_parser, lazy_calls)
         state.infer = infer
         log.info("Router ready: %s on %s (%s)", config.model_id, info.device_type, info.dtype)
     except StartupRefused as e:

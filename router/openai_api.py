@@ -298,12 +298,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         )
         plan = await infer.validator.run(agent.plan, turn, text)
         if plan.grammar != options.constraint:
-            infer.validator.require_processor(
-                "grammar", "tool_choice" if turn.choice.forced else "response_format"
-            )
-            options = options.with_grammar(
-                plan.grammar, "tool_choice" if turn.choice.forced else "response_format"
-            )
+            infer.validator.require_processor("grammar", plan.grammar_field)
+            options = options.with_grammar(plan.grammar, plan.grammar_field)
         ids = await infer.validator.run(infer.tokenizer.encode, text, special)
         requests = build_requests(
             infer, text, ids, options, options.n, top_logprobs or 0, False, False, plan.keep_special_ids

@@ -69,10 +69,9 @@ class _Output:
     """One response's generated text -> the builder's events, read by the plan's parsers (the text is all
     answer when the plan reads nothing). Keeps the reasoning text, for the usage's reasoning tokens."""
 
-    def __init__(self, plan: OutputPlan, builder: ResponseBuilder, max_calls: int | None) -> None:
+    def __init__(self, plan: OutputPlan, builder: ResponseBuilder) -> None:
         self.stream = plan.stream() if plan.parses else None
         self.builder = builder
-        self.max_calls = max_calls
         self.reasoning: list[str] = []
 
     def feed(self, text: str, final: bool) -> list[Event]:
@@ -83,9 +82,8 @@ class _Output:
             if isinstance(delta, ReasoningDelta):
                 self.reasoning.append(delta.text)
                 events += self.builder.reasoning(delta.text)
-            elif isinstance(delta, ToolCallDelta):
-                if self.max_calls is None or delta.index < self.max_calls:
-                    events += self.builder.call(delta)
+            elif isinstance(delta, ToolCallDelta):  # the plan keeps max_tool_calls calls at most
+                events += self.builder.call(delta)
             elif isinstance(delta, ContentDelta):
                 events += self.builder.text(delta.text)
         return events
@@ -143,14 +141,13 @@ async def create_response(request: web.Request) -> web.StreamResponse:
         plan = await infer.validator.run(agent.plan, turn, text)
         options = parsed.options
         if plan.grammar is not None:
-            field = "tool_choice" if turn.choice.forced else "text"
-            infer.validator.require_processor("grammar", field)
-            options = options.with_grammar(plan.grammar, field)
+            infer.validator.require_processor("grammar", plan.grammar_field)
+            options = options.with_grammar(plan.grammar, plan.grammar_field)
         ids = await infer.validator.run(infer.tokenizer.encode, text, special)
         infer.validator.new_tokens_budget(len(ids), options.max_tokens, "max_output_tokens")
         [valid] = build_requests(infer, text, ids, options, 1, 0, False, False, plan.keep_special_ids)
         builder = ResponseBuilder(parsed.echo)
-        output = _Output(plan, builder, parsed.max_tool_calls)
+        output = _Output(plan, builder)
         if options.stream:
             return await _stream(request, infer, valid, parsed, items, builder, output)
         async with infer.request(valid) as entry:

@@ -67,7 +67,6 @@ class ResponsesRequest:
     previous_response_id: str | None
     turn: Turn
     options: Options
-    max_tool_calls: int | None
     store: bool
     template_kwargs: dict[str, Any]
     echo: dict[str, Any]
@@ -310,7 +309,7 @@ def parse_request(body: dict[str, Any], infer: Infer) -> ResponsesRequest:
     choice = _tool_choice(raw_choice, tools)
     parallel = fields.bool("parallel_tool_calls", True)
     max_tool_calls = fields.int("max_tool_calls", 1)
-    turn = Turn(tools, choice, parallel, constraint, "text")
+    turn = Turn(tools, choice, parallel, constraint, "text", max_tool_calls)
 
     reasoning = fields.raw("reasoning")
     kwargs: dict[str, Any] = {}
@@ -392,7 +391,6 @@ def parse_request(body: dict[str, Any], infer: Infer) -> ResponsesRequest:
         previous_response_id=previous,
         turn=turn,
         options=options,
-        max_tool_calls=max_tool_calls,
         store=store,
         template_kwargs=kwargs,
         echo=echo,

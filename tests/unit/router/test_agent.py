@@ -23,6 +23,7 @@ from router.agent import (
     Turn,
     check_tools,
 )
+from router.call_grammar import MAX_CALLS
 from router.chat import ChatPrompter, ChatWrapping
 from router.errors import ValidationError
 from router.reasoning import get_reasoning_parser
@@ -98,8 +99,8 @@ def ll_tokenizer(tiny_model_dir: Path, tokenizer: Tokenizer) -> llguidance.LLTok
     )
 
 
-def agent(tokenizer: Tokenizer, template: str | None = None, **flags: str) -> Agent:
-    return Agent(ChatPrompter(tokenizer, template, None), tokenizer, **flags)
+def agent(tokenizer: Tokenizer, template: str | None = None, lazy_calls: bool = False, **flags: str) -> Agent:
+    return Agent(ChatPrompter(tokenizer, template, None), tokenizer, lazy_calls=lazy_calls, **flags)
 
 
 def test_a_tool_aware_template_renders_tools_calls_and_results(tokenizer: Tokenizer) -> None:
@@ -202,7 +203,7 @@ def test_forced_calls_are_valid_on_every_path(
 def test_auto_is_free_and_response_format_constrains_the_content(
     tokenizer: Tokenizer, ll_tokenizer: llguidance.LLTokenizer
 ) -> None:
-    chatml = agent(tokenizer)
+    chatml = agent(tokenizer)  # shards without the grammar processor: no lazy grammar
     plan = chatml.plan(Turn((WEATHER,)), "prompt")
     assert plan.grammar is None and plan.tool_parser is not None and plan.parses
     plain = chatml.plan(Turn(), "prompt")
@@ -223,6 +224,162 @@ def test_auto_is_free_and_response_format_constrains_the_content(
     # tool_choice none: no parsing for calls, no grammar
     plan = chatml.plan(Turn((WEATHER,), ToolChoice("none")), "prompt")
     assert plan.grammar is None and plan.tool_parser is None
+
+
+def matcher_after(ll_tokenizer: llguidance.LLTokenizer, argument: str, text: str) -> llguidance.LLMatcher:
+    """A matcher of ``argument`` that has consumed ``text`` (asserted allowed)."""
+    matcher = llguidance.LLMatcher(ll_tokenizer, grammar.to_llguidance(argument), log_level=0)
+    assert matcher.consume_tokens(ll_tokenizer.tokenize_str(text)), matcher.get_error()
+    return matcher
+
+
+def allows(ll_tokenizer: llguidance.LLTokenizer, argument: str, text: str) -> bool:
+    """Whether the grammar allows ``text`` as the start of an answer."""
+    matcher = llguidance.LLMatcher(ll_tokenizer, grammar.to_llguidance(argument), log_level=0)
+    return bool(matcher.consume_tokens(ll_tokenizer.tokenize_str(text)))
+
+
+def only_eos_after(ll_tokenizer: llguidance.LLTokenizer, argument: str, text: str, eos: int) -> bool:
+    matcher = matcher_after(ll_tokenizer, argument, text)
+    mask = matcher.compute_logit_bias()
+    return matcher.is_accepting() and [i for i in range(ll_tokenizer.vocab_size) if mask[i]] == [eos]
+
+
+CALLED = (
+    '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "celsius"}}\n</tool_call>'
+)
+
+
+def test_auto_is_lazy_a_call_once_opened_follows_the_schema(
+    tokenizer: Tokenizer, ll_tokenizer: llguidance.LLTokenizer
+) -> None:
+    lazy = agent(tokenizer, lazy_calls=True)
+    plan = lazy.plan(Turn((WEATHER, TIME)), "prompt")
+    assert plan.grammar is not None and plan.grammar_field == "tools" and plan.tool_parser is not None
+    argument = plan.grammar
+    # free until the opener: any text, and the answer may end anywhere in it
+    for text in ["", "It is sunny in Oslo.", 'A <tool in text, {"name": 1}\n\n']:
+        assert matcher_after(ll_tokenizer, argument, text).is_accepting(), text
+    # once opened, the call is forced: a known name, arguments that follow its schema, the closing tag
+    for bad in [
+        'x <tool_call>\n{"name": "get_wind", ',
+        'x <tool_call>\n{"name": "get_weather", "arguments": {"city": 3',
+        'x <tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "kelvin"',
+        'x <tool_call>\n{"name": "get_time", "arguments": {"hour": 24',
+        "x <tool_call>hello",
+    ]:
+        assert not allows(ll_tokenizer, argument, bad), bad
+    assert not matcher_after(ll_tokenizer, argument, "Let me check. <tool_call>").is_accepting()
+    for seed in range(4):  # any path after the opener is a valid call; text may follow it
+        text = walk(ll_tokenizer, argument, seed, prefix="Let me check. <tool_call>")
+        answer = plan.parse(text)
+        assert answer.content == "Let me check." and len(answer.calls) == 1, text
+        assert_valid_calls(plan, text[text.index("<tool") :], (WEATHER, TIME), 1)
+    after = f"Sure.\n{CALLED}\nAnd the time:\n{CALLED.replace('Oslo', 'Rome')}\nDone."
+    answer = plan.parse(after)
+    assert matcher_after(ll_tokenizer, argument, after).is_accepting()
+    assert [json.loads(c.arguments)["city"] for c in answer.calls] == ["Oslo", "Rome"]
+    # the generic rendering's example writes no newlines around the object: allowed too
+    assert matcher_after(ll_tokenizer, argument, CALLED.replace("\n", "")).is_accepting()
+
+
+def test_auto_allows_as_many_calls_as_are_kept(
+    tokenizer: Tokenizer, ll_tokenizer: llguidance.LLTokenizer
+) -> None:
+    lazy = agent(tokenizer, lazy_calls=True)
+    single = lazy.plan(Turn((WEATHER,), parallel_tool_calls=False), "prompt")
+    assert single.grammar is not None and single.max_calls == 1
+    # after the one call kept, the opener cannot be written again (other text can)
+    assert matcher_after(ll_tokenizer, single.grammar, f"{CALLED}\nThat is all, <tool").is_accepting()
+    assert not allows(ll_tokenizer, single.grammar, f"{CALLED}\n<tool_call>")
+    bounded = lazy.plan(Turn((WEATHER,), max_calls=2), "prompt")
+    assert bounded.max_calls == 2
+    assert allows(ll_tokenizer, bounded.grammar or "", f"{CALLED}{CALLED}")
+    assert not allows(ll_tokenizer, bounded.grammar or "", f"{CALLED}{CALLED}<tool_call>")
+    unbounded = lazy.plan(Turn((WEATHER,)), "prompt")
+    assert unbounded.max_calls is None
+    assert allows(ll_tokenizer, unbounded.grammar or "", CALLED * MAX_CALLS)
+    assert not allows(ll_tokenizer, unbounded.grammar or "", CALLED * MAX_CALLS + "<tool_call>")
+
+
+@pytest.mark.parametrize("parser", ["hermes", "llama3_json", "mistral"])
+def test_forced_parallel_calls_end_after_the_limit(
+    tokenizer: Tokenizer, ll_tokenizer: llguidance.LLTokenizer, parser: str
+) -> None:
+    """tool_choice required with parallel calls: a model that keeps calling gets end of sequence only
+    after ``MAX_CALLS`` calls (or the request's own bound)."""
+    forced = agent(tokenizer, tool_call_parser=parser)
+    obj = '{"name": "get_time", "%s": {}}' % ("parameters" if parser == "llama3_json" else "arguments")
+    head, call, sep, close = {
+        "hermes": ("", f"<tool_call>\n{obj}\n</tool_call>", "\n", ""),
+        "llama3_json": ("", obj, "; ", ""),
+        "mistral": ("[TOOL_CALLS][", obj, ", ", "]"),
+    }[parser]
+    eos = tokenizer.eos_token_id
+    for turn, limit in [
+        (Turn((WEATHER, TIME), ToolChoice("required")), MAX_CALLS),
+        (Turn((WEATHER, TIME), ToolChoice("required"), max_calls=3), 3),
+    ]:
+        plan = forced.plan(turn, "prompt")
+        argument = plan.grammar or ""
+        assert allows(ll_tokenizer, argument, head + sep.join([call] * (limit - 1)) + sep)
+        assert not allows(ll_tokenizer, argument, head + sep.join([call] * limit) + sep)
+        whole = head + sep.join([call] * limit) + close
+        assert only_eos_after(ll_tokenizer, argument, whole, eos), parser
+        assert len(plan.parse(whole).calls) == limit
+
+
+def test_auto_stays_free_where_a_grammar_cannot_follow(tokenizer: Tokenizer) -> None:
+    turn = Turn((WEATHER,))
+    assert agent(tokenizer, lazy_calls=True, tool_call_parser="pythonic").plan(turn, "p").grammar is None
+    harmony = agent(tokenizer, THINK_TEMPLATE, lazy_calls=True, reasoning_parser="gpt_oss")
+    assert harmony.plan(turn, "p").grammar is None
+    # with a response_format, auto allows calls or that content (the forced calls' rules), lazy or not
+    constraint = grammar.canonical("json_object")
+    assert agent(tokenizer, lazy_calls=True).plan(Turn((WEATHER,), constraint=constraint), "p").grammar == (
+        agent(tokenizer).plan(Turn((WEATHER,), constraint=constraint), "p").grammar
+    )
+
+
+def test_lazy_calls_after_the_reasoning(tokenizer: Tokenizer, ll_tokenizer: llguidance.LLTokenizer) -> None:
+    thinker = agent(tokenizer, THINK_TEMPLATE, lazy_calls=True)
+    prompt, _ = thinker.render([ChatMessage("user", "Weather?")], Turn())
+    plan = thinker.plan(Turn((WEATHER,)), prompt)
+    argument = plan.grammar or ""
+    # the reasoning may write the opener freely (it is not a call); the answer's call is forced
+    assert matcher_after(
+        ll_tokenizer, argument, "I could use <tool_call> here.</think>\n\nIt is sunny."
+    ).is_accepting()
+    assert not allows(ll_tokenizer, argument, 'ok</think>\n\n<tool_call>\n{"name": "get_time"')
+    text = walk(ll_tokenizer, argument, 0, prefix="Call it.</think>\n\n<tool_call>")
+    answer = plan.parse(text)
+    assert answer.reasoning == "Call it." and [c.name for c in answer.calls] == ["get_weather"]
+
+
+def test_lazy_opener_that_is_a_special_token(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(tiny_model_dir)
+    hf.add_special_tokens({"additional_special_tokens": ["[TOOL_CALLS]"]})
+    hf.save_pretrained(tmp_path)
+    tok = Tokenizer(tmp_path)
+    marker = tok.hf.convert_tokens_to_ids("[TOOL_CALLS]")
+    ll = llguidance.LLTokenizer((tmp_path / "tokenizer.json").read_text(), eos_token=[tok.eos_token_id])
+    plan = agent(tok, tool_call_parser="mistral", lazy_calls=True).plan(Turn((WEATHER, TIME)), "prompt")
+    argument = plan.grammar or ""
+    assert f"<[{marker}]>" in grammar.parse(argument)[1]
+    # the token opens the call; the text "[TOOL_CALLS]" spelled out is only text
+    matcher = llguidance.LLMatcher(ll, grammar.to_llguidance(argument), log_level=0)
+    spelled = ll.tokenize_str("We have [TOOL_") + ll.tokenize_str("CALLS] as text.")
+    assert marker not in spelled and matcher.consume_tokens(spelled) and matcher.is_accepting()
+    matcher = llguidance.LLMatcher(ll, grammar.to_llguidance(argument), log_level=0)
+    assert matcher.consume_tokens([*ll.tokenize_str("Sure."), marker])
+    assert not matcher.consume_tokens(ll.tokenize_str('[{"name": "get_weather", "arguments": {"city": 5'))
+    matcher = llguidance.LLMatcher(ll, grammar.to_llguidance(argument), log_level=0)
+    text = '[{"name": "get_time", "arguments": {"hour": 7}}]'
+    assert matcher.consume_tokens([*ll.tokenize_str("Sure."), marker, *ll.tokenize_str(text)])
+    assert matcher.is_accepting()
+    assert [c.name for c in plan.parse("Sure.[TOOL_CALLS]" + text).calls] == ["get_time"]
 
 
 def test_constraints_apply_after_the_reasoning(

@@ -3,6 +3,7 @@ streamed at every split the same as whole; reasoning first; max_tool_calls."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -22,11 +23,9 @@ TEXT = (
 PLAN = OutputPlan(tool_parser=HermesParser(), reasoning_parser=ThinkReasoningParser())
 
 
-def run(
-    plan: OutputPlan, pieces: list[str], max_calls: int | None = None
-) -> tuple[list[str], dict[str, Any]]:
+def run(plan: OutputPlan, pieces: list[str]) -> tuple[list[str], dict[str, Any]]:
     builder = ResponseBuilder({"model": "m", "tools": [], "tool_choice": "auto", "parallel_tool_calls": True})
-    output = _Output(plan, builder, max_calls)
+    output = _Output(plan, builder)
     events = builder.start()
     for i, piece in enumerate(pieces):
         events += output.feed(piece, i == len(pieces) - 1)
@@ -66,7 +65,8 @@ def test_streamed_at_any_split_equals_whole(size: int) -> None:
 
 
 def test_max_tool_calls_keeps_the_first_calls() -> None:
-    _, response = run(PLAN, [TEXT], max_calls=1)
+    # the plan of a request with max_tool_calls 1 (Turn.max_calls -> OutputPlan.max_calls, router/agent.py)
+    _, response = run(replace(PLAN, max_calls=1), [TEXT])
     assert [name for name, _ in shape(response)] == ["reasoning", "message", "get_weather"]
 
 

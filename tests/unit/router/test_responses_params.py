@@ -141,7 +141,7 @@ def test_function_tools_and_choices(infer: SimpleNamespace) -> None:
     )
     tool = FunctionTool("get_weather", "The weather in a city", WEATHER["parameters"])
     assert request.turn.tools == (tool,) and request.turn.choice == ToolChoice("required")
-    assert not request.turn.parallel_tool_calls and request.max_tool_calls == 2
+    assert not request.turn.parallel_tool_calls and request.turn.max_calls == 2
     assert request.echo["tools"] == [WEATHER] and request.echo["tool_choice"] == "required"
     named = parse(infer, tools=[WEATHER], tool_choice={"type": "function", "name": "get_weather"})
     assert named.turn.choice == ToolChoice("function", "get_weather")
