@@ -152,7 +152,7 @@ class DecoderLayer(nn.Module):
         self.mlp: MLP | MoE = (
             self.dense_mlp(spec, prefix, w, parallel)
             if layer.moe is None
-            else load_moe(layer.moe, prefix, w, parallel, spec.activation)
+            else load_moe(layer.moe, prefix, w.get, parallel, spec.activation)
         )
         self.input_norm = w.norm(f"{prefix}.{names.input_norm}.weight", spec)
         self.mlp_norm = w.norm(f"{prefix}.{names.mlp_norm}.weight", spec)

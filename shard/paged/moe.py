@@ -21,7 +21,8 @@ routing decisions are what a quantization error would flip).
 
 from __future__ import annotations
 
-from typing import Protocol, cast
+from collections.abc import Callable
+from typing import cast
 
 import torch
 from torch import nn
@@ -34,16 +35,9 @@ from .spec import MoESpec
 LOCAL = Parallel()
 
 
-class TensorSource(Protocol):
-    """Where the layer's tensors come from (model.Weights): the tensor, or its [start, end) along dim."""
-
-    def get(
-        self,
-        name: str,
-        dim: int | None = None,
-        part: tuple[int, int] | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> torch.Tensor: ...
+# Where the layer's tensors come from (model.Weights.get): a tensor by name, or its [start, end) along a
+# dimension.
+TensorSource = Callable[[str, int | None, tuple[int, int] | None], torch.Tensor]
 
 
 class MoE(nn.Module):
@@ -99,7 +93,7 @@ class MoE(nn.Module):
 
 
 def load_moe(
-    spec: MoESpec, prefix: str, w: TensorSource, parallel: Parallel, activation: str = "silu"
+    spec: MoESpec, prefix: str, get: TensorSource, parallel: Parallel, activation: str = "silu"
 ) -> MoE:
     """The MoE MLP of the decoder layer under ``prefix`` (``model.layers.{i}``): this rank's slice of each
     expert's inner dimension (refused when the ranks do not divide it), the whole router."""
@@ -109,7 +103,7 @@ def load_moe(
     experts = []
     for e in range(spec.num_experts):
         name = f"{block}.{spec.experts}.{e}"
-        gate_up = torch.cat([w.get(f"{name}.{gate}.weight", 0, ff), w.get(f"{name}.{up}.weight", 0, ff)])
-        down_part = w.get(f"{name}.{down}.weight", 1, ff)
+        gate_up = torch.cat([get(f"{name}.{gate}.weight", 0, ff), get(f"{name}.{up}.weight", 0, ff)])
+        down_part = get(f"{name}.{down}.weight", 1, ff)
         experts.append(MLP(ColumnLinear(gate_up), RowLinear(down_part, LOCAL), activation))
-    return MoE(w.get(f"{block}.{spec.router}.weight"), experts, spec, parallel)
+    return MoE(get(f"{block}.{spec.router}.weight", None, None), experts, spec, parallel)

@@ -7,9 +7,9 @@ import os
 import time
 
 import pytest
-import torch
 
 from tests.e2e.harness import free_port
+from tests.processes import run_ranks
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -73,23 +73,7 @@ def _node(rank: int, world: int, port: int, scenario: str, queue) -> None:
 
 def _run(world: int, scenario: str, reporting: int) -> dict[int, object]:
     """Runs ``scenario`` on ``world`` processes; returns what the ``reporting`` ranks that report said."""
-    ctx = torch.multiprocessing.get_context("spawn")
-    queue = ctx.Queue()
-    port = free_port()
-    processes = [ctx.Process(target=_node, args=(r, world, port, scenario, queue)) for r in range(world)]
-    for p in processes:
-        p.start()
-    results: dict[int, object] = {}
-    try:
-        for _ in range(reporting):
-            rank, value = queue.get(timeout=180)
-            results[rank] = value
-    finally:
-        for p in processes:
-            if p.is_alive():
-                p.kill()
-            p.join(10)
-    return results
+    return run_ranks(_node, world, (world, free_port(), scenario), reporting)
 
 
 def test_followers_run_rank_0s_calls_in_order_until_it_stops() -> None:

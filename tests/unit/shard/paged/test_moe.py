@@ -21,6 +21,7 @@ from shard.paged.model import UnsupportedModelError
 from shard.paged.moe import MoE
 from shard.paged.quant import QuantColumnLinear, QuantRowLinear
 from tests.e2e.harness import free_port
+from tests.processes import run_ranks
 from tests.unit.shard.paged.test_architectures import (
     CPU,
     build,
@@ -142,22 +143,7 @@ def test_two_gloo_ranks_equal_one(tiny_model_dir: Path, tmp_path: Path) -> None:
     included."""
     path = build(tmp_path / "tp", tiny_model_dir, qwen3_moe_config)
     one = run_paged(backend(path), prompts())
-    ctx = torch.multiprocessing.get_context("spawn")
-    queue = ctx.Queue()
-    port = free_port()
-    processes = [ctx.Process(target=_rank, args=(r, port, path, queue)) for r in range(2)]
-    for p in processes:
-        p.start()
-    results: dict[int, Any] = {}
-    try:
-        for _ in range(2):
-            rank, value = queue.get(timeout=240)
-            results[rank] = value
-    finally:
-        for p in processes:
-            if p.is_alive():
-                p.kill()
-            p.join(10)
+    results = run_ranks(_rank, 2, (free_port(), path), reporting=2, timeout=240)
     assert results == {0: one, 1: one}
 
 
