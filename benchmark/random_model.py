@@ -1,10 +1,16 @@
-"""``text-generation-benchmark random-model``: a Llama-shaped model directory with random weights.
+"""``text-generation-benchmark random-model``: a model directory with random weights.
 
 The GPU benchmark (benchmark/gpu.sh) needs a model of a given size, not a given quality, and no hub is
 reachable from the machines it runs on: this writes ``config.json``, ``generation_config.json``, one
 ``model.safetensors`` of normal(0, 0.02) weights (norms at 1) and a byte-level tokenizer (256 byte
 tokens and an end token, no merges), which the shard, the router and transformers' ``generate`` all load
 as they would a real checkpoint.
+
+``--arch`` writes the same shape as another architecture, so that the step benchmark can set each
+architecture's extras beside a dense Llama of the same active size: ``mixtral`` (8 experts, top 2, each
+expert half the Llama's MLP width: the same products per token, 4x the MLP weights) and ``gemma2``
+(GeGLU, sandwich norms, soft-capping, alternating 4,096-token sliding windows). These two are made by
+transformers' own model class (its random initialization, std 0.02) and saved as it saves them.
 """
 
 from __future__ import annotations
@@ -40,6 +46,8 @@ class Shape:
 SHAPES = {
     # Llama 3.2 1B: 1.24 billion parameters, 2.47 GB in bfloat16.
     "llama-1b": Shape(hidden=2048, intermediate=8192, layers=16, heads=32, kv_heads=8, vocab=128256),
+    # The architectures side by side on a CPU (--arch; docs/benchmarks.md): 29 million parameters as Llama.
+    "small": Shape(hidden=512, intermediate=1536, layers=8, heads=8, kv_heads=4, vocab=8192),
     # For tests: a few hundred thousand parameters.
     "tiny": Shape(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, vocab=512),
 }
@@ -95,35 +103,61 @@ def write_tokenizer(path: Path) -> int:
     return vocab[END]
 
 
-def write_model(path: Path, shape: Shape, dtype_name: str = "bfloat16", seed: int = 0) -> Path:
+ARCHS = ("llama", "mixtral", "gemma2")
+EXPERTS, TOP_K = 8, 2  # --arch mixtral
+
+
+def config_of(arch: str, shape: Shape, end: int, dtype_name: str) -> Any:
+    """The transformers config of ``shape`` as ``arch`` (see the module docstring)."""
+    from transformers import Gemma2Config, LlamaConfig, MixtralConfig
+
+    common: dict[str, Any] = dict(
+        vocab_size=shape.vocab, hidden_size=shape.hidden, num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads, max_position_embeddings=8192,
+        tie_word_embeddings=shape.tied, eos_token_id=end, bos_token_id=end, pad_token_id=end,
+        torch_dtype=dtype_name,
+    )  # fmt: skip
+    if arch == "llama":
+        return LlamaConfig(
+            intermediate_size=shape.intermediate,
+            rms_norm_eps=1e-5,
+            **common,
+            rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+        )
+    if arch == "mixtral":
+        return MixtralConfig(
+            intermediate_size=shape.intermediate // TOP_K, num_local_experts=EXPERTS, num_experts_per_tok=TOP_K,
+            **common,
+        )  # fmt: skip
+    if arch == "gemma2":
+        d = shape.hidden // shape.heads
+        return Gemma2Config(
+            intermediate_size=shape.intermediate, head_dim=d, query_pre_attn_scalar=d, sliding_window=4096,
+            **common,
+        )  # fmt: skip
+    raise ValueError(f"unknown architecture {arch!r} (known: {', '.join(ARCHS)})")
+
+
+def write_model(
+    path: Path, shape: Shape, dtype_name: str = "bfloat16", seed: int = 0, arch: str = "llama"
+) -> Path:
     """Writes the model directory (created if needed) and returns it."""
     import torch
     from safetensors.torch import save_file
-    from transformers import GenerationConfig, LlamaConfig
+    from transformers import AutoModelForCausalLM, GenerationConfig
 
     dtype = getattr(torch, dtype_name)
     path.mkdir(parents=True, exist_ok=True)
     end = write_tokenizer(path)
     if end >= shape.vocab:
         raise ValueError(f"a vocabulary of {shape.vocab} cannot hold the tokenizer's {end + 1} tokens")
-    config = LlamaConfig(
-        vocab_size=shape.vocab,
-        hidden_size=shape.hidden,
-        intermediate_size=shape.intermediate,
-        num_hidden_layers=shape.layers,
-        num_attention_heads=shape.heads,
-        num_key_value_heads=shape.kv_heads,
-        max_position_embeddings=8192,
-        rope_theta=500000.0,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=shape.tied,
-        eos_token_id=end,
-        bos_token_id=end,
-        pad_token_id=end,
-        torch_dtype=dtype_name,
-    )
-    config.save_pretrained(path)
+    config = config_of(arch, shape, end, dtype_name)
     GenerationConfig(eos_token_id=end, bos_token_id=end, pad_token_id=end).save_pretrained(path)
+    if arch != "llama":
+        torch.manual_seed(seed)
+        AutoModelForCausalLM.from_config(config, dtype=dtype).save_pretrained(path, safe_serialization=True)
+        return path
+    config.save_pretrained(path)
     save_file(tensors(shape, dtype, seed), str(path / "model.safetensors"), metadata={"format": "pt"})
     return path
 
@@ -132,13 +166,16 @@ def run_command(args: argparse.Namespace) -> int:
     shape = SHAPES[args.shape]
     started = time.perf_counter()
     try:
-        write_model(Path(args.output), shape, args.dtype, args.seed)
+        write_model(Path(args.output), shape, args.dtype, args.seed, args.arch)
     except (OSError, ValueError) as e:
         print(f"text-generation-benchmark random-model: error: {e}", file=sys.stderr)
         return 1
+    size = (
+        f"{shape.parameters() / 1e6:,.1f} million parameters" if args.arch == "llama" else "its active size"
+    )
     print(
-        f"{args.shape}: {shape.parameters() / 1e6:,.1f} million parameters ({args.dtype}) written to "
-        f"{args.output} in {time.perf_counter() - started:.1f} s"
+        f"{args.shape} ({args.arch}, {size}, {args.dtype}) written to {args.output} in "
+        f"{time.perf_counter() - started:.1f} s"
     )
     return 0
 
@@ -153,6 +190,8 @@ def register(commands: Any) -> None:
         description="Writes config, random safetensors weights and a byte-level tokenizer for a Llama shape.",
     )
     p.add_argument("--shape", choices=sorted(SHAPES), default="llama-1b", help="(default: %(default)s)")
+    p.add_argument("--arch", choices=ARCHS, default="llama",
+                   help="the shape as this architecture, at the same active size (default: %(default)s)")  # fmt: skip
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
     p.add_argument("--seed", type=non_negative_int, default=0, help="(default: %(default)s)")
     p.add_argument("--output", metavar="DIR", required=True, help="model directory to write")
