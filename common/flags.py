@@ -32,6 +32,8 @@ class Flag:
     env: str | None = None
     # The flag's name when it differs from the field's (``--plugin`` for ``plugins``).
     name: str | None = None
+    # A one-letter alias (``-p`` for ``--port``), as TGI's launcher has.
+    short: str | None = None
     hidden: bool = False
     # A positional argument rather than an option.
     argument: bool = False
@@ -39,6 +41,9 @@ class Flag:
     cli_type: Any = None
     parse: Callable[[Any], Any] | None = None
     show_default: bool = True
+    # Read from the command line only, never from an environment variable (the test-only switches: an
+    # environment left behind must not turn them on in production).
+    no_env: bool = False
 
 
 def flag(default: Any = MISSING, *, help: str, **kwargs: Any) -> Any:
@@ -110,7 +115,10 @@ def parameters(cls: type, *, env: bool = False, skip: tuple[str, ...] = ()) -> l
             info = typer.Argument(help=meta.help, show_default=meta.show_default)
         else:
             envvar = meta.env or (name.upper() if env else None)
-            info = typer.Option(help=meta.help, envvar=envvar, show_envvar=envvar is not None,
+            if meta.no_env:
+                envvar = None
+            decls = (f"--{name.replace('_', '-')}", meta.short) if meta.short else ()
+            info = typer.Option(*decls, help=meta.help, envvar=envvar, show_envvar=envvar is not None,
                                 hidden=meta.hidden, show_default=meta.show_default)  # fmt: skip
         kind = inspect.Parameter.KEYWORD_ONLY
         out.append(inspect.Parameter(name, kind, default=default, annotation=Annotated[annotation, info]))

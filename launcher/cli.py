@@ -54,18 +54,42 @@ def print_plugins(enabled: tuple[str, ...]) -> None:
         typer.echo("  ".join([*(cell.ljust(w) for cell, w in zip(row[:3], widths, strict=True)), row[3]]))
 
 
+def nvidia_smi() -> str:
+    """``nvidia-smi``'s report, as TGI's --env prints it ("N/A" where there is none)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("nvidia-smi") is None:
+        return "N/A"
+    try:
+        done = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"N/A ({e})"
+    return done.stdout.strip() or f"N/A (exit {done.returncode})"
+
+
 def print_env() -> None:
-    """TGI's --env: what this launcher runs on."""
+    """TGI's --env (-e): what this launcher runs on, printed before it starts."""
+    import importlib.metadata
+
     import torch
 
     cuda = torch.cuda.is_available()
+    try:
+        version = importlib.metadata.version("text-generation-server")
+    except importlib.metadata.PackageNotFoundError:
+        version = "N/A (not installed)"
     rows = {
+        "Server version": version,
         "Python": sys.version.split()[0],
         "Platform": platform.platform(),
         "Torch": torch.__version__,
         "CUDA available": cuda,
+        "CUDA version": torch.version.cuda or "N/A",
         "GPUs": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else [],
         "CPU cores": os.cpu_count(),
+        "Docker label": os.environ.get("DOCKER_LABEL", "N/A"),
+        "nvidia-smi": nvidia_smi(),
     }
     for key, value in rows.items():
         print(f"{key + ':':16} {value}")
@@ -106,6 +130,8 @@ def launch(list_plugins: bool, **values: object) -> None:
     except PluginError as e:
         typer.echo(f"Error: {e}", err=True)
         raise typer.Exit(2) from None
+    if config.ngrok_authtoken or config.ngrok_edge:
+        log.warning("--ngrok-authtoken and --ngrok-edge have no effect without --ngrok, as in TGI")
     if config.trust_remote_code:
         log.warning("`--trust-remote-code` is set: the model's own code from the hub will run")
 

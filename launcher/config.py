@@ -13,6 +13,7 @@ from common.flags import DEFAULT_UDS_PATH, default_of, flag
 from common.quantize import BITSANDBYTES, CT2
 from common.sharding import sharding_problem
 from router.config import RouterConfig
+from router.parsers import parser_problem
 from shard.config import ShardConfig
 
 QUANTIZE_CHOICES = ("bitsandbytes", "bitsandbytes-nf4", "bitsandbytes-fp4", "gptq", "ct2", "int8", "int4")
@@ -29,6 +30,10 @@ DEFAULT_MAX_INPUT_LENGTH: int = default_of(RouterConfig, "max_input_length")
 DEFAULT_MAX_TOTAL_TOKENS: int = default_of(RouterConfig, "max_total_tokens")
 # The keys a config.json names its context length by, in the order they are looked up.
 POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "max_sequence_length", "seq_length")
+
+
+# The longest path a Unix socket address holds (sun_path, less its terminating NUL).
+MAX_SOCKET_PATH = 107
 
 
 class ArgumentError(ValueError):
@@ -116,8 +121,13 @@ class LauncherConfig:
         _router("max_waiting_tokens"), help="Decode steps before waiting requests are forced in."
     )
     hostname: str = flag(_router("hostname"), help="Address to listen on.")
-    port: int = flag(_router("port"), help="HTTP port.")
-    shard_uds_path: str = flag(DEFAULT_UDS_PATH, help="Shard socket prefix (-RANK is appended).")
+    port: int = flag(_router("port"), help="HTTP port.", short="-p")
+    # The sockets go in a private directory made beside this prefix (launcher/supervisor.py).
+    shard_uds_path: str = flag(
+        DEFAULT_UDS_PATH,
+        help="Shard socket prefix: the sockets ({name}-RANK) go in a directory only this user can enter, "
+        "made beside it for the run and removed at exit.",
+    )
     master_addr: str = flag("localhost", help="torch.distributed master address.")
     master_port: int = flag(29500, help="torch.distributed master port.")
     # Several machines: this launcher's node among ``nnodes``; node 0 runs the router (docs/architecture.md).
@@ -149,7 +159,7 @@ class LauncherConfig:
         _router("strict_model_name"),
         help="Answer 404 to a `model` that is not a served name (default: any name is served).",
     )
-    env: bool = flag(False, help="Print the runtime environment first.")
+    env: bool = flag(False, help="Print the runtime environment first (then start).", short="-e")
     api_key: str | None = flag(None, help="Bearer token required on every route but /health (and /metrics).")
     metrics_require_auth: bool = flag(
         _router("metrics_require_auth"), help="Require the API key on /metrics too."
@@ -160,8 +170,12 @@ class LauncherConfig:
         help="Seconds in-flight requests get to finish after SIGTERM.",
     )
     # Test-only fault hooks (a request parameter that breaks its own step); never on in production.
+    # Command line only: no environment variable turns it on.
     fault_injection: bool = flag(
-        _router("fault_injection"), help="Test only: honour the `fault` request parameter.", hidden=True
+        _router("fault_injection"),
+        help="Test only: honour the `fault` request parameter.",
+        hidden=True,
+        no_env=True,
     )
     # Model backend for the shards: auto (paged where it applies), paged or transformers.
     backend: str = flag(
@@ -194,6 +208,17 @@ class LauncherConfig:
     watermark_delta: float = flag(
         _shard("watermark_delta"), help="Watermark: logit boost of green-list tokens."
     )
+    # TGI's flag: our compiled CPU kernels (shard/paged/kernels.py) and CUDA graphs off.
+    disable_custom_kernels: bool = flag(
+        _shard("disable_custom_kernels"),
+        help="Run plain torch operations: no compiled CPU kernels, no CUDA graphs.",
+    )
+    # TGI's ngrok tunnel: refused (``validate``), as this server opens no tunnel.
+    ngrok: bool = flag(
+        False, help="Refused: this server opens no ngrok tunnel (run the ngrok agent beside it)."
+    )
+    ngrok_authtoken: str | None = flag(None, help="TGI's ngrok token; only with --ngrok, which is refused.")
+    ngrok_edge: str | None = flag(None, help="TGI's ngrok edge; only with --ngrok, which is refused.")
     # The share of each CUDA device a shard may use (TGI's flag); only 1.0 without a CUDA device.
     cuda_memory_fraction: float = flag(
         _shard("cuda_memory_fraction"),
@@ -352,6 +377,20 @@ class LauncherConfig:
                 parse_cuda_graphs(self.cuda_graphs)
             except ValueError as e:
                 raise ArgumentError(str(e)) from None
+        self._validate_uds_path()
+        if self.ngrok:
+            raise ArgumentError(
+                "`--ngrok` is not supported: this server opens no tunnel. Run the ngrok agent beside it "
+                f"(`ngrok http {self.port}`) or expose the port through your own ingress"
+            )
+        if self.disable_custom_kernels and self.cuda_graphs not in (None, "0"):
+            raise ArgumentError(
+                f"`--cuda-graphs {self.cuda_graphs}` cannot be honoured with `--disable-custom-kernels`, which "
+                "turns CUDA graphs off: leave one of them out"
+            )
+        problem = parser_problem(self.tool_call_parser, self.reasoning_parser)
+        if problem:
+            raise ArgumentError(problem)
         if self.num_shard is not None and self.num_shard < 1:
             raise ArgumentError(f"`num_shard` must be >= 1. Given: {self.num_shard}")
         if self.nnodes < 1:
@@ -379,6 +418,22 @@ class LauncherConfig:
         if self.global_world_size() > 1 and self.backend == "transformers":
             raise ArgumentError(
                 f"`{self._shards()}`: the transformers backend cannot shard; use --backend auto"
+            )
+
+    def _validate_uds_path(self) -> None:
+        """The private directory is made in --shard-uds-path's parent, and each socket path must fit a Unix
+        socket address."""
+        uds = Path(self.shard_uds_path)
+        if not uds.name or not uds.parent.is_dir():
+            raise ArgumentError(
+                f"`shard_uds_path` must be a name in an existing directory. Given: {self.shard_uds_path}"
+            )
+        # {parent}/{name}-{12 hex}/{name}-{rank}, as launcher/supervisor.py makes it.
+        longest = uds.parent / f"{uds.name}-{'0' * 12}" / f"{uds.name}-{self.global_world_size() - 1}"
+        if len(os.fsencode(longest)) > MAX_SOCKET_PATH:
+            raise ArgumentError(
+                f"`shard_uds_path` is too long: its sockets' paths (e.g. {longest}) must be at most "
+                f"{MAX_SOCKET_PATH} bytes"
             )
 
     def _validate_quantize(self) -> None:

@@ -13,11 +13,11 @@ import contextlib
 import ctypes
 import logging
 import os
+import secrets
 import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -127,17 +127,29 @@ class Supervisor:
         self.signals = 0
         self.failed = False
         self._stop_requested = threading.Event()
-        # The children's config files (readable by this user only), removed at shutdown.
-        self._run_dir: Path | None = None
+        # This run's private directory (0700, removed at shutdown): the shards' sockets and the children's
+        # config files. Beside --shard-uds-path's prefix, under a name no other user can guess; created
+        # when first needed (``run_dir``).
+        uds = Path(self.config.shard_uds_path)
+        self._run_dir = uds.parent / f"{uds.name}-{secrets.token_hex(6)}"
+        self._run_dir_made = False
 
     def run_dir(self) -> Path:
-        if self._run_dir is None:
-            self._run_dir = Path(tempfile.mkdtemp(prefix="text-generation-launcher-"))
+        """The private directory, made on first use: a fresh one (never an existing one, which another
+        user could have made), that only this user can enter."""
+        if not self._run_dir_made:
+            os.mkdir(self._run_dir, 0o700)
+            os.chmod(self._run_dir, 0o700)  # whatever the umask
+            self._run_dir_made = True
         return self._run_dir
 
     # -- commands ---------------------------------------------------------------------------------
+    def socket_prefix(self) -> str:
+        """The shards' socket prefix (``{prefix}-{rank}``), inside the private directory."""
+        return str(self._run_dir / Path(self.config.shard_uds_path).name)
+
     def shard_socket(self, rank: int) -> str:
-        return f"{self.config.shard_uds_path}-{rank}"
+        return f"{self.socket_prefix()}-{rank}"
 
     def ranks(self) -> range:
         """The global ranks of this node's shards."""
@@ -152,7 +164,7 @@ class Supervisor:
         c = self.config
         return ShardConfig(
             model_path=self.model.path,
-            uds_path=c.shard_uds_path,
+            uds_path=self.socket_prefix(),
             dtype=c.dtype,
             quantize=c.quantize,
             trust_remote_code=c.trust_remote_code,
@@ -160,6 +172,7 @@ class Supervisor:
             rank=rank,
             world_size=self.world_size,
             fault_injection=c.fault_injection,
+            disable_custom_kernels=c.disable_custom_kernels,
             ct2_threads=c.ct2_threads,
             ct2_max_batches=c.ct2_max_batches,
             cuda_graphs=None if c.cuda_graphs is None else parse_cuda_graphs(c.cuda_graphs),
@@ -201,7 +214,7 @@ class Supervisor:
             model_id=m.model_id,
             model_sha=m.sha,
             model_weights=m.weights,
-            shard_uds_path=c.shard_uds_path,
+            shard_uds_path=self.socket_prefix(),
             num_shard=self.world_size,
             hostname=c.hostname,
             port=c.port,
@@ -269,9 +282,8 @@ class Supervisor:
             self.shutdown()
 
     def _run(self) -> int:
+        self.run_dir()  # the sockets' directory, before any shard binds in it
         for rank in self.ranks():
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.shard_socket(rank))
             shard = Child(self.shard_name(rank), self.shard_command(rank), self.shard_env(rank))
             log.info("Starting shard %d", rank)
             shard.start()
@@ -359,9 +371,6 @@ class Supervisor:
             t.start()
         for t in threads:
             t.join()
-        for rank in self.ranks():
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.shard_socket(rank))
-        if self._run_dir is not None:
+        if self._run_dir_made:  # the sockets and the config files
             shutil.rmtree(self._run_dir, ignore_errors=True)
         log.info("Shut down")

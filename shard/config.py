@@ -38,6 +38,9 @@ class ShardConfig:
         None, help="Batch sizes captured as CUDA graphs (0: none; default: 1 to 256).", cli_type=str | None,
         parse=parse_cuda_graphs,
     )  # fmt: skip
+    # TGI's --disable-custom-kernels: plain torch operations only, no compiled CPU kernels
+    # (shard/paged/kernels.py) and no CUDA graphs.
+    disable_custom_kernels: bool = flag(False, help="No compiled CPU kernels, no CUDA graphs.")
     # Optional plugins enabled with --plugin (common/plugins.py); built-in ones are always loaded.
     plugins: tuple[str, ...] = flag((), name="plugin", help="Enable an optional plugin (repeatable).")
     # The watermark processor's green-list fraction and logit boost (TGI's --watermark-gamma/-delta).

@@ -387,6 +387,11 @@ async def serve(config: ShardConfig) -> None:
 def _load_core(config: ShardConfig, device: torch.device, parallel: Parallel) -> EngineCore:
     """Loads the backend and the logits processors and builds the engine core (on the model thread)."""
     started = time.perf_counter()
+    if config.disable_custom_kernels:
+        from .paged.kernels import disable
+
+        disable("disabled by --disable-custom-kernels")
+        log.info("Custom kernels off (--disable-custom-kernels): plain torch operations, no CUDA graphs")
     backend = load_backend(config, device, parallel)
     log.info("Model ready in %.1f s", time.perf_counter() - started)
     if config.fault_injection:

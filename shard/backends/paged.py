@@ -324,6 +324,7 @@ def load(config: ShardConfig, device: torch.device, parallel: Parallel) -> Paged
     """The ``paged`` entry point of ``text_generation.backends``."""
     quantize = config.quantize if config.quantize in ("int8", "int4") else None
     return PagedBackend(
-        config.model_path, device, config.dtype, parallel, quantize=quantize, cuda_graphs=config.cuda_graphs,
+        config.model_path, device, config.dtype, parallel, quantize=quantize,
+        cuda_graphs=() if config.disable_custom_kernels else config.cuda_graphs,
         kv_cache_tokens=config.max_batch_total_tokens, memory_fraction=config.cuda_memory_fraction,
     )  # fmt: skip

@@ -101,6 +101,17 @@ def _build() -> None:
     )
 
 
+def disable(reason: str) -> None:
+    """Keeps this process off the kernels (``--disable-custom-kernels``): ``load_kernels`` returns False
+    from now on, and ``build_error`` gives ``reason``. Raises RuntimeError when they are loaded already
+    (a caller may have taken their path)."""
+    global _loaded, _error
+    with _lock:
+        if _loaded is True:
+            raise RuntimeError("the CPU kernels are loaded already: disable them before the model loads")
+        _loaded, _error = False, reason
+
+
 def load_kernels() -> bool:
     """Builds (first time on this machine) and loads the CPU kernels; False when that is not possible
     (``build_error`` then says why)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import stat
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from common.flags import from_json, to_json
-from launcher.config import LauncherConfig
+from launcher.config import ArgumentError, LauncherConfig
 from launcher.supervisor import Supervisor
 from launcher.weights import ResolvedModel
 from router.chat import ChatWrapping
@@ -72,13 +73,15 @@ def test_the_launchers_defaults_are_the_childrens() -> None:
     supervisor = Supervisor(LauncherConfig(), MODEL)
     router = supervisor.router_config()
     shard = supervisor.shard_config(0)
-    passed = {"tokenizer_name", "model_id", "model_sha", "model_weights", "num_shard", "chat_wrapping"}
+    # The socket prefix is the run's private directory's (test_the_sockets_live_in_a_private_directory).
+    passed = {"tokenizer_name", "model_id", "model_sha", "model_weights", "num_shard", "chat_wrapping",
+              "shard_uds_path"}  # fmt: skip
     for f in dataclasses.fields(RouterConfig):
         if f.name in passed or f.default is dataclasses.MISSING:
             continue
         assert getattr(router, f.name) == f.default, f.name
     for f in dataclasses.fields(ShardConfig):
-        if f.name in ("model_path", "rank", "world_size"):
+        if f.name in ("model_path", "rank", "world_size", "uds_path"):
             continue
         assert getattr(shard, f.name) == f.default, f.name
 
@@ -97,6 +100,38 @@ def test_the_child_files_are_private_and_the_commands_name_only_them(tmp_path: P
     assert from_json(ShardConfig, Path(shard[-1]).read_text()) == supervisor.shard_config(1)
     supervisor.shutdown()
     assert not path.parent.exists()
+
+
+def test_the_sockets_live_in_a_private_directory(tmp_path: Path) -> None:
+    """Beside --shard-uds-path, a fresh directory that only this user can enter holds the sockets (and the
+    children's files); nothing is made until it is needed, and shutdown removes it all."""
+    supervisor = Supervisor(LauncherConfig(shard_uds_path=str(tmp_path / "tgi"), num_shard=2), MODEL)
+    prefix = Path(supervisor.shard_config(1).uds_path)
+    assert prefix.name == "tgi" and prefix.parent.parent == tmp_path
+    assert prefix.parent.name.startswith("tgi-") and not prefix.parent.exists()
+    assert supervisor.router_config().shard_uds_path == str(prefix)
+    assert supervisor.shard_socket(1) == f"{prefix}-1"
+    directory = supervisor.run_dir()
+    assert directory == prefix.parent and stat.S_IMODE(directory.stat().st_mode) == 0o700
+    assert directory.stat().st_uid == os.getuid()
+    # Another run beside it gets another directory (an unguessable name, made afresh).
+    other = Supervisor(LauncherConfig(shard_uds_path=str(tmp_path / "tgi")), MODEL)
+    assert Path(other.socket_prefix()).parent != directory
+    (directory / "tgi-0").touch()  # as a shard's socket would be
+    supervisor.shutdown()
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("uds", "message"),
+    [
+        ("/does/not/exist/tgi", "`shard_uds_path` must be a name in an existing directory"),
+        ("/tmp/" + "x" * 60, "`shard_uds_path` is too long"),
+    ],
+)
+def test_a_socket_prefix_that_cannot_serve_is_refused(uds: str, message: str) -> None:
+    with pytest.raises(ArgumentError, match=message):
+        LauncherConfig(shard_uds_path=uds).validate()
 
 
 @pytest.fixture()
