@@ -12,6 +12,7 @@ from common.cuda_graphs import parse_cuda_graphs
 from common.flags import DEFAULT_UDS_PATH, default_of, flag
 from common.quantize import BITSANDBYTES, CT2
 from common.sharding import sharding_problem
+from common.tracing import check_otlp_endpoint
 from router.config import RouterConfig
 from router.parsers import parser_problem
 from shard.config import ShardConfig
@@ -136,6 +137,17 @@ class LauncherConfig:
     huggingface_hub_cache: Path | None = flag(None, help="Hub cache directory.")
     weights_cache_override: Path | None = flag(None, help="Pre-provisioned model directory; skips the hub.")
     json_output: bool = flag(_router("json_output"), help="Log JSON lines.")
+    # OpenTelemetry traces of the router and the shards (docs/architecture.md, Traces).
+    otlp_endpoint: str | None = flag(
+        _router("otlp_endpoint"),
+        help="OTLP/gRPC collector the router and the shards send their traces to, e.g. "
+        "http://localhost:4317 (default: no tracing).",
+        parse=check_otlp_endpoint,
+    )
+    otlp_service_name: str = flag(
+        _router("otlp_service_name"),
+        help="Service name of the router's spans; the shards' is the same with .server for .router.",
+    )
     cors_allow_origin: tuple[str, ...] = flag(
         _router("cors_allow_origin"), help="Allowed CORS origin (repeatable; * for any)."
     )

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from common.cuda_graphs import parse_cuda_graphs
 from common.flags import write_config
+from common.tracing import shard_service_name
 from router.chat import ChatWrapping, load_chat_template
 from router.config import RouterConfig
 from shard.config import ShardConfig
@@ -185,6 +186,8 @@ class Supervisor:
             max_waiting_tokens=c.max_waiting_tokens,
             cuda_memory_fraction=c.cuda_memory_fraction,
             json_output=c.json_output,
+            otlp_endpoint=c.otlp_endpoint,
+            otlp_service_name=shard_service_name(c.otlp_service_name),
         )
 
     def shard_command(self, rank: int) -> list[str]:
@@ -231,6 +234,8 @@ class Supervisor:
             validation_workers=c.validation_workers,
             cors_allow_origin=c.cors_allow_origin,
             json_output=c.json_output,
+            otlp_endpoint=c.otlp_endpoint,
+            otlp_service_name=c.otlp_service_name,
             served_model_names=c.served_model_name,
             chat_template=load_chat_template(c.chat_template),
             # TGICHAT_* from the launcher's environment: read once, here.

@@ -23,6 +23,7 @@ from .openapi import SWAGGER_UI, openapi_document
 from .responses_api import add_routes as add_responses_routes
 from .state import STATE_KEY, RouterState
 from .tokenizer import Tokenizer
+from .tracing import RouterTracer
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ async def _connect(app: web.Application) -> None:
         client = ShardClient(config.shard_socket())
         await client.wait_ready(SHARD_READY_TIMEOUT_S)
         info = await client.info()
-        infer = Infer(config, client, tokenizer, info)
+        infer = Infer(config, client, tokenizer, info, state.tracer)
         await infer.start()
         if infer.max_batch_total_tokens < config.max_total_tokens:
             raise StartupRefused(
@@ -78,6 +79,9 @@ async def _on_cleanup(app: web.Application) -> None:
     if infer is not None:
         await infer.stop()
         await infer.client.close()
+    tracer = app[STATE_KEY].tracer
+    if tracer is not None:
+        await asyncio.to_thread(tracer.shutdown)  # exports what is pending (a blocking call)
 
 
 async def _openapi(request: web.Request) -> web.Response:
@@ -89,14 +93,17 @@ async def _docs(request: web.Request) -> web.Response:
 
 
 def create_app(config: RouterConfig) -> web.Application:
+    tracer = RouterTracer.from_config(config)
+    # The request's span is outermost: it sees the status every other middleware answers with.
+    traced = [tracer.middleware()] if tracer is not None else []
     app = web.Application(
-        middlewares=middleware.middlewares(config),
+        middlewares=[*traced, *middleware.middlewares(config)],
         # Caps bodies sent without a Content-Length (chunked); declared lengths are checked up front.
         client_max_size=config.payload_limit,
     )
     if config.cors_allow_origin:
         app.on_response_prepare.append(middleware.cors_headers(config.cors_allow_origin))
-    app[STATE_KEY] = RouterState(config)
+    app[STATE_KEY] = RouterState(config, tracer=tracer)
     tgi_api.add_routes(app)
     openai_api.add_routes(app)
     add_responses_routes(app)

@@ -5,6 +5,7 @@ stream, over which the router sends requests and aborts and receives every step'
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 
 import grpc
 
@@ -33,8 +34,12 @@ class ShardClient:
     async def health(self, timeout: float | None = None) -> None:
         await self._stub.Health(pb.HealthRequest(), timeout=timeout)
 
-    async def warmup(self, batch: pb.Batch, eos_token_ids: list[int]) -> int | None:
-        response = await self._stub.Warmup(pb.WarmupRequest(batch=batch, eos_token_ids=eos_token_ids))
+    async def warmup(
+        self, batch: pb.Batch, eos_token_ids: list[int], metadata: Sequence[tuple[str, str]] | None = None
+    ) -> int | None:
+        """``metadata``: the W3C trace context of the router's warm-up span, when it traces."""
+        request = pb.WarmupRequest(batch=batch, eos_token_ids=eos_token_ids)
+        response = await self._stub.Warmup(request, metadata=metadata)
         return response.max_supported_total_tokens or None
 
     def generate(self) -> grpc.aio.StreamStreamCall:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from common.batching import MAX_BATCH_PREFILL_TOKENS, MAX_WAITING_TOKENS, WAITING_SERVED_RATIO
 from common.flags import DEFAULT_UDS_PATH, flag
+from common.tracing import ROUTER_SERVICE_NAME, check_otlp_endpoint
 
 from .chat import ChatWrapping, load_chat_template
 
@@ -38,6 +39,11 @@ class RouterConfig:
     validation_workers: int = flag(2, help="Tokenizer threads.")
     cors_allow_origin: tuple[str, ...] = flag((), help="Allowed CORS origin (repeatable; * for any).")
     json_output: bool = flag(False, help="Log JSON lines.")
+    # OpenTelemetry traces (router/tracing.py): None, no tracer at all.
+    otlp_endpoint: str | None = flag(
+        None, help="OTLP/gRPC collector for traces, e.g. http://localhost:4317.", parse=check_otlp_endpoint
+    )
+    otlp_service_name: str = flag(ROUTER_SERVICE_NAME, help="Service name of the router's spans.")
     pipeline_tag: str = "text-generation"
     # Names the OpenAI routes accept in `model` (the first is reported); default: model_id.
     served_model_names: tuple[str, ...] = flag(

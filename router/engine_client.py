@@ -22,6 +22,7 @@ from .entry import Entry
 from .errors import GenerationError
 from .metrics import Metrics
 from .tokenizer import Tokenizer
+from .tracing import RouterTracer
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +75,13 @@ FINISH_NAMES: dict[int, str] = {
 class EngineClient:
     """Sends requests and aborts to the shard and turns each step's output into events."""
 
-    def __init__(self, client: ShardClient, metrics: Metrics, tokenizer: Tokenizer) -> None:
+    def __init__(
+        self, client: ShardClient, metrics: Metrics, tokenizer: Tokenizer, tracer: RouterTracer | None = None
+    ) -> None:
         self.client = client
         self.metrics = metrics
         self.tokenizer = tokenizer
+        self.tracer = tracer
         self.running: dict[int, Entry] = {}
         # False after a failed step, until a real request has run again (``Infer.healthy``).
         self.generation_health = True
@@ -92,7 +96,10 @@ class EngineClient:
     # -- requests out -----------------------------------------------------------------------------
     def add(self, entry: Entry) -> None:
         self.running[entry.id] = entry
-        self._adds.append(request_to_pb(entry))
+        message = request_to_pb(entry)
+        if entry.trace is not None:
+            message.trace_context.update(entry.trace.carrier)
+        self._adds.append(message)
         self._schedule_flush()
 
     def abort(self, entry: Entry) -> None:
@@ -175,7 +182,14 @@ class EngineClient:
         if out.running != self._gauged_size:
             self._gauged_size = out.running
             m.batch_current_size.set(out.running)
+        tracer = self.tracer
+        if tracer is None:
+            self._deliver(out.generations)
+            return
+        rows = tracer.step_rows(self.running, out)
+        started = time.time_ns()
         self._deliver(out.generations)
+        tracer.stepped(rows, out, started, time.time_ns())
 
     def _deliver(self, g: pb.Generations) -> None:
         """Turns one step's token ids into each request's next event.
@@ -195,11 +209,7 @@ class EngineClient:
         logprobs = list(g.logprobs)
         reasons = list(g.finish_reasons)
         simple = not g.prefill and not g.top_n
-        # Rows for _deliver_rows, in rounds: a request has several rows in a speculative step, and once
-        # one of them goes there, its later rows follow it, each a round later (a round decodes one row
-        # of each request, in order).
-        rounds: list[list[tuple[int, Entry, int, int]]] = [[]]
-        round_of: dict[int, int] = {}
+        others = []
         now = 0.0
         for row, (rid, token_id) in enumerate(zip(g.request_ids, g.token_ids, strict=True)):
             entry = running.get(rid)
@@ -212,21 +222,13 @@ class EngineClient:
                 entry.batched_at = now
                 self.metrics.request_queue_duration.observe(now - entry.queued_at)
             reason = reasons[row]
-            later = round_of.get(rid)
-            if later is None:
-                event = entry.state.plain(token_id, logprobs[row]) if simple and not reason else None
-                if event is not None:
-                    entry.events.put(event)
-                    continue
-                later = -1
-            round_of[rid] = later = later + 1
-            if later == len(rounds):
-                rounds.append([])
-            rounds[later].append((row, entry, token_id, reason))
-        for others in rounds:
-            others = [item for item in others if not item[1].done]  # a stop string ended it a round ago
-            if others:
-                self._deliver_rows(g, others, logprobs)
+            event = entry.state.plain(token_id, logprobs[row]) if simple and not reason else None
+            if event is None:
+                others.append((row, entry, token_id, reason))
+            else:
+                entry.events.put(event)
+        if others:
+            self._deliver_rows(g, others, logprobs)
 
     def _deliver_rows(
         self, g: pb.Generations, rows: list[tuple[int, Entry, int, int]], logprobs: list[float]
@@ -276,6 +278,8 @@ class EngineClient:
         while not self._outbox.empty():
             self._outbox.get_nowait()
         for entry in list(self.running.values()):
+            if entry.trace is not None:
+                entry.trace.fail(str(error))
             entry.events.put(error)
             self._leave(entry, "generation")
         for rid in list(self._probes):

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from .errors import InferError
 from .generation import GenerationState, StreamEvent
+from .tracing import RequestTrace
 from .validation import ValidRequest
 
 
@@ -85,6 +86,8 @@ class Entry:
     # The client request it belongs to (the id of its first entry): OpenAI's n samples and best_of
     # candidates share one, and the shard's scheduler is fair between them.
     group: int = 0
+    # Its spans when the router traces (router/tracing.py), else None.
+    trace: RequestTrace | None = None
 
     def cost(self) -> tuple[int, int]:
         """(prompt tokens, most new tokens)."""

@@ -26,6 +26,7 @@ from .errors import GenerationError, InferError, OverloadedError, UnhealthyError
 from .generation import Finished, GenerationState, StreamEvent
 from .metrics import Metrics
 from .tokenizer import Tokenizer
+from .tracing import RouterTracer
 from .validation import Validator, ValidRequest
 
 log = logging.getLogger(__name__)
@@ -69,9 +70,15 @@ class Admission:
 
 class Infer:
     def __init__(
-        self, config: RouterConfig, client: ShardClient, tokenizer: Tokenizer, info: pb.InfoResponse
+        self,
+        config: RouterConfig,
+        client: ShardClient,
+        tokenizer: Tokenizer,
+        info: pb.InfoResponse,
+        tracer: RouterTracer | None = None,
     ) -> None:
         self.config = config
+        self.tracer = tracer
         self.client = client
         self.tokenizer = tokenizer
         self.info = info
@@ -85,7 +92,7 @@ class Infer:
         self.max_batch_total_tokens = config.max_batch_total_tokens or max(
             16000, config.max_total_tokens, config.max_batch_prefill_tokens
         )
-        self.engine = EngineClient(client, self.metrics, tokenizer)
+        self.engine = EngineClient(client, self.metrics, tokenizer, tracer)
         self.ready = False
         # Set on SIGTERM: new requests get 503 while the admitted ones finish (see ``drain``).
         self.draining = False
@@ -95,7 +102,8 @@ class Infer:
 
     async def start(self) -> None:
         """Warms the shards up, learns the KV memory they hold, and opens the generation stream."""
-        supported = await self.client.warmup(self._warmup_batch(), sorted(self.eos_ids))
+        with self.tracer.warmup() if self.tracer is not None else contextlib.nullcontext(None) as metadata:
+            supported = await self.client.warmup(self._warmup_batch(), sorted(self.eos_ids), metadata)
         if supported:
             self.max_batch_total_tokens = supported
         log.info("Warmed up; max batch total tokens: %d", self.max_batch_total_tokens)
@@ -179,6 +187,10 @@ class Infer:
             raise UnhealthyError("the server is not ready")
         entry = Entry(next(self._ids), request, GenerationState(request, self.tokenizer, self.eos_ids))
         entry.group = group or entry.id
+        if self.tracer is not None:
+            entry.trace = self.tracer.sequence(
+                entry.id, entry.group, request.input_length, request.max_new_tokens
+            )
         self.metrics.request_input_length.observe(request.input_length)
         self.metrics.request_max_new_tokens.observe(request.max_new_tokens)
         self.engine.add(entry)
@@ -196,6 +208,8 @@ class Infer:
                 entry.cancelled = True
                 self.engine.abort(entry)
                 self.metrics.request_failure.labels("dropped").inc()
+            if entry.trace is not None:
+                entry.trace.close(entry.cancelled)
 
     async def stream_batches(self, entry: Entry) -> AsyncIterator[list[StreamEvent]]:
         """The entry's events, in lists of whatever piled up since the consumer last looked (one write
@@ -229,6 +243,8 @@ class Infer:
         raise GenerationError("generation ended without a final token")
 
     def _observe(self, entry: Entry, finished: Finished) -> None:
+        if entry.trace is not None:
+            entry.trace.end_finished(finished.finish_reason, finished.generated_tokens)
         now = time.monotonic()
         m = self.metrics
         m.request_success.inc()

@@ -10,6 +10,7 @@ from .agent import Agent
 from .config import RouterConfig
 from .errors import UnhealthyError
 from .infer import Infer
+from .tracing import RouterTracer
 
 
 @dataclass
@@ -17,6 +18,8 @@ class RouterState:
     config: RouterConfig
     infer: Infer | None = None
     agent: Agent | None = None
+    # The router's spans (--otlp-endpoint), else None.
+    tracer: RouterTracer | None = None
 
 
 STATE_KEY = web.AppKey("state", RouterState)

@@ -9,6 +9,7 @@ from pathlib import Path
 from common.batching import MAX_BATCH_PREFILL_TOKENS, MAX_WAITING_TOKENS, WAITING_SERVED_RATIO
 from common.cuda_graphs import parse_cuda_graphs
 from common.flags import DEFAULT_UDS_PATH, flag
+from common.tracing import SHARD_SERVICE_NAME, check_otlp_endpoint
 
 
 class ConfigError(ValueError):
@@ -66,6 +67,11 @@ class ShardConfig:
     # --cuda-memory-fraction: the share of each CUDA device this process may use.
     cuda_memory_fraction: float = flag(1.0, help="Share of each CUDA device this process may use.")
     json_output: bool = flag(False, help="Log JSON lines.")
+    # OpenTelemetry traces of rank 0's steps (shard/tracing.py): None, no tracer at all.
+    otlp_endpoint: str | None = flag(
+        None, help="OTLP/gRPC collector for traces, e.g. http://localhost:4317.", parse=check_otlp_endpoint
+    )
+    otlp_service_name: str = flag(SHARD_SERVICE_NAME, help="Service name of the shard's spans.")
 
     @property
     def socket_path(self) -> str:

@@ -35,6 +35,7 @@ from .engines import make_engine, runs_processors
 from .faults import Faults
 from .processors import ProcessorContext, load_processors
 from .relay import HEARTBEAT_S, STEP, WARMUP, PeerLostError, Relay
+from .tracing import ShardTracer
 from .types import RequestFailure, RequestSpec, SamplingParams, StepResult
 
 log = logging.getLogger(__name__)
@@ -96,8 +97,10 @@ def generations_to_pb(result: StepResult, finish_reasons: list[int] | None = Non
     )
 
 
-def output_to_pb(out: Output) -> pb.StepOutput:
+def output_to_pb(out: Output, step: int) -> pb.StepOutput:
+    """``step``: the output's number since the shard started (``StepOutput.step``)."""
     message = pb.StepOutput(
+        step=step,
         generations=generations_to_pb(out.result, out.finish_reasons),
         total_ns=out.total_ns,
         forward_ns=out.forward_ns,
@@ -149,10 +152,19 @@ class ModelLoop:
 
     Every torch operation of the process runs on this one thread (see ``serve``)."""
 
-    def __init__(self, core: EngineCore, relay: Relay | None, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        core: EngineCore,
+        relay: Relay | None,
+        loop: asyncio.AbstractEventLoop,
+        tracer: ShardTracer | None = None,
+    ) -> None:
         self.core = core
         self.relay = relay
         self.loop = loop
+        # Rank 0's spans (--otlp-endpoint), else None; and the outputs sent so far (StepOutput.step).
+        self.tracer = tracer
+        self.steps = 0
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._adds: list[pb.Request] = []
@@ -197,7 +209,7 @@ class ModelLoop:
 
     # -- on the model thread -----------------------------------------------------------------------
     def run(self) -> None:
-        relay = self.relay
+        relay, tracer = self.relay, self.tracer
         try:
             while not self.stopping:
                 with self._lock:
@@ -216,19 +228,26 @@ class ModelLoop:
                         relay.ping()
                     continue
                 plan = pb.StepPlan(add=adds, abort=aborts)
+                started = time.time_ns() if tracer is not None else 0
+                if tracer is not None:
+                    tracer.added(adds, started)
                 refused = apply_changes(self.core, plan)
                 plan.step = self.core.has_work()
                 if relay is not None:
                     relay.send(STEP, plan.SerializeToString())
                 out = self.core.step() if plan.step else None
-                if out is None:  # only refusals: nothing ran
-                    if not refused:
-                        continue
+                if out is None and refused:  # only refusals: nothing ran
                     out = Output(StepResult([], [], []), [])
-                out.result.failures += refused
+                if out is not None:
+                    out.result.failures += refused
+                    self.steps += 1
+                if tracer is not None:
+                    tracer.stepped(self.steps, aborts, out, started, time.time_ns())
+                if out is None:
+                    continue
                 self._sent.wait(SEND_WAIT_S)
                 self._sent.clear()
-                self.loop.call_soon_threadsafe(self._emit, out)
+                self.loop.call_soon_threadsafe(self._emit, out, self.steps)
         except PeerLostError as e:
             if not (relay is not None and relay.stopping):
                 _lost(e)
@@ -248,10 +267,10 @@ class ModelLoop:
             self.loop.call_soon_threadsafe(_settle, future, result, None)
 
     # -- back on the event loop --------------------------------------------------------------------
-    def _emit(self, out: Output) -> None:
+    def _emit(self, out: Output, step: int) -> None:
         try:
             if self.sink is not None:
-                self.sink(output_to_pb(out))
+                self.sink(output_to_pb(out, step))
         finally:
             self._sent.set()
 
@@ -260,7 +279,7 @@ class ModelLoop:
         out = Output(
             StepResult([], [], [], failures=[RequestFailure(i, message) for i in ids]), [], failed=True
         )
-        self._emit(out)
+        self._emit(out, self.steps + 1)
 
 
 def _settle(future: asyncio.Future, result: object, error: BaseException | None) -> None:
@@ -301,8 +320,10 @@ class ShardService(pb_grpc.TextGenerationServiceServicer):
                 model.relay.send(WARMUP, request.SerializeToString())
             return run_warmup(self.core, request)
 
+        traced = model.tracer.warmup(context.invocation_metadata() or ()) if model.tracer else None
         try:
-            supported = await model.call(warmup)
+            with traced or contextlib.nullcontext():
+                supported = await model.call(warmup)
         except (ValueError, RuntimeError) as e:
             await context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
         return pb.WarmupResponse(max_supported_total_tokens=supported)
@@ -346,7 +367,8 @@ async def serve(config: ShardConfig) -> None:
     core = await loop.run_in_executor(model_thread, _load_core, config, device, parallel)
     if relay is not None:  # rank 0 answers only once every rank has loaded the model
         relay.wait_followers() if relay.leader else relay.ready()
-    model = ModelLoop(core, relay, loop) if relay is None or relay.leader else None
+    tracer = ShardTracer.from_config(config)
+    model = ModelLoop(core, relay, loop, tracer) if relay is None or relay.leader else None
     service = ShardService(core, config.world_size, model)
     server = grpc.aio.server(options=GRPC_OPTIONS)
     pb_grpc.add_TextGenerationServiceServicer_to_server(service, server)
@@ -379,6 +401,8 @@ async def serve(config: ShardConfig) -> None:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
+        if tracer is not None:
+            tracer.shutdown()  # exports what is pending
     if relay is not None:  # no torch.distributed teardown: a follower's thread may still wait in a receive
         logging.shutdown()
         os._exit(0)

@@ -44,14 +44,11 @@ class PagedState:
 
 @dataclass
 class Chunk:
-    """The next ``length`` tokens of ``seq`` to run in a step (``want_all``: every row's logits). A prompt's,
-    or a running sequence's next token and its drafts (``seal`` False: the drafts the model does not
-    accept are cut off after the step, so none of their blocks may enter the prefix cache)."""
+    """The next ``length`` prompt tokens of ``seq`` to run in a step (``want_all``: every row's logits)."""
 
     seq: Sequence
     length: int
     want_all: bool = False
-    seal: bool = True
 
 
 def kv_budget_bytes(
@@ -285,8 +282,7 @@ class PagedBackend:
                 self.cache.seal(seq)
         for chunk in chunks:
             chunk.seq.computed += chunk.length
-            if chunk.seal:
-                self.cache.seal(chunk.seq)
+            self.cache.seal(chunk.seq)
 
     # -- batch bookkeeping ------------------------------------------------------------------------
     def select(self, state: PagedState, index: torch.Tensor) -> PagedState:
