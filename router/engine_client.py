@@ -209,7 +209,11 @@ class EngineClient:
         logprobs = list(g.logprobs)
         reasons = list(g.finish_reasons)
         simple = not g.prefill and not g.top_n
-        others = []
+        # Rows for _deliver_rows, in rounds: a request has several rows in a speculative step, and once
+        # one of them goes there, its later rows follow it, each a round later (a round decodes one row
+        # of each request, in order).
+        rounds: list[list[tuple[int, Entry, int, int]]] = [[]]
+        round_of: dict[int, int] = {}
         now = 0.0
         for row, (rid, token_id) in enumerate(zip(g.request_ids, g.token_ids, strict=True)):
             entry = running.get(rid)
@@ -222,13 +226,21 @@ class EngineClient:
                 entry.batched_at = now
                 self.metrics.request_queue_duration.observe(now - entry.queued_at)
             reason = reasons[row]
-            event = entry.state.plain(token_id, logprobs[row]) if simple and not reason else None
-            if event is None:
-                others.append((row, entry, token_id, reason))
-            else:
-                entry.events.put(event)
-        if others:
-            self._deliver_rows(g, others, logprobs)
+            later = round_of.get(rid)
+            if later is None:
+                event = entry.state.plain(token_id, logprobs[row]) if simple and not reason else None
+                if event is not None:
+                    entry.events.put(event)
+                    continue
+                later = -1
+            round_of[rid] = later = later + 1
+            if later == len(rounds):
+                rounds.append([])
+            rounds[later].append((row, entry, token_id, reason))
+        for others in rounds:
+            others = [item for item in others if not item[1].done]  # a stop string ended it a round ago
+            if others:
+                self._deliver_rows(g, others, logprobs)
 
     def _deliver_rows(
         self, g: pb.Generations, rows: list[tuple[int, Entry, int, int]], logprobs: list[float]

@@ -1,19 +1,19 @@
-"""The OpenAPI document of the HTTP API, and the Swagger UI page that shows it at /docs."""
+"""The OpenAPI document of the HTTP API, and the Swagger UI page that shows it at /docs.
+
+The TGI routes and the document's own are described here; the OpenAI, Responses and Anthropic Messages
+routes in router/openapi_paths.py. Every route the app serves is in the document (a unit test checks it),
+except the /docs page's own static files (``/docs/...``), which are not part of the API.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 from . import __version__
-
-
-def _ref(name: str) -> dict[str, str]:
-    return {"$ref": f"#/components/schemas/{name}"}
-
-
-def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
-    return {"description": description, "content": {"application/json": {"schema": schema}}}
-
+from .openapi_paths import PATHS as API_PATHS
+from .openapi_paths import SCHEMAS as API_SCHEMAS
+from .openapi_paths import json_content as _json
+from .openapi_paths import ref as _ref
 
 ERRORS = {
     "422": _json(_ref("ErrorResponse"), "Input validation error"),
@@ -166,9 +166,19 @@ def openapi_document() -> dict[str, Any]:
                     },
                 }
             },
+            **API_PATHS,
+            **{
+                path: {"get": {"summary": "This document", "responses": {"200": _json(_OBJECT, "OpenAPI 3")}}}
+                for path in ("/openapi.json", "/api-doc/openapi.json")
+            },
+            "/docs": {"get": {"summary": "Swagger UI of this document", "responses": {"200": _HTML}}},
         },
-        "components": {"schemas": SCHEMAS},
+        "components": {"schemas": {**SCHEMAS, **API_SCHEMAS}},
     }
+
+
+_OBJECT = {"type": "object"}
+_HTML = {"description": "The page", "content": {"text/html": {"schema": {"type": "string"}}}}
 
 
 SWAGGER_UI = """<!doctype html>

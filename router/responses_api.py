@@ -1,4 +1,5 @@
-"""The OpenAI Responses API: ``POST /v1/responses``, ``GET`` and ``DELETE /v1/responses/{id}``.
+"""The OpenAI Responses API: ``POST /v1/responses``, ``GET`` and ``DELETE /v1/responses/{id}``,
+``GET /v1/responses/{id}/input_items`` and ``POST /v1/responses/{id}/cancel``.
 
 A thin translation over the chat route's pipeline, as every chat-like API is:
 
@@ -16,6 +17,10 @@ A thin translation over the chat route's pipeline, as every chat-like API is:
 
 ``status`` is ``incomplete`` (``incomplete_details.reason``: ``max_output_tokens``) when the answer ran out
 of tokens, else ``completed``. A failure after a stream started ends it with ``response.failed``.
+
+A stored response's input items are listed by ``input_items`` (router/responses_items.py). ``cancel``
+applies to background responses only, and this server runs none (``background`` is refused): a stored
+response's cancel is a 400 saying so, an unknown id a 404.
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ from .infer import Infer
 from .openai_api import SSE_HEADERS, Handler, error_route, error_to_openai, openai_error
 from .openai_params import build_requests
 from .responses_events import Event, ResponseBuilder, Status, Usage, sse_bytes
-from .responses_params import ResponsesRequest, normalize_output, parse_request, to_messages
+from .responses_items import ItemPage, continued_output, identified
+from .responses_params import ResponsesRequest, parse_request, to_messages
 from .responses_store import ResponseStore, StoredResponse
 from .sse import SSEWriter, write_stream
 from .state import get_agent, get_infer
@@ -120,7 +126,7 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     body = await read_json_object(request)
     with infer.admit():
         parsed = parse_request(body, infer)
-        items = parsed.input_items
+        items = identified(parsed.input_items)
         if parsed.previous_response_id is not None:
             previous = request.app[STORE_KEY].get(parsed.previous_response_id)
             if previous is None:
@@ -129,7 +135,7 @@ async def create_response(request: web.Request) -> web.StreamResponse:
                     "previous_response_id",
                     "previous_response_not_found",
                 )
-            items = previous.input_items + normalize_output(previous.response["output"]) + items
+            items = previous.input_items + continued_output(previous.response) + items
         messages = to_messages(items)
         if parsed.instructions:
             messages.insert(0, ChatMessage("system", parsed.instructions))
@@ -200,14 +206,39 @@ def _not_found(response_id: str) -> ResponseNotFoundError:
     return ResponseNotFoundError(f"No response found with id '{response_id}'.", "response_id")
 
 
-@responses_route
-async def get_response(request: web.Request) -> web.Response:
-    """GET /v1/responses/{response_id}"""
-    response_id = _stored(request)
+def _held(request: web.Request, response_id: str) -> StoredResponse:
+    """The stored response, or a 404."""
     stored = request.app[STORE_KEY].get(response_id)
     if stored is None:
         raise _not_found(response_id)
-    return web.json_response(stored.response)
+    return stored
+
+
+@responses_route
+async def get_response(request: web.Request) -> web.Response:
+    """GET /v1/responses/{response_id}"""
+    return web.json_response(_held(request, _stored(request)).response)
+
+
+@responses_route
+async def list_input_items(request: web.Request) -> web.Response:
+    """GET /v1/responses/{response_id}/input_items"""
+    page = ItemPage.from_query(request.query)
+    stored = _held(request, request.match_info["response_id"])
+    return web.json_response(page.of(stored.input_items))
+
+
+@responses_route
+async def cancel_response(request: web.Request) -> web.Response:
+    """POST /v1/responses/{response_id}/cancel"""
+    _held(request, _stored(request))
+    if request.body_exists and await read_json_object(request):
+        raise ValidationError("a cancel request takes no body", "body")
+    raise ValidationError(
+        "Cannot cancel a synchronous response: only responses created with `background: true` can be "
+        "cancelled, and this server runs every response in the foreground (`background` is refused)",
+        "background",
+    )
 
 
 @responses_route
@@ -225,3 +256,5 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/responses", create_response)
     app.router.add_get("/v1/responses/{response_id}", get_response)
     app.router.add_delete("/v1/responses/{response_id}", delete_response)
+    app.router.add_get("/v1/responses/{response_id}/input_items", list_input_items)
+    app.router.add_post("/v1/responses/{response_id}/cancel", cancel_response)

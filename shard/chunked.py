@@ -25,6 +25,7 @@ from .faults import Faults
 from .paged.kv_cache import PagedKVCache, Sequence
 from .processors import Processors
 from .scheduler import Plan, Scheduler
+from .speculation import Acceptance, NgramIndex, Verified, accept, pays
 from .types import RequestFailure, RequestSpec, StepResult
 
 # Prompt tokens a step can take "for free" beside its decodes: below this many tokens a step costs about
@@ -33,6 +34,8 @@ FREE_TOKENS = {"cpu": 16, "cuda": 256}
 EWMA = 0.3
 # Prompt tokens of a step that decodes nothing (TGI's --max-batch-prefill-tokens default).
 PREFILL_TOKENS = 4096
+# Most draft tokens a running sequence feeds in one step (--speculate; 0: no speculation).
+SPECULATE = 4
 
 
 class StepCosts:
@@ -59,9 +62,16 @@ class StepCosts:
         """Prompt tokens for a step beside ``decoding`` running rows; None = no limit (nobody waits)."""
         if decoding == 0:
             return None
-        if self.decode_s is None or self.token_s is None:
+        step_tokens = self.step_tokens()
+        if step_tokens is None:
             return max(decoding, 2 * self.free_tokens - decoding)
-        return max(self.free_tokens, int(self.decode_s / self.token_s))
+        return max(self.free_tokens, step_tokens)
+
+    def step_tokens(self) -> int | None:
+        """How many prompt tokens cost what a step's decodes do (None until both are measured)."""
+        if self.decode_s is None or self.token_s is None:
+            return None
+        return int(self.decode_s / self.token_s)
 
     def observe(self, seconds: float, decoding: int, prompt_tokens: int) -> None:
         if not decoding:
@@ -102,6 +112,10 @@ class Job:
     # running batch with it once its tokens are recomputed, without sampling again.
     resume: Batch | None = None
     prompt_logits: list[torch.Tensor] = field(default_factory=list)
+    # Speculation: its text so far, indexed for draft lookup (built when it first may draft), and the
+    # share of its drafts accepted.
+    ngram: NgramIndex | None = None
+    acceptance: Acceptance = field(default_factory=Acceptance)
 
     @property
     def opened(self) -> bool:
@@ -170,9 +184,15 @@ class ChunkedEngine(Engine):
         faults: Faults | None = None,
         processors: Processors | None = None,
         prefill_tokens: int = PREFILL_TOKENS,
+        speculate: int = SPECULATE,
     ) -> None:
+        """``speculate``: most draft tokens per running sequence and step (``shard.speculation``)."""
         super().__init__(backend, faults, processors)
         self.prefill_tokens = prefill_tokens
+        self.speculate = speculate
+        # Draft tokens fed and accepted, since start.
+        self.drafted = 0
+        self.accepted = 0
         self.costs = StepCosts(FREE_TOKENS.get(backend.device.type, 16))
         self.scheduler: Scheduler[Job] = Scheduler(
             CachePool(backend.cache), backend.cache.allocator.num_blocks
@@ -215,7 +235,12 @@ class ChunkedEngine(Engine):
         return self.scheduler.num_waiting
 
     def stats(self) -> dict[str, int]:
-        return {**self.backend.stats(), "preemptions": self.scheduler.num_preemptions}
+        return {
+            **self.backend.stats(),
+            "preemptions": self.scheduler.num_preemptions,
+            "speculative_drafted": self.drafted,
+            "speculative_accepted": self.accepted,
+        }
 
     def _leave(self, job: Job) -> None:
         """``job`` leaves the shard: out of the scheduler, its blocks back to the pool."""
@@ -253,14 +278,31 @@ class ChunkedEngine(Engine):
             self.backend.cache.reserve(job.sequence, job.sequence.computed + take)
         if batch is None and not chunks:
             return StepResult.join(results)
+        prompt_tokens = sum(t for _, t in chunks)
+        drafts = None
+        if batch is not None and self.speculate and not self.faults.enabled:
+            # Timings differ between ranks; whether a row drafts must not.
+            step_tokens = self.backend.parallel.agree(self.costs.step_tokens() or 0)
+            drafts = self._drafts(batch, budget - prompt_tokens, step_tokens)
+        prompt_chunks = [Chunk(j.sequence, take, j.want_logits) for j, take in chunks]
         started = time.perf_counter()
-        decode_logits, chunk_logits = self.backend.step(
-            batch.state if batch is not None else None,
-            batch.next_ids if batch is not None else None,
-            [Chunk(j.sequence, take, j.want_logits) for j, take in chunks],
-        )
-        self.costs.observe(time.perf_counter() - started, decoding, sum(t for _, t in chunks))
-        if batch is not None:
+        if drafts is None:
+            decode_logits, chunk_logits = self.backend.step(
+                batch.state if batch is not None else None,
+                batch.next_ids if batch is not None else None,
+                prompt_chunks,
+            )
+            drafted = 0
+        else:
+            assert batch is not None
+            row_logits, chunk_logits = self._step_with_drafts(batch, drafts, prompt_chunks)
+            drafted = sum(len(d) for d in drafts)
+        self.costs.observe(time.perf_counter() - started, decoding, prompt_tokens + drafted)
+        if batch is not None and drafts is not None:
+            result, self.batch = self._verify(batch, row_logits, drafts)
+            self._forget([f.request_id for f in result.failures])
+            results.append(result)
+        elif batch is not None:
             assert decode_logits is not None
             logits = self.faults.poison(batch.requests, decode_logits)
             choice = batch.sampler.choose(logits, batch.history)
@@ -271,6 +313,110 @@ class ChunkedEngine(Engine):
             results.append(result)
         results += self._join(chunks, chunk_logits)
         return StepResult.join(results)
+
+    # -- speculation ------------------------------------------------------------------------------
+    def _drafts(self, batch: Batch, room: int, step_tokens: int) -> list[list[int]] | None:
+        """Each running row's draft tokens for this step (most ``speculate``, all of them within ``room``
+        tokens and the pool's free blocks), or None when no row drafts: where the row's text offers a
+        continuation and drafting pays for it (``shard.speculation.pays``)."""
+        rows = len(batch)
+        if room <= 0 or not pays(1.0, rows, step_tokens):  # not even a sure draft would pay
+            return None
+        cache = self.backend.cache
+        bs = cache.block_size
+        seqs: list = batch.state.seqs
+        # Free blocks less those the rows' next tokens take this step.
+        free = cache.allocator.num_free - sum(len(s.tokens) + 1 > len(s.blocks) * bs for s in seqs)
+        lengths = batch.history.lengths.tolist()
+        prompts = batch.history.prompt_lengths.tolist()
+        drafts: list[list[int]] = []
+        for row, request in enumerate(batch.requests):
+            job = self._job(request)
+            # Every emitted token counts against max_new_tokens; the last one is the model's own.
+            left = request.max_new_tokens - (lengths[row] - prompts[row]) - 1
+            k = min(self.speculate, room, left)
+            draft: list[int] = []
+            if not pays(job.acceptance.rate, rows, step_tokens):
+                job.acceptance.rest()
+            elif k > 0:
+                draft = self._index(job, batch, row, lengths[row]).propose(k)
+                seq = seqs[row]
+                total = len(seq.tokens) + 1 + len(draft)
+                extra = -(-total // bs) - max(len(seq.blocks), -(-(len(seq.tokens) + 1) // bs))
+                if extra > free:
+                    draft = []
+                free -= extra if draft else 0
+                room -= len(draft)
+            drafts.append(draft)
+        return drafts if any(drafts) else None
+
+    def _job(self, request: RequestSpec) -> Job:
+        return self.jobs[request.id]
+
+    @staticmethod
+    def _index(job: Job, batch: Batch, row: int, length: int) -> NgramIndex:
+        """The row's draft index, brought up to its text so far (prompt, output, the token it feeds)."""
+        if job.ngram is None:
+            job.ngram = NgramIndex(batch.history.ids[row, :length].tolist())
+        elif len(job.ngram.tokens) < length:
+            job.ngram.extend(batch.history.ids[row, len(job.ngram.tokens) : length].tolist())
+        return job.ngram
+
+    def _step_with_drafts(
+        self, batch: Batch, drafts: list[list[int]], prompt_chunks: list[Chunk]
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """One forward: the rows without drafts decode as usual; each row with drafts runs its next token
+        and its drafts as a chunk with logits at every position. Returns each row's logits
+        ``[1 + drafts, vocab]`` and the prompt chunks' logits."""
+        seqs = batch.state.seqs
+        next_ids = batch.next_ids.tolist()
+        plain = [row for row, draft in enumerate(drafts) if not draft]
+        drafting = [row for row, draft in enumerate(drafts) if draft]
+        chunks = []
+        for row in drafting:
+            seq = seqs[row]
+            seq.tokens += [next_ids[row], *drafts[row]]
+            self.backend.cache.reserve(seq, len(seq.tokens))
+            chunks.append(Chunk(seq, 1 + len(drafts[row]), want_all=True, seal=False))
+        index = torch.tensor(plain, dtype=torch.long, device=batch.next_ids.device)
+        decode_logits, logits = self.backend.step(
+            PagedState([seqs[row] for row in plain]) if plain else None,
+            batch.next_ids[index] if plain else None,
+            chunks + prompt_chunks,
+        )
+        row_logits: list[torch.Tensor] = [torch.empty(0)] * len(drafts)
+        for i, row in enumerate(plain):
+            assert decode_logits is not None
+            row_logits[row] = decode_logits[i : i + 1]
+        for i, row in enumerate(drafting):
+            row_logits[row] = logits[i]
+        return row_logits, logits[len(drafting) :]
+
+    def _verify(
+        self, batch: Batch, row_logits: list[torch.Tensor], drafts: list[list[int]]
+    ) -> tuple[StepResult, Batch | None]:
+        """Picks each row's tokens (``shard.speculation.accept``), cuts the rejected drafts off the
+        sequences, and returns the step's rows (several per drafting request, in order)."""
+        verified = accept(batch.sampler, batch.history, row_logits, drafts)
+        cache = self.backend.cache
+        for row, draft in enumerate(drafts):
+            if draft:
+                seq = batch.state.seqs[row]
+                taken = verified.accepted[row]
+                cache.truncate(seq, len(seq.tokens) - len(draft) + taken)
+                cache.seal(seq)
+                self._job(batch.requests[row]).acceptance.observe(len(draft), taken)
+                self.drafted += len(draft)
+                self.accepted += taken
+        batch.next_ids = torch.tensor([ids[-1] for ids in verified.ids], dtype=torch.long,
+                                      device=batch.next_ids.device)  # fmt: skip
+        result = _rows(batch, verified)
+        bad = [
+            row
+            for row, logits in enumerate(row_logits)
+            if bool(torch.isnan(logits[0].sum())) or any(x != x for x in verified.logprobs[row])
+        ]
+        return self._drop_rows(batch, result, bad)
 
     def _join(self, chunks: list[tuple[Job, int]], chunk_logits: list[torch.Tensor]) -> list[StepResult]:
         """Prompts this step completed start running: new requests with their first token, preempted
@@ -329,3 +475,20 @@ class ChunkedEngine(Engine):
             torch.cat([logits[-1:] for _, logits in new]),
             [torch.cat(j.prompt_logits) if j.want_logits else None for j, _ in new],
         )
+
+
+def _rows(batch: Batch, verified: Verified) -> StepResult:
+    """A verified step as result rows: each request's tokens in order, top alternatives padded to the
+    batch's widest."""
+    width = batch.sampler.max_top_n
+    out = StepResult([], [], [], top_n=width)
+    for row, request in enumerate(batch.requests):
+        for t, token in enumerate(verified.ids[row]):
+            out.request_ids.append(request.id)
+            out.token_ids.append(token)
+            out.logprobs.append(verified.logprobs[row][t])
+            if width:
+                ids, logprobs = verified.top_ids[row][t], verified.top_logprobs[row][t]
+                out.top_ids += ids + [0] * (width - len(ids))
+                out.top_logprobs += logprobs + [float("-inf")] * (width - len(logprobs))
+    return out

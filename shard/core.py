@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 WARMUP_STEPS = 1000
 # Finish reasons (proto FinishReason).
 FINISH_NONE, FINISH_LENGTH, FINISH_EOS, FINISH_STOP = 0, 1, 2, 3
+# A row past its request's end within one step (speculation): dropped from the step's output.
+AFTER_END = -1
 
 
 @dataclass(frozen=True)
@@ -278,12 +280,22 @@ class EngineCore:
             self.handed.discard(failure.request_id)
             self._end(failure.request_id)
         reasons = []
+        # Requests that ended at an earlier row of this step: a speculative step gives a request several
+        # rows, and the tokens after its end are not its own.
+        ended: set[int] = set()
         for rid, token_id in zip(result.request_ids, result.token_ids, strict=True):
             ending = live.get(rid)
             reason = FINISH_NONE if ending is None else ending.push(token_id)
             if reason:
                 self._end(rid)
+                ended.add(rid)
+            elif ending is None and rid in ended:
+                reason = AFTER_END
             reasons.append(reason)
+        if AFTER_END in reasons:
+            keep = [row for row, reason in enumerate(reasons) if reason != AFTER_END]
+            result = result.take(keep)
+            reasons = [reasons[row] for row in keep]
         return Output(result, reasons)
 
     def _count(self, out: Output) -> None:

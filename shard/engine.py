@@ -225,27 +225,24 @@ class Engine:
         running batch, as failures of their own requests: one bad row never costs its batch-mates."""
         # A row's sum is NaN when any of its logits is (or when it holds both infinities: a lost row too).
         bad = torch.isnan(logits.sum(dim=-1)) | torch.isnan(choice.logprobs)
-        if not bool(bad.any()):
+        return self._drop_rows(batch, result, bad.nonzero().flatten().tolist())
+
+    def _drop_rows(
+        self, batch: Batch, result: StepResult, rows: list[int]
+    ) -> tuple[StepResult, Batch | None]:
+        """``_drop_failed`` for the batch rows ``rows`` that went wrong: their requests leave the batch,
+        and every result row of theirs (a row may have several: speculation) leaves the result."""
+        if not rows:
             return result, batch
-        rows = bad.nonzero().flatten().tolist()
         failed = {batch.requests[row].id for row in rows}
         log.warning("Requests %s failed: non-finite logits", sorted(failed))
-        keep = [row for row in range(len(batch)) if row not in set(rows)]
-        width = result.top_n
-        survivor = batch.select([batch.requests[row].id for row in keep], self.backend)
-        filtered = StepResult(
-            request_ids=[result.request_ids[row] for row in keep],
-            token_ids=[result.token_ids[row] for row in keep],
-            logprobs=[result.logprobs[row] for row in keep],
-            top_n=width,
-            top_ids=[v for row in keep for v in result.top_ids[row * width : (row + 1) * width]],
-            top_logprobs=[v for row in keep for v in result.top_logprobs[row * width : (row + 1) * width]],
-            prefill=[p for p in result.prefill if p.request_id not in failed],
-            failures=[
-                RequestFailure(rid, "the model produced non-finite logits (NaN) for this request")
-                for rid in sorted(failed)
-            ],
-        )
+        survivor = batch.select([r.id for r in batch.requests if r.id not in failed], self.backend)
+        filtered = result.take([i for i, rid in enumerate(result.request_ids) if rid not in failed])
+        filtered.prefill = [p for p in result.prefill if p.request_id not in failed]
+        filtered.failures = [
+            RequestFailure(rid, "the model produced non-finite logits (NaN) for this request")
+            for rid in sorted(failed)
+        ]
         return filtered, survivor
 
     def stats(self) -> dict[str, int] | None:

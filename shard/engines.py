@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .backends.base import Backend
 from .backends.paged import PagedBackend
-from .chunked import ChunkedEngine
+from .chunked import PREFILL_TOKENS, SPECULATE, ChunkedEngine
 from .engine import Engine, EngineBackend, StepEngine
 from .faults import Faults
 from .processors import Processors
@@ -21,15 +21,21 @@ def make_engine(
     faults: Faults | None = None,
     processors: Processors | None = None,
     prefill_tokens: int | None = None,
+    speculate: int | None = None,
 ) -> StepEngine:
     """The engine for ``backend``: its own when it brings one (``EngineBackend``: CTranslate2); the
     scheduled chunked-prefill engine for the paged backend (prompt chunks mixed into decode steps); else
     the plain one (whole prompts). ``prefill_tokens``: prompt tokens of a step that decodes nothing
-    (--max-batch-prefill-tokens)."""
+    (--max-batch-prefill-tokens); ``speculate``: most draft tokens per sequence and step (--speculate,
+    paged backend; None: its default)."""
     if isinstance(backend, EngineBackend):
         return backend.make_engine(faults)
     if isinstance(backend, PagedBackend):
-        if prefill_tokens is None:
-            return ChunkedEngine(backend, faults, processors)
-        return ChunkedEngine(backend, faults, processors, prefill_tokens)
+        return ChunkedEngine(
+            backend,
+            faults,
+            processors,
+            PREFILL_TOKENS if prefill_tokens is None else prefill_tokens,
+            SPECULATE if speculate is None else speculate,
+        )
     return Engine(backend, faults, processors)

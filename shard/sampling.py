@@ -73,12 +73,17 @@ class TokenHistory:
         return cls(ids.to(device), lengths.to(device), lengths.clone().to(device))
 
     def append(self, new_ids: torch.Tensor) -> None:
-        if int(self.lengths.max()) >= self.ids.shape[1]:
+        self.append_rows(torch.arange(self.ids.shape[0], device=self.ids.device), new_ids)
+
+    def append_rows(self, rows: torch.Tensor, new_ids: torch.Tensor) -> None:
+        """Appends ``new_ids[i]`` to row ``rows[i]`` (the other rows keep their length)."""
+        if not len(rows):
+            return
+        if int(self.lengths[rows].max()) >= self.ids.shape[1]:
             grow = torch.zeros_like(self.ids[:, : max(16, self.ids.shape[1] // 2)])
             self.ids = torch.cat([self.ids, grow], dim=1)
-        rows = torch.arange(self.ids.shape[0], device=self.ids.device)
-        self.ids[rows, self.lengths] = new_ids
-        self.lengths += 1
+        self.ids[rows, self.lengths[rows]] = new_ids
+        self.lengths[rows] += 1
 
     def select(self, indices: torch.Tensor) -> TokenHistory:
         lengths = self.lengths[indices]

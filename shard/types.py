@@ -60,6 +60,21 @@ class StepResult:
     prefill: list[PromptLogprobs] = field(default_factory=list)
     failures: list[RequestFailure] = field(default_factory=list)
 
+    def take(self, keep: list[int]) -> StepResult:
+        """The token rows ``keep`` (indices, in order), with this result's prompt log-probabilities and
+        failures."""
+        width = self.top_n
+        return StepResult(
+            request_ids=[self.request_ids[i] for i in keep],
+            token_ids=[self.token_ids[i] for i in keep],
+            logprobs=[self.logprobs[i] for i in keep],
+            top_n=width,
+            top_ids=[v for i in keep for v in self.top_ids[i * width : (i + 1) * width]],
+            top_logprobs=[v for i in keep for v in self.top_logprobs[i * width : (i + 1) * width]],
+            prefill=self.prefill,
+            failures=self.failures,
+        )
+
     @staticmethod
     def join(results: list[StepResult]) -> StepResult:
         """One step's results side by side (top alternatives padded to the widest)."""

@@ -76,6 +76,8 @@ class FakeShard(pb_grpc.TextGenerationServiceServicer):
         self.eos_token_ids = frozenset(eos_token_ids)
         # Each step takes at least this long (a stand-in for the model's step; 0: as fast as it is taken).
         self.step_s = 0.0
+        # Tokens each request gets per step (more than 1: as a shard that speculates), up to its end.
+        self.tokens_per_step = 1
         # The open stream's live requests, by id, in the order they came.
         self.live: dict[int, Live] = {}
         # What the router sent: every id added and every id aborted (live or not), over all streams.
@@ -215,23 +217,25 @@ class FakeShard(pb_grpc.TextGenerationServiceServicer):
                 failures.append(pb.RequestFailure(request_id=r.id, message="non-finite logits"))
                 del self.live[r.id]
                 continue
-            token = tokens[live.generated % ntokens]
-            if live.generated == 0:
-                if r.prefill_logprobs:
-                    prompt = list(r.input_ids)
-                    logprobs = [float("nan")] + [PROMPT_LOGPROB] * (len(prompt) - 1) if prompt else []
-                    prefill.append(pb.PrefillTokens(request_id=r.id, ids=prompt, logprobs=logprobs))
-            else:
-                first_only = False
-            if top_n:
-                top_ids.extend(tokens[(live.generated + k) % ntokens] for k in range(top_n))
-            live.generated += 1
-            reason = self._finish(live, token)
-            if reason:
-                del self.live[r.id]
-            ids.append(r.id)
-            token_ids.append(token)
-            reasons.append(reason)
+            for _ in range(self.tokens_per_step):
+                token = tokens[live.generated % ntokens]
+                if live.generated == 0:
+                    if r.prefill_logprobs:
+                        prompt = list(r.input_ids)
+                        logprobs = [float("nan")] + [PROMPT_LOGPROB] * (len(prompt) - 1) if prompt else []
+                        prefill.append(pb.PrefillTokens(request_id=r.id, ids=prompt, logprobs=logprobs))
+                else:
+                    first_only = False
+                if top_n:
+                    top_ids.extend(tokens[(live.generated + k) % ntokens] for k in range(top_n))
+                live.generated += 1
+                reason = self._finish(live, token)
+                ids.append(r.id)
+                token_ids.append(token)
+                reasons.append(reason)
+                if reason:
+                    del self.live[r.id]
+                    break
         self.tokens_generated += len(ids)
         generations = pb.Generations(
             request_ids=ids,

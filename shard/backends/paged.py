@@ -44,11 +44,14 @@ class PagedState:
 
 @dataclass
 class Chunk:
-    """The next ``length`` prompt tokens of ``seq`` to run in a step (``want_all``: every row's logits)."""
+    """The next ``length`` tokens of ``seq`` to run in a step (``want_all``: every row's logits). A prompt's,
+    or a running sequence's next token and its drafts (``seal`` False: the drafts the model does not
+    accept are cut off after the step, so none of their blocks may enter the prefix cache)."""
 
     seq: Sequence
     length: int
     want_all: bool = False
+    seal: bool = True
 
 
 def kv_budget_bytes(
@@ -282,7 +285,8 @@ class PagedBackend:
                 self.cache.seal(seq)
         for chunk in chunks:
             chunk.seq.computed += chunk.length
-            self.cache.seal(chunk.seq)
+            if chunk.seal:
+                self.cache.seal(chunk.seq)
 
     # -- batch bookkeeping ------------------------------------------------------------------------
     def select(self, state: PagedState, index: torch.Tensor) -> PagedState:

@@ -214,6 +214,18 @@ class PagedKVCache:
         self.v[:, block * bs : (block + 1) * bs].zero_()
         return block
 
+    def truncate(self, seq: Sequence, length: int) -> None:
+        """Forgets ``seq``'s tokens from ``length`` on (drafts the model did not accept): their slots are
+        written again as it goes on, and the blocks wholly past ``length`` go back to the pool. Only
+        tokens past every sealed block may go."""
+        assert length >= len(seq.hashes) * self.block_size, "sealed blocks cannot be truncated"
+        del seq.tokens[length:]
+        seq.computed = min(seq.computed, length)
+        keep = -(-length // self.block_size)
+        for block in seq.blocks[keep:]:
+            self.allocator.release(block)
+        del seq.blocks[keep:]
+
     def slots(self, seq: Sequence, start: int, end: int) -> list[int]:
         """Pool slots of the sequence's tokens [start, end)."""
         bs = self.block_size

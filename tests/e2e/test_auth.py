@@ -57,9 +57,12 @@ ROUTES: dict[tuple[str, str], dict | None] = {
     # No stored response has this id: past the key check, the route answers 404.
     ("GET", "/v1/responses/{response_id}"): None,
     ("DELETE", "/v1/responses/{response_id}"): None,
+    ("GET", "/v1/responses/{response_id}/input_items"): None,
+    ("POST", "/v1/responses/{response_id}/cancel"): None,
 }
 OPENAI_PATHS = {"/v1/models", "/v1/chat/completions", "/v1/completions", "/chat/completions", "/completions",
-                "/tokenize", "/version", "/v1/responses", "/v1/responses/{response_id}"}  # fmt: skip
+                "/tokenize", "/version", "/v1/responses", "/v1/responses/{response_id}",
+                "/v1/responses/{response_id}/input_items", "/v1/responses/{response_id}/cancel"}  # fmt: skip
 
 
 def _server(tiny_model_dir: Path, log_dir: Path, *args: str) -> Iterator[Launched]:

@@ -251,6 +251,31 @@ def test_retrieve_delete_and_store_false(client: openai.OpenAI, model: str) -> N
     assert error.value.body["code"] == "previous_response_not_found"  # type: ignore[index]
 
 
+def test_input_items_and_cancel(client: openai.OpenAI, model: str) -> None:
+    """The SDK's input_items.list (paged by its own auto-pagination) and cancel: a continuation lists the
+    whole input it answered, the earlier items with the ids they had; cancel names why it cannot."""
+    first = client.responses.create(model=model, input="Hi", instructions="Be brief.", max_output_tokens=4)
+    second = client.responses.create(
+        model=model, input="And again?", previous_response_id=first.id, max_output_tokens=4
+    )
+    data = client.responses.input_items.list(second.id, order="asc").data
+    assert data[0].type == "message" and data[0].role == "user" and data[0].content[0].text == "Hi"
+    assert [item.id for item in data[1:-1]] == [item.id for item in first.output]
+    assert data[-1].content[0].text == "And again?"  # type: ignore[union-attr]
+    assert [item.id for item in client.responses.input_items.list(first.id).data] == [data[0].id]
+    paged = [item.id for item in client.responses.input_items.list(second.id, limit=1)]  # newest first
+    assert paged == [item.id for item in reversed(data)]
+    with pytest.raises(openai.BadRequestError) as error:
+        client.responses.cancel(second.id)
+    assert error.value.body["param"] == "background"  # type: ignore[index]
+    for call in (client.responses.cancel, client.responses.input_items.list):
+        with pytest.raises(openai.NotFoundError):
+            call("resp_nope")
+    with pytest.raises(openai.BadRequestError) as error:
+        client.responses.input_items.list(second.id, limit=1000)
+    assert error.value.body["param"] == "limit"  # type: ignore[index]
+
+
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [

@@ -126,6 +126,41 @@ async def test_a_stop_string_ends_the_request_and_aborts_it_on_the_shard(setup) 
     assert shard.aborted == [entry.id] and shard.tokens_generated < 200
 
 
+@pytest.mark.parametrize("stream", [False, True])
+async def test_several_tokens_of_a_request_in_one_step_arrive_in_order(setup, stream: bool) -> None:
+    """A speculating shard sends a request several rows per step: each is its own token, in order, with
+    its text, top tokens and the end where it comes, as if they had come one step each."""
+    infer, shard = setup
+    shard.tokens_per_step = 3
+    # Characters of several tokens each: their text is decoded in context, a step's rows one by one.
+    shard.tokens = tuple(infer.tokenizer.encode(" naïve café ☕ 東京 is"))
+    lengths = [1, 4, 7, 12]
+    params = {"max_new_tokens": 0, "top_n_tokens": 2, "details": True, "stop": ["never said"]}
+    entries = []
+    for n in lengths:
+        params["max_new_tokens"] = n
+        entries.append(await validate(infer, "Hello", stream=stream, **params))
+
+    async def run(validated):
+        async with infer.request(validated) as entry:
+            if not stream:
+                return await infer.generate(entry)
+            return [event async for event in infer.stream(entry)]
+
+    results = await asyncio.gather(*(run(v) for v in entries))
+    for result, n in zip(results, lengths, strict=True):
+        if stream:
+            assert [e.token.id for e in result] == cycle(shard, n)
+            assert [e.top_tokens[0].id for e in result] == cycle(shard, n)
+            assert "".join(e.delta for e in result) == result[-1].finished.generated_text
+            assert [e.finished is None for e in result] == [True] * (n - 1) + [False]
+        else:
+            assert [t.id for t in result.tokens] == cycle(shard, n)
+            assert result.finish_reason == "length"
+            assert result.generated_text == infer.tokenizer.decode(cycle(shard, n))
+    assert shard.steps < sum(lengths)
+
+
 async def test_a_cancelled_entry_is_aborted(setup) -> None:
     infer, shard = setup
     shard.step_s = 0.01
