@@ -13,6 +13,7 @@ stream's gRPC metadata) and in the gRPC metadata of the unary ``Warmup`` call.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, MutableMapping
 from typing import TYPE_CHECKING
 
@@ -27,6 +28,11 @@ SHARD_SERVICE_NAME = "text-generation-inference.server"
 # The most events one span keeps (the SDK's default is 128): a request's span has one per step it took part
 # in; past this many the SDK drops the rest and reports how many it dropped (``dropped_events_count``).
 MAX_SPAN_EVENTS = 4096
+# How long one export may take, retries included (the SDK's default is 10 s): the router and the shards
+# export what is pending when they stop, within the launcher's grace, even when the collector is gone.
+# OTEL_EXPORTER_OTLP_TIMEOUT or OTEL_EXPORTER_OTLP_TRACES_TIMEOUT set another.
+EXPORT_TIMEOUT_S = 3.0
+TIMEOUT_VARIABLES = ("OTEL_EXPORTER_OTLP_TIMEOUT", "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT")
 
 
 def shard_service_name(router_service_name: str) -> str:
@@ -57,7 +63,9 @@ def setup_tracing(endpoint: str, service_name: str) -> TracerProvider:
         resource=Resource.create({SERVICE_NAME: service_name}),
         span_limits=SpanLimits(max_events=MAX_SPAN_EVENTS),
     )
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=check_otlp_endpoint(endpoint))))
+    timeout = None if any(v in os.environ for v in TIMEOUT_VARIABLES) else EXPORT_TIMEOUT_S
+    exporter = OTLPSpanExporter(endpoint=check_otlp_endpoint(endpoint), timeout=timeout)
+    provider.add_span_processor(BatchSpanProcessor(exporter))
     return provider
 
 
