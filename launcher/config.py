@@ -231,6 +231,12 @@ class LauncherConfig:
     )
     ngrok_authtoken: str | None = flag(None, help="TGI's ngrok token; only with --ngrok, which is refused.")
     ngrok_edge: str | None = flag(None, help="TGI's ngrok edge; only with --ngrok, which is refused.")
+    # TGI's --speculate: most draft tokens per sequence and step (n-gram lookup); paged backend only.
+    speculate: int | None = flag(
+        _shard("speculate"),
+        help="Most draft tokens per sequence and step, looked up in the text so far (0: none; default: 4 "
+        "where drafting pays). Paged backend.",
+    )
     # The share of each CUDA device a shard may use (TGI's flag); only 1.0 without a CUDA device.
     cuda_memory_fraction: float = flag(
         _shard("cuda_memory_fraction"),
@@ -384,6 +390,15 @@ class LauncherConfig:
             self._validate_quantize()
             if self.quantize in ("int8", "int4") and self.backend == "transformers":
                 raise ArgumentError(f"`--quantize {self.quantize}` needs the paged backend, not transformers")
+        if self.speculate is not None:
+            if self.speculate < 0:
+                raise ArgumentError(f"`speculate` must be >= 0. Given: {self.speculate}")
+            if self.speculate and (self.backend == "transformers" or self.quantize in (*BITSANDBYTES, CT2)):
+                raise ArgumentError(
+                    f"`--speculate {self.speculate}` needs the paged backend "
+                    f"({'--backend transformers' if self.backend == 'transformers' else f'--quantize {self.quantize}'}"
+                    " runs without it)"
+                )
         if self.cuda_graphs is not None:
             try:
                 parse_cuda_graphs(self.cuda_graphs)

@@ -185,6 +185,7 @@ class Supervisor:
             waiting_served_ratio=c.waiting_served_ratio,
             max_waiting_tokens=c.max_waiting_tokens,
             cuda_memory_fraction=c.cuda_memory_fraction,
+            speculate=c.speculate,
             json_output=c.json_output,
             otlp_endpoint=c.otlp_endpoint,
             otlp_service_name=shard_service_name(c.otlp_service_name),

@@ -101,6 +101,16 @@ class Metrics:
         self.prefix_cache_hits = Gauge(
             "tgi_prefix_cache_hits", "Prompt blocks found in the prefix cache", registry=r
         )
+        self.speculative_drafted = Gauge(
+            "tgi_speculative_drafted_tokens",
+            "Draft tokens fed to the model (speculative decoding)",
+            registry=r,
+        )
+        self.speculative_accepted = Gauge(
+            "tgi_speculative_accepted_tokens",
+            "Draft tokens the model accepted (speculative decoding)",
+            registry=r,
+        )
 
     def observe_cache(self, cache) -> None:
         """Copies a step's proto CacheStats into the gauges."""
@@ -109,6 +119,8 @@ class Metrics:
         self.kv_cache_used_tokens.set(cache.tokens_used)
         self.prefix_cache_queries.set(cache.prefix_queries)
         self.prefix_cache_hits.set(cache.prefix_hits)
+        self.speculative_drafted.set(cache.speculative_drafted)
+        self.speculative_accepted.set(cache.speculative_accepted)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

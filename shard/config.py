@@ -64,6 +64,12 @@ class ShardConfig:
     max_waiting_tokens: int = flag(
         MAX_WAITING_TOKENS, help="Transformers, ct2: steps after which waiting requests join."
     )
+    # --speculate: most draft tokens per running sequence and step (n-gram lookup, shard/speculation.py);
+    # None: the paged engine's default where drafting pays, 0: none. Other backends refuse a number.
+    speculate: int | None = flag(
+        None,
+        help="Paged backend: most draft tokens per sequence and step (0: none; default: 4 where it pays).",
+    )
     # --cuda-memory-fraction: the share of each CUDA device this process may use.
     cuda_memory_fraction: float = flag(1.0, help="Share of each CUDA device this process may use.")
     json_output: bool = flag(False, help="Log JSON lines.")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from .backends.base import Backend
 from .backends.paged import PagedBackend
 from .chunked import PREFILL_TOKENS, SPECULATE, ChunkedEngine
+from .config import ConfigError
 from .engine import Engine, EngineBackend, StepEngine
 from .faults import Faults
 from .processors import Processors
@@ -27,7 +28,13 @@ def make_engine(
     scheduled chunked-prefill engine for the paged backend (prompt chunks mixed into decode steps); else
     the plain one (whole prompts). ``prefill_tokens``: prompt tokens of a step that decodes nothing
     (--max-batch-prefill-tokens); ``speculate``: most draft tokens per sequence and step (--speculate,
-    paged backend; None: its default)."""
+    paged backend; None: its default where drafting pays). A number of draft tokens for another engine is
+    refused (``ConfigError``)."""
+    if speculate and not isinstance(backend, PagedBackend):
+        raise ConfigError(
+            f"`--speculate {speculate}` needs the paged backend; this model is served by "
+            f"{type(backend).__name__}"
+        )
     if isinstance(backend, EngineBackend):
         return backend.make_engine(faults)
     if isinstance(backend, PagedBackend):

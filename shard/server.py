@@ -436,7 +436,9 @@ def _load_core(config: ShardConfig, device: torch.device, parallel: Parallel) ->
             options={"watermark_gamma": config.watermark_gamma, "watermark_delta": config.watermark_delta},
         )
         processors = load_processors(config.plugins, context)
-    engine = make_engine(backend, Faults(config.fault_injection), processors, config.max_batch_prefill_tokens)
+    engine = make_engine(
+        backend, Faults(config.fault_injection), processors, config.max_batch_prefill_tokens, config.speculate
+    )
     limits = Limits(
         max_batch_prefill_tokens=config.max_batch_prefill_tokens,
         max_batch_total_tokens=config.max_batch_total_tokens or max(16000, config.max_batch_prefill_tokens),

@@ -72,6 +72,14 @@ def test_sixty_four_requests_over_a_pool_several_times_too_small_all_complete(sm
 
     alone = asyncio.run(run(concurrent=False))
     assert metric(small_pool, "tgi_kv_cache_preemptions") == 0
+    # Alone, each request drafts from its text where that pays (the tiny model repeats itself): the
+    # concurrent run below, which preempts and drafts less, must give the same tokens.
+    assert metric(small_pool, "tgi_speculative_drafted_tokens") > 0
+    assert (
+        0
+        < metric(small_pool, "tgi_speculative_accepted_tokens")
+        <= metric(small_pool, "tgi_speculative_drafted_tokens")
+    )
     together = asyncio.run(run(concurrent=True))
     assert [status for status, _ in together] == [200] * 64
     # Each request holds its prompt and 48 tokens: about 20 times what the pool holds, in all.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from launcher.config import ArgumentError, LauncherConfig
@@ -79,3 +81,32 @@ def test_cuda_memory_fraction_is_refused_without_a_cuda_device() -> None:
         config.check_model(SMOLLM, 0)
     config.check_model({**SMOLLM, "num_attention_heads": 8}, 1)  # one GPU: honoured
     LauncherConfig().check_model(SMOLLM, 0)  # the default is fine anywhere
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ({"speculate": -1}, r"`speculate` must be >= 0. Given: -1"),
+        ({"speculate": 3, "backend": "transformers"}, r"`--speculate 3` needs the paged backend \(--backend transformers"),
+        ({"speculate": 2, "quantize": "bitsandbytes-nf4"}, r"`--speculate 2` needs the paged backend \(--quantize bitsandbytes-nf4"),
+    ],
+)  # fmt: skip
+def test_speculate_is_refused_where_it_cannot_run(flags: dict, message: str) -> None:
+    with pytest.raises(ArgumentError, match=message):
+        LauncherConfig(**flags).validate()
+
+
+def test_speculate_zero_or_unset_is_fine_anywhere_and_reaches_the_shard(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from launcher.supervisor import Supervisor
+    from launcher.weights import ResolvedModel
+    from tests.unit.launcher.test_tgi_flags import parse
+
+    LauncherConfig(speculate=0, backend="transformers").validate()
+    LauncherConfig(backend="transformers").validate()
+    model = ResolvedModel("m", Path("/m"), None, None, "local", "m.safetensors")
+    assert Supervisor(parse(), model).shard_config(0).speculate is None  # the engine's default
+    assert Supervisor(parse("--speculate", "6"), model).shard_config(1).speculate == 6
+    monkeypatch.setenv("SPECULATE", "0")  # TGI's variable
+    assert parse().speculate == 0

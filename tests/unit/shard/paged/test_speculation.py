@@ -111,3 +111,16 @@ def test_rows_after_a_stop_token_are_not_sent(tiny_model_dir: Path) -> None:
         step = core.step()
         out += step.result.token_ids
     assert out == plain[: plain.index(stop) + 1]
+
+
+def test_a_number_of_draft_tokens_is_refused_by_an_engine_that_cannot_draft(tiny_model_dir: Path) -> None:
+    from shard.backends.hf import HFBackend
+    from shard.config import ConfigError
+
+    backend = HFBackend(tiny_model_dir, torch.device(CPU))
+    with pytest.raises(
+        ConfigError, match=r"`--speculate 3` needs the paged backend; this model is served by HFBackend"
+    ):
+        make_engine(backend, speculate=3)
+    make_engine(backend, speculate=0)
+    make_engine(backend)
