@@ -109,11 +109,13 @@ PARSER_MARKERS = {
 # -- values -------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class FunctionTool:
-    """A function the model may call; ``parameters`` is the JSON schema of its arguments object."""
+    """A function the model may call; ``parameters`` is the JSON schema of its arguments object. ``strict``:
+    the client asked for arguments that always follow it (refused where no grammar constrains the call)."""
 
     name: str
     description: str | None = None
     parameters: dict[str, Any] = field(default_factory=lambda: {"type": "object", "properties": {}})
+    strict: bool = False
 
     def to_template(self) -> dict[str, Any]:
         """The tool as chat templates take it (``tools=`` of ``apply_chat_template``)."""
@@ -484,6 +486,8 @@ class Agent:
                     field = "tools"
         elif turn.constraint is not None and reasoning is not None:
             answer = constraint_rules(turn.constraint, "answer", field)
+        if turn.calls_allowed and not answer:
+            _check_unconstrained(turn.tools)
         argument = turn.constraint
         if answer:
             lark = "\n".join([*reasoning_rules(reasoning, in_reasoning, field), *answer])
@@ -499,6 +503,19 @@ class Agent:
             reasoning_parser=reasoning,
             in_reasoning=in_reasoning,
             max_calls=turn.kept_calls if turn.calls_allowed else None,
+        )
+
+
+def _check_unconstrained(tools: tuple[FunctionTool, ...]) -> None:
+    """Calls decoded without a grammar: a tool that asks for ``strict`` arguments is refused (400)."""
+    strict = [i for i, tool in enumerate(tools) if tool.strict]
+    if strict:
+        raise ValidationError(
+            f"`tools[{strict[0]}].strict`: arguments are guaranteed to follow the schema only under constrained "
+            "decoding, which this server applies to `tool_choice: auto` only for the hermes, llama3_json and "
+            "mistral formats, on backends with the grammar processor, without gpt_oss reasoning; force the "
+            "call (tool_choice required or a named function) or leave strict out",
+            "tools",
         )
 
 

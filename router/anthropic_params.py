@@ -13,8 +13,9 @@ What a Messages request becomes (the route itself is router/anthropic_api.py):
 - ``tools`` (custom tools: ``name``, ``description``, ``input_schema``) -> FunctionTools; server tools
   (``web_search_...``, ``bash_...``) are refused. ``tool_choice`` ``auto`` / ``any`` / ``tool`` (with
   ``name``) / ``none`` -> ToolChoice ``auto`` / ``required`` / ``function`` / ``none``, and its
-  ``disable_parallel_tool_use`` -> ``parallel_tool_calls``. A tool's ``strict: true`` is honoured only
-  where the call is forced (``any`` / ``tool``: its input follows the schema by constrained decoding).
+  ``disable_parallel_tool_use`` -> ``parallel_tool_calls``. A tool's ``strict: true`` is honoured where a
+  grammar constrains the call (``any`` / ``tool``, and ``auto`` where the lazy grammar applies: its input
+  follows the schema); elsewhere it is refused (router/agent.py's plan).
 - ``thinking``: ``disabled`` (the default), ``adaptive`` (the model decides how long it thinks, within
   ``max_tokens``) or ``enabled`` with ``budget_tokens`` (at least 1 and below ``max_tokens``: the model
   thinks for at most that many tokens, see router/anthropic_api.py), with ``display`` ``summarized`` (the
@@ -286,8 +287,8 @@ def parse_messages(value: object) -> tuple[list[ChatMessage], bool]:
     return out, prefill
 
 
-def _tool(raw: object, index: int) -> tuple[FunctionTool, bool]:
-    """One custom tool and whether it asks for ``strict`` inputs."""
+def _tool(raw: object, index: int) -> FunctionTool:
+    """One custom tool (``strict``: it asks for inputs that follow its schema)."""
     where = f"tools[{index}]"
     tool = _object(raw, where, "tools")
     kind = tool.get("type")
@@ -307,7 +308,7 @@ def _tool(raw: object, index: int) -> tuple[FunctionTool, bool]:
     strict = tool.get("strict", False)
     if not isinstance(strict, bool):
         raise ValidationError(f"`{where}.strict` must be a boolean", "tools")
-    return FunctionTool(name, description, schema), strict
+    return FunctionTool(name, description, schema, strict)
 
 
 def parse_tool_choice(raw: object, tools: tuple[FunctionTool, ...]) -> tuple[ToolChoice, bool]:
@@ -369,21 +370,12 @@ def parse_output_config(raw: object) -> tuple[str | None, str | None]:
 def parse_turn(tools_raw: object, choice_raw: object, constraint: str | None = None) -> Turn:
     """``tools``, ``tool_choice`` and ``output_config.format``'s constraint -> the neutral Turn."""
     tools: tuple[FunctionTool, ...] = ()
-    strict: list[int] = []
     if tools_raw is not None:
         if not isinstance(tools_raw, list):
             raise ValidationError("`tools` must be an array of tools", "tools")
-        parsed = [_tool(t, i) for i, t in enumerate(tools_raw)]
-        tools = tuple(tool for tool, _ in parsed)
-        strict = [i for i, (_, is_strict) in enumerate(parsed) if is_strict]
+        tools = tuple(_tool(t, i) for i, t in enumerate(tools_raw))
         check_tools(tools)
     choice, parallel = parse_tool_choice(choice_raw, tools)
-    if strict and not choice.forced:
-        raise ValidationError(
-            f"`tools[{strict[0]}].strict`: inputs are guaranteed to follow the schema only when the call is "
-            'forced (`tool_choice` {"type": "any"} or {"type": "tool", "name": ...})',
-            "tools",
-        )
     return Turn(tools, choice, parallel, constraint, constraint_field="output_config")
 
 

@@ -457,14 +457,15 @@ def function_fields(function: dict[str, Any], where: str) -> FunctionTool:
         raise ValidationError(f"`{where}.name` must be a string", "tools")
     if description is not None and not isinstance(description, str):
         raise ValidationError(f"`{where}.description` must be a string", "tools")
-    if function.get("strict") is not None and not isinstance(function["strict"], bool):
+    strict = function.get("strict")
+    if strict is not None and not isinstance(strict, bool):
         raise ValidationError(f"`{where}.strict` must be a boolean", "tools")
     parameters = function.get("parameters")
     if parameters is None:
-        return FunctionTool(name, description)
+        return FunctionTool(name, description, strict=strict is True)
     if not isinstance(parameters, dict):
         raise ValidationError(f"`{where}.parameters` must be a JSON schema object", "tools")
-    return FunctionTool(name, description, parameters)
+    return FunctionTool(name, description, parameters, strict is True)
 
 
 def _tool_choice(raw: object, tools: tuple[FunctionTool, ...]) -> ToolChoice:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import jsonschema
@@ -339,6 +340,18 @@ def test_auto_stays_free_where_a_grammar_cannot_follow(tokenizer: Tokenizer) -> 
     assert agent(tokenizer, lazy_calls=True).plan(Turn((WEATHER,), constraint=constraint), "p").grammar == (
         agent(tokenizer).plan(Turn((WEATHER,), constraint=constraint), "p").grammar
     )
+
+
+def test_strict_tools_need_a_grammar_on_the_call(tokenizer: Tokenizer) -> None:
+    strict = replace(WEATHER, strict=True)
+    for lazy_calls, choice in [(True, ToolChoice("auto")), (False, ToolChoice("required"))]:
+        plan = agent(tokenizer, lazy_calls=lazy_calls).plan(Turn((TIME, strict), choice), "p")
+        assert plan.grammar is not None  # the call is constrained: strict is honoured
+    for free in [agent(tokenizer), agent(tokenizer, lazy_calls=True, tool_call_parser="pythonic")]:
+        with pytest.raises(ValidationError, match=r"`tools\[1\].strict`") as error:
+            free.plan(Turn((TIME, strict)), "p")
+        assert error.value.param == "tools"
+        assert free.plan(Turn((TIME, strict), ToolChoice("none")), "p").grammar is None  # no calls: no matter
 
 
 def test_lazy_calls_after_the_reasoning(tokenizer: Tokenizer, ll_tokenizer: llguidance.LLTokenizer) -> None:

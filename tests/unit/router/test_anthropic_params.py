@@ -199,7 +199,6 @@ def test_thinking() -> None:
         ({"tools": [{**WEATHER, "input_examples": []}]}, ["`tools[0].input_examples` is not supported"]),
         ({"tools": [{**WEATHER, "name": "bad name"}]}, ["`tools[0]` name"]),
         ({"tools": [WEATHER, WEATHER]}, ["twice"]),
-        ({"tools": [{**WEATHER, "strict": True}]}, ["`tools[0].strict`", "forced"]),
         ({"tool_choice": {"type": "any"}}, ["`tool_choice` any needs `tools`"]),
         ({"tools": [WEATHER], "tool_choice": "auto"}, ["`tool_choice` must be an object"]),
         ({"tools": [WEATHER], "tool_choice": {"type": "required"}}, ["`tool_choice.type` must be"]),

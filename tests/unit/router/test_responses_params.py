@@ -139,7 +139,7 @@ def test_function_tools_and_choices(infer: SimpleNamespace) -> None:
     request = parse(
         infer, tools=[WEATHER], tool_choice="required", parallel_tool_calls=False, max_tool_calls=2
     )
-    tool = FunctionTool("get_weather", "The weather in a city", WEATHER["parameters"])
+    tool = FunctionTool("get_weather", "The weather in a city", WEATHER["parameters"], strict=True)
     assert request.turn.tools == (tool,) and request.turn.choice == ToolChoice("required")
     assert not request.turn.parallel_tool_calls and request.turn.max_calls == 2
     assert request.echo["tools"] == [WEATHER] and request.echo["tool_choice"] == "required"
