@@ -352,8 +352,8 @@ class PagedModel(nn.Module):
 
     def decode_plan(self) -> DecodePlan | None:
         """What ``decode_layers`` takes for this model (made on first use, once the layers are final); None
-        when it does not apply: not float32, several ranks, q/k norms, a bias past q/k/v, or a product
-        without a kernel."""
+        when it does not apply: not float32, several ranks, q/k norms, a bias past q/k/v, experts, or a
+        product without a kernel."""
         if not self._decode_plan_made:
             self._decode_plan = make_decode_plan(self) if self.fused else None
             self._decode_plan_made = True
