@@ -8,6 +8,7 @@ import gc
 import logging
 import os
 import signal
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
@@ -19,7 +20,7 @@ from .chat import ChatPrompter
 from .client import ShardClient
 from .config import RouterConfig
 from .infer import Infer
-from .openapi import SWAGGER_UI, openapi_document
+from .openapi import DOCS_ASSETS, DOCS_ASSETS_PATH, SWAGGER_UI, docs_asset, openapi_document
 from .responses_api import add_routes as add_responses_routes
 from .state import STATE_KEY, RouterState
 from .tokenizer import Tokenizer
@@ -92,6 +93,16 @@ async def _docs(request: web.Request) -> web.Response:
     return web.Response(text=SWAGGER_UI, content_type="text/html")
 
 
+def _docs_asset(name: str) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """The handler of one of the /docs page's assets (served from the package: no CDN)."""
+
+    async def handler(request: web.Request) -> web.Response:
+        body, content_type = docs_asset(name)
+        return web.Response(body=body, content_type=content_type, headers={"Cache-Control": "max-age=86400"})
+
+    return handler
+
+
 def create_app(config: RouterConfig) -> web.Application:
     tracer = RouterTracer.from_config(config)
     # The request's span is outermost: it sees the status every other middleware answers with.
@@ -111,6 +122,8 @@ def create_app(config: RouterConfig) -> web.Application:
     app.router.add_get("/openapi.json", _openapi)
     app.router.add_get("/api-doc/openapi.json", _openapi)
     app.router.add_get("/docs", _docs)
+    for name in DOCS_ASSETS:
+        app.router.add_get(f"{DOCS_ASSETS_PATH}/{name}", _docs_asset(name))
     app.on_startup.append(_on_startup)
     app.on_cleanup.append(_on_cleanup)
     add_extensions(app, config)

@@ -179,6 +179,7 @@ class EngineClient:
             m.batch_next_size.observe(out.joined)
         m.batch_current_max_tokens.set(out.max_tokens)
         m.queue_size.set(out.waiting)
+        m.observe_gateway(out)
         if out.running != self._gauged_size:
             self._gauged_size = out.running
             m.batch_current_size.set(out.running)

@@ -85,7 +85,7 @@ class Infer:
         self.eos_ids = frozenset(info.eos_token_ids) or frozenset(
             [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         )
-        self.metrics = Metrics(config.max_input_length, config.max_total_tokens)
+        self.metrics = Metrics(config.max_input_length, config.max_total_tokens, config.model_names[0])
         self.validator = Validator(
             config, tokenizer, info.unsupported_parameters, info.backend, info.processors
         )
@@ -107,6 +107,7 @@ class Infer:
         if supported:
             self.max_batch_total_tokens = supported
         log.info("Warmed up; max batch total tokens: %d", self.max_batch_total_tokens)
+        self.metrics.token_budget = self.max_batch_total_tokens
         self._task = asyncio.create_task(self.engine.run(), name="generation-stream")
         self._task.add_done_callback(self._on_stream_exit)
         self.ready = True

@@ -1,8 +1,23 @@
-"""Prometheus metrics with TGI's ``tgi_*`` names, in a registry of the router's own."""
+"""Prometheus metrics with TGI's ``tgi_*`` names, in a registry of the router's own; beside them, what the
+Kubernetes Gateway API Inference Extension's endpoint picker reads (its model-server protocol), under the
+names its default configuration expects: vLLM's (docs/deployment.md, Gateway metrics)."""
 
 from __future__ import annotations
 
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+# The endpoint picker's default metric names (its flags --total-queued-requests-metric,
+# --total-running-requests-metric, --kv-cache-usage-percentage-metric, --lora-info-metric); the KV cache's
+# older name is the default of the pickers released before vLLM renamed it.
+GATEWAY_WAITING = "vllm:num_requests_waiting"
+GATEWAY_RUNNING = "vllm:num_requests_running"
+GATEWAY_KV_CACHE = "vllm:kv_cache_usage_perc"
+GATEWAY_KV_CACHE_OLD = "vllm:gpu_cache_usage_perc"
+GATEWAY_LORA = "vllm:lora_requests_info"
+# This server loads no LoRA adapters: none run, none wait, and none can be loaded.
+MAX_LORA = 0
 
 DURATION_BUCKETS = tuple(1.5e-4 * 1.5**i for i in range(35))
 
@@ -13,7 +28,7 @@ def _linear(maximum: int, count: int = 100) -> tuple[float, ...]:
 
 
 class Metrics:
-    def __init__(self, max_input_length: int, max_total_tokens: int) -> None:
+    def __init__(self, max_input_length: int, max_total_tokens: int, model_name: str) -> None:
         r = self.registry = CollectorRegistry()
         self.request_count = Counter("tgi_request_count", "Requests received", registry=r)
         self.request_success = Counter("tgi_request_success", "Requests that succeeded", registry=r)
@@ -111,6 +126,58 @@ class Metrics:
             "Draft tokens the model accepted (speculative decoding)",
             registry=r,
         )
+
+        # The gateway's metrics (model-server protocol), after every step. ``token_budget`` is the
+        # running batch's token budget (--max-batch-total-tokens, or what warm-up found): the KV cache
+        # utilisation of backends that report no KV pool of their own.
+        self.token_budget = 0
+        labels = ["model_name"]
+        self.gateway_waiting = Gauge(
+            GATEWAY_WAITING, "Requests waiting to run (the shard's queue)", labels, registry=r
+        ).labels(model_name)
+        self.gateway_running = Gauge(
+            GATEWAY_RUNNING, "Requests running (in the engine's batch)", labels, registry=r
+        ).labels(model_name)
+        self.gateway_kv_cache = Gauge(
+            GATEWAY_KV_CACHE,
+            "Fraction of the KV cache in use, 0 to 1 (backends without a KV pool: the share of the token "
+            "budget the live requests reserve)",
+            labels,
+            registry=r,
+        ).labels(model_name)
+        self.gateway_kv_cache_old = Gauge(
+            GATEWAY_KV_CACHE_OLD, f"The same as {GATEWAY_KV_CACHE} (its older name)", labels, registry=r
+        ).labels(model_name)
+        self.gateway_lora = Gauge(
+            GATEWAY_LORA,
+            "LoRA adapters running and waiting, and how many can be loaded (none: this server loads no "
+            "adapters); the value is the time of the last update",
+            ["running_lora_adapters", "waiting_lora_adapters", "max_lora"],
+            registry=r,
+        ).labels("", "", str(MAX_LORA))
+        self.gateway_lora.set(time.time())
+        for gauge in (
+            self.gateway_waiting,
+            self.gateway_running,
+            self.gateway_kv_cache,
+            self.gateway_kv_cache_old,
+        ):
+            gauge.set(0)
+
+    def observe_gateway(self, out) -> None:
+        """Copies a step's proto StepOutput (its waiting and running requests, its KV cache) into the
+        gateway's gauges."""
+        self.gateway_waiting.set(out.waiting)
+        self.gateway_running.set(out.running)
+        cache = out.cache if out.HasField("cache") else None
+        if cache is not None and cache.tokens_total:
+            usage = cache.tokens_used / cache.tokens_total
+        else:  # the engines that admit by TGI's token budget (transformers, ct2) report no KV pool
+            usage = out.max_tokens / self.token_budget if self.token_budget else 0.0
+        usage = min(usage, 1.0)
+        self.gateway_kv_cache.set(usage)
+        self.gateway_kv_cache_old.set(usage)
+        self.gateway_lora.set(time.time())
 
     def observe_cache(self, cache) -> None:
         """Copies a step's proto CacheStats into the gauges."""

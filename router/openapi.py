@@ -7,6 +7,8 @@ except the /docs page's own static files (``/docs/...``), which are not part of 
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
 from typing import Any
 
 from . import __version__
@@ -181,17 +183,30 @@ _OBJECT = {"type": "object"}
 _HTML = {"description": "The page", "content": {"text/html": {"schema": {"type": "string"}}}}
 
 
-SWAGGER_UI = """<!doctype html>
+# The Swagger UI page, with its script and style served by the router itself (``docs_asset``): /docs works
+# without reaching any other host. The assets come from the swagger-ui-bundle package (Swagger UI,
+# Apache-2.0), a dependency of this one.
+DOCS_ASSETS_PATH = "/docs/assets"
+DOCS_ASSETS = {"swagger-ui.css": "text/css", "swagger-ui-bundle.js": "text/javascript"}
+SWAGGER_UI = f"""<!doctype html>
 <html>
 <head>
   <meta charset="utf-8"><title>Text Generation Inference API</title>
-  <link rel="stylesheet" href="https://unpkg.com/swagger-ui-dist@5/swagger-ui.css">
+  <link rel="stylesheet" href="{DOCS_ASSETS_PATH}/swagger-ui.css">
 </head>
 <body>
   <div id="swagger-ui"></div>
-  <script src="https://unpkg.com/swagger-ui-dist@5/swagger-ui-bundle.js"></script>
-  <script>window.ui = SwaggerUIBundle({url: "/openapi.json", dom_id: "#swagger-ui"});</script>
+  <script src="{DOCS_ASSETS_PATH}/swagger-ui-bundle.js"></script>
+  <script>window.ui = SwaggerUIBundle({{url: "/openapi.json", dom_id: "#swagger-ui"}});</script>
   <noscript>The API description is at <a href="/openapi.json">/openapi.json</a>.</noscript>
 </body>
 </html>
 """
+
+
+@functools.cache
+def docs_asset(name: str) -> tuple[bytes, str]:
+    """One of the /docs page's assets (a name in DOCS_ASSETS): its bytes and content type."""
+    from swagger_ui_bundle import swagger_ui_path
+
+    return (Path(swagger_ui_path) / name).read_bytes(), DOCS_ASSETS[name]

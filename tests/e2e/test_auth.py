@@ -42,6 +42,8 @@ ROUTES: dict[tuple[str, str], dict | None] = {
     ("GET", "/info"): None,
     ("GET", "/metrics"): None,
     ("GET", "/docs"): None,
+    ("GET", "/docs/assets/swagger-ui.css"): None,
+    ("GET", "/docs/assets/swagger-ui-bundle.js"): None,
     ("GET", "/openapi.json"): None,
     ("GET", "/api-doc/openapi.json"): None,
     ("GET", "/v1/models"): None,

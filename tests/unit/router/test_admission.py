@@ -17,7 +17,7 @@ def fake_infer(max_concurrent_requests: int) -> SimpleNamespace:
         config=SimpleNamespace(max_concurrent_requests=max_concurrent_requests),
         draining=False,
         in_flight=0,
-        metrics=Metrics(16, 32),
+        metrics=Metrics(16, 32, "m"),
     )
 
 
