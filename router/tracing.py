@@ -33,7 +33,7 @@ from common.tracing import extract_context, inject_context, setup_tracing
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.trace import Span
+    from opentelemetry.trace import Span, Tracer
 
     from proto import pb
 
@@ -45,9 +45,9 @@ UNTRACED_PATHS = frozenset({"/health", "/metrics"})
 
 @dataclass
 class HttpTrace:
-    """The span of the HTTP request being handled (in a context variable of its handler's task)."""
+    """The HTTP request being handled (in a context variable of its handler's task): when it arrived, and
+    whether its ``validate`` span is made (at its first sequence's submission)."""
 
-    span: Span
     started_ns: int
     validated: bool = False
 
@@ -69,7 +69,7 @@ class RequestTrace:
     error: str | None = None
     finished: bool = False
 
-    def first_token(self, tracer: Any, now_ns: int) -> Span:
+    def first_token(self, tracer: Tracer, now_ns: int) -> Span:
         """Ends the queue wait and starts detokenization (its first token came back at ``now_ns``)."""
         from opentelemetry import trace
 
@@ -155,7 +155,7 @@ class RouterTracer:
                 attributes={"http.request.method": request.method, "http.route": route,
                             "url.path": request.path},
             )  # fmt: skip
-            http = _current_http.set(HttpTrace(span, started))
+            http = _current_http.set(HttpTrace(started))
             attached = context.attach(trace.set_span_in_context(span))
             try:
                 response = await handler(request)
