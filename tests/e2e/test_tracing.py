@@ -33,7 +33,8 @@ class Span:
     span_id: str
     parent_span_id: str
     links: tuple[tuple[str, str], ...]
-    events: tuple[str, ...]
+    # Each event's name and its "step" attribute (0 when it has none).
+    events: tuple[tuple[str, int], ...]
     attributes: dict
 
 
@@ -58,7 +59,7 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
                             span_id=s.span_id.hex(),
                             parent_span_id=s.parent_span_id.hex(),
                             links=tuple((link.trace_id.hex(), link.span_id.hex()) for link in s.links),
-                            events=tuple(e.name for e in s.events),
+                            events=tuple((e.name, _step(e.attributes)) for e in s.events),
                             attributes={a.key: _value(a.value) for a in s.attributes},
                         )
                     )
@@ -78,6 +79,10 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
                 names = sorted({(s.service, s.name) for s in spans})
                 raise AssertionError(f"no {what} after {SPANS_TIMEOUT_S} s; spans received: {names}")
             time.sleep(0.2)
+
+
+def _step(attributes) -> int:
+    return next((a.value.int_value for a in attributes if a.key == "step"), 0)
 
 
 def _value(v) -> object:
@@ -150,14 +155,19 @@ def test_a_streamed_request_is_one_trace_across_router_and_shard(
         assert infer.attributes["gen_ai.usage.output_tokens"] == 4
         assert trace[("tgi-test.router", "queue")].parent_span_id == infer.span_id
         detokenize = trace[("tgi-test.router", "detokenize")]
-        assert detokenize.parent_span_id == infer.span_id and detokenize.events == ("step",) * 4
+        assert detokenize.parent_span_id == infer.span_id
+        assert [name for name, _ in detokenize.events] == ["step"] * 4  # one per token
         # The shard's span of the request is the router's sequence span's child, in the same trace ...
         request = trace[("tgi-test.server", "request")]
         assert request.parent_span_id == infer.span_id
-        assert request.attributes["finish_reason"] == "FINISH_LENGTH" and request.events == ("step",) * 4
-        # ... and the shard's step spans that gave it its tokens link to it.
+        assert request.attributes["finish_reason"] == "FINISH_LENGTH"
+        assert request.events == detokenize.events  # the same steps (a speculative step gives several)
+        # ... and the shard's step spans that gave it its tokens link to it, numbered as both say.
         steps = [s for s in spans if s.name == "step" and (http.trace_id, request.span_id) in s.links]
-        assert len(steps) >= 4 and {s.service for s in steps} == {"tgi-test.server"}
+        assert {s.attributes["step"] for s in steps} == {step for _, step in request.events}
+        assert {s.service for s in steps} == {"tgi-test.server"} and 0 not in {
+            s.attributes["step"] for s in steps
+        }
         assert all(s.trace_id != http.trace_id for s in steps)  # a step works for many traces: links
         # Start-up's warm-up: the shard's span is the router's child through the call's gRPC metadata.
         warmups = {s.service: s for s in spans if s.name == "warmup"}
