@@ -17,7 +17,7 @@ from launcher.config import ArgumentError, LauncherConfig
 from tests.fake_plugins import installed
 
 # TGI v0.9.4's launcher flags (launcher/src/main.rs): each long flag reads the UPPER_SNAKE environment
-# variable of its name; two have a one-letter alias. --otlp-endpoint is the tracing work's (its tests).
+# variable of its name; two have a one-letter alias.
 TGI_FLAGS = (
     "model-id", "revision", "validation-workers", "sharded", "num-shard", "quantize", "dtype",
     "trust-remote-code", "max-concurrent-requests", "max-best-of", "max-stop-sequences", "max-input-length",
@@ -25,7 +25,7 @@ TGI_FLAGS = (
     "max-waiting-tokens", "hostname", "port", "shard-uds-path", "master-addr", "master-port",
     "huggingface-hub-cache", "weights-cache-override", "disable-custom-kernels", "cuda-memory-fraction",
     "json-output", "cors-allow-origin", "watermark-gamma", "watermark-delta", "ngrok", "ngrok-authtoken",
-    "ngrok-edge", "env",
+    "ngrok-edge", "otlp-endpoint", "env",
 )  # fmt: skip
 TGI_SHORT = {"port": "-p", "env": "-e"}
 
