@@ -13,6 +13,7 @@ stream's gRPC metadata) and in the gRPC metadata of the unary ``Warmup`` call.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Mapping, MutableMapping
 from typing import TYPE_CHECKING
@@ -33,6 +34,12 @@ MAX_SPAN_EVENTS = 4096
 # OTEL_EXPORTER_OTLP_TIMEOUT or OTEL_EXPORTER_OTLP_TRACES_TIMEOUT set another.
 EXPORT_TIMEOUT_S = 3.0
 TIMEOUT_VARIABLES = ("OTEL_EXPORTER_OTLP_TIMEOUT", "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT")
+# What --otlp-endpoint needs (the project's dependencies, checked when the flag is given): a module of each
+# distribution.
+OTEL_DISTRIBUTIONS = {
+    "opentelemetry.sdk": "opentelemetry-sdk",
+    "opentelemetry.exporter.otlp.proto.grpc": "opentelemetry-exporter-otlp-proto-grpc",
+}
 
 
 def shard_service_name(router_service_name: str) -> str:
@@ -47,7 +54,19 @@ def check_otlp_endpoint(value: str) -> str:
     endpoint = value.strip()
     if not endpoint:
         raise ValueError("must be a collector address such as http://localhost:4317")
+    missing = [dist for module, dist in OTEL_DISTRIBUTIONS.items() if not _importable(module)]
+    if missing:
+        raise ValueError(
+            f"needs {', '.join(missing)}, which is not installed: pip install {' '.join(missing)}"
+        )
     return endpoint
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a parent package is missing
+        return False
 
 
 def setup_tracing(endpoint: str, service_name: str) -> TracerProvider:

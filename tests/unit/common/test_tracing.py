@@ -3,6 +3,7 @@ a collector that is gone does not hold a stopping process up."""
 
 from __future__ import annotations
 
+import importlib.util
 import socket
 import subprocess
 import sys
@@ -11,7 +12,14 @@ import time
 import pytest
 from opentelemetry import trace
 
-from common.tracing import EXPORT_TIMEOUT_S, TIMEOUT_VARIABLES, extract_context, inject_context, setup_tracing
+from common.tracing import (
+    EXPORT_TIMEOUT_S,
+    TIMEOUT_VARIABLES,
+    check_otlp_endpoint,
+    extract_context,
+    inject_context,
+    setup_tracing,
+)
 from tests.e2e.harness import REPO
 
 pytestmark = pytest.mark.timeout(120)
@@ -34,6 +42,20 @@ print(sorted(m for m in sys.modules if m.startswith("opentelemetry")))
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=100, check=True
     )
     assert done.stdout.strip() == "[]"
+
+
+def test_an_endpoint_is_refused_blank_or_without_the_sdk(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert check_otlp_endpoint(" http://c:4317 ") == "http://c:4317"
+    with pytest.raises(ValueError, match="collector address"):
+        check_otlp_endpoint("  ")
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "opentelemetry.sdk" else find_spec(name, *a),
+    )
+    with pytest.raises(ValueError, match="needs opentelemetry-sdk, which is not installed: pip install"):
+        check_otlp_endpoint("http://c:4317")
 
 
 def test_a_context_goes_out_and_comes_back() -> None:
