@@ -42,14 +42,18 @@ class Launched:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, log_dir: Path) -> Launched:
+        """Starts the launcher on loopback, on this object's port and socket prefix, with ``args``."""
+        flags = ["--hostname", "127.0.0.1", "--port", str(self.port), "--shard-uds-path", self.uds]
+        return self._start(log_dir, [*flags, *self.args])
+
+    def start_as_written(self, log_dir: Path) -> Launched:
+        """Starts ``text-generation-launcher ARGS`` with no flag added (``args`` and ``env`` must put it on
+        this object's port and socket prefix)."""
+        return self._start(log_dir, self.args)
+
+    def _start(self, log_dir: Path, args: list[str]) -> Launched:
         self.log_path = log_dir / f"launcher-{self.port}.log"
-        command = [
-            sys.executable, "-m", "launcher",
-            "--hostname", "127.0.0.1",
-            "--port", str(self.port),
-            "--shard-uds-path", self.uds,
-            *self.args,
-        ]  # fmt: skip
+        command = [sys.executable, "-m", "launcher", *args]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", **self.env}
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)

@@ -26,22 +26,6 @@ from .harness import REPO, Launched, free_port
 pytestmark = pytest.mark.timeout(300)
 
 
-def launch(args: list[str], env: dict[str, str], log: Path) -> Launched:
-    """Starts ``text-generation-launcher ARGS`` as written (no flag added), on loopback."""
-    server = Launched(args, env=env, port=int(env.get("PORT", "0")) or free_port())
-    server.log_path = log
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "HOSTNAME": "127.0.0.1", **env}
-    with open(log, "wb") as out:
-        server.process = subprocess.Popen(
-            [sys.executable, "-m", "launcher", *args],
-            cwd=REPO,
-            env=full_env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    return server
-
-
 def serve_once(server: Launched) -> None:
     try:
         server.wait_healthy(120)
@@ -75,9 +59,12 @@ def test_documented_command_lines_serve(
         for word in line.split()
     ]
     uds = str(tmp_path / "tgi")
-    env = {"SHARD_UDS_PATH": uds, **({"PORT": str(port)} if port_in == "env" else {})}
-    server = launch(args, env, tmp_path / "launcher.log")
-    server.port = port
+    env = {
+        "SHARD_UDS_PATH": uds,
+        "HOSTNAME": "127.0.0.1",
+        **({"PORT": str(port)} if port_in == "env" else {}),
+    }
+    server = Launched(args, env=env, port=port, uds=uds).start_as_written(tmp_path)
     serve_once(server)
     log = server.log()
     assert list(tmp_path.glob("tgi*")) == []  # the sockets' private directory is gone
