@@ -25,6 +25,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_launcher(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Runs ``text-generation-launcher ARGS`` to its end (a refusal, --help), with its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "launcher", *args],
+        cwd=REPO,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
 @dataclass
 class Launched:
     """A running ``text-generation-launcher``; ``stop()`` returns its exit code and checks for orphans."""

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -13,20 +10,9 @@ import pytest
 import requests
 
 from .conftest import stop_and_check
-from .harness import REPO, Launched
+from .harness import Launched, run_launcher
 
 pytestmark = pytest.mark.timeout(300)
-
-
-def run_launcher(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "launcher", *args],
-        cwd=REPO,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 def test_sigterm_stops_everything_and_exits_zero(tiny_model_dir: Path, tmp_path: Path) -> None:

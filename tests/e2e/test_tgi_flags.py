@@ -12,16 +12,13 @@ variables of TGI's Docker image would set them."""
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import requests
 
-from .harness import REPO, Launched, free_port
+from .harness import Launched, free_port, run_launcher
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -73,17 +70,6 @@ def test_documented_command_lines_serve(
             assert row in log, row
     if "--disable-custom-kernels" in args:
         assert "Custom kernels off (--disable-custom-kernels)" in log
-
-
-def run_launcher(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "launcher", *args],
-        cwd=REPO,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 @pytest.mark.parametrize(
