@@ -376,133 +376,128 @@ def _sse_or_json(schema: Schema, what: str) -> Schema:
     }
 
 
+def _operation(
+    summary: str,
+    ok: Schema | None,
+    errors: Schema | None = None,
+    body: str | None = None,
+    not_found: bool = False,
+) -> Schema:
+    """One operation: its summary, request body (a schema's name), 200 answer and error answers."""
+    responses = {"200": ok} if ok is not None else {}
+    if errors is not None:
+        responses.update(_errors(errors, not_found))
+    operation: Schema = {"summary": summary, "responses": responses}
+    if body is not None:
+        operation["requestBody"] = _body(ref(body))
+    return operation
+
+
 def _chat_paths(prefix: str) -> dict[str, Schema]:
+    chat = _sse_or_json(ref("ChatCompletion"), "The completion")
+    completion = _sse_or_json(ref("Completion"), "The completion")
     return {
         f"{prefix}/chat/completions": {
-            "post": {
-                "summary": "OpenAI chat completions, with tools and reasoning",
-                "requestBody": _body(ref("ChatCompletionRequest")),
-                "responses": {
-                    "200": _sse_or_json(ref("ChatCompletion"), "The completion"),
-                    **_errors(OPENAI_ERROR),
-                },
-            }
+            "post": _operation(
+                "OpenAI chat completions, with tools and reasoning",
+                chat,
+                OPENAI_ERROR,
+                "ChatCompletionRequest",
+            )
         },
         f"{prefix}/completions": {
-            "post": {
-                "summary": "OpenAI completions",
-                "requestBody": _body(ref("CompletionRequest")),
-                "responses": {
-                    "200": _sse_or_json(ref("Completion"), "The completion"),
-                    **_errors(OPENAI_ERROR),
-                },
-            }
+            "post": _operation("OpenAI completions", completion, OPENAI_ERROR, "CompletionRequest")
         },
     }
 
 
+def _query(name: str, schema: Schema, description: str | None = None) -> Schema:
+    parameter: Schema = {"name": name, "in": "query", "schema": schema}
+    if description is not None:
+        parameter["description"] = description
+    return parameter
+
+
 _RESPONSE_ID: list[Schema] = [
     {"name": "response_id", "in": "path", "required": True, "schema": {"type": "string"}}
+]
+_INPUT_ITEMS = _operation(
+    "The input items a stored response answered (newest first unless order=asc)",
+    json_content(ref("ResponseItemList"), "The items"),
+    OPENAI_ERROR,
+    not_found=True,
+)
+_INPUT_ITEMS["parameters"] = [
+    _query("limit", {"type": "integer", "minimum": 1, "maximum": 100, "default": 20}),
+    _query("order", {"type": "string", "enum": ["asc", "desc"], "default": "desc"}),
+    _query("after", {"type": "string"}, "An item id"),
 ]
 
 PATHS: dict[str, Schema] = {
     **_chat_paths("/v1"),
     **_chat_paths(""),
     "/v1/models": {
-        "get": {
-            "summary": "The served model and its aliases",
-            "responses": {"200": json_content(ref("ModelList"), "Models")},
-        }
+        "get": _operation("The served model and its aliases", json_content(ref("ModelList"), "Models"))
     },
     "/tokenize": {
-        "post": {
-            "summary": "A prompt or chat messages -> token ids, token strings and the rendered prompt",
-            "requestBody": _body(ref("TokenizeRequest")),
-            "responses": {
-                "200": json_content(ref("TokenizeResponse"), "The tokens"),
-                **_errors(OPENAI_ERROR),
-            },
-        }
+        "post": _operation(
+            "A prompt or chat messages -> token ids, token strings and the rendered prompt",
+            json_content(ref("TokenizeResponse"), "The tokens"),
+            OPENAI_ERROR,
+            "TokenizeRequest",
+        )
     },
     "/version": {
-        "get": {
-            "summary": "The server's version",
-            "responses": {"200": json_content(_object({"version": {"type": "string"}}), "The version")},
-        }
+        "get": _operation(
+            "The server's version", json_content(_object({"version": {"type": "string"}}), "The version")
+        )
     },
     "/v1/responses": {
-        "post": {
-            "summary": "OpenAI Responses: create a response",
-            "requestBody": _body(ref("ResponseRequest")),
-            "responses": {
-                "200": _sse_or_json(ref("Response"), "The response"),
-                **_errors(OPENAI_ERROR, not_found=True),
-            },
-        }
+        "post": _operation(
+            "OpenAI Responses: create a response",
+            _sse_or_json(ref("Response"), "The response"),
+            OPENAI_ERROR,
+            "ResponseRequest",
+            not_found=True,
+        )
     },
     "/v1/responses/{response_id}": {
         "parameters": _RESPONSE_ID,
-        "get": {
-            "summary": "A stored response",
-            "responses": {
-                "200": json_content(ref("Response"), "The response"),
-                **_errors(OPENAI_ERROR, True),
-            },
-        },
-        "delete": {
-            "summary": "Drop a stored response",
-            "responses": {
-                "200": json_content(ref("DeletedResponse"), "Dropped"),
-                **_errors(OPENAI_ERROR, True),
-            },
-        },
+        "get": _operation(
+            "A stored response", json_content(ref("Response"), "The response"), OPENAI_ERROR, not_found=True
+        ),
+        "delete": _operation(
+            "Drop a stored response",
+            json_content(ref("DeletedResponse"), "Dropped"),
+            OPENAI_ERROR,
+            not_found=True,
+        ),
     },
-    "/v1/responses/{response_id}/input_items": {
-        "parameters": _RESPONSE_ID,
-        "get": {
-            "summary": "The input items a stored response answered (newest first unless order=asc)",
-            "parameters": [
-                {
-                    "name": "limit",
-                    "in": "query",
-                    "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 20},
-                },
-                {
-                    "name": "order",
-                    "in": "query",
-                    "schema": {"type": "string", "enum": ["asc", "desc"], "default": "desc"},
-                },
-                {"name": "after", "in": "query", "schema": {"type": "string"}, "description": "An item id"},
-            ],
-            "responses": {
-                "200": json_content(ref("ResponseItemList"), "The items"),
-                **_errors(OPENAI_ERROR, True),
-            },
-        },
-    },
+    "/v1/responses/{response_id}/input_items": {"parameters": _RESPONSE_ID, "get": _INPUT_ITEMS},
     "/v1/responses/{response_id}/cancel": {
         "parameters": _RESPONSE_ID,
-        "post": {
-            "summary": "Cancel a background response: this server runs none (`background` is refused), so a "
-            "stored response's cancel is a 400 naming `background`",
-            "responses": _errors(OPENAI_ERROR, True),
-        },
+        "post": _operation(
+            "Cancel a background response: this server runs none (`background` is refused), so a stored "
+            "response's cancel is a 400 naming `background`",
+            None,
+            OPENAI_ERROR,
+            not_found=True,
+        ),
     },
     "/v1/messages": {
-        "post": {
-            "summary": "Anthropic Messages (x-api-key accepted as the API key)",
-            "requestBody": _body(ref("MessagesRequest")),
-            "responses": {"200": _sse_or_json(ref("Message"), "The message"), **_errors(ANTHROPIC_ERROR)},
-        }
+        "post": _operation(
+            "Anthropic Messages (x-api-key accepted as the API key)",
+            _sse_or_json(ref("Message"), "The message"),
+            ANTHROPIC_ERROR,
+            "MessagesRequest",
+        )
     },
     "/v1/messages/count_tokens": {
-        "post": {
-            "summary": "The prompt's tokens for a Messages body, as /v1/messages renders it",
-            "requestBody": _body(ref("CountTokensRequest")),
-            "responses": {
-                "200": json_content(_object({"input_tokens": {"type": "integer"}}), "The count"),
-                **_errors(ANTHROPIC_ERROR),
-            },
-        }
+        "post": _operation(
+            "The prompt's tokens for a Messages body, as /v1/messages renders it",
+            json_content(_object({"input_tokens": {"type": "integer"}}), "The count"),
+            ANTHROPIC_ERROR,
+            "CountTokensRequest",
+        )
     },
 }
