@@ -12,9 +12,11 @@ validate.
 - Forced (``forced_rules``): the answer is calls and nothing else, at most ``limit`` of them.
 - Lazy (``lazy_rules``, llama.cpp's lazy grammar in llguidance's form): the answer is free text until the
   model writes the format's opener (hermes ``<tool_call>``; Llama 3 ``<|python_tag|>``; Mistral
-  ``[TOOL_CALLS]``), then the call that follows is forced as above; after it the text is free again. At
-  most ``limit`` openers are allowed: after the last one the opener can no longer be written, so the
-  model cannot write more calls than the parser would keep. Free text never holds the opener unforced.
+  ``[TOOL_CALLS]``), then what follows is forced as above. Hermes: one call, after which the text is free
+  again, each call with its own opener; the list formats: their list of calls, which ends the answer (as
+  these models end it: a bare call after the list would be read as one more, unconstrained). At most
+  ``limit`` calls are allowed: then the opener can no longer be written, so the model cannot write more
+  calls than the parser would keep. Free text never holds the opener unforced.
   Llama 3's bare calls (a ``{"name": ...}`` object without ``<|python_tag|>``) have no opener and stay
   free.
 
@@ -105,12 +107,16 @@ class CallSyntax:
         return [f"{name}: {opener}{name}_body", self._body(name, limit), *rules]
 
     def lazy_rules(self, tools: Sequence[Tool], name: str, limit: int) -> list[str]:
-        """Lark rules (rule ``name`` first): free text in which each of at most ``limit`` openers starts
-        calls to ``tools`` (``limit`` calls at most after each opener of the formats that list several)."""
+        """Lark rules (rule ``name`` first): free text in which openers start at most ``limit`` calls to
+        ``tools`` in all (hermes: ``limit`` openers of one call; the list formats: one opener, whose list
+        ends the answer)."""
         opener = OPENERS[self.fmt]
         text, rest = f"{name.upper()}_TEXT", f"{name.upper()}_REST"
-        per_opener = 1 if self.fmt == "hermes" else limit
-        rules = [f"{name}: {name}_call{{0,{limit}}} {rest}", f"{text}: /(?s:.*)/"]
+        if self.fmt == "hermes":
+            per_opener, first = 1, f"{name}: {name}_call{{0,{limit}}} {rest}"
+        else:
+            per_opener, first = limit, f"{name}: {name}_call | {rest}"
+        rules = [first, f"{text}: /(?s:.*)/"]
         if opener in self.special:  # text cannot hold a special token: the free text is any text
             rules += [f"{name}_call: {text} {self.marker(opener)} {name}_body", f"{rest}: {text}"]
         else:  # the shortest text up to the opener; the text after the calls cannot write one

@@ -303,6 +303,28 @@ def test_auto_allows_as_many_calls_as_are_kept(
     assert not allows(ll_tokenizer, unbounded.grammar or "", CALLED * MAX_CALLS + "<tool_call>")
 
 
+@pytest.mark.parametrize("parser", ["llama3_json", "mistral"])
+def test_auto_list_formats_take_one_opener(
+    tokenizer: Tokenizer, ll_tokenizer: llguidance.LLTokenizer, parser: str
+) -> None:
+    """Llama 3's and Mistral's calls follow one opener as a list, of the calls kept at most, which ends the
+    answer."""
+    lazy = agent(tokenizer, lazy_calls=True, tool_call_parser=parser)
+    obj = '{"name": "get_time", "%s": {}}' % ("parameters" if parser == "llama3_json" else "arguments")
+    opener, sep, head, close = {
+        "llama3_json": ("<|python_tag|>", "; ", "", ""),
+        "mistral": ("[TOOL_CALLS]", ", ", "[", "]"),
+    }[parser]
+    plan = lazy.plan(Turn((WEATHER, TIME), max_calls=2), "prompt")
+    argument = plan.grammar or ""
+    two = f"Sure. {opener}{head}{obj}{sep}{obj}{close}"
+    assert only_eos_after(ll_tokenizer, argument, two, tokenizer.eos_token_id)
+    assert not allows(ll_tokenizer, argument, f"Sure. {opener}{head}{obj}{sep}{obj}{sep}")
+    assert matcher_after(ll_tokenizer, argument, "No call: [1, 2]; {} and a python tag").is_accepting()
+    assert not allows(ll_tokenizer, argument, f'Sure. {opener}{head}{{"name": "get_wind"')
+    assert len(plan.parse(two).calls) == 2
+
+
 @pytest.mark.parametrize("parser", ["hermes", "llama3_json", "mistral"])
 def test_forced_parallel_calls_end_after_the_limit(
     tokenizer: Tokenizer, ll_tokenizer: llguidance.LLTokenizer, parser: str
