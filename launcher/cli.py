@@ -91,6 +91,7 @@ def print_env() -> None:
         "Docker label": os.environ.get("DOCKER_LABEL", "N/A"),
         "nvidia-smi": nvidia_smi(),
     }
+    print("Runtime environment:")
     for key, value in rows.items():
         print(f"{key + ':':16} {value}")
 

@@ -288,7 +288,11 @@ class Supervisor:
             self.shutdown()
 
     def _run(self) -> int:
-        self.run_dir()  # the sockets' directory, before any shard binds in it
+        try:
+            self.run_dir()  # the sockets' directory, before any shard binds in it
+        except OSError as e:
+            log.error("Cannot make the shards' socket directory beside --shard-uds-path: %s", e)
+            return 1
         for rank in self.ranks():
             shard = Child(self.shard_name(rank), self.shard_command(rank), self.shard_env(rank))
             log.info("Starting shard %d", rank)

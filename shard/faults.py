@@ -1,8 +1,9 @@
 """Test-only fault hooks: a request can ask its shard to fail in a chosen way.
 
 They exist so that the reliability tests can prove how a failure is contained, with the real processes.
-A shard honours them only when started with ``--fault-injection`` (the launcher's flag, off by default);
-otherwise the ``fault`` field of a request is ignored.
+A shard honours them only when started with ``--fault-injection`` (the launcher's flag, off by default, read
+from the command line only: no environment variable turns it on); otherwise the ``fault`` field of a request
+is ignored.
 
 - ``nan``: the request's logits turn NaN at its first decode step: a per-request failure that must end
   that request alone and leave its batch-mates untouched.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import stat
 from pathlib import Path
 
@@ -120,6 +121,22 @@ def test_the_sockets_live_in_a_private_directory(tmp_path: Path) -> None:
     (directory / "tgi-0").touch()  # as a shard's socket would be
     supervisor.shutdown()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_directory_made_in_advance_is_never_used(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Should the private directory's name exist already (made by someone else), the launcher starts nothing
+    and leaves it alone."""
+    supervisor = Supervisor(LauncherConfig(shard_uds_path=str(tmp_path / "tgi")), MODEL)
+    planted = Path(supervisor.socket_prefix()).parent
+    planted.mkdir(mode=0o777)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        assert supervisor.run() == 1
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert "Cannot make the shards' socket directory" in caplog.text and supervisor.shards == []
+    assert planted.is_dir()
 
 
 @pytest.mark.parametrize(
