@@ -171,7 +171,8 @@ class LauncherConfig:
         _router("strict_model_name"),
         help="Answer 404 to a `model` that is not a served name (default: any name is served).",
     )
-    env: bool = flag(False, help="Print the runtime environment first (then start).", short="-e")
+    # TGI's -e has no environment variable (and shells use ENV for their startup file).
+    env: bool = flag(False, help="Print the runtime environment first (then start).", short="-e", no_env=True)
     api_key: str | None = flag(None, help="Bearer token required on every route but /health (and /metrics).")
     metrics_require_auth: bool = flag(
         _router("metrics_require_auth"), help="Require the API key on /metrics too."
