@@ -88,15 +88,11 @@ def test_compiler_available_follows_cxx(monkeypatch: pytest.MonkeyPatch, tmp_pat
     assert kernels.compiler_available()
 
 
-def test_disabled_kernels_are_never_built_or_loaded(monkeypatch: pytest.MonkeyPatch) -> None:
-    """--disable-custom-kernels: every caller keeps its torch path, and nothing is compiled."""
-
-    def build() -> None:
-        raise AssertionError("the kernels were built although disabled")
-
-    monkeypatch.setattr(kernels, "_loaded", None)
-    monkeypatch.setattr(kernels, "_error", None)
-    monkeypatch.setattr(kernels, "_build", build)
+def test_disabled_kernels_are_never_built_or_loaded(
+    failing_build: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--disable-custom-kernels: every caller keeps its torch path, and nothing is compiled (a build here
+    would fail, and say so in build_error)."""
     kernels.disable("disabled by --disable-custom-kernels")
     assert not kernels.load_kernels() and not kernels.kernels_loaded()
     assert kernels.build_error() == "disabled by --disable-custom-kernels"
