@@ -32,6 +32,8 @@ from .types import RequestFailure, RequestSpec, StepResult
 # one read of the weights, whatever it computes. The floor of every chunk budget.
 FREE_TOKENS = {"cpu": 16, "cuda": 256}
 EWMA = 0.3
+# How many times the plain budget a step may take while many more requests wait than run.
+MAX_BUDGET_SCALE = 8
 # Prompt tokens of a step that decodes nothing (TGI's --max-batch-prefill-tokens default).
 PREFILL_TOKENS = 4096
 # Most draft tokens a running sequence feeds in one step (--speculate; 0: no speculation).
@@ -58,14 +60,22 @@ class StepCosts:
         # Whether token_s was measured on a step without decodes (else it is inferred, and provisional).
         self._token_s_measured = False
 
-    def budget(self, decoding: int) -> int | None:
-        """Prompt tokens for a step beside ``decoding`` running rows; None = no limit (nobody waits)."""
+    def budget(self, decoding: int, waiting: int = 0) -> int | None:
+        """Prompt tokens for a step beside ``decoding`` running rows while ``waiting`` requests wait; None
+        = no limit (nobody decodes).
+
+        The step takes about twice its decodes while at most as many wait as run. When more wait (a
+        crowd arriving, or many preempted sequences to recompute while few run) the budget grows with
+        their ratio, up to ``MAX_BUDGET_SCALE`` times: the few running streams slow down so that the many
+        waiting ones are not left to start a few tokens a step (recomputing a thousand preempted
+        sequences at 16 tokens a step took minutes while the pool stood empty)."""
         if decoding == 0:
             return None
         step_tokens = self.step_tokens()
         if step_tokens is None:
             return max(decoding, 2 * self.free_tokens - decoding)
-        return max(self.free_tokens, step_tokens)
+        scale = min(max(waiting / decoding, 1.0), MAX_BUDGET_SCALE)
+        return max(self.free_tokens, int(step_tokens * scale))
 
     def step_tokens(self) -> int | None:
         """How many prompt tokens cost what a step's decodes do (None until both are measured)."""
@@ -263,7 +273,7 @@ class ChunkedEngine(Engine):
         """Decodes the running batch (if any) and runs the prompt chunks the scheduler picks in the same
         forward; prompts that complete get their first token and join the batch."""
         decoding = len(self.batch) if self.batch is not None else 0
-        budget = self.costs.budget(decoding)
+        budget = self.costs.budget(decoding, self.scheduler.num_waiting)
         if budget is None:
             budget = self.prefill_tokens
         budget = self.backend.parallel.agree(budget)  # timings differ between ranks; plans must not

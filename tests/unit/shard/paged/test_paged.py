@@ -220,6 +220,9 @@ def test_step_costs_size_chunks_to_about_one_decode_step() -> None:
     costs.observe(0.050, decoding=8, prompt_tokens=0)  # a decode step: 50 ms
     costs.observe(0.150, decoding=8, prompt_tokens=100)  # 100 prompt tokens added 100 ms: 1 ms each
     assert costs.budget(8) == 50  # 50 more tokens ~ one more decode step: about twice the step
+    assert costs.budget(8, waiting=8) == 50  # as many waiting as running: the same
+    assert costs.budget(8, waiting=32) == 200  # four times as many wait: four times the budget
+    assert costs.budget(8, waiting=1000) == 400  # at most eight times
     costs.observe(0.001, decoding=8, prompt_tokens=0)
     assert costs.budget(8) >= 16  # never below the floor
 
