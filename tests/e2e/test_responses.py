@@ -268,6 +268,10 @@ def test_input_items_and_cancel(client: openai.OpenAI, model: str) -> None:
     with pytest.raises(openai.BadRequestError) as error:
         client.responses.cancel(second.id)
     assert error.value.body["param"] == "background"  # type: ignore[index]
+    with_body = requests.post(
+        f"{client.base_url}responses/{second.id}/cancel", json={"reason": "x"}, timeout=30
+    )
+    assert with_body.status_code == 400 and with_body.json()["error"]["param"] == "body"
     for call in (client.responses.cancel, client.responses.input_items.list):
         with pytest.raises(openai.NotFoundError):
             call("resp_nope")
@@ -317,6 +321,13 @@ def test_raw_bad_bodies_are_4xx(default_server: Launched) -> None:
         assert "error" in response.json()
     assert requests.get(f"{url}/resp_nope", params={"stream": "true"}, timeout=30).status_code == 400
     assert requests.delete(f"{url}/resp_nope", timeout=30).json()["error"]["param"] == "response_id"
+    items = f"{url}/resp_nope/input_items"
+    for query, param in [({"limit": "x"}, "limit"), ({"order": "up"}, "order"), ({"include[]": "a"}, "include"),
+                         ({"frob": "1"}, "frob")]:  # fmt: skip
+        response = requests.get(items, params=query, timeout=30)
+        assert response.status_code == 400 and response.json()["error"]["param"] == param, query
+    assert requests.get(items, timeout=30).json()["error"]["param"] == "response_id"
+    assert requests.post(f"{url}/resp_nope/cancel", json={"x": 1}, timeout=30).status_code == 404
 
 
 def test_openai_agents_sdk(client: openai.OpenAI, model: str, default_server: Launched) -> None:

@@ -13,6 +13,8 @@ import pydantic
 import pytest
 import requests
 
+from router.call_grammar import MAX_CALLS
+
 from .conftest import stop_and_check
 from .harness import Launched
 
@@ -103,6 +105,43 @@ def test_auto_answers_or_calls(client: openai.OpenAI) -> None:
         model="tgi", messages=ASK, tools=TOOLS, tool_choice="none", max_tokens=20, temperature=0
     ).choices[0]
     assert none.message.tool_calls is None and none.finish_reason in ("stop", "length")
+
+
+def test_auto_calls_are_valid_once_opened(client: openai.OpenAI, default_server: Launched) -> None:
+    """Under ``auto`` the lazy grammar forces a call once the model writes ``<tool_call>``. The default model
+    does not call of itself, so ``logit_bias`` pushes the opener's pieces (any text the grammar allows):
+    once it has written them, what follows is a call the schema allows; with ``parallel_tool_calls`` false
+    it is the only one, and the opener can no longer be written after it."""
+    tokenized = requests.post(
+        f"{default_server.url}/tokenize",
+        json={"prompt": "<tool_call>", "add_special_tokens": False},
+        timeout=60,
+    ).json()
+    assert "".join(tokenized["token_strs"]) == "<tool_call>" and len(tokenized["tokens"]) > 1
+    choice = client.chat.completions.create(
+        model="tgi", messages=ASK, tools=TOOLS, max_tokens=80, temperature=0, parallel_tool_calls=False,
+        logit_bias={str(i): 100 for i in tokenized["tokens"]},
+    ).choices[0]  # fmt: skip
+    assert choice.message.tool_calls and len(choice.message.tool_calls) == 1, choice.message.content
+    assert_valid(choice.message.tool_calls, {"get_weather", "get_time"})
+    assert "<tool_call>" not in (choice.message.content or "")  # the pieces, but never the opener again
+
+
+def test_required_parallel_calls_end(client: openai.OpenAI) -> None:
+    """``required`` with parallel calls: a small model that would repeat calls until its tokens run out
+    ends after ``MAX_CALLS`` calls at most (the grammar then allows only the end)."""
+    choice = client.chat.completions.create(
+        model="tgi",
+        messages=ASK,
+        tools=TOOLS,
+        tool_choice="required",
+        max_tokens=400,
+        temperature=1.0,
+        seed=0,
+    ).choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert 1 <= len(choice.message.tool_calls) <= MAX_CALLS
+    assert_valid(choice.message.tool_calls, {"get_weather", "get_time"})
 
 
 def test_a_tool_result_round_trip(client: openai.OpenAI) -> None:
