@@ -183,6 +183,11 @@ def test_huggingface_hub_client_with_tools(default_server: Launched) -> None:
     jsonschema.validate(json.loads(arguments) if isinstance(arguments, str) else arguments,
                         SCHEMAS[calls[0].function.name])  # fmt: skip
     assert hf.chat_completion(ASK, max_tokens=5).choices[0].message.content
+    # TGI's own route through the same client (issue 18: text_generation keeps working)
+    text = hf.text_generation("The capital of France is", max_new_tokens=5)
+    assert isinstance(text, str) and text
+    detailed = hf.text_generation("The capital of France is", max_new_tokens=5, details=True, seed=1)
+    assert detailed.generated_text and detailed.details.generated_tokens == len(detailed.details.tokens) <= 5
 
 
 def test_fields_are_honoured_or_refused(client: openai.OpenAI) -> None:
