@@ -23,6 +23,7 @@ from .batch import Batch
 from .engine import Engine, admit
 from .faults import Faults
 from .paged.kv_cache import PagedKVCache, Sequence
+from .paged.lora import adapter_salt
 from .processors import Processors
 from .scheduler import Plan, Scheduler
 from .speculation import Acceptance, NgramIndex, Verified, accept, pays
@@ -165,9 +166,11 @@ class CachePool:
 
     def open(self, job: Job) -> None:
         # A preempted request needs no prompt logits: they were sent already.
+        r = job.request
         job.seq = self.cache.open(
-            job.tokens, use_prefix_cache=not job.want_logits, salt=job.request.cache_salt
+            job.tokens, use_prefix_cache=not job.want_logits, salt=adapter_salt(r.cache_salt, r.adapter_id)
         )
+        job.seq.adapter = r.adapter_id
 
     def release(self, job: Job) -> None:
         seq = job.seq
@@ -211,14 +214,14 @@ class ChunkedEngine(Engine):
 
     # -- the protocol -----------------------------------------------------------------------------
     def add(self, requests: list[RequestSpec]) -> list[RequestFailure]:
-        admitted, refused = admit(self.processors, requests)
+        admitted, refused = admit(self.processors, requests, self.backend.adapters)
         for r in admitted:
             group = r.group or r.id
             job = Job(
                 r,
                 list(r.input_ids),
                 (self.scheduler.rank(group), group, r.id),
-                hash((tuple(r.input_ids), r.cache_salt)),
+                hash((tuple(r.input_ids), r.cache_salt, r.adapter_id)),
                 r.prefill_logprobs,
             )
             self.jobs[r.id] = job

@@ -9,6 +9,7 @@ from pathlib import Path
 from common.batching import MAX_BATCH_PREFILL_TOKENS, MAX_WAITING_TOKENS, WAITING_SERVED_RATIO
 from common.cuda_graphs import parse_cuda_graphs
 from common.flags import DEFAULT_UDS_PATH, flag
+from common.lora import parse_lora_adapters
 from common.tracing import SHARD_SERVICE_NAME, check_otlp_endpoint
 
 
@@ -72,6 +73,12 @@ class ShardConfig:
     )
     # --cuda-memory-fraction: the share of each CUDA device this process may use.
     cuda_memory_fraction: float = flag(1.0, help="Share of each CUDA device this process may use.")
+    # --lora-adapters: PEFT LoRA adapters as ``name=directory`` entries (the launcher resolves hub ids to
+    # directories); paged backend, one rank (shard/paged/lora.py).
+    lora_adapters: tuple[str, ...] = flag(
+        (), help="Paged backend: LoRA adapters, name=directory,...", env="LORA_ADAPTERS", cli_type=str | None,
+        parse=parse_lora_adapters,
+    )  # fmt: skip
     json_output: bool = flag(False, help="Log JSON lines.")
     # OpenTelemetry traces of rank 0's steps (shard/tracing.py): None, no tracer at all.
     otlp_endpoint: str | None = flag(

@@ -87,12 +87,16 @@ class EngineBackend(Protocol):
 
 
 def admit(
-    processors: Processors, requests: list[RequestSpec]
+    processors: Processors, requests: list[RequestSpec], adapters: Collection[str] = ()
 ) -> tuple[list[RequestSpec], list[RequestFailure]]:
-    """Splits off the requests whose logits-processor arguments are refused: each fails on its own (the
-    router validates them first, so this is a second line of defence)."""
+    """Splits off the requests whose logits-processor arguments are refused, or that name a LoRA adapter
+    not among ``adapters``: each fails on its own (the router validates them first, so this is a second
+    line of defence)."""
     admitted, refused = [], []
     for r in requests:
+        if r.adapter_id and r.adapter_id not in adapters:
+            refused.append(RequestFailure(r.id, f"`adapter_id` {r.adapter_id!r} is not loaded on this shard"))
+            continue
         try:
             processors.new_states(dict(r.params.processors), r.input_ids)
         except ProcessorArgumentError as e:

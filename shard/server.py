@@ -78,6 +78,7 @@ def request_from_pb(r: pb.Request) -> RequestSpec:
         cache_salt=r.cache_salt,
         group=r.group,
         ignore_eos=r.ignore_eos,
+        adapter_id=r.adapter_id,
     )
 
 
@@ -128,6 +129,7 @@ def info_to_pb(info: BackendInfo, world_size: int, processors: list[str]) -> pb.
         vocab_size=info.vocab_size,
         unsupported_parameters=list(info.unsupported_parameters),
         processors=processors,
+        lora_adapters=list(info.lora_adapters),
     )
 
 

@@ -27,6 +27,8 @@ class RequestSpec:
     group: int = 0
     # TGI's ignore_eos_token: the end-of-sequence ids do not end it.
     ignore_eos: bool = False
+    # The LoRA adapter it runs with ("" = the base model; shard/paged/lora.py).
+    adapter_id: str = ""
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,10 @@ def load_backend(config: ShardConfig, device: torch.device, parallel: Parallel |
         torch.cuda.set_per_process_memory_fraction(fraction, device)
     if parallel.world_size > 1 and name != "paged":
         raise ValueError(f"{config.quantize or name} cannot be sharded over {parallel.world_size} ranks")
+    if config.lora_adapters and name != "paged":
+        raise ConfigError(
+            f"`--lora-adapters` needs the paged backend ({config.quantize or name} runs this model)"
+        )
     try:
         factory = plugins.find("backends", name).load()
     except plugins.PluginError as e:
@@ -67,6 +71,10 @@ def load_backend(config: ShardConfig, device: torch.device, parallel: Parallel |
             ) from None
         if parallel.world_size > 1:
             raise ValueError(f"this model cannot be sharded: {e}") from None
+        if config.lora_adapters:
+            raise ConfigError(
+                f"`--lora-adapters` needs the paged backend, which cannot run this model: {e}"
+            ) from None
         log.warning(
             "The paged backend cannot run this model (%s): serving it with transformers, without prefix "
             "caching, chunked prefill, tensor parallelism or int8/int4",

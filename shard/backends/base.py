@@ -25,6 +25,8 @@ class BackendInfo:
     # Request parameters this backend cannot honour (names as in common.params.SamplingParams, plus
     # "min_new_tokens"); the router refuses requests that use them.
     unsupported_parameters: tuple[str, ...] = ()
+    # The LoRA adapters requests may name (``RequestSpec.adapter_id``), in the order given.
+    lora_adapters: tuple[str, ...] = ()
 
 
 @dataclass

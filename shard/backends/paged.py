@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from common.lora import adapter_sources
+
 from ..config import ConfigError, ShardConfig
 from ..dist import Parallel
 from ..dtypes import DTYPES, default_dtype
@@ -23,6 +25,7 @@ from ..paged.arch import model_spec
 from ..paged.attention import PrefillChunk, StepMeta, decode_meta
 from ..paged.graphs import DEFAULT_BATCH_SIZES, DecodeGraphs
 from ..paged.kv_cache import PagedKVCache, Sequence
+from ..paged.lora import Adapter, AdapterError, LoraStep, load_adapter
 from ..paged.model import PagedModel, Weights, quantize_model, use_cpu_kernels
 from .base import BackendInfo, PrefillOutput
 
@@ -87,6 +90,7 @@ class PagedBackend:
         cuda_graphs: tuple[int, ...] | None = None,
         kv_cache_tokens: int | None = None,
         memory_fraction: float = 1.0,
+        lora_adapters: tuple[str, ...] = (),
     ) -> None:
         """``cuda_graphs``: batch sizes whose decode steps run as CUDA graphs on a GPU with one rank
         (shard/paged/graphs.py); None for the default ladder, () for none.
@@ -94,7 +98,9 @@ class PagedBackend:
         The KV pool holds ``kv_cache_tokens`` (--max-batch-total-tokens) rounded up to whole blocks, or
         raises ``ConfigError`` when more than the memory it may take (``kv_cache_bytes``, else what
         ``kv_budget_bytes`` allows); without it, as many tokens as ``kv_cache_bytes`` (else the budget)
-        holds. ``memory_fraction``: --cuda-memory-fraction."""
+        holds. ``memory_fraction``: --cuda-memory-fraction. ``lora_adapters``: ``name=directory`` entries
+        (--lora-adapters, resolved to local directories), PEFT LoRA adapters a request may name
+        (shard/paged/lora.py); ``AdapterError`` for one that cannot be loaded."""
         from transformers import AutoConfig, GenerationConfig
 
         self.device = device
@@ -109,6 +115,7 @@ class PagedBackend:
             quantize_model(self.model, quantize)
         if device.type == "cpu" and cpu_kernels:
             use_cpu_kernels(self.model, unquantized=not quantize)
+        self.adapters = self._load_adapters(lora_adapters, torch_dtype)
         layer = self.model.decoder_layers[0]
         per_token = 2 * spec.num_layers * layer.num_kv_heads * spec.head_dim * torch_dtype.itemsize
         sized = kv_cache_tokens is not None
@@ -155,6 +162,7 @@ class PagedBackend:
             eos_token_ids=eos_ids,
             vocab_size=spec.vocab_size,
             max_position_embeddings=spec.max_position_embeddings,
+            lora_adapters=tuple(self.adapters),
         )
         log.info(
             "Paged KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB)",
@@ -164,6 +172,22 @@ class PagedBackend:
         log.info(
             "Weights on rank %d/%d: %.1f MB", self.parallel.rank, self.parallel.world_size, weight_bytes / 1e6
         )
+
+    def _load_adapters(self, entries: tuple[str, ...], dtype: torch.dtype) -> dict[str, Adapter]:
+        """The adapters of ``entries`` (``name=directory``), by name. Several ranks are refused by name: the
+        adapters' A/B matrices are not split to match tensor-parallel layers yet."""
+        sources = adapter_sources(entries)
+        if sources and self.parallel.world_size > 1:
+            raise AdapterError(
+                f"`--lora-adapters` is not supported with several ranks yet (world size {self.parallel.world_size})"
+            )
+        adapters = {
+            s.name: load_adapter(s.name, Path(s.source), self.spec, dtype, self.device) for s in sources
+        }
+        for adapter in adapters.values():
+            log.info("LoRA adapter %s: rank %d, %s, %.1f MB", adapter.name, adapter.config.r,
+                     ", ".join(sorted(adapter.config.targets)), adapter.nbytes() / 1e6)  # fmt: skip
+        return adapters
 
     # -- steps ------------------------------------------------------------------------------------
     def open(self, prompt: list[int], want_prompt_logits: bool, salt: str = "") -> Sequence:
@@ -230,7 +254,8 @@ class PagedBackend:
             width = -(-longest // bs)
             null = self.cache.null_block
             table = [(s.blocks + [null] * width)[:width] for s in seqs]
-            if not chunks and self.graphs is not None:  # a decode-only step: a CUDA graph, if one fits
+            # A decode-only step: a CUDA graph, if one fits (steps with adapters' rows run eagerly).
+            if not chunks and self.graphs is not None and not any(s.adapter for s in seqs):
                 logits = self.graphs.run(input_ids, table, lengths)
                 if logits is not None:
                     self._advance(seqs, [])
@@ -266,6 +291,10 @@ class PagedBackend:
             spans.append((first, len(logit_rows)))
             row += chunk.length
         meta.write_slots = torch.cat(parts_write)
+        if self.adapters:
+            runs = [(self.adapters.get(s.adapter), 1) for s in seqs]
+            runs += [(self.adapters.get(c.seq.adapter), c.length) for c in chunks]
+            meta.lora = LoraStep.of(runs, dev)
         logits = self.model(
             torch.cat(parts_ids),
             torch.cat(parts_pos),
@@ -331,4 +360,5 @@ def load(config: ShardConfig, device: torch.device, parallel: Parallel) -> Paged
         config.model_path, device, config.dtype, parallel, quantize=quantize,
         cuda_graphs=() if config.disable_custom_kernels else config.cuda_graphs,
         kv_cache_tokens=config.max_batch_total_tokens, memory_fraction=config.cuda_memory_fraction,
+        lora_adapters=config.lora_adapters,
     )  # fmt: skip

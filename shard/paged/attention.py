@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .lora import LoraStep
+
 
 @dataclass
 class PrefillChunk:
@@ -52,6 +54,8 @@ class StepMeta:
     decode_lengths: torch.Tensor | None = None
     decode_slots: torch.Tensor | None = None
     decode_mask: torch.Tensor | None = None
+    # The rows that use LoRA adapters (shard/paged/lora.py); None: every row runs the base model only.
+    lora: LoraStep | None = None
 
 
 def decode_meta(

@@ -65,6 +65,8 @@ class Sequence:
     computed: int = 0
     released: bool = False
     salt: str = ""
+    # The LoRA adapter its rows run with ("" = the base model; already folded into ``salt``).
+    adapter: str = ""
 
 
 class BlockAllocator:
@@ -245,7 +247,8 @@ class PagedKVCache:
 
     def fork(self, seq: Sequence) -> Sequence:
         """A copy that shares the full blocks and gets its own copy of the partial last block."""
-        child = Sequence(list(seq.tokens), computed=seq.computed, hashes=list(seq.hashes), salt=seq.salt)
+        child = Sequence(list(seq.tokens), computed=seq.computed, hashes=list(seq.hashes), salt=seq.salt,
+                         adapter=seq.adapter)  # fmt: skip
         bs = self.block_size
         full = seq.computed // bs
         for block in seq.blocks[:full]:

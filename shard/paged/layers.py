@@ -9,6 +9,7 @@ plain linear layers.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -172,12 +173,21 @@ class MLP(nn.Module):
         # step_cpu.cpp's silu_mul (SwiGLU only): one call instead of a split, silu and product
         self.fused = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, delta: Delta | None = None) -> torch.Tensor:
+        """``delta`` (LoRA adapters' rows): adds to each product's output, ``delta(name, input, output)``
+        with name ``gate_up`` or ``down``."""
+        gate_up = self.gate_up(x) if delta is None else delta("gate_up", x, self.gate_up(x))
         if self.fused:
-            return self.down(torch.ops.paged_step.silu_mul(self.gate_up(x)))
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        act = F.silu(gate) if self.activation == "silu" else F.gelu(gate, approximate="tanh")
-        return self.down(act * up)
+            h = torch.ops.paged_step.silu_mul(gate_up)
+        else:
+            gate, up = gate_up.chunk(2, dim=-1)
+            h = (F.silu(gate) if self.activation == "silu" else F.gelu(gate, approximate="tanh")) * up
+        return self.down(h) if delta is None else delta("down", h, self.down(h))
+
+
+# What adds adapters' low-rank products to a product's output: (product name, its input, its output) ->
+# the output.
+Delta = Callable[[str, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class VocabEmbedding(nn.Module):

@@ -121,6 +121,7 @@ class DecoderLayer(nn.Module):
     def __init__(self, spec: ModelSpec, index: int, w: Weights, parallel: Parallel) -> None:
         super().__init__()
         prefix = f"model.layers.{index}"
+        self.index = index
         names = spec.names
         d = spec.head_dim
         q_part = parallel.split(spec.num_heads, "attention heads")
@@ -185,12 +186,25 @@ class DecoderLayer(nn.Module):
     def forward(
         self, h: torch.Tensor, rope: RotaryStep, k_pool: torch.Tensor, v_pool: torch.Tensor, meta: StepMeta
     ) -> torch.Tensor:
-        qkv = self.normed_qk(self.qkv(self.input_norm(h)))
+        qkv = self.normed_qk(self.product("qkv", self.input_norm(h), meta))
         q, k, v = rope.qkv(qkv, self.num_heads, self.num_kv_heads, self.head_dim)
-        attn = self.o(paged_attention(q, k, v, k_pool, v_pool, meta, self.scores))
+        attn = self.product("o", paged_attention(q, k, v, k_pool, v_pool, meta, self.scores), meta)
         h = h + (attn if self.attn_out_norm is None else self.attn_out_norm(attn))
-        mlp = self.mlp(self.mlp_norm(h))
+        mlp = self.run_mlp(self.mlp_norm(h), meta)
         return h + (mlp if self.mlp_out_norm is None else self.mlp_out_norm(mlp))
+
+    def product(self, name: str, x: torch.Tensor, meta: StepMeta) -> torch.Tensor:
+        """The attention's fused product ``name`` (``qkv`` or ``o``) of ``x``, with the step's LoRA adapters
+        added on their own rows."""
+        y = (self.qkv if name == "qkv" else self.o)(x)
+        return y if meta.lora is None else meta.lora.add(self.index, name, x, y)
+
+    def run_mlp(self, x: torch.Tensor, meta: StepMeta) -> torch.Tensor:
+        """The MLP of ``x``, with the step's LoRA adapters (dense MLPs: experts take none)."""
+        lora = meta.lora
+        if lora is None or not isinstance(self.mlp, MLP):
+            return self.mlp(x)
+        return self.mlp(x, lambda name, inp, out: lora.add(self.index, name, inp, out))
 
     def normed_qk(self, qkv: torch.Tensor) -> torch.Tensor:
         """The fused q/k/v product with each head's queries and keys RMS-normalized (q/k norms), else as
@@ -208,7 +222,7 @@ class DecoderLayer(nn.Module):
     ) -> torch.Tensor:
         """The attention half on the CPU kernels (``PagedModel.fused``): normalized rows x -> the output
         projection, to add to the residual stream. The rotation and the KV cache write are one call."""
-        qkv = self.normed_qk(self.qkv(x))
+        qkv = self.normed_qk(self.product("qkv", x, meta))
         heads, d, r = self.num_heads, self.head_dim, rope.rotary
         torch.ops.paged_step.rotary_store_(
             qkv,
@@ -222,7 +236,9 @@ class DecoderLayer(nn.Module):
             v_pool,
             meta.write_slots,
         )
-        return self.o(attend(qkv[:, : heads * d].view(-1, heads, d), k_pool, v_pool, meta, self.scores))
+        return self.product(
+            "o", attend(qkv[:, : heads * d].view(-1, heads, d), k_pool, v_pool, meta, self.scores), meta
+        )
 
 
 class PagedModel(nn.Module):
@@ -333,7 +349,7 @@ class PagedModel(nn.Module):
         and SwiGLU, with no other operation between them. A decode-only step whose products all have a
         kernel runs them in one call (step_cpu.cpp's ``decode_layers``)."""
         plan = self.decode_plan()
-        if plan is not None and not meta.prefills and h.shape[0] <= plan.max_rows:
+        if plan is not None and not meta.prefills and meta.lora is None and h.shape[0] <= plan.max_rows:
             r, first = rope.rotary, self.decoder_layers[0]
             return torch.ops.paged_step.decode_layers(
                 h, plan.weights, plan.kinds, cache.k_layers, cache.v_layers, rope.positions, r.cos32, r.sin32,
@@ -347,7 +363,7 @@ class PagedModel(nn.Module):
         for layer, after, k_pool, v_pool in zip(layers, norms, cache.k_layers, cache.v_layers, strict=True):
             post = layer.mlp_norm
             x = add_norm(h, layer.attention(x, rope, k_pool, v_pool, meta), post.weight, post.eps)
-            x = add_norm(h, layer.mlp(x), after.weight, after.eps)
+            x = add_norm(h, layer.run_mlp(x, meta), after.weight, after.eps)
         return x
 
     def decode_plan(self) -> DecodePlan | None:

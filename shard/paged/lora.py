@@ -1,0 +1,267 @@
+"""LoRA adapters in PEFT's format on the paged decoder, many per step (issue 21).
+
+An adapter is a directory with ``adapter_config.json`` (``r``, ``lora_alpha``, ``target_modules`` among
+q/k/v/o/gate/up/down projections) and ``adapter_model.safetensors`` (``...layers.{i}.{self_attn|mlp}.
+{x}_proj.lora_A.weight`` [r, in] and ``lora_B.weight`` [out, r]). At load each layer's pairs are fused to
+match the decoder's fused products: q/k/v's A matrices stacked into one [3r, hidden] and their B matrices
+block-diagonal [q + 2 kv, 3r] (gate/up alike), the scale ``lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA)
+folded into B. A projection the adapter does not target has no block.
+
+In a step the base products run once for every row; ``LoraStep.add`` then adds, for each adapter present,
+``(x[rows] @ A^T) @ B^T`` to its own rows only: one pair of products per adapter and fused projection,
+however many of its rows the step holds (segmented), and nothing for rows of the base model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..config import ConfigError
+from .spec import ModelSpec
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+# The decoder's fused products and the checkpoint projections each is made of, in order.
+FUSED: dict[str, tuple[str, ...]] = {
+    "qkv": ("q_proj", "k_proj", "v_proj"),
+    "o": ("o_proj",),
+    "gate_up": ("gate_proj", "up_proj"),
+    "down": ("down_proj",),
+}
+PROJECTIONS = tuple(p for group in FUSED.values() for p in group)
+_TENSOR = re.compile(
+    r"base_model\.model\.model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight"
+)
+# adapter_config.json keys whose non-default value changes what the adapter computes, and which this
+# module does not implement: refused by name rather than ignored.
+_REFUSED: dict[str, Any] = {
+    "use_dora": False,
+    "modules_to_save": None,
+    "fan_in_fan_out": False,
+    "layers_to_transform": None,
+    "layers_pattern": None,
+    "rank_pattern": {},
+    "alpha_pattern": {},
+    "bias": "none",
+    "lora_bias": False,
+    "trainable_token_indices": None,
+    "target_parameters": None,
+    "use_qalora": False,
+}
+
+
+class AdapterError(ConfigError):
+    """An adapter this server cannot load, with what is wrong and where (the shard exits 1 with it)."""
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """What of adapter_config.json the computation uses: the rank, the scale on B A and the targets."""
+
+    r: int
+    scale: float
+    targets: frozenset[str]
+
+
+@dataclass(frozen=True)
+class LowRank:
+    """One fused product's adapter: ``a`` [R, in], ``b`` [out, R] (scaled); the delta is x A^T B^T."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+
+
+@dataclass
+class Adapter:
+    """A loaded adapter: its name (requests' ``model``/``adapter_id``), its config, and per decoder layer
+    the low-rank pairs of the fused products it targets."""
+
+    name: str
+    config: LoraConfig
+    layers: list[dict[str, LowRank]] = field(default_factory=list)
+
+    def nbytes(self) -> int:
+        return sum(
+            t.numel() * t.element_size() for layer in self.layers for p in layer.values() for t in (p.a, p.b)
+        )
+
+
+def read_config(directory: Path, name: str) -> LoraConfig:
+    """adapter_config.json's rank, scale and targets; ``AdapterError`` naming what is missing, not a LoRA
+    adapter, or a feature not implemented here (DoRA, modules_to_save, per-module ranks, ...)."""
+    path = directory / CONFIG_FILE
+    if not path.is_file():
+        raise AdapterError(
+            f"adapter {name!r}: {path} not found (a PEFT LoRA adapter directory has {CONFIG_FILE})"
+        )
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise AdapterError(f"adapter {name!r}: {path} is not JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise AdapterError(f"adapter {name!r}: {path} must hold a JSON object")
+    peft_type = config.get("peft_type", "LORA")
+    if peft_type != "LORA":
+        raise AdapterError(f"adapter {name!r}: `peft_type` {peft_type!r} is not supported (LORA only)")
+    for key, default in _REFUSED.items():
+        value = config.get(key, default)
+        if (
+            value != default
+            and not (default is None and value in ([], {}))
+            and not (default == {} and value is None)
+        ):
+            raise AdapterError(f"adapter {name!r}: `{key}` = {value!r} is not supported")
+    r, alpha = config.get("r"), config.get("lora_alpha")
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise AdapterError(f"adapter {name!r}: `r` must be a positive integer. Given: {r!r}")
+    if not isinstance(alpha, int | float) or isinstance(alpha, bool):
+        raise AdapterError(f"adapter {name!r}: `lora_alpha` must be a number. Given: {alpha!r}")
+    targets = config.get("target_modules")
+    if isinstance(targets, str):
+        raise AdapterError(
+            f"adapter {name!r}: `target_modules` {targets!r} (a pattern) is not supported; list the projections"
+        )
+    if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
+        raise AdapterError(f"adapter {name!r}: `target_modules` must be a non-empty list of module names")
+    unknown = sorted(set(targets) - set(PROJECTIONS))
+    if unknown:
+        raise AdapterError(
+            f"adapter {name!r}: `target_modules` {unknown} are not supported (only {', '.join(PROJECTIONS)})"
+        )
+    scale = alpha / (math.sqrt(r) if config.get("use_rslora", False) else r)
+    return LoraConfig(r, float(scale), frozenset(targets))
+
+
+def load_adapter(
+    name: str, directory: Path, spec: ModelSpec, dtype: torch.dtype, device: torch.device
+) -> Adapter:
+    """Reads a PEFT LoRA adapter for a model of ``spec`` (one rank): every tensor must be a lora_A/lora_B
+    of a targeted projection of an existing layer, with the base layer's widths (else ``AdapterError``:
+    an adapter of another base model is refused here)."""
+    from safetensors import safe_open
+
+    config = read_config(directory, name)
+    path = directory / WEIGHTS_FILE
+    if not path.is_file():
+        raise AdapterError(f"adapter {name!r}: {path} not found (.bin adapters are not supported)")
+    d, ff, hidden = spec.head_dim, spec.intermediate_size, spec.hidden_size
+    q, kv = spec.num_heads * d, spec.num_kv_heads * d
+    shapes = {  # (out, in) of each projection
+        "q_proj": (q, hidden), "k_proj": (kv, hidden), "v_proj": (kv, hidden), "o_proj": (hidden, q),
+        "gate_proj": (ff, hidden), "up_proj": (ff, hidden), "down_proj": (hidden, ff),
+    }  # fmt: skip
+    if any(layer.moe is not None for layer in spec.layers) and config.targets & {
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }:
+        raise AdapterError(
+            f"adapter {name!r}: adapters of a mixture-of-experts model's MLP are not supported"
+        )
+    pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    try:
+        with safe_open(path, "pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is no mapping)
+                m = _TENSOR.fullmatch(key.replace(".default.", "."))
+                if m is None:
+                    raise AdapterError(
+                        f"adapter {name!r}: tensor {key!r} is not supported (LoRA A/B of a decoder projection only)"
+                    )
+                index, proj, which = int(m[1]), m[2], m[3]
+                if proj not in config.targets or index >= spec.num_layers:
+                    raise AdapterError(
+                        f"adapter {name!r}: tensor {key!r} names no targeted projection of this model ({spec.num_layers} layers)"
+                    )
+                out, inp = shapes[proj]
+                want = (config.r, inp) if which == "A" else (out, config.r)
+                tensor = f.get_tensor(key)
+                if tuple(tensor.shape) != want:
+                    raise AdapterError(
+                        f"adapter {name!r}: {key} has shape {list(tensor.shape)}, this model needs {list(want)} "
+                        "(an adapter of another base model?)"
+                    )
+                pairs.setdefault((index, proj), {})[which] = tensor.float()
+    except AdapterError:
+        raise
+    except Exception as e:  # safetensors' own errors: a truncated or foreign file
+        raise AdapterError(f"adapter {name!r}: cannot read {path}: {e}") from None
+    if not pairs:
+        raise AdapterError(f"adapter {name!r}: {path} holds no LoRA tensors")
+    for (index, proj), pair in pairs.items():
+        if set(pair) != {"A", "B"}:
+            raise AdapterError(
+                f"adapter {name!r}: layer {index} {proj} has lora_{next(iter(pair))} without its pair"
+            )
+    adapter = Adapter(name, config)
+    for index in range(spec.num_layers):
+        layer: dict[str, LowRank] = {}
+        for fused, projections in FUSED.items():
+            present = [p for p in projections if (index, p) in pairs]
+            if not present:
+                continue
+            a = torch.cat([pairs[index, p]["A"] for p in present])
+            b = torch.zeros(sum(shapes[p][0] for p in projections), len(present) * config.r)
+            row, col = 0, 0
+            for p in projections:
+                if p in present:
+                    b[row : row + shapes[p][0], col : col + config.r] = pairs[index, p]["B"] * config.scale
+                    col += config.r
+                row += shapes[p][0]
+            layer[fused] = LowRank(a.to(dtype=dtype, device=device), b.to(dtype=dtype, device=device))
+        adapter.layers.append(layer)
+    return adapter
+
+
+def adapter_salt(cache_salt: str, adapter: str) -> str:
+    """The prefix-cache salt of a request: its cache_salt, with its adapter folded in, so that requests of
+    different adapters (or of an adapter and the base model) never share a prefix's K/V."""
+    return cache_salt if not adapter else f"{cache_salt}\x00lora:{adapter}"
+
+
+@dataclass(frozen=True)
+class LoraStep:
+    """A step's adapter rows: for each adapter present, the rows of the step's flat token layout that use
+    it (a slice when they are contiguous, else an index tensor)."""
+
+    groups: tuple[tuple[Adapter, slice | torch.Tensor], ...]
+
+    @staticmethod
+    def of(runs: list[tuple[Adapter | None, int]], device: torch.device) -> LoraStep | None:
+        """From the step's rows in order, as (adapter or None for the base model, rows) runs; None when no
+        row uses an adapter (the step runs as without adapters)."""
+        rows: dict[str, list[int]] = {}
+        by_name: dict[str, Adapter] = {}
+        start = 0
+        for adapter, n in runs:
+            if adapter is not None and n:
+                rows.setdefault(adapter.name, []).extend(range(start, start + n))
+                by_name[adapter.name] = adapter
+            start += n
+        if not rows:
+            return None
+        groups: list[tuple[Adapter, slice | torch.Tensor]] = []
+        for name, ids in rows.items():
+            contiguous = ids[-1] - ids[0] + 1 == len(ids)
+            index = slice(ids[0], ids[-1] + 1) if contiguous else torch.tensor(ids, device=device)
+            groups.append((by_name[name], index))
+        return LoraStep(tuple(groups))
+
+    def add(self, layer: int, product: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``y`` (the base product of ``x`` for every row) plus each adapter's delta on its own rows."""
+        for adapter, rows in self.groups:
+            pair = adapter.layers[layer].get(product)
+            if pair is None:
+                continue
+            if isinstance(rows, slice):
+                y[rows] += F.linear(F.linear(x[rows], pair.a), pair.b)
+            else:
+                y.index_add_(0, rows, F.linear(F.linear(x.index_select(0, rows), pair.a), pair.b))
+        return y

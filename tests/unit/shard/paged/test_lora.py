@@ -1,0 +1,231 @@
+"""LoRA adapters on the paged backend (shard/paged/lora.py): three random PEFT adapters on the tiny Llama;
+each request's greedy tokens equal PEFT's own model with its adapter (float32), alone and when the three
+and the base model share steps (chunked prompts, prefix-cache hits, speculation); bad adapters refused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from shard.backends.paged import PagedBackend
+from shard.chunked import ChunkedEngine
+from shard.dist import Parallel
+from shard.engines import make_engine
+from shard.paged.lora import AdapterError, LoraStep, load_adapter
+from shard.types import RequestSpec
+from tests.conftest import build_tiny_model
+from tests.engine_run import run_engine
+
+pytestmark = pytest.mark.timeout(300)
+
+CPU = torch.device("cpu")
+# name -> (rank, alpha, targets, rsLoRA)
+ADAPTERS = {
+    "qv": (4, 8, ["q_proj", "v_proj"], False),
+    "all": (8, 16, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], False),
+    "mlp": (2, 4, ["o_proj", "up_proj", "down_proj"], True),
+}
+PROMPTS = [
+    [5, 6, 7, 8, 9] * 6,  # repeats itself: drafts from the first step under speculation
+    list(range(20, 60)),  # longer than a chunk
+    [11, 12, 13] * 9 + [40, 41],
+]
+NEW_TOKENS = 24
+
+
+def save_adapter(
+    base: Path, out: Path, r: int, alpha: int, targets: list[str], rslora: bool, seed: int
+) -> Path:
+    """A PEFT LoRA adapter with random A and B (PEFT starts B at zero, which would change nothing)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = get_peft_model(
+        LlamaForCausalLM.from_pretrained(base, torch_dtype=torch.float32),
+        LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, use_rslora=rslora),
+    )
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn_like(p) * 0.3)
+    model.save_pretrained(str(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def lora_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Path]]:
+    root = tmp_path_factory.mktemp("lora")
+    base = build_tiny_model(root / "base")
+    adapters = {
+        name: save_adapter(base, root / name, *config, seed=i + 1)
+        for i, (name, config) in enumerate(ADAPTERS.items())
+    }
+    return base, adapters
+
+
+def peft_greedy(base: Path, adapter: Path | None, prompt: list[int]) -> list[int]:
+    """Greedy tokens of PEFT's own model with ``adapter`` (transformers' alone for None), float32."""
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(base, torch_dtype=torch.float32)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter)
+    model.eval()
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+            do_sample=False, pad_token_id=0,
+        )  # fmt: skip
+    return out[0, len(prompt) :].tolist()
+
+
+@pytest.fixture(scope="module")
+def expected(lora_model: tuple[Path, dict[str, Path]]) -> dict[tuple[str, int], list[int]]:
+    base, adapters = lora_model
+    out = {}
+    for name in ["", *adapters]:
+        for i, prompt in enumerate(PROMPTS):
+            out[name, i] = peft_greedy(base, adapters.get(name), prompt)
+    return out
+
+
+def backend(lora_model: tuple[Path, dict[str, Path]], cpu_kernels: bool = True) -> PagedBackend:
+    base, adapters = lora_model
+    entries = tuple(f"{name}={path}" for name, path in adapters.items())
+    return PagedBackend(base, CPU, "float32", kv_cache_bytes=8 * 2**20, block_size=16,
+                        cpu_kernels=cpu_kernels, lora_adapters=entries)  # fmt: skip
+
+
+def spec(rid: int, adapter: str, prompt: int) -> RequestSpec:
+    # ignore_eos: every run gives NEW_TOKENS tokens, as generate's min_new_tokens does.
+    return RequestSpec(rid, PROMPTS[prompt], max_new_tokens=NEW_TOKENS, ignore_eos=True, adapter_id=adapter)
+
+
+def test_the_adapters_change_the_output(expected: dict[tuple[str, int], list[int]]) -> None:
+    """The comparison below could fail: each adapter's greedy tokens differ from the base model's."""
+    for name in ADAPTERS:
+        assert any(expected[name, i] != expected["", i] for i in range(len(PROMPTS))), name
+
+
+@pytest.mark.parametrize("cpu_kernels", [True, False])
+def test_each_adapter_alone_equals_peft(lora_model, expected, cpu_kernels: bool) -> None:
+    engine = make_engine(backend(lora_model, cpu_kernels), speculate=0)
+    for name in ["", *ADAPTERS]:
+        for i in range(len(PROMPTS)):
+            out = run_engine(engine, {0: [spec(1, name, i)]})
+            engine.clear()
+            assert out[1] == expected[name, i], (name, i)
+
+
+@pytest.mark.parametrize("cpu_kernels", [True, False])
+@pytest.mark.parametrize("speculate", [0, 4])
+def test_three_adapters_and_the_base_in_one_batch_equal_peft(
+    lora_model, expected, cpu_kernels: bool, speculate: int
+) -> None:
+    """Every (adapter, prompt) pair at once, arriving over three steps: the same prompts under four
+    adapters run side by side, in chunks (prefill budget 16), each from its own prefix-cache blocks."""
+    engine = make_engine(backend(lora_model, cpu_kernels), prefill_tokens=16, speculate=speculate)
+    assert isinstance(engine, ChunkedEngine)
+    names = ["", *ADAPTERS]
+    requests = [spec(k * 10 + i, name, i) for k, name in enumerate(names) for i in range(len(PROMPTS))]
+    arrivals = {0: requests[:5], 1: requests[5:9], 3: requests[9:]}
+    out = run_engine(engine, arrivals)
+    for k, name in enumerate(names):
+        for i in range(len(PROMPTS)):
+            assert out[k * 10 + i] == expected[name, i], (name, i, speculate)
+    if speculate:
+        assert engine.drafted > 0
+
+
+def test_adapters_never_share_a_prefix(lora_model, expected) -> None:
+    """A prompt run under one adapter leaves cached blocks that the same prompt under another adapter (or
+    the base model) does not find; the same adapter again does."""
+    paged = backend(lora_model)
+    engine = make_engine(paged, speculate=0)
+    allocator = paged.cache.allocator
+    for name, hits in [("qv", 0), ("all", 0), ("", 0), ("qv", 2)]:
+        before = allocator.hits
+        assert run_engine(engine, {0: [spec(1, name, 1)]})[1] == expected[name, 1]
+        engine.clear()
+        assert allocator.hits - before == hits, name
+
+
+def test_an_unknown_adapter_fails_alone(lora_model) -> None:
+    engine = make_engine(backend(lora_model), speculate=0)
+    failures = engine.add([spec(1, "nope", 0), spec(2, "qv", 0)])
+    assert [(f.request_id, f.message) for f in failures] == [
+        (1, "`adapter_id` 'nope' is not loaded on this shard")
+    ]
+    assert backend(lora_model).info.lora_adapters == tuple(ADAPTERS)
+
+
+def test_segments_gather_rows_of_one_adapter(lora_model) -> None:
+    """Rows of one adapter that are not side by side run as one gathered product (an index), contiguous
+    ones as a slice; base rows are in no group."""
+    paged = backend(lora_model)
+    qv, a = paged.adapters["qv"], paged.adapters["all"]
+    step = LoraStep.of([(qv, 1), (None, 1), (qv, 3), (a, 2), (None, 4)], CPU)
+    assert step is not None
+    (g1, rows1), (g2, rows2) = step.groups
+    assert g1 is qv and isinstance(rows1, torch.Tensor) and rows1.tolist() == [0, 2, 3, 4]
+    assert g2 is a and rows2 == slice(5, 7)
+    assert LoraStep.of([(None, 5)], CPU) is None
+
+
+def rewrite_config(src: Path, dst: Path, **changes: object) -> Path:
+    dst.mkdir()
+    (dst / "adapter_model.safetensors").write_bytes((src / "adapter_model.safetensors").read_bytes())
+    config = json.loads((src / "adapter_config.json").read_text())
+    config.update(changes)
+    (dst / "adapter_config.json").write_text(json.dumps(config))
+    return dst
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"use_dora": True}, "`use_dora` = True is not supported"),
+        ({"modules_to_save": ["lm_head"]}, "`modules_to_save` = ['lm_head'] is not supported"),
+        (
+            {"target_modules": ["q_proj", "embed_tokens"]},
+            "`target_modules` ['embed_tokens'] are not supported",
+        ),
+        ({"target_modules": ".*proj"}, "(a pattern) is not supported"),
+        ({"r": 0}, "`r` must be a positive integer"),
+        ({"peft_type": "IA3"}, "`peft_type` 'IA3' is not supported"),
+        ({"rank_pattern": {"q_proj": 2}}, "`rank_pattern`"),
+    ],
+)
+def test_bad_configs_are_refused_by_name(lora_model, tmp_path: Path, changes: dict, message: str) -> None:
+    adapters = lora_model[1]
+    bad = rewrite_config(adapters["all"], tmp_path / "bad", **changes)
+    with pytest.raises(AdapterError, match="adapter 'bad': ") as e:
+        load_adapter("bad", bad, backend(lora_model).spec, torch.float32, CPU)
+    assert message in str(e.value)
+
+
+def test_bad_files_are_refused_by_name(lora_model, tmp_path: Path) -> None:
+    adapters = lora_model[1]
+    model_spec = backend(lora_model).spec
+    with pytest.raises(AdapterError, match=r"adapter_config\.json not found"):
+        load_adapter("x", tmp_path, model_spec, torch.float32, CPU)
+    broken = rewrite_config(adapters["qv"], tmp_path / "broken")
+    (broken / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(AdapterError, match="cannot read"):
+        load_adapter("x", broken, model_spec, torch.float32, CPU)
+    # An adapter of another base model (other key/value widths) is refused by its shapes.
+    other = build_tiny_model(tmp_path / "other", num_kv_heads=4)
+    foreign = save_adapter(other, tmp_path / "foreign", 4, 8, ["k_proj"], False, seed=9)
+    with pytest.raises(
+        AdapterError, match=r"k_proj\.lora_B\.weight has shape .* \(an adapter of another base model"
+    ):
+        load_adapter("x", foreign, model_spec, torch.float32, CPU)
+    paged = backend(lora_model)
+    paged.parallel = Parallel(rank=0, world_size=2)
+    with pytest.raises(AdapterError, match="`--lora-adapters` is not supported with several ranks"):
+        paged._load_adapters(("a=" + str(adapters["qv"]),), torch.float32)
