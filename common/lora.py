@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 # What an adapter's name may be: it is the OpenAI `model` of the requests that use it.
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/:-]{0,127}")
@@ -27,6 +28,25 @@ def parse_lora_adapters(text: str | tuple[str, ...]) -> tuple[str, ...]:
     empty entry, a bad name or a name given twice."""
     parts = text if isinstance(text, tuple) else tuple(text.split(","))
     return tuple(str(source) for source in adapter_sources(parts))
+
+
+def local_adapters(entries: tuple[str, ...]) -> tuple[str, ...]:
+    """The entries with each source as an absolute local directory; ValueError naming the adapter for a
+    source that is no directory (a hub id is refused by name: not downloaded yet)."""
+    out = []
+    for s in adapter_sources(entries):
+        path = Path(s.source).expanduser()
+        if not path.is_dir():
+            hint = (
+                "hub ids are not downloaded yet: download the adapter and give its directory"
+                if not s.source.startswith((".", "/", "~")) and s.source.count("/") <= 1
+                else "no such directory"
+            )
+            raise ValueError(
+                f"`lora_adapters`: adapter {s.name!r}: {s.source!r} is not a local directory ({hint})"
+            )
+        out.append(str(AdapterSource(s.name, str(path.resolve()))))
+    return tuple(out)
 
 
 def adapter_sources(entries: tuple[str, ...]) -> list[AdapterSource]:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from common.cuda_graphs import parse_cuda_graphs
 from common.flags import DEFAULT_UDS_PATH, default_of, flag
+from common.lora import local_adapters, parse_lora_adapters
 from common.quantize import BITSANDBYTES, CT2
 from common.sharding import sharding_problem
 from common.tracing import check_otlp_endpoint
@@ -238,6 +239,14 @@ class LauncherConfig:
         help="Most draft tokens per sequence and step, looked up in the text so far (0: none; default: 4 "
         "where drafting pays). Paged backend.",
     )
+    # TGI's --lora-adapters / LORA_ADAPTERS: PEFT LoRA adapters loaded at start, name=directory,... (a bare
+    # directory is named after itself); paged backend, one rank (shard/paged/lora.py).
+    lora_adapters: str | None = flag(
+        None,
+        help="LoRA adapters (PEFT) loaded at start: name=directory,...; a request names one by its OpenAI "
+        "`model` or TGI `adapter_id`. Paged backend, one rank.",
+        env="LORA_ADAPTERS",
+    )
     # The share of each CUDA device a shard may use (TGI's flag); only 1.0 without a CUDA device.
     cuda_memory_fraction: float = flag(
         _shard("cuda_memory_fraction"),
@@ -399,6 +408,15 @@ class LauncherConfig:
                     f"`--speculate {self.speculate}` needs the paged backend "
                     f"({'--backend transformers' if self.backend == 'transformers' else f'--quantize {self.quantize}'}"
                     " runs without it)"
+                )
+        if self.lora_adapters is not None:
+            try:
+                local_adapters(parse_lora_adapters(self.lora_adapters))
+            except ValueError as e:
+                raise ArgumentError(str(e)) from None
+            if self.world_size() > 1:
+                raise ArgumentError(
+                    f"`--lora-adapters` is not supported with several ranks yet ({self._shards()})"
                 )
         if self.cuda_graphs is not None:
             try:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from common.cuda_graphs import parse_cuda_graphs
 from common.flags import write_config
+from common.lora import local_adapters, parse_lora_adapters
 from common.tracing import shard_service_name
 from router.chat import ChatWrapping, load_chat_template
 from router.config import RouterConfig
@@ -186,6 +187,9 @@ class Supervisor:
             max_waiting_tokens=c.max_waiting_tokens,
             cuda_memory_fraction=c.cuda_memory_fraction,
             speculate=c.speculate,
+            lora_adapters=()
+            if c.lora_adapters is None
+            else local_adapters(parse_lora_adapters(c.lora_adapters)),
             json_output=c.json_output,
             otlp_endpoint=c.otlp_endpoint,
             otlp_service_name=shard_service_name(c.otlp_service_name),

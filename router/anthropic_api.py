@@ -456,7 +456,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
         parse_model(fields)
         model = check_model(fields, infer)
         conversation = parse_conversation(fields)
-        options = parse_sampling(fields, infer)
+        options = parse_sampling(fields, infer, model)
         parse_request_extras(fields)
         fields.finish()
         agent = get_agent(request)

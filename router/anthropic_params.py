@@ -434,7 +434,7 @@ def parse_model(fields: Fields) -> None:
         raise ValidationError("`model` is required", "model")
 
 
-def parse_sampling(fields: Fields, infer: Infer) -> Options:
+def parse_sampling(fields: Fields, infer: Infer, model: str = "") -> Options:
     """``max_tokens`` (required), ``temperature``, ``top_p``, ``top_k``, ``stop_sequences`` and ``stream``,
     checked by Anthropic's rules, then validated as every route's sampling options are (``parse_options``)."""
     max_tokens = fields.int("max_tokens", 1)
@@ -456,7 +456,7 @@ def parse_sampling(fields: Fields, infer: Infer) -> Options:
     stream = fields.bool("stream", False)
     shared = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k,
               "stop": stop, "stream": stream}  # fmt: skip
-    return parse_options(Fields({k: v for k, v in shared.items() if v is not None}), infer, 1)
+    return parse_options(Fields({k: v for k, v in shared.items() if v is not None}), infer, 1, model)
 
 
 def parse_request_extras(fields: Fields) -> None:

@@ -61,6 +61,7 @@ def request_to_pb(entry: Entry) -> pb.Request:
         cache_salt=r.cache_salt,
         group=entry.group,
         ignore_eos=r.ignore_eos_token,
+        adapter_id=r.adapter_id,
     )
 
 

@@ -87,7 +87,7 @@ class Infer:
         )
         self.metrics = Metrics(config.max_input_length, config.max_total_tokens, config.model_names[0])
         self.validator = Validator(
-            config, tokenizer, info.unsupported_parameters, info.backend, info.processors
+            config, tokenizer, info.unsupported_parameters, info.backend, info.processors, info.lora_adapters
         )
         self.max_batch_total_tokens = config.max_batch_total_tokens or max(
             16000, config.max_total_tokens, config.max_batch_prefill_tokens

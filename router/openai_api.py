@@ -266,7 +266,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     with infer.admit() as slots:
         model = check_model(fields, infer)
         messages = parse_messages(fields.raw("messages"))
-        options = parse_options(fields, infer, infer.config.max_best_of)
+        options = parse_options(fields, infer, infer.config.max_best_of, model)
         slots.need(options.n, "n")
         logprobs = fields.bool("logprobs", False)
         top_logprobs = fields.int("top_logprobs", 0, infer.config.max_top_n_tokens)
@@ -455,7 +455,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     with infer.admit() as slots:
         model = check_model(fields, infer)
         prompts = _prompts(fields.raw("prompt"))
-        options = parse_options(fields, infer, infer.config.max_best_of)
+        options = parse_options(fields, infer, infer.config.max_best_of, model)
         echo = fields.bool("echo", False)
         logprobs = fields.int("logprobs", 0, infer.config.max_top_n_tokens)
         best_of = fields.int("best_of", 1, infer.config.max_best_of) or options.n
@@ -607,6 +607,14 @@ async def models(request: web.Request) -> web.Response:
         }
         for name in config.model_names
     ]
+    # The LoRA adapters, once the shards have said which they hold (vLLM's shape: the base is their parent).
+    infer = state(request).infer
+    base = config.model_names[0]
+    data += [
+        {"id": name, "object": "model", "created": STARTED_AT, "owned_by": "text-generation-server",
+         "root": name, "parent": base, "max_model_len": config.max_total_tokens}
+        for name in (infer.validator.adapters if infer is not None else ())
+    ]  # fmt: skip
     return web.json_response({"object": "list", "data": data})
 
 

@@ -119,6 +119,8 @@ class Options:
     cache_salt: str = ""
     # response_format's constraint (a canonical grammar argument), also in ``params.processors``.
     constraint: str | None = None
+    # The LoRA adapter the request's ``model`` names ("" = the base model).
+    adapter_id: str = ""
 
     def with_grammar(self, argument: str | None, field: str) -> Options:
         """These options decoding with ``argument`` instead of ``constraint`` (None: unconstrained)."""
@@ -133,18 +135,21 @@ class Options:
 def check_model(fields: Fields, infer: Infer) -> str:
     """The served name a request's ``model`` stands for. With one model served, any name is served by it
     (as TGI does: huggingface_hub sends "dummy", TGI's documentation "tgi"; each unknown name is logged
-    once) and the first served name is reported; with --strict-model-name an unknown name is a 404."""
+    once) and the first served name is reported; with --strict-model-name an unknown name is a 404. A
+    loaded LoRA adapter's name is served by that adapter; while the server holds adapters, an unknown name is
+    a 404 too (a mistyped adapter must not run on the base model unnoticed)."""
     names = infer.config.model_names
+    adapters = infer.validator.adapters
     model = fields.raw("model")
     if model is None:
         return names[0]
     if not isinstance(model, str):
         raise ValidationError("`model` must be a string", "model")
-    if model in names:
+    if model in names or model in adapters:
         return model
-    if infer.config.strict_model_name:
+    if infer.config.strict_model_name or adapters:
         raise ModelNotFoundError(
-            f"The model `{model}` does not exist. This server serves: {', '.join(names)}"
+            f"The model `{model}` does not exist. This server serves: {', '.join((*names, *adapters))}"
         )
     if model not in _LOGGED_NAMES and len(_LOGGED_NAMES) < _LOGGED_NAMES_MAX:
         _LOGGED_NAMES.add(model)
@@ -152,7 +157,9 @@ def check_model(fields: Fields, infer: Infer) -> str:
     return names[0]
 
 
-def parse_options(fields: Fields, infer: Infer, max_n: int) -> Options:
+def parse_options(fields: Fields, infer: Infer, max_n: int, model: str = "") -> Options:
+    """The sampling options every route shares; ``model``: the served name ``check_model`` gave (a LoRA
+    adapter's name selects it)."""
     c = infer.config
     vocab = infer.info.vocab_size or len(infer.tokenizer.hf)
     temperature = fields.float("temperature", 0.0, 2.0)
@@ -276,6 +283,7 @@ def parse_options(fields: Fields, infer: Infer, max_n: int) -> Options:
         skip_special_tokens=fields.bool("skip_special_tokens", True),
         cache_salt=check_cache_salt(fields.raw("cache_salt")) or "",
         constraint=constraint,
+        adapter_id=model if model in infer.validator.adapters else "",
     )
 
 
@@ -546,6 +554,7 @@ def build_requests(
                 skip_special_tokens=options.skip_special_tokens,
                 keep_special_ids=keep_special_ids,
                 cache_salt=options.cache_salt,
+                adapter_id=options.adapter_id,
             )
         )
     return out

@@ -294,7 +294,7 @@ def parse_request(body: dict[str, Any], infer: Infer) -> ResponsesRequest:
     sampling: dict[str, Any] = {
         name: body[name] for name in ("temperature", "top_p", "stream") if name in body
     }
-    options = parse_options(Fields({**sampling, "max_tokens": max_output_tokens}), infer, 1)
+    options = parse_options(Fields({**sampling, "max_tokens": max_output_tokens}), infer, 1, model)
     for key in sampling:
         fields.raw(key)
     constraint, text_echo = _text_format(fields)

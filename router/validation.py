@@ -57,6 +57,8 @@ class GenerateParameters:
     fault: object = None
     # Prefix-cache salt: only requests with the same salt share cached prompt blocks (None = not given).
     cache_salt: str | None = None
+    # TGI's LoRA adapter (one of InfoResponse.lora_adapters; None = the base model).
+    adapter_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,8 @@ class ValidRequest:
     fault: str = ""
     # Prefix-cache salt ("" = none): the shard shares cached prompt blocks only between equal salts.
     cache_salt: str = ""
+    # The LoRA adapter it runs with ("" = the base model).
+    adapter_id: str = ""
 
     @property
     def input_length(self) -> int:
@@ -161,8 +165,9 @@ def parse_parameters(params: object) -> GenerateParameters:
         stop = [stop]
     if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
         raise ValidationError("`stop` must be an array of strings")
-    if params.get("adapter_id") is not None:
-        raise ValidationError("`adapter_id` is not supported: this server loads no LoRA adapters")
+    adapter_id = params.get("adapter_id")
+    if adapter_id is not None and not isinstance(adapter_id, str):
+        raise ValidationError(f"`adapter_id` must be a string, got {_type_name(adapter_id)}", "adapter_id")
     return GenerateParameters(
         best_of=_get_int(params, "best_of", 2**32 - 1),
         temperature=_get_float(params, "temperature"),
@@ -186,6 +191,7 @@ def parse_parameters(params: object) -> GenerateParameters:
         ignore_eos_token=bool(_get_bool(params, "ignore_eos_token") or _get_bool(params, "ignore_eos")),
         fault=params.get("fault"),
         cache_salt=check_cache_salt(params.get("cache_salt")),
+        adapter_id=adapter_id or None,
     )
 
 
@@ -199,6 +205,7 @@ class Validator:
         unsupported: Iterable[str] = (),
         backend: str = "",
         processors: Iterable[str] = (),
+        adapters: Iterable[str] = (),
     ) -> None:
         self.config = config
         self.tokenizer = tokenizer
@@ -207,6 +214,8 @@ class Validator:
         self.backend = backend
         # Logits processors the shards run (InfoResponse.processors), which requests may name.
         self.processors = frozenset(processors)
+        # The LoRA adapters the shards hold (InfoResponse.lora_adapters), in the order given.
+        self.adapters = tuple(adapters)
         self._pool = ThreadPoolExecutor(max_workers=config.validation_workers, thread_name_prefix="tokenize")
 
     def close(self) -> None:
@@ -388,4 +397,21 @@ class Validator:
             ignore_eos_token=p.ignore_eos_token,
             fault=self.fault(p),
             cache_salt=p.cache_salt or "",
+            adapter_id=self.check_adapter(p.adapter_id),
         )
+
+    def check_adapter(self, name: str | None) -> str:
+        """TGI's ``adapter_id``: one of the adapters the shards hold ("" for None: the base model); a
+        name they do not hold is a 422 naming it."""
+        if name is None:
+            return ""
+        if name not in self.adapters:
+            held = (
+                f"this server holds: {', '.join(self.adapters)}"
+                if self.adapters
+                else "this server holds none"
+            )
+            raise ValidationError(
+                f"`adapter_id` {name!r} is not a loaded LoRA adapter ({held})", "adapter_id"
+            )
+        return name

@@ -286,8 +286,9 @@ def test_stop_accepts_string_and_list() -> None:
 
 @pytest.mark.parametrize("field", ["grammar", "adapter_id"])
 def test_unsupported_features_are_422(field: str) -> None:
+    """An unknown grammar type, a non-string adapter_id (an unknown adapter's name: tests/unit/router/test_lora.py)."""
     with pytest.raises(ValidationError) as excinfo:
-        parse_parameters({field: {"type": "yaml", "value": {}} if field == "grammar" else "lora"})
+        parse_parameters({field: {"type": "yaml", "value": {}} if field == "grammar" else ["lora"]})
     assert names_field(message(excinfo), field)
 
 
