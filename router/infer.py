@@ -85,7 +85,9 @@ class Infer:
         self.eos_ids = frozenset(info.eos_token_ids) or frozenset(
             [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         )
-        self.metrics = Metrics(config.max_input_length, config.max_total_tokens, config.model_names[0])
+        self.metrics = Metrics(
+            config.max_input_length, config.max_total_tokens, config.model_names[0], len(info.lora_adapters)
+        )
         self.validator = Validator(
             config, tokenizer, info.unsupported_parameters, info.backend, info.processors, info.lora_adapters
         )

@@ -16,8 +16,6 @@ GATEWAY_RUNNING = "vllm:num_requests_running"
 GATEWAY_KV_CACHE = "vllm:kv_cache_usage_perc"
 GATEWAY_KV_CACHE_OLD = "vllm:gpu_cache_usage_perc"
 GATEWAY_LORA = "vllm:lora_requests_info"
-# This server loads no LoRA adapters: none run, none wait, and none can be loaded.
-MAX_LORA = 0
 
 DURATION_BUCKETS = tuple(1.5e-4 * 1.5**i for i in range(35))
 
@@ -28,7 +26,10 @@ def _linear(maximum: int, count: int = 100) -> tuple[float, ...]:
 
 
 class Metrics:
-    def __init__(self, max_input_length: int, max_total_tokens: int, model_name: str) -> None:
+    def __init__(
+        self, max_input_length: int, max_total_tokens: int, model_name: str, max_lora: int = 0
+    ) -> None:
+        """``max_lora``: the LoRA adapters the shards hold (all resident: as many as can be loaded)."""
         r = self.registry = CollectorRegistry()
         self.request_count = Counter("tgi_request_count", "Requests received", registry=r)
         self.request_success = Counter("tgi_request_success", "Requests that succeeded", registry=r)
@@ -148,14 +149,15 @@ class Metrics:
         self.gateway_kv_cache_old = Gauge(
             GATEWAY_KV_CACHE_OLD, f"The same as {GATEWAY_KV_CACHE} (its older name)", labels, registry=r
         ).labels(model_name)
-        self.gateway_lora = Gauge(
+        self.max_lora = max_lora
+        self.gateway_lora_info = Gauge(
             GATEWAY_LORA,
-            "LoRA adapters running and waiting, and how many can be loaded (none: this server loads no "
-            "adapters); the value is the time of the last update",
+            "LoRA adapters of the running and of the waiting requests (comma-separated), and how many can "
+            "be loaded; the value is the time of the last update",
             ["running_lora_adapters", "waiting_lora_adapters", "max_lora"],
             registry=r,
-        ).labels("", "", str(MAX_LORA))
-        self.gateway_lora.set(time.time())
+        )
+        self.observe_lora([], [])
         for gauge in (
             self.gateway_waiting,
             self.gateway_running,
@@ -177,7 +179,13 @@ class Metrics:
         usage = min(usage, 1.0)
         self.gateway_kv_cache.set(usage)
         self.gateway_kv_cache_old.set(usage)
-        self.gateway_lora.set(time.time())
+        self.observe_lora(list(out.running_adapters), list(out.waiting_adapters))
+
+    def observe_lora(self, running: list[str], waiting: list[str]) -> None:
+        """The gateway's one ``lora_requests_info`` series: the adapters running and waiting now."""
+        self.gateway_lora_info.clear()
+        labels = (",".join(running), ",".join(waiting), str(self.max_lora))
+        self.gateway_lora_info.labels(*labels).set(time.time())
 
     def observe_cache(self, cache) -> None:
         """Copies a step's proto CacheStats into the gauges."""

@@ -247,6 +247,15 @@ class ChunkedEngine(Engine):
     def num_waiting(self) -> int:
         return self.scheduler.num_waiting
 
+    def adapters(self) -> tuple[list[str], list[str]]:
+        """The adapters of its requests: running (decoding, or their prompt under way) and waiting."""
+        running: dict[str, None] = {}
+        waiting: dict[str, None] = {}
+        for job in self.jobs.values():
+            if job.request.adapter_id:
+                (running if job.running or job.opened else waiting)[job.request.adapter_id] = None
+        return list(running), list(waiting)
+
     def stats(self) -> dict[str, int]:
         return {
             **self.backend.stats(),

@@ -91,6 +91,9 @@ class Output:
     prefill: bool = False
     failed: bool = False
     cache: dict[str, int] | None = field(default=None)
+    # The LoRA adapters of the running and of the waiting requests, each once.
+    running_adapters: list[str] = field(default_factory=list)
+    waiting_adapters: list[str] = field(default_factory=list)
 
 
 class EngineCore:
@@ -304,6 +307,10 @@ class EngineCore:
         out.running = max(len(self.live) - waiting, 0)
         out.max_tokens = self._max_tokens
         out.cache = self.engine.stats()
+        out.running_adapters, out.waiting_adapters = self.engine.adapters()
+        for r in self.waiting:  # not handed to the engine yet
+            if r.adapter_id and r.adapter_id not in out.waiting_adapters:
+                out.waiting_adapters.append(r.adapter_id)
 
     def _failed(self, error: Exception, started: int) -> Output:
         """A step that raised: every request the engine holds fails, and the engine drops them all."""

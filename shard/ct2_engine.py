@@ -307,6 +307,10 @@ class CT2Engine:
     def num_waiting(self) -> int:
         return sum(len(g.rows) for g in self.waiting)
 
+    def adapters(self) -> tuple[list[str], list[str]]:
+        """None: CTranslate2 runs no LoRA adapters (the router offers none)."""
+        return [], []
+
     def processor_names(self) -> list[str]:
         return []  # ctranslate2 runs its own sampling: no logits processors
 

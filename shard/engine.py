@@ -71,6 +71,10 @@ class StepEngine(Protocol):
         """Requests it holds that have not started running."""
         ...
 
+    def adapters(self) -> tuple[list[str], list[str]]:
+        """The LoRA adapters of the requests it holds, (running, waiting), each once."""
+        ...
+
     def processor_names(self) -> list[str]:
         """The logits processors a request may name."""
         ...
@@ -255,6 +259,10 @@ class Engine:
 
     def num_waiting(self) -> int:
         return len(self.pending)
+
+    def adapters(self) -> tuple[list[str], list[str]]:
+        """None: its backends hold no LoRA adapters (``admit`` refuses requests that name one)."""
+        return [], []
 
     def processor_names(self) -> list[str]:
         return self.processors.names

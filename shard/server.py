@@ -111,6 +111,8 @@ def output_to_pb(out: Output, step: int) -> pb.StepOutput:
         running=out.running,
         prefill=out.prefill,
         failed=out.failed,
+        running_adapters=out.running_adapters,
+        waiting_adapters=out.waiting_adapters,
     )
     if out.cache is not None:
         message.cache.CopyFrom(pb.CacheStats(**out.cache))

@@ -68,6 +68,8 @@ def test_two_adapters_through_the_launcher(tiny_model_dir: Path, tmp_path: Path)
         models = requests.get(f"{server.url}/v1/models", timeout=10).json()["data"]
         assert [m["id"] for m in models][1:] == ["sql", "fr"]
         assert all(m["parent"] == models[0]["id"] for m in models[1:])
+        metrics = requests.get(f"{server.url}/metrics", timeout=10).text
+        assert 'max_lora="2"' in metrics and "vllm:lora_requests_info{" in metrics
 
         base = generate(server, None)
         prompt = [t["id"] for t in base["details"]["prefill"]]

@@ -65,3 +65,22 @@ def test_a_backend_without_a_kv_pool_reports_the_token_budget_it_fills() -> None
     assert value(metrics, "vllm:kv_cache_usage_perc") == pytest.approx(0.25)
     metrics.observe_gateway(pb.StepOutput(waiting=9, running=2, max_tokens=4000))  # waiting ones count too
     assert value(metrics, "vllm:kv_cache_usage_perc") == 1.0
+
+
+def test_lora_requests_info_names_the_running_and_waiting_adapters() -> None:
+    """One series, relabelled each step: the adapters of the running and of the waiting requests
+    (comma-separated), and the adapters the shards hold as max_lora."""
+    metrics = Metrics(16, 32, "org/model", max_lora=3)
+    metrics.observe_gateway(
+        pb.StepOutput(running=3, waiting=1, running_adapters=["sql", "fr"], waiting_adapters=["de"])
+    )
+    (labels, _), *rest = samples(metrics)["vllm:lora_requests_info"]
+    assert not rest
+    assert labels == {"running_lora_adapters": "sql,fr", "waiting_lora_adapters": "de", "max_lora": "3"}
+    metrics.observe_gateway(pb.StepOutput(running=1, running_adapters=["fr"]))
+    (labels, _), *rest = samples(metrics)["vllm:lora_requests_info"]
+    assert not rest and labels == {
+        "running_lora_adapters": "fr",
+        "waiting_lora_adapters": "",
+        "max_lora": "3",
+    }

@@ -77,6 +77,9 @@ class FakeEngine:
     def num_waiting(self) -> int:
         return 0
 
+    def adapters(self) -> tuple[list[str], list[str]]:
+        return [], []
+
     def processor_names(self) -> list[str]:
         return []
 

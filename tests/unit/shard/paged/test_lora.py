@@ -229,3 +229,18 @@ def test_bad_files_are_refused_by_name(lora_model, tmp_path: Path) -> None:
     paged.parallel = Parallel(rank=0, world_size=2)
     with pytest.raises(AdapterError, match="`--lora-adapters` is not supported with several ranks"):
         paged._load_adapters(("a=" + str(adapters["qv"]),), torch.float32)
+
+
+def test_the_engine_reports_its_requests_adapters(lora_model) -> None:
+    """What vllm:lora_requests_info shows: adapters of running requests (or with their prompt under way)
+    and of waiting ones, each once; the base model is no adapter."""
+    engine = make_engine(backend(lora_model), prefill_tokens=16, speculate=0)
+    engine.add([spec(1, "qv", 1), spec(2, "qv", 0), spec(3, "all", 2), spec(4, "", 0)])
+    assert engine.adapters() == ([], ["qv", "all"])
+    engine.step()  # 16 prompt tokens: the first request's prompt starts
+    assert engine.adapters() == (["qv"], ["qv", "all"])  # the other "qv" request waits
+    for _ in range(10):
+        engine.step()
+    assert engine.adapters() == (["qv", "all"], [])
+    engine.clear()
+    assert engine.adapters() == ([], [])
