@@ -240,11 +240,11 @@ class LauncherConfig:
         "where drafting pays). Paged backend.",
     )
     # TGI's --lora-adapters / LORA_ADAPTERS: PEFT LoRA adapters loaded at start, name=directory,... (a bare
-    # directory is named after itself); paged backend, one rank (shard/paged/lora.py).
+    # directory is named after itself); paged backend (shard/paged/lora.py).
     lora_adapters: str | None = flag(
         None,
         help="LoRA adapters (PEFT) loaded at start: name=directory,...; a request names one by its OpenAI "
-        "`model` or TGI `adapter_id`. Paged backend, one rank.",
+        "`model` or TGI `adapter_id`. Paged backend.",
         env="LORA_ADAPTERS",
     )
     # The share of each CUDA device a shard may use (TGI's flag); only 1.0 without a CUDA device.
@@ -414,10 +414,6 @@ class LauncherConfig:
                 local_adapters(parse_lora_adapters(self.lora_adapters))
             except ValueError as e:
                 raise ArgumentError(str(e)) from None
-            if self.world_size() > 1:
-                raise ArgumentError(
-                    f"`--lora-adapters` is not supported with several ranks yet ({self._shards()})"
-                )
         if self.cuda_graphs is not None:
             try:
                 parse_cuda_graphs(self.cuda_graphs)

@@ -74,8 +74,8 @@ class ShardConfig:
     # --cuda-memory-fraction: the share of each CUDA device this process may use.
     cuda_memory_fraction: float = flag(1.0, help="Share of each CUDA device this process may use.")
     # --lora-adapters: PEFT LoRA adapters as ``name=directory`` entries (the launcher resolves hub ids to
-    # directories; LORA_ADAPTERS is the launcher's, whose environment the shards inherit); paged backend,
-    # one rank (shard/paged/lora.py).
+    # directories; LORA_ADAPTERS is the launcher's, whose environment the shards inherit); paged backend
+    # (shard/paged/lora.py).
     lora_adapters: tuple[str, ...] = flag(
         (), help="Paged backend: LoRA adapters, name=directory,...", cli_type=str | None,
         parse=parse_lora_adapters,

@@ -25,7 +25,7 @@ from ..paged.arch import model_spec
 from ..paged.attention import PrefillChunk, StepMeta, decode_meta
 from ..paged.graphs import DEFAULT_BATCH_SIZES, DecodeGraphs
 from ..paged.kv_cache import PagedKVCache, Sequence
-from ..paged.lora import Adapter, AdapterError, LoraStep, load_adapter
+from ..paged.lora import Adapter, LoraStep, load_adapter
 from ..paged.model import PagedModel, Weights, quantize_model, use_cpu_kernels
 from .base import BackendInfo, PrefillOutput
 
@@ -174,15 +174,11 @@ class PagedBackend:
         )
 
     def _load_adapters(self, entries: tuple[str, ...], dtype: torch.dtype) -> dict[str, Adapter]:
-        """The adapters of ``entries`` (``name=directory``), by name. Several ranks are refused by name: the
-        adapters' A/B matrices are not split to match tensor-parallel layers yet."""
-        sources = adapter_sources(entries)
-        if sources and self.parallel.world_size > 1:
-            raise AdapterError(
-                f"`--lora-adapters` is not supported with several ranks yet (world size {self.parallel.world_size})"
-            )
+        """The adapters of ``entries`` (``name=directory``), by name; with several ranks, each rank's part
+        (``load_adapter``)."""
         adapters = {
-            s.name: load_adapter(s.name, Path(s.source), self.spec, dtype, self.device) for s in sources
+            s.name: load_adapter(s.name, Path(s.source), self.spec, dtype, self.device, self.parallel)
+            for s in adapter_sources(entries)
         }
         for adapter in adapters.values():
             log.info("LoRA adapter %s: rank %d, %s, %.1f MB", adapter.name, adapter.config.r,

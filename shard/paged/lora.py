@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ConfigError
+from ..dist import AllReduce, Parallel
 from .spec import ModelSpec
 
 CONFIG_FILE = "adapter_config.json"
@@ -73,10 +74,13 @@ class LoraConfig:
 
 @dataclass(frozen=True)
 class LowRank:
-    """One fused product's adapter: ``a`` [R, in], ``b`` [out, R] (scaled); the delta is x A^T B^T."""
+    """One fused product's adapter: ``a`` [R, in], ``b`` [out, R] (scaled); the delta is x A^T B^T. A
+    row-parallel product over several ranks has ``reduce``: x A^T is this rank's partial sum, summed over
+    the ranks before B."""
 
     a: torch.Tensor
     b: torch.Tensor
+    reduce: AllReduce | None = None
 
 
 @dataclass
@@ -141,11 +145,20 @@ def read_config(directory: Path, name: str) -> LoraConfig:
 
 
 def load_adapter(
-    name: str, directory: Path, spec: ModelSpec, dtype: torch.dtype, device: torch.device
+    name: str,
+    directory: Path,
+    spec: ModelSpec,
+    dtype: torch.dtype,
+    device: torch.device,
+    parallel: Parallel | None = None,
 ) -> Adapter:
-    """Reads a PEFT LoRA adapter for a model of ``spec`` (one rank): every tensor must be a lora_A/lora_B
-    of a targeted projection of an existing layer, with the base layer's widths (else ``AdapterError``:
-    an adapter of another base model is refused here)."""
+    """Reads a PEFT LoRA adapter for a model of ``spec``: every tensor must be a lora_A/lora_B of a
+    targeted projection of an existing layer, with the base layer's widths (else ``AdapterError``: an
+    adapter of another base model is refused here).
+
+    With several ranks (``parallel``) each rank keeps the part matching its slice of the base layer: a
+    column-parallel projection's B its output rows (q/k/v by heads, gate/up by MLP width), a row-parallel
+    one's A its input columns (o, down), whose ``x A^T`` is then summed over the ranks before B."""
     from safetensors import safe_open
 
     config = read_config(directory, name)
@@ -158,6 +171,16 @@ def load_adapter(
         "q_proj": (q, hidden), "k_proj": (kv, hidden), "v_proj": (kv, hidden), "o_proj": (hidden, q),
         "gate_proj": (ff, hidden), "up_proj": (ff, hidden), "down_proj": (hidden, ff),
     }  # fmt: skip
+    parallel = parallel or Parallel()
+    q_part = [i * d for i in parallel.split(spec.num_heads, "attention heads")]
+    kv_part = [i * d for i in parallel.split(spec.num_kv_heads, "key/value heads")]
+    ff_part = list(parallel.split(ff, "MLP width"))
+    # This rank's [start, end) of each projection's output (B's rows) or, row-parallel, input (A's columns).
+    parts = {
+        "q_proj": q_part, "k_proj": kv_part, "v_proj": kv_part, "o_proj": q_part,
+        "gate_proj": ff_part, "up_proj": ff_part, "down_proj": ff_part,
+    }  # fmt: skip
+    row_parallel = {"o_proj", "down_proj"}
     if any(layer.moe is not None for layer in spec.layers) and config.targets & {
         "gate_proj",
         "up_proj",
@@ -207,15 +230,25 @@ def load_adapter(
             present = [p for p in projections if (index, p) in pairs]
             if not present:
                 continue
-            a = torch.cat([pairs[index, p]["A"] for p in present])
-            b = torch.zeros(sum(shapes[p][0] for p in projections), len(present) * config.r)
+            a_parts, b_parts = [], []
+            for p in present:
+                lo, hi = parts[p]
+                a, b = pairs[index, p]["A"], pairs[index, p]["B"]
+                a_parts.append(a[:, lo:hi] if p in row_parallel else a)
+                b_parts.append(b if p in row_parallel else b[lo:hi])
+            widths = [shapes[p][0] if p in row_parallel else parts[p][1] - parts[p][0] for p in projections]
+            b = torch.zeros(sum(widths), len(present) * config.r)
             row, col = 0, 0
-            for p in projections:
+            for p, width in zip(projections, widths, strict=True):
                 if p in present:
-                    b[row : row + shapes[p][0], col : col + config.r] = pairs[index, p]["B"] * config.scale
+                    b[row : row + width, col : col + config.r] = b_parts[present.index(p)] * config.scale
                     col += config.r
-                row += shapes[p][0]
-            layer[fused] = LowRank(a.to(dtype=dtype, device=device), b.to(dtype=dtype, device=device))
+                row += width
+            reduce = (
+                parallel.all_reduce if projections[0] in row_parallel and parallel.world_size > 1 else None
+            )
+            a = torch.cat(a_parts)
+            layer[fused] = LowRank(a.to(dtype=dtype, device=device), b.to(dtype=dtype, device=device), reduce)
         adapter.layers.append(layer)
     return adapter
 
@@ -260,8 +293,12 @@ class LoraStep:
             pair = adapter.layers[layer].get(product)
             if pair is None:
                 continue
+            xs = x[rows] if isinstance(rows, slice) else x.index_select(0, rows)
+            low = F.linear(xs, pair.a)
+            if pair.reduce is not None:
+                low = pair.reduce(low)
             if isinstance(rows, slice):
-                y[rows] += F.linear(F.linear(x[rows], pair.a), pair.b)
+                y[rows] += F.linear(low, pair.b)
             else:
-                y.index_add_(0, rows, F.linear(F.linear(x.index_select(0, rows), pair.a), pair.b))
+                y.index_add_(0, rows, F.linear(low, pair.b))
         return y

@@ -1,5 +1,5 @@
 """``--lora-adapters`` / ``LORA_ADAPTERS``: parsed and checked before anything starts (names, local
-directories; hub ids and several ranks refused by name), and handed to each shard as absolute
+directories; hub ids refused by name), and handed to each shard as absolute
 ``name=directory`` entries."""
 
 from __future__ import annotations
@@ -54,9 +54,15 @@ def test_bad_lora_adapters_are_refused_by_name(value: str, message: str) -> None
     assert message in str(e.value)
 
 
-def test_lora_adapters_with_several_ranks_are_refused(tmp_path: Path) -> None:
-    with pytest.raises(ArgumentError, match="`--lora-adapters` is not supported with several ranks yet"):
-        LauncherConfig(lora_adapters=f"a={tmp_path}", num_shard=2).validate()
+def test_every_rank_gets_the_adapters(tmp_path: Path) -> None:
+    config = LauncherConfig(lora_adapters=f"a={tmp_path}", num_shard=2)
+    config.validate()
+    supervisor = Supervisor(config, MODEL)
+    assert (
+        supervisor.shard_config(0).lora_adapters
+        == supervisor.shard_config(1).lora_adapters
+        == (f"a={tmp_path}",)
+    )
 
 
 def test_the_shard_flag_parses_the_same_entries() -> None:

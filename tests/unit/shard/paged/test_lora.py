@@ -5,19 +5,22 @@ and the base model share steps (chunked prompts, prefix-cache hits, speculation)
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from shard.backends.paged import PagedBackend
 from shard.chunked import ChunkedEngine
-from shard.dist import Parallel
 from shard.engines import make_engine
 from shard.paged.lora import AdapterError, LoraStep, load_adapter
 from shard.types import RequestSpec
 from tests.conftest import build_tiny_model
+from tests.e2e.harness import free_port
 from tests.engine_run import run_engine
+from tests.processes import run_ranks
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -94,10 +97,12 @@ def expected(lora_model: tuple[Path, dict[str, Path]]) -> dict[tuple[str, int], 
     return out
 
 
-def backend(lora_model: tuple[Path, dict[str, Path]], cpu_kernels: bool = True) -> PagedBackend:
+def backend(
+    lora_model: tuple[Path, dict[str, Path]], cpu_kernels: bool = True, parallel: Any = None
+) -> PagedBackend:
     base, adapters = lora_model
     entries = tuple(f"{name}={path}" for name, path in adapters.items())
-    return PagedBackend(base, CPU, "float32", kv_cache_bytes=8 * 2**20, block_size=16,
+    return PagedBackend(base, CPU, "float32", parallel, kv_cache_bytes=8 * 2**20, block_size=16,
                         cpu_kernels=cpu_kernels, lora_adapters=entries)  # fmt: skip
 
 
@@ -140,6 +145,37 @@ def test_three_adapters_and_the_base_in_one_batch_equal_peft(
             assert out[k * 10 + i] == expected[name, i], (name, i, speculate)
     if speculate:
         assert engine.drafted > 0
+
+
+def mixed_run(paged: PagedBackend, speculate: int) -> dict[int, list[int]]:
+    """Every (adapter, prompt) pair at once, arriving over three steps, prompts in chunks of 16 tokens."""
+    engine = make_engine(paged, prefill_tokens=16, speculate=speculate)
+    requests = [spec(k * 10 + i, name, i) for k, name in enumerate(NAMES) for i in range(len(PROMPTS))]
+    return run_engine(engine, {0: requests[:5], 1: requests[5:9], 3: requests[9:]})
+
+
+NAMES = ["", *ADAPTERS]
+
+
+def _rank(rank: int, port: int, lora_model: tuple[Path, dict[str, Path]], queue: Any) -> None:
+    """One of two tensor-parallel ranks on gloo: the mixed run's tokens."""
+    from shard.dist import DistInfo, init_parallel
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    try:
+        parallel = init_parallel(DistInfo(rank, 2, rank), CPU)
+        queue.put((rank, mixed_run(backend(lora_model, parallel=parallel), speculate=0)))
+    except BaseException as e:  # reported, not lost in the child's stderr
+        queue.put((rank, repr(e)))
+
+
+def test_two_gloo_ranks_split_the_adapters_like_their_layers(lora_model, expected) -> None:
+    """Tensor parallelism: each rank keeps B's rows of its q/k/v heads and gate/up width, A's columns of
+    its o and down inputs (x A^T summed over the ranks); the mixed batch's tokens equal PEFT's on both."""
+    results = run_ranks(_rank, 2, (free_port(), lora_model), reporting=2, timeout=240)
+    want = {k * 10 + i: expected[name, i] for k, name in enumerate(NAMES) for i in range(len(PROMPTS))}
+    assert results == {0: want, 1: want}
 
 
 def test_adapters_never_share_a_prefix(lora_model, expected) -> None:
@@ -225,10 +261,6 @@ def test_bad_files_are_refused_by_name(lora_model, tmp_path: Path) -> None:
         AdapterError, match=r"k_proj\.lora_B\.weight has shape .* \(an adapter of another base model"
     ):
         load_adapter("x", foreign, model_spec, torch.float32, CPU)
-    paged = backend(lora_model)
-    paged.parallel = Parallel(rank=0, world_size=2)
-    with pytest.raises(AdapterError, match="`--lora-adapters` is not supported with several ranks"):
-        paged._load_adapters(("a=" + str(adapters["qv"]),), torch.float32)
 
 
 def test_the_engine_reports_its_requests_adapters(lora_model) -> None:
