@@ -247,6 +247,11 @@ class LauncherConfig:
         "`model` or TGI `adapter_id`. Paged backend.",
         env="LORA_ADAPTERS",
     )
+    # vLLM's --max-lora-rank: adapters of a higher rank are refused at start, by name.
+    max_lora_rank: int | None = flag(
+        _shard("max_lora_rank"),
+        help="The highest LoRA adapter rank loaded (default: any); a higher one stops the start.",
+    )
     # The share of each CUDA device a shard may use (TGI's flag); only 1.0 without a CUDA device.
     cuda_memory_fraction: float = flag(
         _shard("cuda_memory_fraction"),
@@ -409,6 +414,8 @@ class LauncherConfig:
                     f"({'--backend transformers' if self.backend == 'transformers' else f'--quantize {self.quantize}'}"
                     " runs without it)"
                 )
+        if self.max_lora_rank is not None and self.max_lora_rank < 1:
+            raise ArgumentError(f"`max_lora_rank` must be >= 1. Given: {self.max_lora_rank}")
         if self.lora_adapters is not None:
             try:
                 local_adapters(parse_lora_adapters(self.lora_adapters))

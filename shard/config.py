@@ -80,6 +80,10 @@ class ShardConfig:
         (), help="Paged backend: LoRA adapters, name=directory,...", cli_type=str | None,
         parse=parse_lora_adapters,
     )  # fmt: skip
+    # --max-lora-rank: an adapter of a higher rank is refused at load (None: any rank).
+    max_lora_rank: int | None = flag(
+        None, help="Paged backend: the highest LoRA adapter rank loaded (default: any)."
+    )
     json_output: bool = flag(False, help="Log JSON lines.")
     # OpenTelemetry traces of rank 0's steps (shard/tracing.py): None, no tracer at all.
     otlp_endpoint: str | None = flag(

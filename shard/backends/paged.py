@@ -91,6 +91,7 @@ class PagedBackend:
         kv_cache_tokens: int | None = None,
         memory_fraction: float = 1.0,
         lora_adapters: tuple[str, ...] = (),
+        max_lora_rank: int | None = None,
     ) -> None:
         """``cuda_graphs``: batch sizes whose decode steps run as CUDA graphs on a GPU with one rank
         (shard/paged/graphs.py); None for the default ladder, () for none.
@@ -115,7 +116,7 @@ class PagedBackend:
             quantize_model(self.model, quantize)
         if device.type == "cpu" and cpu_kernels:
             use_cpu_kernels(self.model, unquantized=not quantize)
-        self.adapters = self._load_adapters(lora_adapters, torch_dtype)
+        self.adapters = self._load_adapters(lora_adapters, torch_dtype, max_lora_rank)
         layer = self.model.decoder_layers[0]
         per_token = 2 * spec.num_layers * layer.num_kv_heads * spec.head_dim * torch_dtype.itemsize
         sized = kv_cache_tokens is not None
@@ -173,11 +174,15 @@ class PagedBackend:
             "Weights on rank %d/%d: %.1f MB", self.parallel.rank, self.parallel.world_size, weight_bytes / 1e6
         )
 
-    def _load_adapters(self, entries: tuple[str, ...], dtype: torch.dtype) -> dict[str, Adapter]:
+    def _load_adapters(
+        self, entries: tuple[str, ...], dtype: torch.dtype, max_rank: int | None
+    ) -> dict[str, Adapter]:
         """The adapters of ``entries`` (``name=directory``), by name; with several ranks, each rank's part
         (``load_adapter``)."""
         adapters = {
-            s.name: load_adapter(s.name, Path(s.source), self.spec, dtype, self.device, self.parallel)
+            s.name: load_adapter(
+                s.name, Path(s.source), self.spec, dtype, self.device, self.parallel, max_rank
+            )
             for s in adapter_sources(entries)
         }
         for adapter in adapters.values():
@@ -356,5 +361,5 @@ def load(config: ShardConfig, device: torch.device, parallel: Parallel) -> Paged
         config.model_path, device, config.dtype, parallel, quantize=quantize,
         cuda_graphs=() if config.disable_custom_kernels else config.cuda_graphs,
         kv_cache_tokens=config.max_batch_total_tokens, memory_fraction=config.cuda_memory_fraction,
-        lora_adapters=config.lora_adapters,
+        lora_adapters=config.lora_adapters, max_lora_rank=config.max_lora_rank,
     )  # fmt: skip

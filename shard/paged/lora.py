@@ -151,6 +151,7 @@ def load_adapter(
     dtype: torch.dtype,
     device: torch.device,
     parallel: Parallel | None = None,
+    max_rank: int | None = None,
 ) -> Adapter:
     """Reads a PEFT LoRA adapter for a model of ``spec``: every tensor must be a lora_A/lora_B of a
     targeted projection of an existing layer, with the base layer's widths (else ``AdapterError``: an
@@ -158,10 +159,13 @@ def load_adapter(
 
     With several ranks (``parallel``) each rank keeps the part matching its slice of the base layer: a
     column-parallel projection's B its output rows (q/k/v by heads, gate/up by MLP width), a row-parallel
-    one's A its input columns (o, down), whose ``x A^T`` is then summed over the ranks before B."""
+    one's A its input columns (o, down), whose ``x A^T`` is then summed over the ranks before B. An adapter
+    of a rank above ``max_rank`` (--max-lora-rank) is refused."""
     from safetensors import safe_open
 
     config = read_config(directory, name)
+    if max_rank is not None and config.r > max_rank:
+        raise AdapterError(f"adapter {name!r}: rank `r` = {config.r} is above --max-lora-rank {max_rank}")
     path = directory / WEIGHTS_FILE
     if not path.is_file():
         raise AdapterError(f"adapter {name!r}: {path} not found (.bin adapters are not supported)")

@@ -65,6 +65,13 @@ def test_every_rank_gets_the_adapters(tmp_path: Path) -> None:
     )
 
 
+def test_max_lora_rank_reaches_the_shards() -> None:
+    assert Supervisor(parse("--max-lora-rank", "16"), MODEL).shard_config(0).max_lora_rank == 16
+    assert Supervisor(LauncherConfig(), MODEL).shard_config(0).max_lora_rank is None
+    with pytest.raises(ArgumentError, match=r"`max_lora_rank` must be >= 1\. Given: 0"):
+        LauncherConfig(max_lora_rank=0).validate()
+
+
 def test_the_shard_flag_parses_the_same_entries() -> None:
     assert parse_lora_adapters("a=/x, b=/y") == ("a=/x", "b=/y")
     assert parse_lora_adapters(("a=/x",)) == ("a=/x",)

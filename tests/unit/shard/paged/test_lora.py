@@ -245,6 +245,17 @@ def test_bad_configs_are_refused_by_name(lora_model, tmp_path: Path, changes: di
     assert message in str(e.value)
 
 
+def test_a_rank_above_max_lora_rank_is_refused(lora_model) -> None:
+    base, adapters = lora_model
+    paged_spec = backend(lora_model).spec
+    assert load_adapter("all", adapters["all"], paged_spec, torch.float32, CPU, max_rank=8).config.r == 8
+    with pytest.raises(AdapterError, match=r"adapter 'all': rank `r` = 8 is above --max-lora-rank 4"):
+        load_adapter("all", adapters["all"], paged_spec, torch.float32, CPU, max_rank=4)
+    entries = (f"all={adapters['all']}",)
+    with pytest.raises(AdapterError, match="above --max-lora-rank 4"):
+        PagedBackend(base, CPU, "float32", kv_cache_bytes=2**20, lora_adapters=entries, max_lora_rank=4)
+
+
 def test_bad_files_are_refused_by_name(lora_model, tmp_path: Path) -> None:
     adapters = lora_model[1]
     model_spec = backend(lora_model).spec
