@@ -196,6 +196,8 @@ class Infer:
             )
         self.metrics.request_input_length.observe(request.input_length)
         self.metrics.request_max_new_tokens.observe(request.max_new_tokens)
+        if request.adapter_id:
+            self.metrics.lora_requests.labels(request.adapter_id).inc()
         self.engine.add(entry)
         return entry
 

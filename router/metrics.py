@@ -150,6 +150,10 @@ class Metrics:
             GATEWAY_KV_CACHE_OLD, f"The same as {GATEWAY_KV_CACHE} (its older name)", labels, registry=r
         ).labels(model_name)
         self.max_lora = max_lora
+        # Sequences submitted per LoRA adapter (labels: the adapters the shards hold, a bounded set).
+        self.lora_requests = Counter(
+            "tgi_lora_requests", "Sequences submitted per LoRA adapter", ["adapter"], registry=r
+        )
         self.gateway_lora_info = Gauge(
             GATEWAY_LORA,
             "LoRA adapters of the running and of the waiting requests (comma-separated), and how many can "

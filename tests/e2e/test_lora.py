@@ -101,6 +101,10 @@ def test_two_adapters_through_the_launcher(tiny_model_dir: Path, tmp_path: Path)
             assert completion.json()["model"] == name
             assert completion.json()["choices"][0]["text"] == generate(server, name)["generated_text"]
 
+        metrics = requests.get(f"{server.url}/metrics", timeout=10).text
+        # 3 concurrent + 2 OpenAI/TGI pairs: 5 sequences each; the base model's are no adapter's.
+        assert 'tgi_lora_requests_total{adapter="sql"} 5.0' in metrics, metrics
+        assert 'tgi_lora_requests_total{adapter="fr"} 5.0' in metrics
         unknown = requests.post(
             f"{server.url}/generate", json={"inputs": "Hi", "parameters": {"adapter_id": "sqll"}}, timeout=10
         )
