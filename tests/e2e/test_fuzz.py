@@ -46,7 +46,8 @@ TGI_ROUTES = ("/generate", "/generate_stream", "/")
 CHAT_ROUTES = ("/v1/chat/completions", "/chat/completions")
 COMPLETION_ROUTES = ("/v1/completions", "/completions")
 RESPONSES_ROUTES = ("/v1/responses",)
-ROUTES = (*TGI_ROUTES, *CHAT_ROUTES, *COMPLETION_ROUTES, "/tokenize", *RESPONSES_ROUTES)
+MESSAGES_ROUTES = ("/v1/messages", "/v1/messages/count_tokens")
+ROUTES = (*TGI_ROUTES, *CHAT_ROUTES, *COMPLETION_ROUTES, "/tokenize", *RESPONSES_ROUTES, *MESSAGES_ROUTES)
 
 TGI_PARAMETERS = (
     "best_of", "temperature", "repetition_penalty", "frequency_penalty", "presence_penalty", "top_k", "top_p",
@@ -68,6 +69,8 @@ TOKENIZE_FIELDS = ("prompt", "messages", "model", "add_special_tokens", "add_gen
 RESPONSES_FIELDS = ("model", "input", "instructions", "tools", "tool_choice", "parallel_tool_calls", "max_tool_calls",
                     "text", "max_output_tokens", "temperature", "top_p", "stream", "store", "previous_response_id",
                     "metadata", "user", "reasoning", "include", "truncation", "background")  # fmt: skip
+MESSAGES_FIELDS = ("model", "max_tokens", "messages", "system", "stop_sequences", "stream", "temperature", "top_p",
+                   "top_k", "tools", "tool_choice", "metadata", "thinking", "service_tier")  # fmt: skip
 
 NAN, INF = float("nan"), float("inf")
 LARGE_INTEGERS = (2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**53 + 1, 2**63 - 1, 2**63, 2**64 - 1, 2**64, 2**200,
@@ -104,6 +107,11 @@ def valid_body(route: str) -> dict:
         return {"prompt": "Hello", "max_tokens": 2}
     if route in RESPONSES_ROUTES:
         return {"input": "Hello", "max_output_tokens": 2}
+    if route in MESSAGES_ROUTES:
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "Hello"}]}
+        if route == "/v1/messages":
+            body["max_tokens"] = 2
+        return body
     return {"prompt": "Hello"}
 
 
@@ -116,6 +124,8 @@ def fields(route: str) -> tuple[str, ...]:
         return COMPLETION_FIELDS
     if route in RESPONSES_ROUTES:
         return RESPONSES_FIELDS
+    if route in MESSAGES_ROUTES:
+        return MESSAGES_FIELDS
     return TOKENIZE_FIELDS
 
 
@@ -159,7 +169,7 @@ def mutate_object(rng: random.Random, route: str, body: dict) -> None:
     elif kind < 0.7:
         target[rng.choice(("unknown", "Inputs", "\ud800", "", "parameters", "stream"))] = weird(rng)
     elif kind < 0.85:  # the prompt itself
-        if route in CHAT_ROUTES or (route == "/tokenize" and rng.random() < 0.5):
+        if route in CHAT_ROUTES or route in MESSAGES_ROUTES or (route == "/tokenize" and rng.random() < 0.5):
             body.pop("prompt", None)
             message = {"role": "user", "content": "Hello"}
             message[rng.choice(("role", "content", "name", "tool_calls", "tool_call_id"))] = weird(rng)
@@ -183,7 +193,7 @@ def mutate_object(rng: random.Random, route: str, body: dict) -> None:
         else:
             prompt = "hello " * rng.choice((MAX_INPUT - 10, MAX_INPUT, MAX_INPUT + 1, 500, 3000))
             key = "inputs" if route in TGI_ROUTES else "prompt"
-            if route in CHAT_ROUTES:
+            if route in CHAT_ROUTES or route in MESSAGES_ROUTES:
                 body["messages"] = [{"role": "user", "content": prompt}]
             else:
                 body[key] = prompt if rng.random() < 0.8 else [prompt] * rng.randint(2, 200)
@@ -249,13 +259,14 @@ def mutate_bytes(rng: random.Random, raw: bytes) -> bytes:
 def huge(route: str, size: int) -> bytes:
     """A valid body of exactly ``size`` bytes whose prompt fills it (far over the token limits)."""
     body = valid_body(route)
-    if route in CHAT_ROUTES:
+    chat = route in CHAT_ROUTES or route in MESSAGES_ROUTES
+    if chat:
         body["messages"][0]["content"] = ""
     else:
         body["inputs" if route in TGI_ROUTES else "prompt"] = ""
     filler = size - len(dumps(body))
     text = ("hello world " * (filler // 12 + 1))[:filler]
-    if route in CHAT_ROUTES:
+    if chat:
         body["messages"][0]["content"] = text
     else:
         body["inputs" if route in TGI_ROUTES else "prompt"] = text
