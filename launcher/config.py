@@ -172,6 +172,11 @@ class LauncherConfig:
         _router("strict_model_name"),
         help="Answer 404 to a `model` that is not a served name (default: any name is served).",
     )
+    enable_lora_runtime_updates: bool = flag(
+        _router("enable_lora_runtime_updates"),
+        help="Serve /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's; they read the server's disk). "
+        "Paged backend.",
+    )
     # TGI's -e has no environment variable (and shells use ENV for their startup file).
     env: bool = flag(False, help="Print the runtime environment first (then start).", short="-e", no_env=True)
     api_key: str | None = flag(None, help="Bearer token required on every route but /health (and /metrics).")

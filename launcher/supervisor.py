@@ -249,6 +249,7 @@ class Supervisor:
             tool_call_parser=c.tool_call_parser,
             reasoning_parser=c.reasoning_parser,
             strict_model_name=c.strict_model_name,
+            enable_lora_runtime_updates=c.enable_lora_runtime_updates,
             api_key=c.api_key,
             metrics_require_auth=c.metrics_require_auth,
             payload_limit=c.payload_limit,

@@ -14,7 +14,7 @@ from aiohttp import web
 
 from common import plugins
 
-from . import anthropic_api, middleware, openai_api, tgi_api
+from . import anthropic_api, lora_api, middleware, openai_api, tgi_api
 from .agent import Agent
 from .chat import ChatPrompter
 from .client import ShardClient
@@ -119,6 +119,7 @@ def create_app(config: RouterConfig) -> web.Application:
     openai_api.add_routes(app)
     add_responses_routes(app)
     anthropic_api.add_routes(app)
+    lora_api.add_routes(app)
     app.router.add_get("/openapi.json", _openapi)
     app.router.add_get("/api-doc/openapi.json", _openapi)
     app.router.add_get("/docs", _docs)

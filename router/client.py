@@ -42,6 +42,11 @@ class ShardClient:
         response = await self._stub.Warmup(request, metadata=metadata)
         return response.max_supported_total_tokens or None
 
+    async def update_lora(self, name: str, path: str, unload: bool) -> list[str]:
+        """Loads (``path``) or unloads a LoRA adapter on every rank; the adapters loaded after."""
+        response = await self._stub.UpdateLora(pb.LoraUpdateRequest(name=name, path=path, unload=unload))
+        return list(response.lora_adapters)
+
     def generate(self) -> grpc.aio.StreamStreamCall:
         """Opens the Generate stream: ``write`` GenerateRequests, ``read`` StepOutputs."""
         return self._stub.Generate()

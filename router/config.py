@@ -70,6 +70,11 @@ class RouterConfig:
     strict_model_name: bool = flag(
         False, help="Answer 404 to a `model` that is not a served name (default: any name is served)."
     )
+    # vLLM's runtime LoRA routes (/v1/load_lora_adapter, /v1/unload_lora_adapter): off by default, since
+    # they read the server's disk (router/lora_api.py).
+    enable_lora_runtime_updates: bool = flag(
+        False, help="Serve /v1/load_lora_adapter and /v1/unload_lora_adapter (they read the server's disk)."
+    )
     # Bearer token required on every route but /health (and /metrics unless metrics_require_auth). It
     # comes from the API_KEY environment variable, never from a command line or a config file.
     api_key: str | None = field(default=None, metadata={"secret": True})

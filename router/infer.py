@@ -183,6 +183,12 @@ class Infer:
         """An id for a client request of several sequences (OpenAI's n, best_of): see ``submit``."""
         return next(self._ids)
 
+    def set_adapters(self, names: list[str]) -> None:
+        """The LoRA adapters the shards hold after a runtime update: requests, /v1/models and the
+        gateway's max_lora follow them."""
+        self.validator.adapters = tuple(names)
+        self.metrics.max_lora = len(names)
+
     def submit(self, request: ValidRequest, group: int = 0) -> Entry:
         """Queues one sequence; ``group`` (from ``new_group``) names the client request it belongs to,
         0 for a request of one sequence."""

@@ -137,7 +137,8 @@ def check_model(fields: Fields, infer: Infer) -> str:
     (as TGI does: huggingface_hub sends "dummy", TGI's documentation "tgi"; each unknown name is logged
     once) and the first served name is reported; with --strict-model-name an unknown name is a 404. A
     loaded LoRA adapter's name is served by that adapter; while the server holds adapters, an unknown name is
-    a 404 too (a mistyped adapter must not run on the base model unnoticed)."""
+    a 404 too, and always with --enable-lora-runtime-updates (a mistyped or unloaded adapter must not run
+    on the base model unnoticed)."""
     names = infer.config.model_names
     adapters = infer.validator.adapters
     model = fields.raw("model")
@@ -147,7 +148,7 @@ def check_model(fields: Fields, infer: Infer) -> str:
         raise ValidationError("`model` must be a string", "model")
     if model in names or model in adapters:
         return model
-    if infer.config.strict_model_name or adapters:
+    if infer.config.strict_model_name or adapters or infer.config.enable_lora_runtime_updates:
         raise ModelNotFoundError(
             f"The model `{model}` does not exist. This server serves: {', '.join((*names, *adapters))}"
         )

@@ -246,6 +246,11 @@ SCHEMAS: dict[str, Schema] = {
             },
         }
     ),
+    "LoadLoraAdapterRequest": _object(
+        {"lora_name": {"type": "string"}, "lora_path": _text("The adapter's local PEFT directory")},
+        ("lora_name", "lora_path"),
+    ),
+    "UnloadLoraAdapterRequest": _object({"lora_name": {"type": "string"}}, ("lora_name",)),
     "TokenizeRequest": _object(
         {
             "model": {"type": "string"},
@@ -393,6 +398,14 @@ def _operation(
     return operation
 
 
+def _lora_update(summary: str, done: str, body: str) -> Schema:
+    """vLLM's runtime LoRA routes (--enable-lora-runtime-updates): a text answer, OpenAI's errors."""
+    ok = {"description": done, "content": {"text/plain": {"schema": {"type": "string"}}}}
+    return _operation(
+        f"{summary} (vLLM's; --enable-lora-runtime-updates)", ok, OPENAI_ERROR, body, not_found=True
+    )
+
+
 def _chat_paths(prefix: str) -> dict[str, Schema]:
     chat = _sse_or_json(ref("ChatCompletion"), "The completion")
     completion = _sse_or_json(ref("Completion"), "The completion")
@@ -438,6 +451,14 @@ PATHS: dict[str, Schema] = {
     **_chat_paths(""),
     "/v1/models": {
         "get": _operation("The served model and its aliases", json_content(ref("ModelList"), "Models"))
+    },
+    "/v1/load_lora_adapter": {
+        "post": _lora_update("Loads a LoRA adapter", "Loaded", "LoadLoraAdapterRequest")
+    },
+    "/v1/unload_lora_adapter": {
+        "post": _lora_update(
+            "Unloads a LoRA adapter no live request uses", "Unloaded", "UnloadLoraAdapterRequest"
+        )
     },
     "/tokenize": {
         "post": _operation(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Collection
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -23,7 +24,7 @@ from .batch import Batch
 from .engine import Engine, admit
 from .faults import Faults
 from .paged.kv_cache import PagedKVCache, Sequence
-from .paged.lora import adapter_salt
+from .paged.lora import AdapterError, adapter_salt
 from .processors import Processors
 from .scheduler import Plan, Scheduler
 from .speculation import Acceptance, NgramIndex, Verified, accept, pays
@@ -246,6 +247,20 @@ class ChunkedEngine(Engine):
 
     def num_waiting(self) -> int:
         return self.scheduler.num_waiting
+
+    def update_lora(self, name: str, path: str, unload: bool) -> tuple[str, ...]:
+        """Loads (``path``: a local PEFT directory) or unloads the adapter ``name`` between steps; returns
+        the adapters loaded after. An adapter a live request uses is not unloaded (``AdapterError``)."""
+        if unload:
+            users = sum(1 for job in self.jobs.values() if job.request.adapter_id == name)
+            if users:
+                raise AdapterError(
+                    f"adapter {name!r} is in use by {users} live request(s); unload it once they end"
+                )
+            self.backend.remove_adapter(name)
+        else:
+            self.backend.add_adapter(name, Path(path))
+        return tuple(self.backend.adapters)
 
     def adapters(self) -> tuple[list[str], list[str]]:
         """The adapters of its requests: running (decoding, or their prompt under way) and waiting."""

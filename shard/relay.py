@@ -24,8 +24,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-PING, STOP, STEP, WARMUP = "Ping", "Stop", "Step", "Warmup"
-METHODS = (PING, STOP, WARMUP, STEP)
+PING, STOP, STEP, WARMUP, LORA = "Ping", "Stop", "Step", "Warmup", "Lora"
+METHODS = (PING, STOP, WARMUP, STEP, LORA)
 HEARTBEAT_S = 3.0
 # How long rank 0 waits for a follower to take a message: a follower busy longer than any step is hung.
 SEND_TIMEOUT_S = 120.0

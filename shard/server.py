@@ -28,13 +28,15 @@ from proto import pb, pb_grpc
 
 from .backends import load_backend
 from .backends.base import BackendInfo
+from .chunked import ChunkedEngine
 from .config import ShardConfig
 from .core import EngineCore, Limits, Output
 from .dist import DistInfo, Parallel, init_parallel, select_device
 from .engines import make_engine, runs_processors
 from .faults import Faults
+from .paged.lora import AdapterError, AdapterNotLoaded
 from .processors import ProcessorContext, load_processors
-from .relay import HEARTBEAT_S, STEP, WARMUP, PeerLostError, Relay
+from .relay import HEARTBEAT_S, LORA, STEP, WARMUP, PeerLostError, Relay
 from .tracing import ShardTracer
 from .types import RequestFailure, RequestSpec, SamplingParams, StepResult
 
@@ -141,6 +143,18 @@ def apply_changes(core: EngineCore, plan: pb.StepPlan) -> list[RequestFailure]:
     refused = core.add([request_from_pb(r) for r in plan.add])
     core.abort(list(plan.abort))
     return refused
+
+
+def update_lora(core: EngineCore, request: pb.LoraUpdateRequest) -> list[str]:
+    """Loads or unloads a LoRA adapter (the paged engine's ``update_lora``); the adapters loaded after."""
+    engine = core.engine
+    if not isinstance(engine, ChunkedEngine):
+        raise LoraUnsupportedError("LoRA adapters need the paged backend")
+    return list(engine.update_lora(request.name, request.path, request.unload))
+
+
+class LoraUnsupportedError(RuntimeError):
+    """A runtime LoRA update on a backend that holds no adapters."""
 
 
 def run_warmup(core: EngineCore, request: pb.WarmupRequest) -> int:
@@ -332,6 +346,29 @@ class ShardService(pb_grpc.TextGenerationServiceServicer):
             await context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
         return pb.WarmupResponse(max_supported_total_tokens=supported)
 
+    async def UpdateLora(
+        self, request: pb.LoraUpdateRequest, context: grpc.aio.ServicerContext
+    ) -> pb.LoraUpdateResponse:
+        """Rank 0 updates first; only an update that succeeded goes to the other ranks (they read the
+        same directory, so they succeed alike)."""
+        model = await self._leader(context)
+
+        def update() -> list[str]:
+            names = update_lora(self.core, request)
+            if model.relay is not None:
+                model.relay.send(LORA, request.SerializeToString())
+            return names
+
+        try:
+            names = await model.call(update)
+        except AdapterNotLoaded as e:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+        except AdapterError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except LoraUnsupportedError as e:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        return pb.LoraUpdateResponse(lora_adapters=names)
+
     async def Generate(
         self, requests: AsyncIterator[pb.GenerateRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.StepOutput]:
@@ -459,7 +496,8 @@ def _lost(error: PeerLostError) -> None:
 
 
 def follow_step(core: EngineCore, method: str, payload: bytes) -> None:
-    """A follower runs one relayed message: the same changes and step as rank 0, or its warm-up."""
+    """A follower runs one relayed message: the same changes and step as rank 0, its warm-up, or a LoRA
+    update that succeeded on rank 0."""
     if method == STEP:
         plan = pb.StepPlan.FromString(payload)
         apply_changes(core, plan)
@@ -467,6 +505,8 @@ def follow_step(core: EngineCore, method: str, payload: bytes) -> None:
             core.step()
     elif method == WARMUP:
         run_warmup(core, pb.WarmupRequest.FromString(payload))
+    elif method == LORA:
+        update_lora(core, pb.LoraUpdateRequest.FromString(payload))
 
 
 def _follow(core: EngineCore, relay: Relay, loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:

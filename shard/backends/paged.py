@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -25,7 +25,7 @@ from ..paged.arch import model_spec
 from ..paged.attention import PrefillChunk, StepMeta, decode_meta
 from ..paged.graphs import DEFAULT_BATCH_SIZES, DecodeGraphs
 from ..paged.kv_cache import PagedKVCache, Sequence
-from ..paged.lora import Adapter, LoraStep, load_adapter
+from ..paged.lora import Adapter, AdapterError, AdapterNotLoaded, LoraStep, load_adapter
 from ..paged.model import PagedModel, Weights, quantize_model, use_cpu_kernels
 from .base import BackendInfo, PrefillOutput
 
@@ -116,6 +116,7 @@ class PagedBackend:
             quantize_model(self.model, quantize)
         if device.type == "cpu" and cpu_kernels:
             use_cpu_kernels(self.model, unquantized=not quantize)
+        self.dtype, self.max_lora_rank = torch_dtype, max_lora_rank
         self.adapters = self._load_adapters(lora_adapters, torch_dtype, max_lora_rank)
         layer = self.model.decoder_layers[0]
         per_token = 2 * spec.num_layers * layer.num_kv_heads * spec.head_dim * torch_dtype.itemsize
@@ -189,6 +190,24 @@ class PagedBackend:
             log.info("LoRA adapter %s: rank %d, %s, %.1f MB", adapter.name, adapter.config.r,
                      ", ".join(sorted(adapter.config.targets)), adapter.nbytes() / 1e6)  # fmt: skip
         return adapters
+
+    def add_adapter(self, name: str, directory: Path) -> None:
+        """Loads one more adapter (runtime updates); ``AdapterError`` for a name taken or bad files (nothing
+        changes then)."""
+        if name in self.adapters:
+            raise AdapterError(f"adapter {name!r} is loaded already")
+        adapter = load_adapter(
+            name, directory, self.spec, self.dtype, self.device, self.parallel, self.max_lora_rank
+        )
+        self.adapters[name] = adapter
+        self.info = replace(self.info, lora_adapters=tuple(self.adapters))
+
+    def remove_adapter(self, name: str) -> None:
+        """Unloads an adapter no live request uses (the caller checks): its weights are freed."""
+        if name not in self.adapters:
+            raise AdapterNotLoaded(f"adapter {name!r} is not loaded")
+        del self.adapters[name]
+        self.info = replace(self.info, lora_adapters=tuple(self.adapters))
 
     # -- steps ------------------------------------------------------------------------------------
     def open(self, prompt: list[int], want_prompt_logits: bool, salt: str = "") -> Sequence:

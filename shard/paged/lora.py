@@ -60,7 +60,12 @@ _REFUSED: dict[str, Any] = {
 
 
 class AdapterError(ConfigError):
-    """An adapter this server cannot load, with what is wrong and where (the shard exits 1 with it)."""
+    """An adapter this server cannot load, with what is wrong and where (the shard exits 1 with it at
+    start; at runtime the load is refused and nothing else changes)."""
+
+
+class AdapterNotLoaded(AdapterError):
+    """An unload of an adapter that is not loaded."""
 
 
 @dataclass(frozen=True)

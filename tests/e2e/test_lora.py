@@ -105,6 +105,10 @@ def test_two_adapters_through_the_launcher(tiny_model_dir: Path, tmp_path: Path)
         # 3 concurrent + 2 OpenAI/TGI pairs: 5 sequences each; the base model's are no adapter's.
         assert 'tgi_lora_requests_total{adapter="sql"} 5.0' in metrics, metrics
         assert 'tgi_lora_requests_total{adapter="fr"} 5.0' in metrics
+        off = requests.post(
+            f"{server.url}/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "/"}, timeout=10
+        )
+        assert off.status_code == 404 and "--enable-lora-runtime-updates" in off.text
         unknown = requests.post(
             f"{server.url}/generate", json={"inputs": "Hi", "parameters": {"adapter_id": "sqll"}}, timeout=10
         )
@@ -136,3 +140,58 @@ def test_a_bad_adapter_stops_the_start_with_its_name(tiny_model_dir: Path, tmp_p
     missing = run_launcher("--model-id", str(tiny_model_dir), "--lora-adapters", "x=/no/such/adapter")
     assert missing.returncode != 0
     assert "adapter 'x': '/no/such/adapter' is not a local directory" in missing.stdout + missing.stderr
+
+
+def test_runtime_load_use_and_unload(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """--enable-lora-runtime-updates: vLLM's load and unload routes, behind the API key; a loaded adapter
+    serves PEFT's tokens at once, an unloaded one is refused by name; bad loads are 400s that change
+    nothing."""
+    sql = save_adapter(tiny_model_dir, tmp_path / "sql", 4, 8, ["q_proj", "up_proj"], False, seed=6)
+    server = Launched(
+        ["--model-id", str(tiny_model_dir), "--enable-lora-runtime-updates"], env={"API_KEY": "secret"}
+    ).start(tmp_path)
+    auth = {"Authorization": "Bearer secret"}
+
+    def post(path: str, body: dict, headers: dict | None = auth) -> requests.Response:
+        return requests.post(f"{server.url}{path}", json=body, headers=headers, timeout=60)
+
+    def tokens(adapter: str) -> requests.Response:
+        body = {"inputs": PROMPT, "parameters": {"max_new_tokens": NEW, "ignore_eos_token": True, "details": True,
+                                                  "decoder_input_details": True, "adapter_id": adapter}}  # fmt: skip
+        return post("/generate", body)
+
+    try:
+        server.wait_healthy(120)
+        assert (
+            post("/v1/load_lora_adapter", {"lora_name": "sql", "lora_path": str(sql)}, None).status_code
+            == 401
+        )
+        assert tokens("sql").status_code == 422  # not loaded yet
+        loaded = post("/v1/load_lora_adapter", {"lora_name": "sql", "lora_path": str(sql)})
+        assert loaded.status_code == 200 and loaded.text == "Success: LoRA adapter 'sql' added successfully."
+        models = requests.get(f"{server.url}/v1/models", headers=auth, timeout=10).json()["data"]
+        assert [m["id"] for m in models][1:] == ["sql"]
+        result = tokens("sql").json()
+        prompt = [t["id"] for t in result["details"]["prefill"]]
+        assert [t["id"] for t in result["details"]["tokens"]] == peft_tokens(tiny_model_dir, sql, prompt)
+
+        again = post("/v1/load_lora_adapter", {"lora_name": "sql", "lora_path": str(sql)})
+        assert again.status_code == 400 and "adapter 'sql' is loaded already" in again.text
+        bad = post("/v1/load_lora_adapter", {"lora_name": "bad", "lora_path": str(tiny_model_dir)})
+        assert bad.status_code == 400 and "adapter_config.json not found" in bad.text, bad.text
+        missing = post("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "/no/such"})
+        assert missing.status_code == 400 and missing.json()["error"]["param"] == "lora_path"
+        assert post("/v1/load_lora_adapter", {"lora_path": str(sql)}).json()["error"]["param"] == "lora_name"
+
+        unloaded = post("/v1/unload_lora_adapter", {"lora_name": "sql"})
+        assert (
+            unloaded.status_code == 200
+            and unloaded.text == "Success: LoRA adapter 'sql' removed successfully."
+        )
+        assert tokens("sql").status_code == 422
+        gone = post("/v1/chat/completions", {"model": "sql", "messages": [{"role": "user", "content": "Hi"}]})
+        assert gone.status_code == 404 and "`sql` does not exist" in gone.text
+        unknown = post("/v1/unload_lora_adapter", {"lora_name": "sql"})
+        assert unknown.status_code == 404 and "adapter 'sql' is not loaded" in unknown.text
+    finally:
+        stop_and_check(server)

@@ -15,7 +15,7 @@ import torch
 from shard.backends.paged import PagedBackend
 from shard.chunked import ChunkedEngine
 from shard.engines import make_engine
-from shard.paged.lora import AdapterError, LoraStep, load_adapter
+from shard.paged.lora import AdapterError, AdapterNotLoaded, LoraStep, load_adapter
 from shard.types import RequestSpec
 from tests.conftest import build_tiny_model
 from tests.e2e.harness import free_port
@@ -287,3 +287,34 @@ def test_the_engine_reports_its_requests_adapters(lora_model) -> None:
     assert engine.adapters() == (["qv", "all"], [])
     engine.clear()
     assert engine.adapters() == ([], [])
+
+
+def test_adapters_load_and_unload_at_runtime(lora_model, expected) -> None:
+    """update_lora (what UpdateLora runs between steps): a new adapter serves at once, with PEFT's tokens;
+    one in use is not unloaded; an unloaded one is refused by name; bad loads change nothing."""
+    base, adapters = lora_model
+    paged = PagedBackend(base, CPU, "float32", kv_cache_bytes=8 * 2**20, block_size=16,
+                         lora_adapters=(f"qv={adapters['qv']}",))  # fmt: skip
+    engine = make_engine(paged, speculate=0)
+    assert isinstance(engine, ChunkedEngine)
+    assert engine.update_lora("mlp", str(adapters["mlp"]), unload=False) == ("qv", "mlp")
+    assert paged.info.lora_adapters == ("qv", "mlp")
+    assert run_engine(engine, {0: [spec(1, "mlp", 2), spec(2, "qv", 2)]}) == {
+        1: expected["mlp", 2],
+        2: expected["qv", 2],
+    }
+    engine.clear()
+    with pytest.raises(AdapterError, match="adapter 'mlp' is loaded already"):
+        engine.update_lora("mlp", str(adapters["mlp"]), unload=False)
+    with pytest.raises(AdapterError, match=r"adapter 'bad': .*adapter_config\.json not found"):
+        engine.update_lora("bad", str(base), unload=False)
+    assert engine.update_lora("all", str(adapters["all"]), unload=False) == ("qv", "mlp", "all")
+    assert engine.add([spec(3, "all", 0)]) == []
+    with pytest.raises(AdapterError, match=r"adapter 'all' is in use by 1 live request\(s\)"):
+        engine.update_lora("all", "", unload=True)
+    engine.remove([3])
+    assert engine.update_lora("all", "", unload=True) == ("qv", "mlp")
+    with pytest.raises(AdapterNotLoaded, match="adapter 'all' is not loaded"):
+        engine.update_lora("all", "", unload=True)
+    failures = engine.add([spec(4, "all", 0)])
+    assert [f.message for f in failures] == ["`adapter_id` 'all' is not loaded on this shard"]
