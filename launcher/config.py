@@ -252,6 +252,12 @@ class LauncherConfig:
         "`model` or TGI `adapter_id`. Paged backend.",
         env="LORA_ADAPTERS",
     )
+    # vLLM's --max-loras: the most adapters on the device at once and in one step (the rest wait on the host).
+    max_loras: int | None = flag(
+        _shard("max_loras"),
+        help="The most LoRA adapters on the device at once and in one step; the others wait on the host and "
+        "are copied in when needed, the least recently used evicted (default: all).",
+    )
     # vLLM's --max-lora-rank: adapters of a higher rank are refused at start, by name.
     max_lora_rank: int | None = flag(
         _shard("max_lora_rank"),
@@ -419,6 +425,8 @@ class LauncherConfig:
                     f"({'--backend transformers' if self.backend == 'transformers' else f'--quantize {self.quantize}'}"
                     " runs without it)"
                 )
+        if self.max_loras is not None and self.max_loras < 1:
+            raise ArgumentError(f"`max_loras` must be >= 1. Given: {self.max_loras}")
         if self.max_lora_rank is not None and self.max_lora_rank < 1:
             raise ArgumentError(f"`max_lora_rank` must be >= 1. Given: {self.max_lora_rank}")
         if self.lora_adapters is not None:

@@ -191,6 +191,7 @@ class Supervisor:
             if c.lora_adapters is None
             else local_adapters(parse_lora_adapters(c.lora_adapters)),
             max_lora_rank=c.max_lora_rank,
+            max_loras=c.max_loras,
             json_output=c.json_output,
             otlp_endpoint=c.otlp_endpoint,
             otlp_service_name=shard_service_name(c.otlp_service_name),

@@ -127,6 +127,11 @@ class Metrics:
             "Draft tokens the model accepted (speculative decoding)",
             registry=r,
         )
+        # --max-loras: adapters copied to the device and evicted from it (least recently used), since start.
+        self.lora_loads, self.lora_evictions = (
+            Gauge(f"tgi_lora_{what}", f"LoRA adapters {done} since start (--max-loras)", registry=r)
+            for what, done in (("loads", "copied to the device"), ("evictions", "evicted from the device"))
+        )
 
         # The gateway's metrics (model-server protocol), after every step. ``token_budget`` is the
         # running batch's token budget (--max-batch-total-tokens, or what warm-up found): the KV cache
@@ -200,6 +205,8 @@ class Metrics:
         self.prefix_cache_hits.set(cache.prefix_hits)
         self.speculative_drafted.set(cache.speculative_drafted)
         self.speculative_accepted.set(cache.speculative_accepted)
+        self.lora_loads.set(cache.lora_loads)
+        self.lora_evictions.set(cache.lora_evictions)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -155,6 +155,10 @@ class Job:
         return 0 if self.seq is None else len(self.seq.blocks)
 
 
+def _adapter_of(job: Job) -> str:
+    return job.request.adapter_id
+
+
 class CachePool:
     """The scheduler's ``Pool`` over the paged KV cache."""
 
@@ -209,7 +213,7 @@ class ChunkedEngine(Engine):
         self.accepted = 0
         self.costs = StepCosts(FREE_TOKENS.get(backend.device.type, 16))
         self.scheduler: Scheduler[Job] = Scheduler(
-            CachePool(backend.cache), backend.cache.allocator.num_blocks
+            CachePool(backend.cache), backend.cache.allocator.num_blocks, backend.max_loras, _adapter_of
         )
         self.jobs: dict[int, Job] = {}
 

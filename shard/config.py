@@ -80,6 +80,10 @@ class ShardConfig:
         (), help="Paged backend: LoRA adapters, name=directory,...", cli_type=str | None,
         parse=parse_lora_adapters,
     )  # fmt: skip
+    # --max-loras: the most adapters on the device at once, and in one step (None: every adapter loaded).
+    max_loras: int | None = flag(
+        None, help="Paged backend: the most LoRA adapters on the device and in a step."
+    )
     # --max-lora-rank: an adapter of a higher rank is refused at load (None: any rank).
     max_lora_rank: int | None = flag(
         None, help="Paged backend: the highest LoRA adapter rank loaded (default: any)."

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import bisect
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
@@ -106,9 +107,19 @@ class Scheduler(Generic[W]):
     preempted rows out of its batch, reserving the blocks the plan counted) and reports the prompts that
     completed (``start``) and the requests that left (``remove``)."""
 
-    def __init__(self, pool: Pool[W], num_blocks: int) -> None:
+    def __init__(
+        self,
+        pool: Pool[W],
+        num_blocks: int,
+        max_adapters: int | None = None,
+        adapter_of: Callable[[W], str] | None = None,
+    ) -> None:
+        """``max_adapters`` (--max-loras): the most distinct LoRA adapters (``adapter_of``; "" = none) the
+        work holding the step may use; waiting work of another adapter waits until one of them is free."""
         self.pool = pool
         self.num_blocks = num_blocks
+        self.max_adapters = max_adapters
+        self.adapter_of = adapter_of
         # Waiting work in priority order; running work by identity.
         self.waiting: list[W] = []
         self.running: dict[int, W] = {}
@@ -161,9 +172,12 @@ class Scheduler(Generic[W]):
         growing = self._growth(plan)
         # Shares whose prompt is being computed: their other members wait for its blocks.
         computing = {w.share for w in self.waiting if w.opened and w.num_computed < w.num_tokens}
+        adapters = self._adapters_in_use()
         for work in list(self.waiting):
             if budget is not None and budget <= 0:
                 break
+            if not self._adapter_fits(work, adapters):
+                continue  # its adapter waits for a free place (work of the adapters in use goes on)
             if work.num_tokens > self.num_blocks * bs:  # more than the whole pool: it never fits
                 self._fail(work, plan)
                 continue
@@ -191,11 +205,27 @@ class Scheduler(Generic[W]):
                     plan.chunks.append((work, take))
                 break
             plan.chunks.append((work, take))
+            if self.adapter_of is not None and self.adapter_of(work):
+                adapters.add(self.adapter_of(work))
             if budget is not None:
                 budget -= take
         if not plan.chunks and not self.running and self.waiting:
             self._unblock(plan)
         return plan
+
+    def _adapters_in_use(self) -> set[str]:
+        """The adapters of the work holding the step's places: running, and prompts part-way through."""
+        if self.adapter_of is None or self.max_adapters is None:
+            return set()
+        holders = [*self.running.values(), *(w for w in self.waiting if w.opened)]
+        return {a for a in map(self.adapter_of, holders) if a}
+
+    def _adapter_fits(self, work: W, adapters: set[str]) -> bool:
+        """Whether ``work`` may run now under ``max_adapters`` (its adapter is in use, or a place is free)."""
+        if self.adapter_of is None or self.max_adapters is None:
+            return True
+        adapter = self.adapter_of(work)
+        return not adapter or adapter in adapters or len(adapters) < self.max_adapters
 
     def _planned_blocks(self, plan: Plan[W]) -> int:
         bs = self.pool.block_size

@@ -25,7 +25,7 @@ from ..paged.arch import model_spec
 from ..paged.attention import PrefillChunk, StepMeta, decode_meta
 from ..paged.graphs import DEFAULT_BATCH_SIZES, DecodeGraphs
 from ..paged.kv_cache import PagedKVCache, Sequence
-from ..paged.lora import Adapter, AdapterError, AdapterNotLoaded, LoraStep, load_adapter
+from ..paged.lora import Adapter, AdapterError, AdapterNotLoaded, LoraStep, Resident, load_adapter
 from ..paged.model import PagedModel, Weights, quantize_model, use_cpu_kernels
 from .base import BackendInfo, PrefillOutput
 
@@ -92,6 +92,7 @@ class PagedBackend:
         memory_fraction: float = 1.0,
         lora_adapters: tuple[str, ...] = (),
         max_lora_rank: int | None = None,
+        max_loras: int | None = None,
     ) -> None:
         """``cuda_graphs``: batch sizes whose decode steps run as CUDA graphs on a GPU with one rank
         (shard/paged/graphs.py); None for the default ladder, () for none.
@@ -117,6 +118,9 @@ class PagedBackend:
         if device.type == "cpu" and cpu_kernels:
             use_cpu_kernels(self.model, unquantized=not quantize)
         self.dtype, self.max_lora_rank = torch_dtype, max_lora_rank
+        # --max-loras: every adapter's weights on the host, at most max_loras of them on the device at once.
+        self.max_loras = max_loras
+        self.resident = None if max_loras is None else Resident(max_loras, device)
         self.adapters = self._load_adapters(lora_adapters, torch_dtype, max_lora_rank)
         layer = self.model.decoder_layers[0]
         per_token = 2 * spec.num_layers * layer.num_kv_heads * spec.head_dim * torch_dtype.itemsize
@@ -182,7 +186,7 @@ class PagedBackend:
         (``load_adapter``)."""
         adapters = {
             s.name: load_adapter(
-                s.name, Path(s.source), self.spec, dtype, self.device, self.parallel, max_rank
+                s.name, Path(s.source), self.spec, dtype, self.adapter_home, self.parallel, max_rank
             )
             for s in adapter_sources(entries)
         }
@@ -191,13 +195,19 @@ class PagedBackend:
                      ", ".join(sorted(adapter.config.targets)), adapter.nbytes() / 1e6)  # fmt: skip
         return adapters
 
+    @property
+    def adapter_home(self) -> torch.device:
+        """Where adapters are loaded: the host under --max-loras (copied to the device when a step needs
+        them), else the device."""
+        return torch.device("cpu") if self.resident is not None else self.device
+
     def add_adapter(self, name: str, directory: Path) -> None:
         """Loads one more adapter (runtime updates); ``AdapterError`` for a name taken or bad files (nothing
         changes then)."""
         if name in self.adapters:
             raise AdapterError(f"adapter {name!r} is loaded already")
         adapter = load_adapter(
-            name, directory, self.spec, self.dtype, self.device, self.parallel, self.max_lora_rank
+            name, directory, self.spec, self.dtype, self.adapter_home, self.parallel, self.max_lora_rank
         )
         self.adapters[name] = adapter
         self.info = replace(self.info, lora_adapters=tuple(self.adapters))
@@ -207,6 +217,8 @@ class PagedBackend:
         if name not in self.adapters:
             raise AdapterNotLoaded(f"adapter {name!r} is not loaded")
         del self.adapters[name]
+        if self.resident is not None:
+            self.resident.drop(name)
         self.info = replace(self.info, lora_adapters=tuple(self.adapters))
 
     # -- steps ------------------------------------------------------------------------------------
@@ -312,8 +324,11 @@ class PagedBackend:
             row += chunk.length
         meta.write_slots = torch.cat(parts_write)
         if self.adapters:
-            runs = [(self.adapters.get(s.adapter), 1) for s in seqs]
-            runs += [(self.adapters.get(c.seq.adapter), c.length) for c in chunks]
+            used = dict.fromkeys([*(s.adapter for s in seqs), *(c.seq.adapter for c in chunks)])
+            step = [self.adapters[name] for name in used if name]
+            live = {a.name: a for a in step} if self.resident is None else self.resident.use(step)
+            runs = [(live.get(s.adapter), 1) for s in seqs]
+            runs += [(live.get(c.seq.adapter), c.length) for c in chunks]
             meta.lora = LoraStep.of(runs, dev)
         logits = self.model(
             torch.cat(parts_ids),
@@ -370,6 +385,8 @@ class PagedBackend:
             "tokens_used": self.cache.tokens_in_use(),
             "prefix_queries": a.queries,
             "prefix_hits": a.hits,
+            "lora_loads": 0 if self.resident is None else self.resident.loads,
+            "lora_evictions": 0 if self.resident is None else self.resident.evictions,
         }
 
 
@@ -381,4 +398,5 @@ def load(config: ShardConfig, device: torch.device, parallel: Parallel) -> Paged
         cuda_graphs=() if config.disable_custom_kernels else config.cuda_graphs,
         kv_cache_tokens=config.max_batch_total_tokens, memory_fraction=config.cuda_memory_fraction,
         lora_adapters=config.lora_adapters, max_lora_rank=config.max_lora_rank,
+        max_loras=config.max_loras,
     )  # fmt: skip

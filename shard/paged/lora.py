@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,17 @@ class Adapter:
     name: str
     config: LoraConfig
     layers: list[dict[str, LowRank]] = field(default_factory=list)
+
+    def to(self, device: torch.device) -> Adapter:
+        """A copy on ``device`` (the same tensors where they are there already)."""
+        layers = [
+            {
+                k: LowRank(p.a.to(device, non_blocking=True), p.b.to(device, non_blocking=True), p.reduce)
+                for k, p in layer.items()
+            }
+            for layer in self.layers
+        ]
+        return Adapter(self.name, self.config, layers)
 
     def nbytes(self) -> int:
         return sum(
@@ -260,6 +272,45 @@ def load_adapter(
             layer[fused] = LowRank(a.to(dtype=dtype, device=device), b.to(dtype=dtype, device=device), reduce)
         adapter.layers.append(layer)
     return adapter
+
+
+class Resident:
+    """--max-loras: at most ``capacity`` adapters' weights on the device, the least recently used evicted
+    (their weights stay on the host, where every adapter is loaded); loads and evictions are counted. The
+    scheduler (``Scheduler.max_adapters``) never plans a step with more adapters than fit."""
+
+    def __init__(self, capacity: int, device: torch.device) -> None:
+        self.capacity = capacity
+        self.device = device
+        self.on_device: OrderedDict[str, Adapter] = OrderedDict()
+        self.loads = 0
+        self.evictions = 0
+
+    def use(self, adapters: list[Adapter]) -> dict[str, Adapter]:
+        """The device copies of one step's adapters, by name: resident ones are reused (and become the
+        most recently used), others are copied in, evicting the least recently used that this step does
+        not need."""
+        if len(adapters) > self.capacity:
+            raise ValueError(f"a step uses {len(adapters)} adapters, more than --max-loras {self.capacity}")
+        names = {a.name for a in adapters}
+        out = {}
+        for adapter in adapters:
+            resident = self.on_device.get(adapter.name)
+            if resident is None:
+                while len(self.on_device) >= self.capacity:
+                    victim = next(name for name in self.on_device if name not in names)
+                    del self.on_device[victim]
+                    self.evictions += 1
+                resident = adapter.to(self.device)
+                self.on_device[adapter.name] = resident
+                self.loads += 1
+            self.on_device.move_to_end(adapter.name)
+            out[adapter.name] = resident
+        return out
+
+    def drop(self, name: str) -> None:
+        """An unloaded adapter leaves the device."""
+        self.on_device.pop(name, None)
 
 
 def adapter_salt(cache_salt: str, adapter: str) -> str:

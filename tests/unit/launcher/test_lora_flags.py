@@ -72,6 +72,13 @@ def test_max_lora_rank_reaches_the_shards() -> None:
         LauncherConfig(max_lora_rank=0).validate()
 
 
+def test_max_loras_reaches_the_shards() -> None:
+    assert Supervisor(parse("--max-loras", "4"), MODEL).shard_config(0).max_loras == 4
+    assert Supervisor(LauncherConfig(), MODEL).shard_config(0).max_loras is None
+    with pytest.raises(ArgumentError, match=r"`max_loras` must be >= 1\. Given: 0"):
+        LauncherConfig(max_loras=0).validate()
+
+
 def test_the_shard_flag_parses_the_same_entries() -> None:
     assert parse_lora_adapters("a=/x, b=/y") == ("a=/x", "b=/y")
     assert parse_lora_adapters(("a=/x",)) == ("a=/x",)

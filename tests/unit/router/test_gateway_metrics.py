@@ -77,6 +77,12 @@ def test_lora_requests_info_names_the_running_and_waiting_adapters() -> None:
     (labels, _), *rest = samples(metrics)["vllm:lora_requests_info"]
     assert not rest
     assert labels == {"running_lora_adapters": "sql,fr", "waiting_lora_adapters": "de", "max_lora": "3"}
+    out = pb.StepOutput()
+    out.cache.CopyFrom(pb.CacheStats(lora_loads=7, lora_evictions=5))
+    metrics.observe_cache(out.cache)
+    assert samples(metrics)["tgi_lora_loads"] == [({}, 7.0)] and samples(metrics)["tgi_lora_evictions"] == [
+        ({}, 5.0)
+    ]
     metrics.lora_requests.labels("sql").inc()
     assert samples(metrics)["tgi_lora_requests_total"] == [({"adapter": "sql"}, 1.0)]
     metrics.observe_gateway(pb.StepOutput(running=1, running_adapters=["fr"]))

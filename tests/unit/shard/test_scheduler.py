@@ -212,3 +212,27 @@ def test_a_blocked_head_takes_the_blocks_of_later_part_way_prompts() -> None:
     plan = s.schedule(None)
     assert plan.chunks == [(head, 12)]
     assert not other.opened and pool.free == 4
+
+
+def test_max_adapters_keeps_a_steps_lora_adapters_within_the_limit() -> None:
+    """--max-loras: waiting work of a third adapter waits while two others hold the running batch; work
+    of the adapters in use and of the base model goes on past it; it starts once an adapter is free."""
+    adapters = {"a": "x", "b": "y", "c": "z", "d": "x", "e": ""}
+    pool = FakePool(64)
+    s: Scheduler[FakeWork] = Scheduler(pool, 64, max_adapters=2, adapter_of=lambda w: adapters[w.name])
+    a, b, c, d, e = (add(s, name, 4, group=i) for i, name in enumerate("abcde"))
+    plan = s.schedule(None)
+    assert [w.name for w, _ in plan.chunks] == ["a", "b", "d", "e"]
+    run(s, plan)
+    assert s.waiting == [c]
+    assert s.schedule(None).chunks == []  # x and y still run
+    for work in (a, d):  # adapter x's requests leave
+        s.remove(work)
+    plan = s.schedule(None)
+    assert [w.name for w, _ in plan.chunks] == ["c"]
+    # Without a limit every adapter runs at once.
+    free: Scheduler[FakeWork] = Scheduler(FakePool(64), 64, adapter_of=lambda w: adapters[w.name])
+    for i, name in enumerate("abcde"):
+        add(free, name, 4, group=i)
+    assert len(free.schedule(None).chunks) == 5
+    del b, e

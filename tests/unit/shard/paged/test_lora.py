@@ -318,3 +318,28 @@ def test_adapters_load_and_unload_at_runtime(lora_model, expected) -> None:
         engine.update_lora("all", "", unload=True)
     failures = engine.add([spec(4, "all", 0)])
     assert [f.message for f in failures] == ["`adapter_id` 'all' is not loaded on this shard"]
+
+
+@pytest.mark.parametrize("speculate", [0, 4])
+def test_max_loras_one_serves_every_adapter_in_turn(lora_model, expected, speculate: int) -> None:
+    """--max-loras 1: three adapters and the base model, all at once; no step holds two adapters, each
+    adapter is copied in when its turn comes (the least recently used evicted), and every request still
+    gets PEFT's tokens."""
+    base, adapters = lora_model
+    entries = tuple(f"{name}={path}" for name, path in adapters.items())
+    paged = PagedBackend(base, CPU, "float32", kv_cache_bytes=8 * 2**20, block_size=16,
+                         lora_adapters=entries, max_loras=1)  # fmt: skip
+    assert all(
+        p.a.device.type == "cpu"
+        for a in paged.adapters.values()
+        for layer in a.layers
+        for p in layer.values()
+    )
+    out = mixed_run(paged, speculate)
+    want = {k * 10 + i: expected[name, i] for k, name in enumerate(NAMES) for i in range(len(PROMPTS))}
+    assert out == want
+    stats = paged.stats()
+    assert stats["lora_loads"] >= 3 and stats["lora_evictions"] == stats["lora_loads"] - 1
+    assert paged.resident is not None and len(paged.resident.on_device) == 1
+    with pytest.raises(ValueError, match="a step uses 2 adapters, more than --max-loras 1"):
+        paged.resident.use([paged.adapters["qv"], paged.adapters["all"]])
