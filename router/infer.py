@@ -86,7 +86,10 @@ class Infer:
             [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         )
         self.metrics = Metrics(
-            config.max_input_length, config.max_total_tokens, config.model_names[0], len(info.lora_adapters)
+            config.max_input_length,
+            config.max_total_tokens,
+            config.model_names[0],
+            info.max_loras or len(info.lora_adapters),
         )
         self.validator = Validator(
             config, tokenizer, info.unsupported_parameters, info.backend, info.processors, info.lora_adapters
@@ -187,7 +190,7 @@ class Infer:
         """The LoRA adapters the shards hold after a runtime update: requests, /v1/models and the
         gateway's max_lora follow them."""
         self.validator.adapters = tuple(names)
-        self.metrics.max_lora = len(names)
+        self.metrics.max_lora = self.info.max_loras or len(names)
 
     def submit(self, request: ValidRequest, group: int = 0) -> Entry:
         """Queues one sequence; ``group`` (from ``new_group``) names the client request it belongs to,

@@ -29,7 +29,8 @@ class Metrics:
     def __init__(
         self, max_input_length: int, max_total_tokens: int, model_name: str, max_lora: int = 0
     ) -> None:
-        """``max_lora``: the LoRA adapters the shards hold (all resident: as many as can be loaded)."""
+        """``max_lora``: the most LoRA adapters the shards hold on the device at once (--max-loras, else
+        every adapter loaded)."""
         r = self.registry = CollectorRegistry()
         self.request_count = Counter("tgi_request_count", "Requests received", registry=r)
         self.request_success = Counter("tgi_request_success", "Requests that succeeded", registry=r)

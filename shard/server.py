@@ -134,6 +134,7 @@ def info_to_pb(info: BackendInfo, world_size: int, processors: list[str]) -> pb.
         unsupported_parameters=list(info.unsupported_parameters),
         processors=processors,
         lora_adapters=list(info.lora_adapters),
+        max_loras=info.max_loras,
     )
 
 

@@ -27,6 +27,8 @@ class BackendInfo:
     unsupported_parameters: tuple[str, ...] = ()
     # The LoRA adapters requests may name (``RequestSpec.adapter_id``), in the order given.
     lora_adapters: tuple[str, ...] = ()
+    # --max-loras: the most adapters on the device at once (0: all of them).
+    max_loras: int = 0
 
 
 @dataclass

@@ -169,6 +169,7 @@ class PagedBackend:
             vocab_size=spec.vocab_size,
             max_position_embeddings=spec.max_position_embeddings,
             lora_adapters=tuple(self.adapters),
+            max_loras=max_loras or 0,
         )
         log.info(
             "Paged KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB)",

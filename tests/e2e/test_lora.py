@@ -195,3 +195,48 @@ def test_runtime_load_use_and_unload(tiny_model_dir: Path, tmp_path: Path) -> No
         assert unknown.status_code == 404 and "adapter 'sql' is not loaded" in unknown.text
     finally:
         stop_and_check(server)
+
+
+def metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(f"{name} "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def test_eight_adapters_with_max_loras_two_under_concurrent_load(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """The issue's soak, scaled to a test: 8 adapters, --max-loras 2, 48 concurrent requests spread over
+    them and the base model; every request completes with the tokens it gets alone, loads and evictions
+    are counted, and the shard's memory after a second round is what it was after the first."""
+    names = [f"a{i}" for i in range(8)]
+    dirs = {
+        name: save_adapter(tiny_model_dir, tmp_path / name, 2 + i % 3, 8, ["q_proj", "v_proj", "up_proj"], False,
+                           seed=20 + i)
+        for i, name in enumerate(names)
+    }  # fmt: skip
+    adapters = ",".join(f"{name}={path}" for name, path in dirs.items())
+    server = Launched(
+        ["--model-id", str(tiny_model_dir), "--lora-adapters", adapters, "--max-loras", "2"]
+    ).start(tmp_path)
+    try:
+        server.wait_healthy(120)
+        alone = {name: generate(server, name)["generated_text"] for name in [*names, None]}
+        load = [*names, None] * 5 + names[:3]
+        for round_ in range(2):
+            with ThreadPoolExecutor(16) as pool:
+                results = list(pool.map(lambda name: generate(server, name), load))
+            for name, result in zip(load, results, strict=True):
+                assert result["generated_text"] == alone[name], (round_, name)
+            shard = next(p for p in server.children() if p.cmdline()[1:3] == ["-m", "shard"])
+            rss = shard.memory_info().rss
+            if round_ == 0:
+                first = rss
+        assert rss < first * 1.1, (first, rss)  # flat: evicted adapters leave nothing behind
+        text = requests.get(f"{server.url}/metrics", timeout=10).text
+        loads, evictions = metric(text, "tgi_lora_loads"), metric(text, "tgi_lora_evictions")
+        assert loads >= 8 and evictions == loads - 2, (loads, evictions)
+        assert 'max_lora="2"' in text
+    finally:
+        stop_and_check(server)
