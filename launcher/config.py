@@ -241,7 +241,7 @@ class LauncherConfig:
     # TGI's --speculate: most draft tokens per sequence and step (n-gram lookup); paged backend only.
     speculate: int | None = flag(
         _shard("speculate"),
-        help="Most draft tokens per sequence and step, looked up in the text so far (0: none; default: 4 "
+        help="Most draft tokens per sequence and step, looked up in the text so far (0: none; default: 8 "
         "where drafting pays). Paged backend.",
     )
     # TGI's --lora-adapters / LORA_ADAPTERS: PEFT LoRA adapters loaded at start, name=directory,... (a bare

@@ -39,7 +39,7 @@ MAX_BUDGET_SCALE = 8
 # Prompt tokens of a step that decodes nothing (TGI's --max-batch-prefill-tokens default).
 PREFILL_TOKENS = 4096
 # Most draft tokens a running sequence feeds in one step (--speculate; 0: no speculation).
-SPECULATE = 4
+SPECULATE = 8
 
 
 class StepCosts:
