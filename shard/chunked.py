@@ -268,6 +268,8 @@ class ChunkedEngine(Engine):
 
     def adapters(self) -> tuple[list[str], list[str]]:
         """The adapters of its requests: running (decoding, or their prompt under way) and waiting."""
+        if not self.backend.adapters:  # nothing to look for (and no loop over the requests every step)
+            return [], []
         running: dict[str, None] = {}
         waiting: dict[str, None] = {}
         for job in self.jobs.values():

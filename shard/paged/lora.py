@@ -57,6 +57,8 @@ _REFUSED: dict[str, Any] = {
     "trainable_token_indices": None,
     "target_parameters": None,
     "use_qalora": False,
+    "layer_replication": None,
+    "alora_invocation_tokens": None,
 }
 
 

@@ -235,6 +235,7 @@ def rewrite_config(src: Path, dst: Path, **changes: object) -> Path:
         ({"r": 0}, "`r` must be a positive integer"),
         ({"peft_type": "IA3"}, "`peft_type` 'IA3' is not supported"),
         ({"rank_pattern": {"q_proj": 2}}, "`rank_pattern`"),
+        ({"layer_replication": [[0, 2], [1, 2]]}, "`layer_replication` = [[0, 2], [1, 2]] is not supported"),
     ],
 )
 def test_bad_configs_are_refused_by_name(lora_model, tmp_path: Path, changes: dict, message: str) -> None:
@@ -343,3 +344,14 @@ def test_max_loras_one_serves_every_adapter_in_turn(lora_model, expected, specul
     assert paged.resident is not None and len(paged.resident.on_device) == 1
     with pytest.raises(ValueError, match="a step uses 2 adapters, more than --max-loras 1"):
         paged.resident.use([paged.adapters["qv"], paged.adapters["all"]])
+
+
+def test_a_backend_without_adapters_refuses_lora_adapters(lora_model) -> None:
+    """--lora-adapters with a backend that cannot run them stops the start by name (never ignored)."""
+    from shard.backends import load_backend
+    from shard.config import ConfigError, ShardConfig
+
+    base, adapters = lora_model
+    config = ShardConfig(model_path=base, backend="transformers", lora_adapters=(f"qv={adapters['qv']}",))
+    with pytest.raises(ConfigError, match="`--lora-adapters` needs the paged backend \\(transformers runs"):
+        load_backend(config, CPU)
