@@ -242,7 +242,7 @@ class LauncherConfig:
     speculate: int | None = flag(
         _shard("speculate"),
         help="Most draft tokens per sequence and step, looked up in the text so far (0: none; default: 8 "
-        "where drafting pays). Paged backend.",
+        "where drafting pays; 0 with int8/int4). Paged backend.",
     )
     # TGI's --lora-adapters / LORA_ADAPTERS: PEFT LoRA adapters loaded at start, name=directory,... (a bare
     # directory is named after itself); paged backend (shard/paged/lora.py).

@@ -69,7 +69,7 @@ class ShardConfig:
     # None: the paged engine's default where drafting pays, 0: none. Other backends refuse a number.
     speculate: int | None = flag(
         None,
-        help="Paged backend: most draft tokens per sequence and step (0: none; default: 8 where it pays).",
+        help="Paged backend: most draft tokens per sequence and step (0: none; default: 8 where it pays, 0 with int8/int4).",
     )
     # --cuda-memory-fraction: the share of each CUDA device this process may use.
     cuda_memory_fraction: float = flag(1.0, help="Share of each CUDA device this process may use.")

@@ -28,7 +28,7 @@ def make_engine(
     scheduled chunked-prefill engine for the paged backend (prompt chunks mixed into decode steps); else
     the plain one (whole prompts). ``prefill_tokens``: prompt tokens of a step that decodes nothing
     (--max-batch-prefill-tokens); ``speculate``: most draft tokens per sequence and step (--speculate,
-    paged backend; None: its default where drafting pays). A number of draft tokens for another engine is
+    paged backend; None: its default where drafting pays, none on int8/int4 weights). A number of draft tokens for another engine is
     refused (``ConfigError``)."""
     if speculate and not isinstance(backend, PagedBackend):
         raise ConfigError(
@@ -38,11 +38,16 @@ def make_engine(
     if isinstance(backend, EngineBackend):
         return backend.make_engine(faults)
     if isinstance(backend, PagedBackend):
+        if speculate is None:
+            # int8 / int4 round activations to int8, which can turn the last-bit difference between a
+            # drafted step's arithmetic and a plain one's into another token; and whether a step drafts
+            # depends on measured timings. Without drafts a seeded request repeats itself exactly.
+            speculate = 0 if backend.quantize else SPECULATE
         return ChunkedEngine(
             backend,
             faults,
             processors,
             PREFILL_TOKENS if prefill_tokens is None else prefill_tokens,
-            SPECULATE if speculate is None else speculate,
+            speculate,
         )
     return Engine(backend, faults, processors)

@@ -113,6 +113,8 @@ class PagedBackend:
         self.spec = spec = model_spec(config)
         self.model = PagedModel(config, spec, Weights(path, torch_dtype, device), self.parallel,
                                 spec.max_position_embeddings)  # fmt: skip
+        # int8 / int4 weights (their products round activations to int8), or None.
+        self.quantize = quantize
         if quantize:
             quantize_model(self.model, quantize)
         if device.type == "cpu" and cpu_kernels:

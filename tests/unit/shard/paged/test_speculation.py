@@ -124,3 +124,15 @@ def test_a_number_of_draft_tokens_is_refused_by_an_engine_that_cannot_draft(tiny
         make_engine(backend, speculate=3)
     make_engine(backend, speculate=0)
     make_engine(backend)
+
+
+def test_int8_and_int4_weights_do_not_draft_unless_asked(tiny_model_dir: Path) -> None:
+    """Their int8 activation rounding could turn a drafted step's last-bit differences into other tokens,
+    and whether a step drafts depends on timings: by default they do not draft, so seeds repeat."""
+    backend = PagedBackend(
+        tiny_model_dir, torch.device(CPU), kv_cache_bytes=2**20, block_size=16, quantize="int8"
+    )
+    assert isinstance(quiet := make_engine(backend), ChunkedEngine) and quiet.speculate == 0
+    assert isinstance(asked := make_engine(backend, speculate=3), ChunkedEngine) and asked.speculate == 3
+    plain = PagedBackend(tiny_model_dir, torch.device(CPU), kv_cache_bytes=2**20, block_size=16)
+    assert isinstance(default := make_engine(plain), ChunkedEngine) and default.speculate == 8
