@@ -22,7 +22,7 @@ shard_bench() {  # label, extra shard flags...
   local label=$1
   shift
   rm -f "$SOCK-0"
-  $PY -m shard serve "$MODEL" --uds-path "$SOCK" --dtype bfloat16 "$@" &
+  $PY -m shard serve "$MODEL" --uds-path "$SOCK" --dtype bfloat16 --speculate 0 "$@" &
   local pid=$!
   trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null' EXIT
   for _ in $(seq 600); do [ -S "$SOCK-0" ] && break; kill -0 $pid || exit 1; sleep 0.5; done
