@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -143,3 +144,11 @@ class Launched:
     def stale_sockets(self) -> list[str]:
         parent = Path(self.uds).parent
         return [str(p) for p in parent.glob(Path(self.uds).name + "-*")]
+
+
+def metric(server: Launched, name: str) -> float:
+    """The value of one unlabelled (or fully labelled) sample in the server's /metrics; it must be there."""
+    text = requests.get(f"{server.url}/metrics", timeout=10).text
+    match = re.search(rf"^{name}(?:\{{[^}}]*\}})? (\S+)$", text, re.MULTILINE)
+    assert match, f"{name} not in /metrics"
+    return float(match.group(1))

@@ -14,7 +14,7 @@ import requests
 from tests.unit.shard.paged.test_architectures import CONFIGS, build, reference
 
 from .conftest import stop_and_check
-from .harness import Launched
+from .harness import Launched, metric
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -45,13 +45,6 @@ def generate(server: Launched, inputs: str, prompt_ids: bool = True) -> tuple[li
     return [t["id"] for t in details.get("prefill", [])], [t["id"] for t in details["tokens"]]
 
 
-def prefix_hits(server: Launched) -> float:
-    for line in requests.get(f"{server.url}/metrics", timeout=10).text.splitlines():
-        if line.startswith("tgi_prefix_cache_hits "):
-            return float(line.split()[1])
-    raise AssertionError("tgi_prefix_cache_hits not in /metrics")
-
-
 def serve_and_compare(model: Path, backend: str, log_dir: Path) -> Launched:
     """Starts the launcher on ``model``, sends the short and the long prompt side by side, then the long
     one again, and checks each answer against transformers' greedy tokens; returns the stopped server."""
@@ -60,7 +53,7 @@ def serve_and_compare(model: Path, backend: str, log_dir: Path) -> Launched:
         server.wait_healthy(240)
         with ThreadPoolExecutor(2) as pool:
             answers = list(pool.map(lambda text: generate(server, text), [SHORT, LONG]))
-        hits = prefix_hits(server) if backend == "paged" else 0.0
+        hits = metric(server, "tgi_prefix_cache_hits") if backend == "paged" else 0.0
         _, again = generate(server, LONG, prompt_ids=False)
         answers.append((answers[1][0], again))
         expected = reference(model, [prompt for prompt, _ in answers], NEW_TOKENS)
@@ -68,7 +61,7 @@ def serve_and_compare(model: Path, backend: str, log_dir: Path) -> Launched:
         info = requests.get(f"{server.url}/info", timeout=10).json()
         assert info["model_backend"] == ("transformers" if backend == "auto" else backend)
         if backend == "paged":
-            assert prefix_hits(server) - hits >= 2  # the long prompt, sent again
+            assert metric(server, "tgi_prefix_cache_hits") - hits >= 2  # the long prompt, sent again
     finally:
         stop_and_check(server)
     return server

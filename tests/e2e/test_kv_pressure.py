@@ -12,7 +12,7 @@ import pytest
 import requests
 
 from .conftest import stop_and_check
-from .harness import Launched
+from .harness import Launched, metric
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -37,13 +37,6 @@ def small_pool(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
         yield server
     finally:
         stop_and_check(server)
-
-
-def metric(server: Launched, name: str) -> float:
-    text = requests.get(f"{server.url}/metrics", timeout=10).text
-    match = re.search(rf"^{name}(?:\{{[^}}]*\}})? (\S+)$", text, re.MULTILINE)
-    assert match, f"{name} not in /metrics"
-    return float(match.group(1))
 
 
 def prompts() -> list[str]:
