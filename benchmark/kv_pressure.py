@@ -31,7 +31,9 @@ async def _user(session: aiohttp.ClientSession, url: str, i: int, tokens: int, o
         out.append((response.status, first))
 
 
-async def run(url: str, n: int, max_tokens: int, wave: int, every: float, user_tokens: int) -> dict:
+async def run(
+    url: str, n: int, max_tokens: int, wave: int, every: float, user_tokens: int, users_for: float | None
+) -> dict:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3600)) as session:
         idle: list = []
         await _user(session, url, -1, user_tokens, idle)
@@ -41,12 +43,13 @@ async def run(url: str, n: int, max_tokens: int, wave: int, every: float, user_t
         users: list = []
         tasks = []
         i = 0
-        while not big.done():
+        while not big.done() and (users_for is None or time.monotonic() - started < users_for):
             tasks += [
                 asyncio.ensure_future(_user(session, url, i + k, user_tokens, users)) for k in range(wave)
             ]
             i += wave
             await asyncio.sleep(every)
+        users_s = time.monotonic() - started
         response = await big
         answer = await response.json()
         seconds = time.monotonic() - started
@@ -60,6 +63,9 @@ async def run(url: str, n: int, max_tokens: int, wave: int, every: float, user_t
         "big_s": round(seconds, 1),
         "big_choices": len(choices),
         "big_finish_reasons": sorted({c["finish_reason"] for c in choices}),
+        "big_completion_tokens": answer.get("usage", {}).get("completion_tokens") if response.status == 200 else None,
+        "big_tokens_expected": n * max_tokens,
+        "users_for_s": round(users_s, 1),
         "users": len(users),
         "user_statuses": sorted({status for status, _ in users}),
         "user_ttft_p50_s": round(statistics.median(ttft), 3) if ttft else None,
@@ -80,8 +86,15 @@ def main() -> None:
     parser.add_argument("--wave", type=int, default=8, help="users per wave")
     parser.add_argument("--every", type=float, default=2.0, help="seconds between waves")
     parser.add_argument("--user-tokens", type=int, default=32)
+    parser.add_argument(
+        "--users-for",
+        type=float,
+        default=None,
+        help="stop sending waves after this many seconds (default: until the big request ends)",
+    )
     a = parser.parse_args()
-    print(json.dumps(asyncio.run(run(a.url, a.n, a.max_tokens, a.wave, a.every, a.user_tokens)), indent=1))
+    result = run(a.url, a.n, a.max_tokens, a.wave, a.every, a.user_tokens, a.users_for)
+    print(json.dumps(asyncio.run(result), indent=1))
 
 
 if __name__ == "__main__":
