@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .backends.base import PrefillOutput
-from .backends.paged import Chunk, PagedBackend, PagedState
+from .backends.paged import Chunk, PagedBackend, PagedState, open_sequence
 from .batch import Batch
 from .engine import Engine, admit
 from .faults import Faults
@@ -162,8 +162,9 @@ def _adapter_of(job: Job) -> str:
 class CachePool:
     """The scheduler's ``Pool`` over the paged KV cache."""
 
-    def __init__(self, cache: PagedKVCache) -> None:
+    def __init__(self, cache: PagedKVCache, long_rope_from: int | None = None) -> None:
         self.cache = cache
+        self.long_rope_from = long_rope_from  # LongRoPE's switch (``open_sequence``), or None
         self.block_size = cache.block_size
 
     def num_free(self) -> int:
@@ -172,9 +173,8 @@ class CachePool:
     def open(self, job: Job) -> None:
         # A preempted request needs no prompt logits: they were sent already.
         r = job.request
-        job.seq = self.cache.open(
-            job.tokens, use_prefix_cache=not job.want_logits, salt=adapter_salt(r.cache_salt, r.adapter_id)
-        )
+        salt = adapter_salt(r.cache_salt, r.adapter_id)
+        job.seq = open_sequence(self.cache, job.tokens, not job.want_logits, salt, self.long_rope_from)
         job.seq.adapter = r.adapter_id
 
     def release(self, job: Job) -> None:
@@ -213,7 +213,10 @@ class ChunkedEngine(Engine):
         self.accepted = 0
         self.costs = StepCosts(FREE_TOKENS.get(backend.device.type, 16))
         self.scheduler: Scheduler[Job] = Scheduler(
-            CachePool(backend.cache), backend.cache.allocator.num_blocks, backend.max_loras, _adapter_of
+            CachePool(backend.cache, backend.long_rope_from),
+            backend.cache.allocator.num_blocks,
+            backend.max_loras,
+            _adapter_of,
         )
         self.jobs: dict[int, Job] = {}
 
@@ -377,7 +380,7 @@ class ChunkedEngine(Engine):
             job = self._job(request)
             # Every emitted token counts against max_new_tokens; the last one is the model's own.
             left = request.max_new_tokens - (lengths[row] - prompts[row]) - 1
-            k = min(self.speculate, room, left)
+            k = min(self.speculate, room, left, self.backend.draft_room(seqs[row]))
             draft: list[int] = []
             if not pays(job.acceptance.rate, rows, step_tokens):
                 job.acceptance.rest()

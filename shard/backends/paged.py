@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -25,6 +25,7 @@ from ..paged.arch import model_spec
 from ..paged.attention import PrefillChunk, StepMeta, decode_meta
 from ..paged.graphs import DEFAULT_BATCH_SIZES, DecodeGraphs
 from ..paged.kv_cache import PagedKVCache, Sequence
+from ..paged.layers import LONG_ROPE_SALT, rotates_long
 from ..paged.lora import Adapter, AdapterError, AdapterNotLoaded, LoraStep, Resident, load_adapter
 from ..paged.model import PagedModel, Weights, quantize_model, use_cpu_kernels
 from .base import BackendInfo, PrefillOutput
@@ -55,6 +56,19 @@ class Chunk:
     length: int
     want_all: bool = False
     seal: bool = True
+
+
+def open_sequence(
+    cache: PagedKVCache, tokens: list[int], use_prefix_cache: bool, salt: str, long_rope_from: int | None
+) -> Sequence:
+    """``cache.open`` for a sequence that runs ``tokens`` (a prompt, or every token a preempted request had
+    fed). Under LongRoPE (``long_rope_from``: the switch) more tokens than the switch rotate long
+    throughout (``Sequence.long_rope``), as transformers' cache holds them, and their blocks are cached
+    apart from those of the same tokens rotated short (the salt carries ``LONG_ROPE_SALT``)."""
+    long = rotates_long(len(tokens), long_rope_from)
+    seq = cache.open(tokens, use_prefix_cache, salt + LONG_ROPE_SALT if long else salt)
+    seq.long_rope = long
+    return seq
 
 
 def kv_budget_bytes(
@@ -113,6 +127,10 @@ class PagedBackend:
         self.spec = spec = model_spec(config)
         self.model = PagedModel(config, spec, Weights(path, torch_dtype, device), self.parallel,
                                 spec.max_position_embeddings)  # fmt: skip
+        # LongRoPE's switch (``Rotary.long_from``; None without LongRoPE): see ``open_sequence``.
+        self.long_rope_from = next(
+            (r.long_from for r in self.model.rotaries.values() if r.long_from is not None), None
+        )
         # int8 / int4 weights (their products round activations to int8), or None.
         self.quantize = quantize
         if quantize:
@@ -228,7 +246,7 @@ class PagedBackend:
     def open(self, prompt: list[int], want_prompt_logits: bool, salt: str = "") -> Sequence:
         """A sequence for a prompt, with blocks for all of it; a cached prefix is already computed. Only
         blocks cached under the same ``salt`` (the request's cache_salt) are shared."""
-        seq = self.cache.open(prompt, use_prefix_cache=not want_prompt_logits, salt=salt)
+        seq = open_sequence(self.cache, prompt, not want_prompt_logits, salt, self.long_rope_from)
         try:
             self.cache.reserve(seq, len(prompt))
         except BaseException:
@@ -271,6 +289,11 @@ class PagedBackend:
         every chunk row when it asked for prompt logits, else its last row only once the prompt is
         complete (an empty tensor while it is not)."""
         seqs = state.seqs if state is not None else []
+        if seqs and input_ids is not None and self.long_rope_from is not None:
+            switch = self.long_rope_from
+            switching = [r for r, s in enumerate(seqs) if not s.long_rope and len(s.tokens) >= switch]
+            if switching:
+                return self._switch_long_rope(seqs, input_ids, chunks, switching)
         bs = self.cache.block_size
         dev = self.device
         meta = StepMeta(torch.empty(0, dtype=torch.long), len(seqs), [], bs)
@@ -326,6 +349,10 @@ class PagedBackend:
             spans.append((first, len(logit_rows)))
             row += chunk.length
         meta.write_slots = torch.cat(parts_write)
+        long_rope = None
+        if self.long_rope_from is not None:  # LongRoPE: which tokens rotate long throughout
+            flags = [s.long_rope for s in seqs] + [f for c in chunks for f in [c.seq.long_rope] * c.length]
+            long_rope = torch.tensor(flags, dtype=torch.bool, device=dev)
         if self.adapters:
             used = dict.fromkeys([*(s.adapter for s in seqs), *(c.seq.adapter for c in chunks)])
             step = [self.adapters[name] for name in used if name]
@@ -339,10 +366,50 @@ class PagedBackend:
             meta,
             self.cache,
             torch.tensor(logit_rows, dtype=torch.long, device=dev),
+            long_rope,
         )
         self._advance(seqs, chunks)
         decode_logits = logits[: len(seqs)] if seqs else None
         return decode_logits, [logits[a:b] for a, b in spans]
+
+    def _switch_long_rope(
+        self, seqs: list[Sequence], input_ids: torch.Tensor, chunks: list[Chunk], rows: list[int]
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``step`` for a batch whose ``rows`` feed their first token past LongRoPE's switch: at that token
+        transformers' ``generate`` drops a short sequence's cache and runs it whole with the long factors
+        (``Phi3ForCausalLM.prepare_inputs_for_generation``), so every key and value it holds from then on
+        is the long rotation's. So do these rows: each gives its blocks back, reopens long with its new
+        token (sharing the long blocks of its prefix already cached) and runs whole as a chunk of this
+        step, whose last row gives its decode logits."""
+        ids = input_ids.tolist()
+        for row in rows:
+            seq = seqs[row]
+            tokens = [*seq.tokens, ids[row]]
+            self.cache.release(seq)
+            fresh = open_sequence(self.cache, tokens, True, seq.salt, self.long_rope_from)
+            fresh.adapter = seq.adapter
+            for f in fields(Sequence):  # the same object: the engine's batch holds it
+                setattr(seq, f.name, getattr(fresh, f.name))
+            self.cache.reserve(seq, len(tokens))
+        keep = [row for row in range(len(seqs)) if row not in rows]
+        index = torch.tensor(keep, dtype=torch.long, device=input_ids.device)
+        decode, logits = self.step(
+            PagedState([seqs[row] for row in keep]) if keep else None,
+            input_ids[index] if keep else None,
+            [Chunk(seqs[row], len(seqs[row].tokens) - seqs[row].computed) for row in rows] + chunks,
+        )
+        out: dict[int, torch.Tensor] = {row: logits[i][-1] for i, row in enumerate(rows)}
+        if decode is not None:
+            out.update((row, decode[i]) for i, row in enumerate(keep))
+        return torch.stack([out[row] for row in range(len(seqs))]), logits[len(rows) :]
+
+    def draft_room(self, seq: Sequence) -> int:
+        """The most draft tokens ``seq`` may feed after its next token. A short sequence under LongRoPE is
+        run whole again at its first token past the switch (``_switch_long_rope``), which a step of drafts
+        cannot do: its drafts stop before the switch."""
+        if self.long_rope_from is None or seq.long_rope:
+            return 1 << 30
+        return max(self.long_rope_from - 1 - len(seq.tokens), 0)
 
     def _advance(self, seqs: list[Sequence], chunks: list[Chunk]) -> None:
         """After a step: its tokens' K/V are in the cache; full blocks are sealed (prefix caching)."""

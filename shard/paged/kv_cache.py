@@ -67,6 +67,9 @@ class Sequence:
     salt: str = ""
     # The LoRA adapter its rows run with ("" = the base model; already folded into ``salt``).
     adapter: str = ""
+    # LongRoPE: it rotates long throughout (it holds more tokens than the switch:
+    # backends/paged.open_sequence; already folded into ``salt``).
+    long_rope: bool = False
 
 
 class BlockAllocator:
@@ -248,7 +251,7 @@ class PagedKVCache:
     def fork(self, seq: Sequence) -> Sequence:
         """A copy that shares the full blocks and gets its own copy of the partial last block."""
         child = Sequence(list(seq.tokens), computed=seq.computed, hashes=list(seq.hashes), salt=seq.salt,
-                         adapter=seq.adapter)  # fmt: skip
+                         adapter=seq.adapter, long_rope=seq.long_rope)  # fmt: skip
         bs = self.block_size
         full = seq.computed // bs
         for block in seq.blocks[:full]:

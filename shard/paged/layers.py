@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..dist import Parallel
+from .spec import RopeTable
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor | None:
@@ -99,41 +100,84 @@ class RMSNorm(nn.Module):
 
 
 class Rotary:
-    """Rotary position embedding from a precomputed cos/sin table (any of transformers' rope types)."""
+    """Rotary position embedding from a precomputed cos/sin table (any of transformers' rope types).
+
+    A token's row of the table is its position, except with LongRoPE (``long_inv_freq`` from
+    ``long_from``), whose table holds the short rotation of positions [0, long_from) and after it the long
+    rotation of every position: a token of a sequence that rotates long (``step``'s ``long``) takes its
+    long row, ``long_from`` + position, and so does any token at ``long_from`` or later (only long
+    sequences have those: backends/paged.py switches a short one to long there, as transformers does), so
+    a decode step's rows follow from its positions alone (a CUDA graph passes no flags)."""
 
     def __init__(
-        self, inv_freq: torch.Tensor, scaling: float, max_positions: int, dtype: torch.dtype
+        self,
+        inv_freq: torch.Tensor,
+        scaling: float,
+        max_positions: int,
+        dtype: torch.dtype,
+        long_inv_freq: torch.Tensor | None = None,
+        long_from: int | None = None,
     ) -> None:
         positions = torch.arange(max_positions, dtype=torch.float32, device=inv_freq.device)
         freqs = torch.outer(positions, inv_freq.float())
-        self.cos32 = freqs.cos() * scaling  # [positions, head_dim / 2]
+        # None: no long rotation (none given, or no position reaches its switch).
+        self.long_from: int | None = None
+        if long_inv_freq is not None and long_from is not None and long_from < max_positions:
+            long = torch.outer(positions, long_inv_freq.float().to(inv_freq.device))
+            freqs = torch.cat([freqs[:long_from], long])
+            self.long_from = long_from
+        self.cos32 = freqs.cos() * scaling  # [rows, head_dim / 2]
         self.sin32 = freqs.sin() * scaling
         self.cos = self.cos32.to(dtype)
         self.sin = self.sin32.to(dtype)
         self.fused = False  # step_cpu.cpp's rotary_ on the fused q/k/v product, in place
 
+    @classmethod
+    def of(cls, table: RopeTable, max_positions: int, dtype: torch.dtype) -> Rotary:
+        """The rotary of an architecture's table (``Architecture.rotary``)."""
+        return cls(table.inv_freq, table.scaling, max_positions, dtype, table.long_inv_freq, table.long_from)
+
     def to(self, device: torch.device) -> None:
         for name in ("cos32", "sin32", "cos", "sin"):
             setattr(self, name, getattr(self, name).to(device))
 
-    def step(self, positions: torch.Tensor) -> RotaryStep:
-        """What every layer of a step needs to rotate its queries and keys (one table lookup per step)."""
+    def rows(self, positions: torch.Tensor, long: torch.Tensor | None = None) -> torch.Tensor:
+        """The table rows of a step's tokens [tokens] (see the class): their positions, shifted to the long
+        rotation with LongRoPE where a position is past the switch or ``long`` (bool [tokens]) is set.
+        Tensor operations only (a CUDA graph can hold them)."""
+        if self.long_from is None:
+            return positions
+        switched = positions >= self.long_from
+        if long is not None:
+            switched = switched | long
+        return positions + switched.long() * self.long_from
+
+    def step(self, positions: torch.Tensor, long: torch.Tensor | None = None) -> RotaryStep:
+        """What every layer of a step needs to rotate its queries and keys (one table lookup per step);
+        ``long``: which tokens' sequences rotate long throughout (LongRoPE; ``rows``)."""
+        rows = self.rows(positions, long)
         if self.fused:
-            return RotaryStep(positions, None, None, self)
-        cos = self.cos.index_select(0, positions).unsqueeze(1)  # [tokens, 1, head_dim / 2]
-        sin = self.sin.index_select(0, positions).unsqueeze(1)
-        return RotaryStep(positions, cos, sin, self)
+            return RotaryStep(rows, None, None, self)
+        cos = self.cos.index_select(0, rows).unsqueeze(1)  # [tokens, 1, head_dim / 2]
+        sin = self.sin.index_select(0, rows).unsqueeze(1)
+        return RotaryStep(rows, cos, sin, self)
 
     @staticmethod
     def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Rotates [tokens, heads, head_dim] (the half-split layout of Hugging Face checkpoints)."""
+        """Rotates [tokens, heads, head_dim] (the half-split layout of Hugging Face checkpoints); with tables
+        narrower than half a head (partial rotary embeddings), its first 2 x cos.shape[-1] dimensions only,
+        the others passing as they are (transformers' ``apply_rotary_pos_emb``)."""
+        width = 2 * cos.shape[-1]
+        if width < x.shape[-1]:
+            return torch.cat((Rotary.apply(x[..., :width], cos, sin), x[..., width:]), dim=-1)
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
 @dataclass
 class RotaryStep:
-    """One step's rotary embedding: its positions, and their cos/sin rows on the torch path."""
+    """One step's rotary embedding: its tokens' rows of the tables (their positions, or LongRoPE's rows:
+    ``Rotary.rows``), and their cos/sin on the torch path."""
 
     positions: torch.Tensor
     cos: torch.Tensor | None
@@ -157,6 +201,18 @@ class RotaryStep:
             q = Rotary.apply(q, cos, sin)
             k = Rotary.apply(k, cos, sin)
         return q, k, v.view(tokens, kv_heads, head_dim)
+
+
+# LongRoPE: folded into the prefix-cache salt of a sequence that rotates long throughout, so that its blocks
+# are never shared with those of the same tokens rotated short.
+LONG_ROPE_SALT = "\x00long-rope"
+
+
+def rotates_long(length: int, long_from: int | None) -> bool:
+    """Whether a sequence of ``length`` tokens rotates long throughout under LongRoPE (``long_from``:
+    ``Rotary.long_from``, None without LongRoPE): when it holds more tokens than the switch, as transformers'
+    cache then holds them."""
+    return long_from is not None and length > long_from
 
 
 class MLP(nn.Module):

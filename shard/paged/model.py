@@ -277,7 +277,7 @@ class PagedModel(nn.Module):
         tables = architecture(config).rotary(config)
         # One per rotary table the layers use (Gemma 3: its sliding and global layers'), by LayerSpec.rope.
         self.rotaries = {
-            key: Rotary(tables[key].inv_freq, tables[key].scaling, max_positions, w.dtype)
+            key: Rotary.of(tables[key], max_positions, w.dtype)
             for key in sorted({layer.rope for layer in spec.layers})
         }
         for rotary in self.rotaries.values():
@@ -313,12 +313,15 @@ class PagedModel(nn.Module):
         meta: StepMeta,
         cache: PagedKVCache,
         logit_rows: torch.Tensor,
+        long_rope: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Runs one step's tokens; returns float32 logits [len(logit_rows), vocab] for the rows asked."""
+        """Runs one step's tokens; returns float32 logits [len(logit_rows), vocab] for the rows asked.
+        ``long_rope`` (bool [tokens], LongRoPE): the tokens whose sequences rotate long throughout
+        (``Rotary.rows``)."""
         h = self.embed(ids)
         if self.embed_scale is not None:
             h = h * self.embed_scale
-        ropes = {key: rotary.step(positions) for key, rotary in self.rotaries.items()}
+        ropes = {key: rotary.step(positions, long_rope) for key, rotary in self.rotaries.items()}
         if self.fused:
             h = self._layers_fused(h, ropes[""], cache, meta)
             h = h if logit_rows is None else h.index_select(0, logit_rows)

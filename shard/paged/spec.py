@@ -79,7 +79,8 @@ class ModelSpec:
     q.k (None: 1 / sqrt(head_dim)); ``attn_softcap``/``final_softcap``: ``c * tanh(x / c)`` on the
     attention scores and on the logits; ``embed_scale``: a factor on the embeddings (Gemma: sqrt(hidden)).
     ``qk_norm``: each head's queries and keys are RMS-normalized (``self_attn.q_norm``/``k_norm``) before
-    the rotation."""
+    the rotation. ``rotary_dim``: the rotation covers each head's first ``rotary_dim`` dimensions only
+    (partial rotary embeddings, Phi-4-mini), the others pass as they are; None: all of them."""
 
     model_type: str
     hidden_size: int
@@ -97,6 +98,7 @@ class ModelSpec:
     o_bias: bool = False
     mlp_bias: bool = False
     qk_norm: bool = False
+    rotary_dim: int | None = None
     norm_offset: float = 0.0
     activation: str = "silu"
     embed_scale: float | None = None
@@ -108,14 +110,16 @@ class ModelSpec:
     @property
     def kernel_layers(self) -> bool:
         """Whether every layer has Llama's shape as the CPU kernels run it (``PagedModel._layers_fused``):
-        SiLU, no sandwich norms, default attention scale, no soft-capping and no window. Other models run
-        their layers on the torch path (the kernels still serve their norms and products)."""
+        SiLU, no sandwich norms, default attention scale, no soft-capping, no window, and a rotation of whole
+        heads. Other models run their layers on the torch path (the kernels still serve their norms and
+        products)."""
         return (
             self.activation == "silu"
             and self.names.attn_out_norm is None
             and self.names.mlp_out_norm is None
             and self.attn_scale is None
             and self.attn_softcap is None
+            and self.rotary_dim is None
             and all(layer.sliding_window is None for layer in self.layers)
         )
 
@@ -127,10 +131,14 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class RopeTable:
-    """A rotary table's inverse frequencies [head_dim / 2] and the factor on its cos/sin."""
+    """A rotary table's inverse frequencies [head_dim / 2] and the factor on its cos/sin. LongRoPE (Phi-3):
+    ``long_inv_freq`` rotates the positions from ``long_from`` (``original_max_position_embeddings``) on,
+    and every position of a sequence that holds more tokens than that (``layers.Rotary``)."""
 
     inv_freq: torch.Tensor
     scaling: float
+    long_inv_freq: torch.Tensor | None = None
+    long_from: int | None = None
 
 
 @dataclass(frozen=True)

@@ -93,3 +93,19 @@ def test_a_gpt2_model_serves_through_auto_on_the_transformers_backend(
     # The launcher says what the fast path lacks, naming the model type it cannot run.
     assert "WARNING" in log and "The paged backend cannot run this model" in log and "gpt2" in log
     assert "without prefix caching, chunked prefill, tensor parallelism or int8/int4" in log
+
+
+def test_phi3_longrope_serves_transformers_greedy_tokens_across_the_switch(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """Phi-3 with LongRoPE switching at 24 positions: the short prompt runs short until its 25th token, where
+    it is run whole again with the long factors (as transformers' generate does), the long one runs long
+    throughout (side by side in the same steps), and sent again it finds its blocks in the prefix cache;
+    every answer is transformers' greedy tokens."""
+    from transformers import AutoTokenizer
+
+    model = build(tmp_path / "phi3-longrope", tiny_model_dir, CONFIGS["phi3-longrope"])
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    short, long = (len(tokenizer(text).input_ids) for text in (SHORT, LONG))
+    assert short <= 24 < short + NEW_TOKENS and long > 24  # both sides of the switch
+    serve_and_compare(model, "paged", tmp_path)

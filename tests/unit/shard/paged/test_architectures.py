@@ -113,6 +113,36 @@ def phi3_config(vocab: int) -> Any:
     )
 
 
+def phi3_longrope_config(vocab: int, long_factor: float = 2.0, partial: float = 1.0) -> Any:
+    from transformers import Phi3Config
+
+    # LongRoPE switching at 24 positions (an attention factor from 512 / 24): the 9-token prompt runs short
+    # until its 25th token, then whole again, long; the 45-token ones run long throughout. Short factors near
+    # 1, long ones from 1 to 1 + 7 ``long_factor`` over the head's 8 frequencies (``partial``: the share of
+    # each head's 16 dimensions the rotation covers).
+    half = int(TINY["hidden_size"] // TINY["num_attention_heads"] * partial) // 2
+    return Phi3Config(
+        vocab_size=vocab,
+        num_hidden_layers=2,
+        max_position_embeddings=512,
+        original_max_position_embeddings=24,
+        partial_rotary_factor=partial,
+        rope_scaling={
+            "rope_type": "longrope",
+            "short_factor": [1.0 + 0.1 * i for i in range(half)],
+            "long_factor": [1.0 + long_factor * i for i in range(half)],
+        },
+        tie_word_embeddings=False,
+        **TINY,
+        **NO_SPECIAL,
+    )
+
+
+def phi4_mini_config(vocab: int) -> Any:
+    """Phi-4-mini's shape: LongRoPE over a partial rotary embedding (half of each head)."""
+    return phi3_longrope_config(vocab, partial=0.5)
+
+
 def mixtral_config(vocab: int) -> Any:
     from transformers import MixtralConfig
 
@@ -154,6 +184,8 @@ CONFIGS: dict[str, Callable[[int], Any]] = {
     "gemma2": gemma2_config,
     "gemma3_text": gemma3_config,
     "phi3": phi3_config,
+    "phi3-longrope": phi3_longrope_config,
+    "phi4-mini": phi4_mini_config,
     "mixtral": mixtral_config,
     "qwen3_moe": qwen3_moe_config,
 }
@@ -293,20 +325,8 @@ def test_gemma_layers_take_their_own_window_and_rotary(tiny_model_dir: Path, tmp
 
 
 def test_unsupported_features_are_named() -> None:
-    from transformers import Gemma2Config, Phi3Config
+    from transformers import Gemma2Config
 
-    with pytest.raises(UnsupportedModelError, match="longrope"):
-        model_spec(
-            Phi3Config(
-                rope_scaling={
-                    "rope_type": "longrope",
-                    "short_factor": [1.0] * 48,
-                    "long_factor": [1.0] * 48,
-                    "original_max_position_embeddings": 4096,
-                },
-                max_position_embeddings=8192,
-            )
-        )
     with pytest.raises(UnsupportedModelError, match="activation"):
         model_spec(Gemma2Config(hidden_activation="relu"))
 
