@@ -17,6 +17,7 @@ PAGED_ARCHITECTURES = (
     "gemma3_text",
     "phi3",
     "mixtral",
+    "qwen2_moe",
     "qwen3_moe",
 )
 
@@ -39,6 +40,10 @@ def sharding_problem(config: dict[str, Any], world_size: int) -> str | None:
         ("key/value heads", kv_heads),
         ("MLP width (intermediate_size)", text.get("intermediate_size", 0)),
         ("expert MLP width (moe_intermediate_size)", text.get("moe_intermediate_size", 0)),
+        (
+            "shared expert width (shared_expert_intermediate_size)",
+            text.get("shared_expert_intermediate_size", 0),
+        ),
     ):
         if value % world_size:
             return f"the model's {value} {name} are not divisible by --num-shard {world_size}"

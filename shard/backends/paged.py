@@ -89,7 +89,7 @@ def kv_budget_bytes(
 
 class PagedBackend:
     """Implements ``shard.backends.base.Backend`` for the model types of shard/paged/arch/ (Llama, Mistral,
-    Qwen2, Qwen3, Gemma 2, Gemma 3 text, Phi-3)."""
+    Qwen2, Qwen3, Gemma 2, Gemma 3 text, Phi-3, Mixtral, Qwen2-MoE, Qwen3-MoE)."""
 
     def __init__(
         self,

@@ -500,7 +500,9 @@ def use_cpu_kernels(model: PagedModel, unquantized: bool) -> bool:
             module.fused = module.activation == "silu"
         elif unquantized and isinstance(module, ColumnLinear | RowLinear) and module.weight is not None:
             module.packed = pack_weight(module.weight.data)
-            module.dense = single_row_dense
+            # quant_cpu.cpp's dense kernel takes input widths in whole blocks of 32 (a rank's slice of an odd
+            # width may not be)
+            module.dense = single_row_dense and module.weight.shape[1] % 32 == 0
             if module.packed is not None and not single_row_dense:
                 module.weight = None  # the packed copy serves every product
     model.fused = spec.kernel_layers

@@ -57,6 +57,12 @@ class MoESpec:
     router: str = "gate"
     experts: str = "experts"
     projections: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+    # A shared expert (Qwen2-MoE): a SwiGLU MLP this wide (0: none), ``{block}.{shared_expert}``, that every
+    # token runs besides its routed experts; its output, scaled by the sigmoid of ``{block}.{shared_gate}``
+    # ([1, hidden]), is added to theirs.
+    shared_intermediate_size: int = 0
+    shared_expert: str = "shared_expert"
+    shared_gate: str = "shared_expert_gate"
 
 
 @dataclass(frozen=True)

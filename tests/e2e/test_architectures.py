@@ -1,5 +1,6 @@
-"""Architectures other than Llama through the real launcher (issue 19): a Gemma 2 and a Qwen3-MoE on the
-paged backend, and a GPT-2 on the transformers backend through ``--backend auto``. Each serves
+"""Architectures other than Llama through the real launcher (issue 19): a Gemma 2, a Qwen3-MoE, a Qwen2-MoE
+and a Phi-3 with LongRoPE on the paged backend, and a GPT-2 on the transformers backend through
+``--backend auto``. Each serves
 transformers' own greedy tokens for the prompts the router tokenized, with requests running side by side
 and a prompt sent again finding its blocks in the prefix cache."""
 
@@ -67,7 +68,7 @@ def serve_and_compare(model: Path, backend: str, log_dir: Path) -> Launched:
     return server
 
 
-@pytest.mark.parametrize("arch", ["gemma2", "qwen3_moe"])
+@pytest.mark.parametrize("arch", ["gemma2", "qwen3_moe", "qwen2_moe"])
 def test_paged_architectures_serve_transformers_greedy_tokens(
     arch: str, tiny_model_dir: Path, tmp_path: Path
 ) -> None:

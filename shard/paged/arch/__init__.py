@@ -12,11 +12,11 @@ from __future__ import annotations
 from typing import Any
 
 from ..spec import Architecture, ModelSpec, UnsupportedModelError
-from . import gemma, llama, mixtral, phi3, qwen3, qwen3_moe
+from . import gemma, llama, mixtral, phi3, qwen2_moe, qwen3, qwen3_moe
 
 ARCHITECTURES: dict[str, Architecture] = {
     model_type: module.ARCH
-    for module in (llama, qwen3, gemma, phi3, mixtral, qwen3_moe)
+    for module in (llama, qwen3, gemma, phi3, mixtral, qwen2_moe, qwen3_moe)
     for model_type in module.ARCH.model_types
 }
 

@@ -178,6 +178,27 @@ def qwen3_moe_config(vocab: int, norm_topk_prob: bool = False) -> Any:
     )
 
 
+def qwen2_moe_config(vocab: int, norm_topk_prob: bool = False) -> Any:
+    from transformers import Qwen2MoeConfig
+
+    # Layers 0 and 2 sparse (6 experts of width 64, top 2, probabilities not renormalized, and a shared
+    # expert of width 96 behind its sigmoid gate), layer 1 dense (mlp_only_layers); q/k/v biases.
+    return Qwen2MoeConfig(
+        vocab_size=vocab,
+        num_hidden_layers=3,
+        max_position_embeddings=512,
+        num_experts=6,
+        num_experts_per_tok=2,
+        moe_intermediate_size=64,
+        shared_expert_intermediate_size=96,
+        norm_topk_prob=norm_topk_prob,
+        mlp_only_layers=[1],
+        tie_word_embeddings=False,
+        **TINY,
+        **NO_SPECIAL,
+    )
+
+
 CONFIGS: dict[str, Callable[[int], Any]] = {
     "llama-bias": llama_config,
     "qwen3": qwen3_config,
@@ -187,6 +208,7 @@ CONFIGS: dict[str, Callable[[int], Any]] = {
     "phi3-longrope": phi3_longrope_config,
     "phi4-mini": phi4_mini_config,
     "mixtral": mixtral_config,
+    "qwen2_moe": qwen2_moe_config,
     "qwen3_moe": qwen3_moe_config,
 }
 
@@ -197,7 +219,8 @@ def build(
     """A tiny random model of ``make_config``'s architecture, with the tiny tokenizer: biases and norm
     weights drawn away from their zero/one initial values, queries and keys scaled up with ``sharp``
     (attention that depends on its scale, soft-capping and window), logits scaled up (greedy picks that are not
-    near-ties); MoE routers drawn at unit scale (decisive top-k choices, not near-ties) and, with ``sharp``,
+    near-ties); MoE routers and shared-expert gates drawn at unit scale (decisive top-k choices, not
+    near-ties; gates that vary by token) and, with ``sharp``,
     experts scaled up (their outputs, and so the routing and its weights, move the tokens)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -215,7 +238,7 @@ def build(
                 p.add_(3.0)  # the same through q/k norms
             elif "norm" in name:
                 p.add_(torch.randn_like(p) * 0.2)
-            elif name.endswith(".gate.weight"):  # an MoE router
+            elif name.endswith((".gate.weight", "shared_expert_gate.weight")):  # an MoE router or gate
                 p.normal_(0.0, 1.0)
             elif sharp and ".experts." in name:
                 p.mul_(4.0)
@@ -368,7 +391,9 @@ class ThreadGroup:
 
 
 @pytest.mark.parametrize(
-    "make_config", [qwen3_config, gemma2_config, mixtral_config], ids=["qwen3", "gemma2", "mixtral"]
+    "make_config",
+    [qwen3_config, gemma2_config, mixtral_config, qwen2_moe_config],
+    ids=["qwen3", "gemma2", "mixtral", "qwen2_moe"],
 )
 def test_two_ranks_equal_one(tiny_model_dir: Path, tmp_path: Path, make_config: Callable[[int], Any]) -> None:
     """Two tensor-parallel ranks (threads summing each other's partial products) give one rank's tokens."""

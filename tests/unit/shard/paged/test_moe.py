@@ -1,7 +1,7 @@
-"""Mixture-of-experts layers on the paged backend (shard/paged/moe.py), on tiny random Mixtral and Qwen3-MoE
-models (test_architectures.py checks their greedy ids against transformers' ``generate``): the layer
-against transformers' own sparse MoE block, routing included; experts run grouped; int8/int4 experts;
-tensor parallelism over two gloo processes."""
+"""Mixture-of-experts layers on the paged backend (shard/paged/moe.py), on tiny random Mixtral, Qwen2-MoE (a
+shared expert) and Qwen3-MoE models (test_architectures.py checks their greedy ids against transformers'
+``generate``): the layer against transformers' own sparse MoE block, routing included; experts run
+grouped; int8/int4 experts; tensor parallelism over two gloo processes."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from tests.unit.shard.paged.test_architectures import (
     mixtral_config,
     prompt_logits,
     prompts,
+    qwen2_moe_config,
     qwen3_moe_config,
     run_paged,
 )
@@ -38,6 +39,8 @@ MOE_CONFIGS: dict[str, Callable[[int], Any]] = {
     "mixtral": mixtral_config,
     "qwen3_moe": qwen3_moe_config,
     "qwen3_moe-norm_topk": functools.partial(qwen3_moe_config, norm_topk_prob=True),
+    "qwen2_moe": qwen2_moe_config,
+    "qwen2_moe-norm_topk": functools.partial(qwen2_moe_config, norm_topk_prob=True),
 }
 
 
@@ -68,7 +71,7 @@ def test_the_layer_equals_transformers_sparse_block(tiny_model_dir: Path, tmp_pa
     want = theirs(x.unsqueeze(0))[0]
     torch.testing.assert_close(ours(x), want, rtol=1e-5, atol=1e-5)
     sums = weights.sum(-1)
-    normalized = name != "qwen3_moe"
+    normalized = name == "mixtral" or name.endswith("norm_topk")
     assert torch.allclose(sums, torch.ones_like(sums)) == normalized
 
 
@@ -96,7 +99,7 @@ def perplexity(logits: torch.Tensor, text: list[int]) -> float:
     return float(nll.exp())
 
 
-@pytest.mark.parametrize("name", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("name", ["mixtral", "qwen3_moe", "qwen2_moe"])
 def test_int8_and_int4_experts_follow_float32(tiny_model_dir: Path, tmp_path: Path, name: str) -> None:
     """Every expert's products quantized and served (greedy, chunked prompt); against float32 (Gaussian
     weights, 64 wide; measured int8 / int4 on these models: the layer 1.5% / 14%, the logits 1-2% /
@@ -115,7 +118,7 @@ def test_int8_and_int4_experts_follow_float32(tiny_model_dir: Path, tmp_path: Pa
     for mode, layer_bound, bound, ppl_bound in (("int8", 0.02, 0.05, 0.02), ("int4", 0.2, 0.3, 0.15)):
         quant = backend(path, quantize=mode)
         moe = first_moe(quant)
-        for expert in moe.expert_mlps:
+        for expert in moe.expert_mlps + ([] if moe.shared is None else [moe.shared]):
             assert isinstance(expert.gate_up, QuantColumnLinear) and isinstance(expert.down, QuantRowLinear)
         assert ((moe(rows) - want_layer).norm() / want_layer.norm()).item() < layer_bound, mode
         got = prompt_logits(quant, text)
