@@ -27,13 +27,15 @@ answer is not parsed for calls.
 
 Decoding (the grammars are router/call_grammar.py's). ``required`` (calls to any of the tools: one when
 ``parallel_tool_calls`` is false, else one or more) and a named function (one call to it) are forced by a
-Lark grammar (llguidance): the call's markup in the parser's format (hermes, llama3_json, mistral; the
-other formats are forced in hermes' format and read with the hermes parser), the name, and arguments that
-follow the tool's JSON schema. ``auto`` uses a lazy grammar where the shards run the grammar processor
-(``Agent(lazy_calls=...)``) and the format has an opener (hermes, llama3_json's ``<|python_tag|>``,
-mistral): the text is free until the model writes the opener, then its call is forced the same way. The
-pythonic format and plugins' formats (whose arguments are not JSON), and models whose reasoning a grammar
-cannot follow (gpt_oss), stay free under ``auto``: their calls are parsed as written. Every grammar allows
+Lark grammar (llguidance): the call's markup in the parser's format (hermes, llama3_json, mistral,
+pythonic; plugins' formats, and pythonic calls of a tool whose name is not an identifier or of a ``strict``
+tool the pythonic grammar cannot hold exactly, are forced in hermes' format and read with the hermes
+parser), the name, and arguments that follow the tool's JSON schema (pythonic: Python literals,
+router/pythonic_grammar.py). ``auto`` uses a lazy grammar where the shards run the grammar processor
+(``Agent(lazy_calls=...)``) for the same four formats: the text is free until the model starts a call
+(the format's opener anywhere; Llama 3's bare ``{"name": ...`` or the pythonic ``[f(`` at the start of the
+answer), then its calls are forced the same way. Plugins' formats and models whose reasoning a grammar
+cannot follow (gpt_oss) stay free under ``auto``: their calls are parsed as written. Every grammar allows
 at most ``Turn.call_limit`` calls (``MAX_CALLS`` unless the request bounds them). The route's own
 constraint (``response_format``) applies to the content: with tools under ``auto`` the grammar allows
 calls (forced as above) or that content. With a ``think`` reasoning parser every grammar first allows the
@@ -62,11 +64,13 @@ from .call_grammar import (
     OPENERS,
     THINK_PARSERS,
     CallSyntax,
+    Tool,
     constraint_rules,
     reasoning_rules,
 )
 from .chat import ChatPrompter
 from .errors import ValidationError
+from .pythonic_grammar import python_literal
 from .reasoning import ReasoningParser, ReasoningStream, detect_reasoning_parser, get_reasoning_parser
 from .tokenizer import Tokenizer
 from .toolcalls import (
@@ -388,6 +392,9 @@ class Agent:
         self.lazy_syntax = (
             CallSyntax(name, unspellable) if lazy_calls and thinks and name in OPENERS else None
         )
+        #: Forced calls the pythonic format cannot write (a name that is not an identifier) or not exactly (a
+        #: ``strict`` tool whose values it writes as JSON) are forced in hermes' format, and read so.
+        self._hermes = (CallSyntax("hermes", unspellable), get_tool_parser("hermes"))
 
         def keep(parser_name: str | None) -> frozenset[int]:
             if parser_name == "gpt_oss":  # harmony's headers are special tokens: keep them all
@@ -395,7 +402,7 @@ class Agent:
             markers = PARSER_MARKERS.get(parser_name or "", ())
             return frozenset(special[m] for m in markers if m in special)
 
-        self._keep_tools = keep(name) | keep(forced_name)
+        self._keep_tools = keep(name) | keep(forced_name) | keep("hermes" if name == "pythonic" else None)
         self._keep_reasoning = keep(self.reasoning_parser_name)
         log.info(
             "Tool calls: %s parser (%s rendering; auto %s); reasoning: %s",
@@ -470,20 +477,29 @@ class Agent:
                 tools = tuple(t for t in tools if t.name == turn.choice.function)
             limit = turn.call_limit
             if turn.choice.forced:
-                tool_parser = self.forced_parser
-                answer = self.forced_syntax.forced_rules(tools, "answer", limit)
+                syntax, tool_parser = self.forced_syntax, self.forced_parser
+                writable = syntax.writable(tools)
+                if len(writable) < len(tools) or any(t.strict and not syntax.exact(t) for t in tools):
+                    syntax, tool_parser = self._hermes
+                answer = syntax.forced_rules(tools, "answer", limit)
                 field = "tool_choice"
             else:
                 tool_parser = self.tool_parser
                 if turn.constraint is not None:
+                    syntax = self.forced_syntax
+                    writable = syntax.writable(tools)
+                    calls = syntax.forced_rules(writable, "calls", limit) if writable else []
                     answer = [
-                        "answer: calls | content",
-                        *self.forced_syntax.forced_rules(tools, "calls", limit),
+                        "answer: calls | content" if calls else "answer: content",
+                        *calls,
                         *constraint_rules(turn.constraint, "content", field),
                     ]
-                elif self.lazy_syntax is not None:
-                    answer = self.lazy_syntax.lazy_rules(tools, "answer", limit)
+                    _check_exact(turn.tools, writable, syntax)
+                elif self.lazy_syntax is not None and self.lazy_syntax.writable(tools):
+                    writable = self.lazy_syntax.writable(tools)
+                    answer = self.lazy_syntax.lazy_rules(writable, "answer", limit)
                     field = "tools"
+                    _check_exact(turn.tools, writable, self.lazy_syntax)
         elif turn.constraint is not None and reasoning is not None:
             answer = constraint_rules(turn.constraint, "answer", field)
         if turn.calls_allowed and not answer:
@@ -506,15 +522,28 @@ class Agent:
         )
 
 
+def _check_exact(tools: tuple[FunctionTool, ...], constrained: tuple[Tool, ...], syntax: CallSyntax) -> None:
+    """Calls under ``auto`` decoded in the model's format: a ``strict`` tool whose arguments that format's
+    grammar cannot hold to the schema exactly (router/pythonic_grammar.py) is refused (400)."""
+    for i, tool in enumerate(tools):
+        if tool.strict and tool in constrained and not syntax.exact(tool):
+            raise ValidationError(
+                f"`tools[{i}].strict`: the {syntax.fmt} format's grammar writes some of this function's argument "
+                "values as JSON (their schema uses a keyword its Python literals do not follow), so they may not "
+                "validate exactly; force the call (tool_choice required or a named function) or leave strict out",
+                "tools",
+            )
+
+
 def _check_unconstrained(tools: tuple[FunctionTool, ...]) -> None:
     """Calls decoded without a grammar: a tool that asks for ``strict`` arguments is refused (400)."""
     strict = [i for i, tool in enumerate(tools) if tool.strict]
     if strict:
         raise ValidationError(
             f"`tools[{strict[0]}].strict`: arguments are guaranteed to follow the schema only under constrained "
-            "decoding, which this server applies to `tool_choice: auto` only for the hermes, llama3_json and "
-            "mistral formats, on backends with the grammar processor, without gpt_oss reasoning; force the "
-            "call (tool_choice required or a named function) or leave strict out",
+            "decoding, which this server applies to `tool_choice: auto` only for the hermes, llama3_json, "
+            "mistral and pythonic formats, on backends with the grammar processor, without gpt_oss reasoning; "
+            "force the call (tool_choice required or a named function) or leave strict out",
             "tools",
         )
 
@@ -530,20 +559,9 @@ def render_calls(parser: str, calls: tuple[ToolCall, ...]) -> str:
         parts = []
         for o in objs:
             args = o["arguments"] if isinstance(o["arguments"], dict) else {}
-            parts.append(f"{o['name']}({', '.join(f'{k}={_python(v)}' for k, v in args.items())})")
+            parts.append(f"{o['name']}({', '.join(f'{k}={python_literal(v)}' for k, v in args.items())})")
         return f"[{', '.join(parts)}]"
     return "\n".join(f"<tool_call>{json.dumps(o)}</tool_call>" for o in objs)
-
-
-def _python(value: Any) -> str:
-    """A JSON value as a Python literal."""
-    if value is None or isinstance(value, bool):
-        return repr(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_python(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{json.dumps(k)}: {_python(v)}" for k, v in value.items()) + "}"
-    return json.dumps(value)
 
 
 def tools_preamble(parser: str, tools: tuple[FunctionTool, ...]) -> str:

@@ -88,18 +88,6 @@ CONVERSATION = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tiny_model_dir: Path) -> Tokenizer:
-    return Tokenizer(tiny_model_dir)
-
-
-@pytest.fixture(scope="module")
-def ll_tokenizer(tiny_model_dir: Path, tokenizer: Tokenizer) -> llguidance.LLTokenizer:
-    return llguidance.LLTokenizer(
-        (tiny_model_dir / "tokenizer.json").read_text(), eos_token=[tokenizer.eos_token_id]
-    )
-
-
 def agent(tokenizer: Tokenizer, template: str | None = None, lazy_calls: bool = False, **flags: str) -> Agent:
     return Agent(ChatPrompter(tokenizer, template, None), tokenizer, lazy_calls=lazy_calls, **flags)
 
@@ -354,7 +342,9 @@ def test_forced_parallel_calls_end_after_the_limit(
 
 def test_auto_stays_free_where_a_grammar_cannot_follow(tokenizer: Tokenizer) -> None:
     turn = Turn((WEATHER,))
-    assert agent(tokenizer, lazy_calls=True, tool_call_parser="pythonic").plan(turn, "p").grammar is None
+    # the pythonic format cannot write a name that is not an identifier
+    dashed = Turn((FunctionTool("get-weather", None, WEATHER.parameters),))
+    assert agent(tokenizer, lazy_calls=True, tool_call_parser="pythonic").plan(dashed, "p").grammar is None
     harmony = agent(tokenizer, THINK_TEMPLATE, lazy_calls=True, reasoning_parser="gpt_oss")
     assert harmony.plan(turn, "p").grammar is None
     # with a response_format, auto allows calls or that content (the forced calls' rules), lazy or not
@@ -369,7 +359,8 @@ def test_strict_tools_need_a_grammar_on_the_call(tokenizer: Tokenizer) -> None:
     for lazy_calls, choice in [(True, ToolChoice("auto")), (False, ToolChoice("required"))]:
         plan = agent(tokenizer, lazy_calls=lazy_calls).plan(Turn((TIME, strict), choice), "p")
         assert plan.grammar is not None  # the call is constrained: strict is honoured
-    for free in [agent(tokenizer), agent(tokenizer, lazy_calls=True, tool_call_parser="pythonic")]:
+    harmony = agent(tokenizer, THINK_TEMPLATE, lazy_calls=True, reasoning_parser="gpt_oss")
+    for free in [agent(tokenizer), harmony]:
         with pytest.raises(ValidationError, match=r"`tools\[1\].strict`") as error:
             free.plan(Turn((TIME, strict)), "p")
         assert error.value.param == "tools"
@@ -391,22 +382,39 @@ def test_lazy_calls_after_the_reasoning(tokenizer: Tokenizer, ll_tokenizer: llgu
     assert answer.reasoning == "Call it." and [c.name for c in answer.calls] == ["get_weather"]
 
 
-def test_lazy_opener_that_is_a_special_token(tmp_path: Path, tiny_model_dir: Path) -> None:
+def with_special_token(
+    tmp_path: Path, tiny_model_dir: Path, marker: str
+) -> tuple[Tokenizer, llguidance.LLTokenizer, int]:
+    """The tiny model's tokenizer with ``marker`` added as a special token (saved in ``tmp_path``), its
+    llguidance tokenizer, and the marker's id."""
     from transformers import AutoTokenizer
 
     hf = AutoTokenizer.from_pretrained(tiny_model_dir)
-    hf.add_special_tokens({"additional_special_tokens": ["[TOOL_CALLS]"]})
+    hf.add_special_tokens({"additional_special_tokens": [marker]})
     hf.save_pretrained(tmp_path)
     tok = Tokenizer(tmp_path)
-    marker = tok.hf.convert_tokens_to_ids("[TOOL_CALLS]")
     ll = llguidance.LLTokenizer((tmp_path / "tokenizer.json").read_text(), eos_token=[tok.eos_token_id])
+    return tok, ll, tok.hf.convert_tokens_to_ids(marker)
+
+
+def spelled_is_text(ll: llguidance.LLTokenizer, argument: str, marker: int, pieces: tuple[str, str]) -> bool:
+    """Whether the grammar takes the marker spelled out (in two pieces, so that the text is not tokenized
+    into the special token) as free text; then that a fresh matcher takes the token itself after "Sure."."""
+    matcher = llguidance.LLMatcher(ll, grammar.to_llguidance(argument), log_level=0)
+    spelled = ll.tokenize_str(pieces[0]) + ll.tokenize_str(pieces[1])
+    if marker in spelled or not matcher.consume_tokens(spelled) or not matcher.is_accepting():
+        return False
+    matcher = llguidance.LLMatcher(ll, grammar.to_llguidance(argument), log_level=0)
+    return bool(matcher.consume_tokens([*ll.tokenize_str("Sure."), marker]))
+
+
+def test_lazy_opener_that_is_a_special_token(tmp_path: Path, tiny_model_dir: Path) -> None:
+    tok, ll, marker = with_special_token(tmp_path, tiny_model_dir, "[TOOL_CALLS]")
     plan = agent(tok, tool_call_parser="mistral", lazy_calls=True).plan(Turn((WEATHER, TIME)), "prompt")
     argument = plan.grammar or ""
     assert f"<[{marker}]>" in grammar.parse(argument)[1]
     # the token opens the call; the text "[TOOL_CALLS]" spelled out is only text
-    matcher = llguidance.LLMatcher(ll, grammar.to_llguidance(argument), log_level=0)
-    spelled = ll.tokenize_str("We have [TOOL_") + ll.tokenize_str("CALLS] as text.")
-    assert marker not in spelled and matcher.consume_tokens(spelled) and matcher.is_accepting()
+    assert spelled_is_text(ll, argument, marker, ("We have [TOOL_", "CALLS] as text."))
     matcher = llguidance.LLMatcher(ll, grammar.to_llguidance(argument), log_level=0)
     assert matcher.consume_tokens([*ll.tokenize_str("Sure."), marker])
     assert not matcher.consume_tokens(ll.tokenize_str('[{"name": "get_weather", "arguments": {"city": 5'))
