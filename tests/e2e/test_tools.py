@@ -1,10 +1,12 @@
 """Tool calling, reasoning and the request fields of issue 18 on the real server, through the official clients
 (the openai SDK, huggingface_hub's InferenceClient): the default model has no tool-aware template, so it
-gets the generic rendering and the hermes parser; forced calls are valid by constrained decoding."""
+gets the generic rendering and the hermes parser (one test starts it with the pythonic parser); forced
+calls are valid by constrained decoding."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import jsonschema
@@ -13,9 +15,11 @@ import pydantic
 import pytest
 import requests
 
+from router.agent import FunctionTool, tools_preamble
 from router.call_grammar import MAX_CALLS
+from router.toolcalls import get_tool_parser
 
-from .conftest import stop_and_check
+from .conftest import DEFAULT_MODEL_START_TIMEOUT_S, stop_and_check
 from .harness import Launched
 
 pytestmark = pytest.mark.timeout(600)
@@ -142,6 +146,62 @@ def test_required_parallel_calls_end(client: openai.OpenAI) -> None:
     assert choice.finish_reason == "tool_calls"
     assert 1 <= len(choice.message.tool_calls) <= MAX_CALLS
     assert_valid(choice.message.tool_calls, {"get_weather", "get_time"})
+
+
+@pytest.fixture(scope="module")
+def pythonic_server(
+    default_server: Launched, test_cache: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Launched]:
+    """The default model with the pythonic parser (after ``default_server``, which converted it)."""
+    args = [
+        "--huggingface-hub-cache",
+        str(test_cache / "hub"),
+        "--tool-call-parser",
+        "pythonic",
+        "--dtype",
+        "float32",
+    ]
+    server = Launched(args).start(tmp_path_factory.mktemp("pythonic"))
+    try:
+        server.wait_healthy(DEFAULT_MODEL_START_TIMEOUT_S)
+        yield server
+    finally:
+        stop_and_check(server)
+
+
+def test_pythonic_auto_calls_are_constrained_once_started(pythonic_server: Launched) -> None:
+    """Under ``auto`` with the pythonic parser the answer is free until it starts as a call list; then the
+    calls are forced. ``logit_bias`` pushes the pieces of ``[weather(`` (a tool named so that its name is one
+    token: the model writes the pieces in order): the answer starts the list, and what follows is a valid
+    call, parsed into ``tool_calls``, streamed and not. The same prompt and bias through ``/v1/completions``
+    (no grammar) shows what the model writes unconstrained: ``[weather(weather(...``, no call."""
+    url = pythonic_server.url
+    tools = [{"type": "function", "function": {"name": "weather", "description": "Weather in a city",
+                                               "parameters": WEATHER_SCHEMA}}]  # fmt: skip
+    head = requests.post(f"{url}/tokenize", json={"prompt": "[weather(", "add_special_tokens": False},
+                         timeout=60).json()  # fmt: skip
+    assert head["token_strs"] == ["[", "weather", "("]
+    bias = {str(i): 100 for i in head["tokens"]}
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=300)
+    kwargs = {"model": "tgi", "messages": ASK, "tools": tools, "max_tokens": 60, "temperature": 0,
+              "logit_bias": bias}  # fmt: skip
+    choice = client.chat.completions.create(**kwargs).choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None, choice.message.content
+    [call] = choice.message.tool_calls
+    assert call.function.name == "weather" and call.id.startswith("call_")
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER_SCHEMA)
+    chunks = list(client.chat.completions.create(**kwargs, stream=True))
+    deltas = [d for c in chunks for d in (c.choices[0].delta.tool_calls or [])]
+    assert [d.function.name for d in deltas if d.id] == ["weather"]
+    assert "".join(d.function.arguments or "" for d in deltas) == call.function.arguments
+    # the same prompt (the generic rendering's system message), the same bias, no grammar
+    function = FunctionTool("weather", "Weather in a city", WEATHER_SCHEMA)
+    messages = [{"role": "system", "content": tools_preamble("pythonic", (function,))}, *ASK]
+    prompt = requests.post(f"{url}/tokenize", json={"messages": messages}, timeout=60).json()["tokens"]
+    free = client.completions.create(model="tgi", prompt=prompt, max_tokens=60, temperature=0,
+                                     logit_bias=bias).choices[0].text  # fmt: skip
+    assert free.startswith("[weather("), free
+    assert get_tool_parser("pythonic").parse(free).calls == [], f"a call unconstrained: {free!r}"
 
 
 def test_a_tool_result_round_trip(client: openai.OpenAI) -> None:
