@@ -9,7 +9,7 @@ import os
 import platform
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -17,6 +17,11 @@ from common.flags import command, parameters, values_to_fields
 from common.logs import setup_logging
 
 from .config import ArgumentError, LauncherConfig
+
+if TYPE_CHECKING:
+    from shard.dtypes import Checkpoint
+
+    from .weights import ResolvedModel
 
 log = logging.getLogger("launcher")
 
@@ -29,6 +34,14 @@ def read_model_config(path: Path) -> dict:
 
     file = Path(path) / "config.json"
     return json.loads(file.read_text()) if file.exists() else {}
+
+
+def model_checkpoint(model: ResolvedModel) -> Checkpoint:
+    """What the served weights are stored in: the GGUF's own type for a dequantized GGUF (its directory says
+    float32, the conversion's dtype), else what the directory's config.json names."""
+    from shard.dtypes import dir_checkpoint, gguf_checkpoint
+
+    return gguf_checkpoint(model.gguf) if model.gguf is not None else dir_checkpoint(model.path)
 
 
 def cuda_device_count() -> int:
@@ -158,11 +171,18 @@ def launch(list_plugins: bool, **values: object) -> None:
         typer.echo(f"Error: {e}", err=True)
         raise typer.Exit(1) from None
     log.info("Serving %s (%s) from %s", model.model_id, model.weights, model.path)
+    cuda_devices = cuda_device_count()
     try:
-        fitted = config.check_model(read_model_config(model.path), cuda_device_count())
+        fitted = config.check_model(read_model_config(model.path), cuda_devices)
     except ArgumentError as e:
         typer.echo(f"Error: {e}", err=True)
         raise typer.Exit(2) from None
+    try:
+        fitted, dtype = fitted.fit_dtype(model_checkpoint(model), cuda_devices)
+    except (OSError, ValueError) as e:
+        typer.echo(f"Error: cannot read the dtype of {model.gguf or model.path}: {e}", err=True)
+        raise typer.Exit(1) from None
+    log.info("dtype %s: %s", dtype.dtype or "the backend's own", dtype.reason)
     if (fitted.max_input_length, fitted.max_total_tokens) != (config.input_length(), config.total_tokens()):
         log.info(
             "The model has fewer positions than the default token limits: --max-input-length %d, "

@@ -7,6 +7,7 @@ import math
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from common.cuda_graphs import parse_cuda_graphs
 from common.flags import DEFAULT_UDS_PATH, default_of, flag
@@ -17,6 +18,9 @@ from common.tracing import check_otlp_endpoint
 from router.config import RouterConfig
 from router.parsers import parser_problem
 from shard.config import ShardConfig
+
+if TYPE_CHECKING:  # shard.dtypes imports torch, which --help need not load
+    from shard.dtypes import Checkpoint, CpuFeatures, DtypeChoice
 
 QUANTIZE_CHOICES = ("bitsandbytes", "bitsandbytes-nf4", "bitsandbytes-fp4", "gptq", "ct2", "int8", "int4")
 # The modes that run today: the paged backend's weight-only int8 / int4 (shard/paged/quant.py),
@@ -88,8 +92,12 @@ class LauncherConfig:
     quantize: str | None = flag(
         _shard("quantize"), help="int8 or int4 (paged backend); bitsandbytes(-nf4/-fp4), gptq, ct2."
     )
+    # None until ``fit_dtype`` resolves it (shard/dtypes.py's rule), after the weights step.
     dtype: str | None = flag(
-        _shard("dtype"), help="float32, float16 or bfloat16 (default: float32 on CPU, bfloat16 on GPU)."
+        _shard("dtype"),
+        help="float32, float16 or bfloat16 (default: the model's own where the device runs it natively: "
+        "bfloat16 for 16-bit checkpoints on CPUs with AMX or AVX512-BF16, else float32 on CPU; bfloat16 or "
+        "float16 on GPU).",
     )
     trust_remote_code: bool = flag(_shard("trust_remote_code"), help="Run modelling code from the hub.")
     max_concurrent_requests: int = flag(
@@ -342,6 +350,20 @@ class LauncherConfig:
                 f"`--num-shard {self.world_size()}` is more than the {cuda_devices} CUDA devices available"
             )
         return fitted
+
+    def fit_dtype(
+        self, checkpoint: Checkpoint, cuda_devices: int, cpu: CpuFeatures | None = None
+    ) -> tuple[LauncherConfig, DtypeChoice]:
+        """--dtype's default, resolved in this one place (after the weights step, before any process):
+        the config with the dtype every shard loads in, and why (shard/dtypes.py's rule, for
+        ``checkpoint`` on CUDA when this machine has CUDA devices, else on the CPU ``cpu``, by default this
+        one's). A --dtype given is kept; ``--quantize ct2`` keeps None (CTranslate2's own compute type)."""
+        from shard.dtypes import DtypeChoice, resolve_dtype
+
+        if self.dtype is not None:
+            return self, DtypeChoice(self.dtype, "--dtype")
+        choice = resolve_dtype("cuda" if cuda_devices else "cpu", checkpoint, self.quantize, cpu)
+        return replace(self, dtype=choice.dtype), choice
 
     def validate(self) -> None:
         """Raises ArgumentError on the first rule broken (TGI's rules, then this version's limits)."""

@@ -94,6 +94,9 @@ class ResolvedModel:
     sha: str | None  # hub commit sha when known
     source: str  # "default" | "hub" | "local" | "gguf"
     weights: str  # a truthful one-line description of the weights
+    # The GGUF file the directory was dequantized from: its own dtype decides --dtype's default
+    # (shard/dtypes.py), not the float32 of the conversion.
+    gguf: Path | None = None
 
 
 class WeightsError(Exception):
@@ -186,6 +189,7 @@ def _resolve_default(hub_cache: Path, progress: bool) -> ResolvedModel:
         sha=None,
         source="default",
         weights=f"{gguf.name} ({DEFAULT_GGUF_DISTRIBUTION} {version}) dequantized to {dtype} safetensors",
+        gguf=gguf,
     )
 
 
@@ -228,6 +232,7 @@ def _resolve_gguf_file(gguf: Path, model_id: str, hub_cache: Path, progress: boo
         sha=None,
         source="gguf",
         weights=f"{gguf.name} dequantized to {dtype} safetensors",
+        gguf=gguf,
     )
 
 

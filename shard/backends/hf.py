@@ -71,7 +71,7 @@ class HFBackend:
         from transformers import AutoModelForCausalLM, DynamicCache
 
         self.device = device
-        torch_dtype = DTYPES[dtype] if dtype else default_dtype(device)
+        torch_dtype = DTYPES[dtype] if dtype else default_dtype(device, model_path, quantize)
         kwargs: dict = {}
         if quantize:
             # bitsandbytes quantizes the weights as they load, on the device they load to.

@@ -121,7 +121,7 @@ class PagedBackend:
 
         self.device = device
         self.parallel = parallel or Parallel()
-        torch_dtype = DTYPES[dtype] if dtype else default_dtype(device)
+        torch_dtype = DTYPES[dtype] if dtype else default_dtype(device, model_path, quantize)
         path = Path(model_path)
         config = AutoConfig.from_pretrained(path)
         self.spec = spec = model_spec(config)

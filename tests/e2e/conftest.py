@@ -8,7 +8,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from .harness import Launched
+from .harness import FLOAT32, Launched
 
 DEFAULT_MODEL_START_TIMEOUT_S = 600.0
 
@@ -22,8 +22,11 @@ def stop_and_check(server: Launched) -> None:
 
 @pytest.fixture(scope="session")
 def default_server(test_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launched]:
-    """The launcher serving the embedded default model (converted once into the test cache)."""
-    server = Launched(["--huggingface-hub-cache", str(test_cache / "hub"), "--max-concurrent-requests", "64"])
+    """The launcher serving the embedded default model (converted once into the test cache), in float32 on
+    every machine (its tokens are compared with transformers' and with other servers')."""
+    server = Launched(
+        ["--huggingface-hub-cache", str(test_cache / "hub"), "--max-concurrent-requests", "64", *FLOAT32]
+    )
     server.start(tmp_path_factory.mktemp("logs"))
     try:
         server.wait_healthy(DEFAULT_MODEL_START_TIMEOUT_S)

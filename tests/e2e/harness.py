@@ -18,6 +18,10 @@ import psutil
 import requests
 
 REPO = Path(__file__).resolve().parents[2]
+# The default model's dtype follows the CPU (bfloat16 where it multiplies bfloat16 natively, float32 on
+# AVX2-only machines: shard/dtypes.py). Tests that compare its tokens between servers, or with transformers
+# in float32, start it with these flags, so that they hold on every machine class.
+FLOAT32 = ("--dtype", "float32")
 
 
 def free_port() -> int:

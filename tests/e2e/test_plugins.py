@@ -15,7 +15,7 @@ import pytest
 import requests
 
 from .conftest import DEFAULT_MODEL_START_TIMEOUT_S, stop_and_check
-from .harness import REPO, Launched
+from .harness import FLOAT32, REPO, Launched
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -146,7 +146,9 @@ def test_the_banned_word_is_never_generated(
     assert all(WORD in answer for answer in baseline.values()), baseline
     assert requests.get(f"{default_server.url}/ban-word", timeout=10).status_code == 404
 
-    server = Launched(["--huggingface-hub-cache", str(test_cache / "hub"), "--plugin", "ban-word"], env=ENV)
+    server = Launched(  # in default_server's dtype: the two servers' tokens are compared
+        ["--huggingface-hub-cache", str(test_cache / "hub"), "--plugin", "ban-word", *FLOAT32], env=ENV
+    )
     server.start(tmp_path)
     try:
         server.wait_healthy(DEFAULT_MODEL_START_TIMEOUT_S)

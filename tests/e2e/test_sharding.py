@@ -23,7 +23,7 @@ import pytest
 import requests
 
 from .conftest import stop_and_check
-from .harness import Launched, free_port
+from .harness import FLOAT32, Launched, free_port
 from .test_launcher import run_launcher
 
 pytestmark = pytest.mark.timeout(900)
@@ -196,9 +196,9 @@ def test_impossible_splits_are_refused_before_start(args: list[str], message: st
 def test_default_model_on_three_shards(default_server: Launched, test_cache: Path, tmp_path: Path) -> None:
     prompts = PROMPTS  # 20, all in flight at once
     one = greedy_ids(default_server, prompts, False)
-    server = Launched(["--huggingface-hub-cache", str(test_cache / "hub"), "--num-shard", "3"]).start(
-        tmp_path
-    )
+    # In default_server's dtype: the two servers' tokens are compared.
+    args = ["--huggingface-hub-cache", str(test_cache / "hub"), "--num-shard", "3", *FLOAT32]
+    server = Launched(args).start(tmp_path)
     try:
         server.wait_healthy(600)
         assert greedy_ids(server, prompts, False) == one
