@@ -14,7 +14,7 @@ import llguidance
 import pytest
 
 from common import grammar
-from router.agent import FunctionTool, OutputPlan, ToolChoice, Turn
+from router.agent import ChatMessage, FunctionTool, OutputPlan, ToolChoice, Turn
 from router.call_grammar import MAX_CALLS
 from router.errors import ValidationError
 from router.pythonic_grammar import arguments, callable_tool, python_literal
@@ -23,6 +23,7 @@ from router.toolcalls import ContentDelta, ParsedOutput, ToolCallDelta
 from router.toolcalls.literals import python_literal as read_literal
 
 from .test_agent import (
+    THINK_TEMPLATE,
     TIME,
     WEATHER,
     agent,
@@ -328,3 +329,27 @@ def _read(plan: OutputPlan, deltas: list[str]) -> tuple[str, list[tuple[str, str
     out = [d for piece in deltas for d in stream.feed(piece)] + stream.finish()
     parsed = ParsedOutput.from_deltas([d for d in out if isinstance(d, (ContentDelta, ToolCallDelta))])
     return parsed.content, [(c.name, c.arguments) for c in parsed.calls]
+
+
+@pytest.mark.parametrize(
+    ("parser", "call", "unknown"),
+    [
+        ("pythonic", "[get_time(hour=2)]", "[get_wind("),
+        ("llama3_json", '{"name": "get_time", "parameters": {}}', '{"name": "get_wind"'),
+    ],
+)
+def test_bare_calls_after_the_reasoning(
+    tokenizer: Tokenizer, ll_tokenizer: llguidance.LLTokenizer, parser: str, call: str, unknown: str
+) -> None:
+    """With a ``think`` template the bare call is read at the start of the answer, past ``</think>`` and
+    whitespace; the reasoning itself may hold anything."""
+    thinker = agent(tokenizer, THINK_TEMPLATE, lazy_calls=True, tool_call_parser=parser)
+    prompt, _ = thinker.render([ChatMessage("user", "Weather?")], Turn())
+    plan = thinker.plan(Turn((WEATHER, TIME)), prompt)
+    argument = plan.grammar or ""
+    for text in [f"Maybe {unknown} here.</think>\n\n{call}", f"ok</think>{call}"]:
+        assert matcher_after(ll_tokenizer, argument, text).is_accepting(), text
+        assert [c.name for c in plan.parse(text).calls] == ["get_time"]
+    assert plan.parse(f"Maybe {unknown} here.</think>\n\n{call}").reasoning == f"Maybe {unknown} here."
+    assert not allows(ll_tokenizer, argument, f"ok</think>\n\n{unknown}")
+    assert matcher_after(ll_tokenizer, argument, "ok</think>\n\nJust text.").is_accepting()
