@@ -166,6 +166,7 @@ class CachePool:
         self.cache = cache
         self.long_rope_from = long_rope_from  # LongRoPE's switch (``open_sequence``), or None
         self.block_size = cache.block_size
+        self.window = cache.window
 
     def num_free(self) -> int:
         return self.cache.allocator.num_free
@@ -188,6 +189,10 @@ class CachePool:
         self.cache.release(seq)
         job.seq = None
         job.prompt_logits = []
+
+    def slide(self, job: Job) -> None:
+        if job.seq is not None:
+            self.cache.slide(job.seq)
 
 
 class ChunkedEngine(Engine):

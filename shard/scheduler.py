@@ -19,6 +19,11 @@ Priority is fair between client requests, not between sequences: ``key = (rank, 
 ``rank`` is the sequence's place among its request's sequences (OpenAI ``n``, ``best_of``), so the first
 sequence of every request comes before the second of any, and requests of equal rank go in arrival order.
 
+With sliding windows (``Pool.window``: every layer reads at most that many keys back), each step begins by
+giving back the blocks every layer's window has passed (``Pool.slide``, for every holder, before anything
+is counted): a long sequence holds about a window of blocks, and a sequence longer than the whole pool
+still fits as long as one window does (its prompt runs in chunks the free blocks hold).
+
 The scheduler knows blocks as counts only; the engine's ``Pool`` opens sequences (prefix-cache hits) and
 gives blocks back. It holds no tensors and runs no model: its tests need none.
 """
@@ -61,7 +66,9 @@ class Work(Protocol):
 
     @property
     def num_blocks(self) -> int:
-        """Blocks it holds."""
+        """Its block table's length: the blocks it holds and, with a window, the leading ones it gave back
+        (their positions stay; so the blocks it needs for ``n`` tokens are ``ceil(n / block_size) -
+        num_blocks``)."""
         ...
 
 
@@ -73,6 +80,8 @@ class Pool(Protocol[W_contra]):
     """The KV block pool, as the scheduler sees it."""
 
     block_size: int
+    # The most keys any layer reads up to a query, itself included (None: every earlier one).
+    window: int | None
 
     def num_free(self) -> int:
         """Blocks that can be handed out now (free, or cached and held by nobody)."""
@@ -84,6 +93,10 @@ class Pool(Protocol[W_contra]):
 
     def release(self, work: W_contra) -> None:
         """Gives back every block of ``work``; it keeps its tokens and recomputes them when it runs again."""
+        ...
+
+    def slide(self, work: W_contra) -> None:
+        """Gives back the blocks of ``work`` that every layer's window has passed (only with a window)."""
         ...
 
 
@@ -169,6 +182,9 @@ class Scheduler(Generic[W]):
         limit)."""
         plan: Plan[W] = Plan()
         bs = self.pool.block_size
+        if self.pool.window is not None:
+            for work in self._holders():
+                self.pool.slide(work)
         growing = self._growth(plan)
         # Shares whose prompt is being computed: their other members wait for its blocks.
         computing = {w.share for w in self.waiting if w.opened and w.num_computed < w.num_tokens}
@@ -178,7 +194,7 @@ class Scheduler(Generic[W]):
                 break
             if not self._adapter_fits(work, adapters):
                 continue  # its adapter waits for a free place (work of the adapters in use goes on)
-            if work.num_tokens > self.num_blocks * bs:  # more than the whole pool: it never fits
+            if self._never_fits(work):
                 self._fail(work, plan)
                 continue
             if not work.opened:
@@ -226,6 +242,16 @@ class Scheduler(Generic[W]):
             return True
         adapter = self.adapter_of(work)
         return not adapter or adapter in adapters or len(adapters) < self.max_adapters
+
+    def _never_fits(self, work: W) -> bool:
+        """Whether ``work`` needs more blocks than the whole pool at its smallest: all its tokens' blocks, or
+        with a window those of one window and the token it runs (it runs a token at a time if need be)."""
+        bs = self.pool.block_size
+        least = ceil_div(work.num_tokens, bs)
+        window = self.pool.window
+        if window is not None:
+            least = min(least, ceil_div(window - 1, bs) + 1)
+        return least > self.num_blocks
 
     def _planned_blocks(self, plan: Plan[W]) -> int:
         bs = self.pool.block_size
@@ -284,7 +310,7 @@ class Scheduler(Generic[W]):
         for work in self.waiting[1:]:
             if work.opened and work.num_blocks:
                 self.pool.release(work)
-        if head.num_tokens > self.num_blocks * self.pool.block_size:
+        if self._never_fits(head):
             self._fail(head, plan)
             return
         if not head.opened:

@@ -10,6 +10,10 @@ of one sequence each). New K/V are written to their slots first; then
   one KV head as that head's query rows, so grouped-query attention needs no copy of K/V per query head;
 - each prefill chunk attends to its whole context (cached prefix + earlier chunks + itself), causally.
 
+With sliding windows, blocks that every layer's window has passed leave a sequence (``PagedKVCache.slide``):
+a sequence's context then starts at its first kept block (``StepMeta.decode_starts``, a chunk's ``slots``),
+and positions within a context are relative to that start (the masks only compare positions).
+
 A layer may score differently (``Scores``): another scale on q.k, scores soft-capped (``c * tanh(s / c)``,
 Gemma 2), or a sliding window (a query sees the keys of its last ``window`` positions, itself included).
 A window masks the keys outside it; soft-capping runs the scores through torch operations (neither
@@ -54,24 +58,37 @@ class StepMeta:
     decode_lengths: torch.Tensor | None = None
     decode_slots: torch.Tensor | None = None
     decode_mask: torch.Tensor | None = None
+    # The torch path: each row's first position in its table (a multiple of the block size: the blocks
+    # before it left the cache); None: every table starts at position 0.
+    decode_starts: torch.Tensor | None = None
     # The rows that use LoRA adapters (shard/paged/lora.py); None: every row runs the base model only.
     lora: LoraStep | None = None
 
 
 def decode_meta(
-    table: torch.Tensor, lengths: torch.Tensor, block_size: int, context: int | None
+    table: torch.Tensor,
+    lengths: torch.Tensor,
+    block_size: int,
+    context: int | None,
+    starts: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, StepMeta]:
     """A decode-only step's positions and meta from its block table [batch, width] and context lengths
     [batch] (the new token included), in tensor operations only (a CUDA graph can hold them).
     ``context``: the tokens of the gathered context span for the torch path (at least the longest
-    length); None for the CPU kernel, which reads the pool through the table itself."""
+    length less its start); None for the CPU kernel, which reads the pool through the table itself.
+    ``starts`` (torch path only): each row's table begins at that position (blocks before it are gone)."""
     positions = lengths - 1
-    write = table.gather(1, (positions // block_size).unsqueeze(1)).squeeze(1) * block_size
+    local = positions if starts is None else positions - starts
+    write = table.gather(1, (local // block_size).unsqueeze(1)).squeeze(1) * block_size
     meta = StepMeta(write + positions % block_size, len(table), [], block_size, table, lengths)
+    meta.decode_starts = starts
     if context is not None:
         span = torch.arange(context, device=table.device)
+        held = lengths if starts is None else lengths - starts
         meta.decode_slots = table[:, span // block_size] * block_size + span % block_size
-        meta.decode_mask = (span.unsqueeze(0) < lengths.unsqueeze(1)).view(len(table), 1, 1, context)
+        meta.decode_mask = (span.unsqueeze(0) < held.unsqueeze(1)).view(len(table), 1, 1, context)
+    elif starts is not None:
+        raise ValueError("the decode_attention kernel reads tables from position 0")
     return positions, meta
 
 
@@ -154,8 +171,12 @@ def attend(
         if mask is None or meta.decode_lengths is None:
             raise ValueError("the gathered decode context comes with its mask and lengths")
         if scores.window is not None:
-            # Keys at positions > (length - 1) - window: the query's own and the window - 1 before it.
-            first = (meta.decode_lengths - scores.window).view(b, 1, 1, 1)
+            # Keys at positions > (length - 1) - window: the query's own and the window - 1 before it
+            # (in the gathered span, which begins at the row's start).
+            first = meta.decode_lengths - scores.window
+            if meta.decode_starts is not None:
+                first = first - meta.decode_starts
+            first = first.view(b, 1, 1, 1)
             mask = mask & (torch.arange(slots.shape[1], device=slots.device) >= first)
         if scores.softcap is not None:
             out = capped_attention(query.unsqueeze(3), keys, values, mask.unsqueeze(1), scores)
@@ -187,7 +208,8 @@ def attend(
 
 def chunk_mask(chunk: PrefillChunk, window: int | None) -> torch.Tensor:
     """[length, context] bool: the chunk's queries (the context's last ``length`` positions) may attend
-    to the keys at or before their own position, and within ``window`` of it when given."""
+    to the keys at or before their own position, and within ``window`` of it when given (positions count
+    from the context's start, which need not be the sequence's: only their differences matter)."""
     context = chunk.slots.shape[0]
     device = chunk.slots.device
     queries = torch.arange(context - chunk.length, context, device=device).unsqueeze(1)

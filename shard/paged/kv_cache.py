@@ -12,6 +12,13 @@ salt and parent digest to equal the prompt's, so that no crafted prompt can read
 (unlike Python's ``hash``, which vLLM's CVE-2025-25183 collided). Requests with different salts (tenants)
 never share a block; requests with the same salt do. Blocks nobody holds keep their contents and stay
 findable until memory is needed; then the least recently used is evicted.
+
+Sliding windows (``window``: every layer reads at most that many keys, a query's own included): the blocks
+wholly before a sequence's window go back to the pool as it moves on (``slide``), so a long sequence holds
+about ``window`` tokens of blocks. Its block table keeps their positions (entries set to the null block,
+never read: attention starts at the first kept block) and its ``hashes`` keep their digests, so its later
+blocks are still named by its whole prefix. A prompt then shares a cached run of blocks that ends where
+its computing starts and covers that point's window, whatever came before it (``open``).
 """
 
 from __future__ import annotations
@@ -70,6 +77,9 @@ class Sequence:
     # LongRoPE: it rotates long throughout (it holds more tokens than the switch:
     # backends/paged.open_sequence; already folded into ``salt``).
     long_rope: bool = False
+    # Leading blocks given back because every layer's window has passed them: their ``blocks`` entries are
+    # the null block (no memory, never read); their digests stay in ``hashes``.
+    dropped: int = 0
 
 
 class BlockAllocator:
@@ -124,6 +134,15 @@ class BlockAllocator:
         """A cached block with this digest whose (parent digest, salt, tokens) equal ``key`` (held for the
         caller), or None. A block whose digest matches but whose key does not is a miss, counted in
         ``mismatches``: a digest alone never hands out another request's K/V."""
+        block = self.find(h, key)
+        if block is None:
+            return None
+        self.hits += 1
+        self.hold(block)
+        return block
+
+    def find(self, h: bytes, key: BlockKey) -> int | None:
+        """``lookup`` without holding the block or counting a hit (the caller holds what it takes)."""
         self.queries += 1
         block = self.by_hash.get(h)
         if block is None:
@@ -132,8 +151,6 @@ class BlockAllocator:
             self.mismatches += 1
             log.warning("Prefix cache: a block's digest matched but its tokens did not; not shared")
             return None
-        self.hits += 1
-        self.hold(block)
         return block
 
     def register(self, block: int, h: bytes, key: BlockKey) -> None:
@@ -156,7 +173,10 @@ class PagedKVCache:
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device,
+        window: int | None = None,
     ) -> None:
+        """``window``: the most keys any layer reads up to a query, itself included (``ModelSpec.kv_window``);
+        None when some layer reads them all (no block leaves a live sequence)."""
         # Two more blocks than the allocator hands out: the null block, all zeros, which padding in a
         # batch's block table points at, and the scratch block, which the padding rows of a CUDA graph's
         # step write to (shard/paged/graphs.py). Zeroed memory is committed now (allocated once).
@@ -171,6 +191,7 @@ class PagedKVCache:
         self.scratch_block = num_blocks + 1
         self.allocator = BlockAllocator(num_blocks, block_size)
         self.device = device
+        self.window = window
 
     @property
     def num_tokens(self) -> int:
@@ -183,22 +204,66 @@ class PagedKVCache:
     def open(self, tokens: list[int], use_prefix_cache: bool, salt: str = "") -> Sequence:
         """A new sequence for a prompt; its longest cached prefix of full blocks (short of the last
         token, whose logits are needed) is shared instead of computed. Only blocks cached under the same
-        ``salt`` (the request's cache_salt; "" = none) are shared, and its own blocks carry it."""
+        ``salt`` (the request's cache_salt; "" = none) are shared, and its own blocks carry it.
+
+        With a window, the prefix needs only the blocks its window reaches (``kept_from``): a prefix of k
+        blocks is shared when blocks [kept_from(k), k) are all cached, the earlier ones being absent or not
+        (a long conversation whose first blocks were evicted still finds its last ones). Every block's
+        digest is still computed from the whole prompt, so a hit has the very prefix it continues."""
         seq = Sequence(list(tokens), salt=salt)
-        if use_prefix_cache:
-            parent = None
-            bs = self.block_size
-            for start in range(0, len(tokens) - 1 - bs + 1, bs):
-                block_tokens = tuple(tokens[start : start + bs])
-                h = block_hash(parent, block_tokens, salt)
-                block = self.allocator.lookup(h, (parent, salt, block_tokens))
-                if block is None:
-                    break
-                seq.blocks.append(block)
-                seq.hashes.append(h)
-                parent = h
-            seq.computed = len(seq.blocks) * bs
+        if not use_prefix_cache:
+            return seq
+        bs = self.block_size
+        parent: bytes | None = None
+        found: list[int | None] = []
+        # The usable prefix so far (blocks), and where the current run of cached blocks starts.
+        best = run = 0
+        for start in range(0, len(tokens) - bs, bs):
+            block_tokens = tuple(tokens[start : start + bs])
+            h = block_hash(parent, block_tokens, salt)
+            block = self.allocator.find(h, (parent, salt, block_tokens))
+            seq.hashes.append(h)
+            found.append(block)
+            parent = h
+            if block is not None and run <= self.kept_from(len(found) * bs):
+                best = len(found)
+            elif block is None:
+                if self.window is None:
+                    break  # every later prefix needs this block
+                run = len(found)
+        first = self.kept_from(best * bs)
+        for i in range(first, best):
+            block = found[i]
+            assert block is not None
+            self.allocator.hold(block)
+            seq.blocks.append(block)
+        seq.blocks[:0] = [self.null_block] * first
+        seq.dropped = first
+        del seq.hashes[best:]
+        seq.computed = best * bs
+        self.allocator.hits += best
         return seq
+
+    def kept_from(self, computed: int) -> int:
+        """The first block a sequence with ``computed`` tokens in the cache still reads: its next query (at
+        position ``computed``) and every later one see keys from ``computed - window + 1`` on (transformers'
+        rule: a window covers the query and the ``window - 1`` positions before it), so no layer reads the
+        blocks wholly before that again. 0 without a window."""
+        if self.window is None:
+            return 0
+        return max(computed - self.window + 1, 0) // self.block_size
+
+    def slide(self, seq: Sequence) -> None:
+        """Gives back the blocks of ``seq`` that every layer's window has passed (``kept_from``): their
+        table entries become the null block, their digests stay (and a sealed block given back stays
+        findable in the prefix cache until evicted). Only sealed blocks go: ``seal`` names a sequence's
+        blocks in order and must find each one's memory. Safe whenever ``computed`` will not go back below
+        its value now (a step's tokens are never cut below where the step started: ``truncate``)."""
+        first = min(self.kept_from(seq.computed), len(seq.hashes))
+        for i in range(seq.dropped, first):
+            self.allocator.release(seq.blocks[i])
+            seq.blocks[i] = self.null_block
+        seq.dropped = max(seq.dropped, first)
 
     def reserve(self, seq: Sequence, total: int) -> None:
         """Makes sure ``seq`` has blocks for ``total`` tokens."""
@@ -227,13 +292,16 @@ class PagedKVCache:
         del seq.tokens[length:]
         seq.computed = min(seq.computed, length)
         keep = -(-length // self.block_size)
+        assert keep >= seq.dropped, "dropped blocks cannot be truncated"
         for block in seq.blocks[keep:]:
             self.allocator.release(block)
         del seq.blocks[keep:]
 
     def slots(self, seq: Sequence, start: int, end: int) -> list[int]:
-        """Pool slots of the sequence's tokens [start, end)."""
+        """Pool slots of the sequence's tokens [start, end) (none of them in a block given back)."""
         bs = self.block_size
+        if start < seq.dropped * bs:
+            raise ValueError(f"token {start} is in a block the window has passed (first kept: {seq.dropped})")
         return [seq.blocks[i // bs] * bs + i % bs for i in range(start, end)]
 
     def seal(self, seq: Sequence) -> None:
@@ -251,10 +319,10 @@ class PagedKVCache:
     def fork(self, seq: Sequence) -> Sequence:
         """A copy that shares the full blocks and gets its own copy of the partial last block."""
         child = Sequence(list(seq.tokens), computed=seq.computed, hashes=list(seq.hashes), salt=seq.salt,
-                         adapter=seq.adapter, long_rope=seq.long_rope)  # fmt: skip
+                         adapter=seq.adapter, dropped=seq.dropped, long_rope=seq.long_rope)  # fmt: skip
         bs = self.block_size
         full = seq.computed // bs
-        for block in seq.blocks[:full]:
+        for block in seq.blocks[seq.dropped : full]:
             self.allocator.hold(block)
         child.blocks = list(seq.blocks[:full])
         for block in seq.blocks[full:]:
@@ -270,6 +338,7 @@ class PagedKVCache:
         if seq.released:
             return
         seq.released = True
-        for block in seq.blocks:
+        for block in seq.blocks[seq.dropped :]:
             self.allocator.release(block)
         seq.blocks = []
+        seq.dropped = 0

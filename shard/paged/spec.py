@@ -130,6 +130,16 @@ class ModelSpec:
         )
 
     @property
+    def kv_window(self) -> int | None:
+        """How far back any layer reads: the largest window when every layer has one (a query at position
+        p then reads no key before ``p - kv_window + 1``, so the blocks wholly before that leave the
+        cache: ``PagedKVCache.slide``); None when some layer attends to every earlier position."""
+        windows = [layer.sliding_window for layer in self.layers]
+        if not windows or any(w is None for w in windows):
+            return None
+        return max(w for w in windows if w is not None)
+
+    @property
     def has_experts(self) -> bool:
         """Whether any layer's MLP is a mixture of experts."""
         return any(layer.moe is not None for layer in self.layers)
@@ -199,9 +209,36 @@ def require_silu(config: Any) -> None:
         raise UnsupportedModelError(f"activation {act!r}")
 
 
+SLIDING, FULL = "sliding_attention", "full_attention"
+
+
+def sliding_layers(config: Any, per_layer: bool) -> tuple[LayerSpec, ...]:
+    """Each layer's window as transformers applies it. ``per_layer`` False (Mistral, whose model ignores
+    ``layer_types``): ``sliding_window`` on every layer when set. True (Qwen2): the layers that
+    ``layer_types`` marks ``sliding_attention``; Qwen2's config makes them from ``use_sliding_window``
+    (which else clears ``sliding_window``) and ``max_window_layers`` (layers from that index on slide).
+
+    A window covers a query and the ``window - 1`` positions before it (transformers' ``kv_idx > q_idx -
+    window``). A window no shorter than ``max_position_embeddings`` never masks a key (no position
+    reaches that far) and counts as global attention, which keeps the CPU attention kernel."""
+    window = getattr(config, "sliding_window", None)
+    if window is not None and window >= config.max_position_embeddings:
+        window = None
+    count = config.num_hidden_layers
+    if not per_layer:
+        return (LayerSpec(sliding_window=window),) * count
+    kinds = list(getattr(config, "layer_types", None) or [FULL] * count)
+    unknown = sorted(set(kinds) - {SLIDING, FULL})
+    if unknown or len(kinds) != count:
+        raise UnsupportedModelError(f"layer_types {unknown or kinds}")
+    if SLIDING in kinds and getattr(config, "sliding_window", None) is None:
+        raise UnsupportedModelError("sliding_attention layers without a sliding_window")
+    return tuple(LayerSpec(sliding_window=window if kind == SLIDING else None) for kind in kinds)
+
+
 def refuse_sliding_window(config: Any, default_on: bool = False) -> None:
-    """Mistral/Qwen-style windows (``sliding_window`` with ``use_sliding_window``) shorter than the context
-    are not run here: their blocks would have to leave the cache as they fall out of the window."""
+    """For the families not wired to ``sliding_layers`` yet: a window (``sliding_window`` with
+    ``use_sliding_window``) shorter than the context is refused by name rather than ignored."""
     window = getattr(config, "sliding_window", None)
     if (
         window

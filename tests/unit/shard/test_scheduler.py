@@ -23,6 +23,8 @@ class FakeWork:
     blocks: int = 0
     # Blocks of its prompt another request has left in the prefix cache (found when it opens).
     cached: int = 0
+    # Leading blocks of its table given back as a sliding window passed them (counted in ``blocks``).
+    dropped: int = 0
 
     def __post_init__(self) -> None:
         self.share = self.share or id(self)
@@ -45,12 +47,14 @@ class FakeWork:
 
 
 class FakePool:
-    """Counts blocks; a prefix hit holds blocks that were free (cached, held by nobody)."""
+    """Counts blocks; a prefix hit holds blocks that were free (cached, held by nobody). With a ``window``
+    (tokens), ``slide`` gives back the blocks wholly before the window of a work's next token."""
 
     block_size = BS
 
-    def __init__(self, blocks: int) -> None:
+    def __init__(self, blocks: int, window: int | None = None) -> None:
         self.free = blocks
+        self.window = window
 
     def num_free(self) -> int:
         return self.free
@@ -64,9 +68,16 @@ class FakePool:
         self.free -= hit
 
     def release(self, work: FakeWork) -> None:
-        self.free += work.blocks
-        work.blocks = work.computed = 0
+        self.free += work.blocks - work.dropped
+        work.blocks = work.computed = work.dropped = 0
         work.is_open = False
+
+    def slide(self, work: FakeWork) -> None:
+        assert self.window is not None, "the scheduler slides only with a window"
+        first = max(work.computed - self.window + 1, 0) // BS
+        if first > work.dropped:
+            self.free += first - work.dropped
+            work.dropped = first
 
 
 def run(scheduler: Scheduler[FakeWork], plan: Plan[FakeWork]) -> None:
