@@ -58,9 +58,11 @@ _NUMBER = r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?"
 _NAME = "[A-Za-z_][A-Za-z0-9_]*"
 _KEYWORD_NAMES = "|".join(keyword.kwlist)
 
+# What Python skips between the tokens inside brackets: whitespace, a comment, a line continuation.
+_GAP = r"(\s|\x23[^\n]*\n|\\\n)"
 #: The start of an answer the pythonic parser reads as a call list (a list whose first item is a call of a
-#: name): ``[`` then, past whitespace, comments and parentheses, a dotted name and ``(``. A Lark regex body.
-CALL_LIST_HEAD = rf"\s*\[(\s|\(|\x23[^\n]*\n)*{_NAME}(\s*\.\s*{_NAME})*(\s|\))*\("
+#: name): ``[`` then, past gaps and parentheses, a dotted name and ``(``. A Lark regex body.
+CALL_LIST_HEAD = rf"\s*\[({_GAP}|\()*{_NAME}({_GAP}*\.{_GAP}*{_NAME})*({_GAP}|\))*\("
 
 
 def callable_name(name: str) -> bool:

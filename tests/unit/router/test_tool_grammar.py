@@ -202,6 +202,9 @@ def test_pythonic_auto_is_free_until_a_call_list_starts(
     for bad in [
         "[get_wind(",  # the call of an unknown name
         "[ (get_time)(",  # a call the head does not allow
+        "[\\\nget_wind(",  # past a line continuation
+        "[get_wind # a comment\n(",
+        "[tools . get_time(",  # a dotted name
         "  [get_weather(city=3",
         '[get_weather(city="Oslo")',
         "[get_time()] and more",  # the list ends the answer
