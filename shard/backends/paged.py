@@ -167,7 +167,7 @@ class PagedBackend:
         # Every rank must evict and refuse alike: the pool is the smallest any rank can hold.
         num_blocks = self.parallel.agree(num_blocks)
         self.cache = PagedKVCache(spec.num_layers, num_blocks, block_size, layer.num_kv_heads, spec.head_dim,
-                                  torch_dtype, device)  # fmt: skip
+                                  torch_dtype, device, spec.kv_window)  # fmt: skip
         self.graphs: DecodeGraphs | None = None
         if device.type == "cuda" and self.parallel.world_size == 1 and cuda_graphs != ():
             self.graphs = DecodeGraphs(self.model, self.cache, cuda_graphs or DEFAULT_BATCH_SIZES)
@@ -311,18 +311,25 @@ class PagedBackend:
             longest = max(lengths)
             width = -(-longest // bs)
             null = self.cache.null_block
-            table = [(s.blocks + [null] * width)[:width] for s in seqs]
-            # A decode-only step: a CUDA graph, if one fits (steps with adapters' rows run eagerly).
+            # A decode-only step: a CUDA graph, if one fits (steps with adapters' rows run eagerly). Its
+            # tables start at position 0 (blocks a window passed are the null block there, masked).
             if not chunks and self.graphs is not None and not any(s.adapter for s in seqs):
+                table = [(s.blocks + [null] * width)[:width] for s in seqs]
                 logits = self.graphs.run(input_ids, table, lengths)
                 if logits is not None:
                     self._advance(seqs, [])
                     return logits, []
+            # Each row's table from its first kept block (sliding windows: ``PagedKVCache.slide``).
+            drops = [s.dropped for s in seqs]
+            width = max(-(-n // bs) - d for n, d in zip(lengths, drops, strict=True))
+            table = [(s.blocks[d:] + [null] * width)[:width] for s, d in zip(seqs, drops, strict=True)]
+            span = max(n - d * bs for n, d in zip(lengths, drops, strict=True))
             positions, meta = decode_meta(
                 torch.tensor(table, device=dev),
                 torch.tensor(lengths, device=dev),
                 bs,
-                None if self.model.fused else longest,
+                None if self.model.fused else span,
+                torch.tensor(drops, device=dev) * bs if any(drops) else None,
             )
             parts_ids.append(input_ids.to(dev))
             parts_pos.append(positions)
@@ -334,12 +341,14 @@ class PagedBackend:
             start, end = seq.computed, seq.computed + chunk.length
             parts_ids.append(torch.tensor(seq.tokens[start:end], device=dev))
             parts_pos.append(torch.arange(start, end, device=dev))
-            context = torch.tensor(self.cache.slots(seq, 0, end), device=dev)
-            parts_write.append(context[start:])
+            # Its context from its first kept block (positions in the mask count from there).
+            kept = seq.dropped * bs
+            context = torch.tensor(self.cache.slots(seq, kept, end), device=dev)
+            parts_write.append(context[start - kept :])
             mask = None
-            if start:
-                queries = torch.arange(start, end, device=dev).unsqueeze(1)
-                mask = torch.arange(end, device=dev).unsqueeze(0) <= queries
+            if start > kept:
+                queries = torch.arange(start - kept, end - kept, device=dev).unsqueeze(1)
+                mask = torch.arange(end - kept, device=dev).unsqueeze(0) <= queries
             meta.prefills.append(PrefillChunk(row, chunk.length, context, mask))
             first = len(logit_rows)
             if chunk.want_all:
