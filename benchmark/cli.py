@@ -215,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
         scenarios,
         shard_bench,
         step_bench,
+        upcycle,
     )
 
     for module in (
@@ -226,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
         scenarios,
         quantize,
         random_model,
+        upcycle,
     ):  # subcommands
         module.register(commands)
     return parser

@@ -1,17 +1,19 @@
 """``text-generation-benchmark quantize``: every --quantize mode on one model, through the real server.
 
-Per mode (none = full precision, bitsandbytes, bitsandbytes-nf4, bitsandbytes-fp4, ct2) it starts the
-launcher twice on a hub cache of its own (the mode's conversion removed before the first start), and
-measures:
+Per mode (none = full precision, bitsandbytes, bitsandbytes-nf4, bitsandbytes-fp4, ct2, and the paged
+backend's int8 and int4) it starts the launcher twice on a hub cache of its own (the mode's conversion
+removed before the first start), and measures:
 
 - weight memory (the library's own figure: transformers' ``get_memory_footprint`` for bitsandbytes, the
-  parameters' bytes for full precision, the size of the converted model for CTranslate2);
+  parameters' bytes for full precision, the size of the converted model for CTranslate2; for int8/int4 the
+  shard's own figure, its "Weights on rank" log line);
 - the first and the cached start: seconds from the launcher's start to ``/health`` 200 (the first start of
   ct2 converts the model; bitsandbytes quantizes at every load);
 - perplexity on the first N tokens of a fixed text the project ships (the Apache-2.0 licence): through the
   server (TGI's ``decoder_input_details``, the prompt log-probabilities of the serving path), and through
   the library alone on the same token ids (transformers, with bitsandbytes for its modes; ctranslate2's
-  ``score_batch``); they must agree within 1%;
+  ``score_batch``); they must agree within 1%. int8 and int4 are the paged backend's own kernels, which
+  no library outside the server runs: they have the server's figure only;
 - single-stream decode tokens/s and output tokens/s at 32 concurrent streams (``serve``'s client and
   metrics, greedy, EOS ignored);
 - for the modes in ``--positions-modes``: the time per output token around positions 50 and 500 of one
@@ -42,7 +44,9 @@ from typing import Any, TextIO
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parent / "data"
 DEFAULT_TEXT = DATA / "apache-2.0.txt"
-MODES = ("none", "bitsandbytes", "bitsandbytes-nf4", "bitsandbytes-fp4", "ct2")
+MODES = ("none", "bitsandbytes", "bitsandbytes-nf4", "bitsandbytes-fp4", "ct2", "int8", "int4")
+# The paged backend's own quantization (shard/paged/quant.py): served only, no library to compare with.
+PAGED_MODES = ("int8", "int4")
 EXIT_OK, EXIT_FAILED = 0, 1
 START_TIMEOUT_S = 900.0
 
@@ -150,11 +154,22 @@ def _tail(log: Path, lines: int = 30) -> str:
     return ""
 
 
-def _shard_load_s(log: Path) -> float | None:
+def _logged(log: Path, pattern: str) -> float | None:
+    """The number ``pattern``'s group captures at its first match in the log, or None."""
     import re
 
-    match = re.search(r"Model ready in ([0-9.]+) s", log.read_text(errors="replace"))
+    match = re.search(pattern, log.read_text(errors="replace"))
     return float(match.group(1)) if match else None
+
+
+def _shard_load_s(log: Path) -> float | None:
+    return _logged(log, r"Model ready in ([0-9.]+) s")
+
+
+def _shard_weights_mib(log: Path) -> float | None:
+    """The weights the shard holds, as it logs them (``Weights on rank 0/1: 70.2 MB``), in MiB."""
+    mb = _logged(log, r"Weights on rank 0/\d+: ([0-9.]+) MB")
+    return None if mb is None else mb * 1e6 / 2**20
 
 
 # -- perplexity --------------------------------------------------------------------------------------------
@@ -314,6 +329,9 @@ def run_mode(config: QuantizeConfig, mode: str, log_dir: Path, progress: Callabl
         if mode in config.positions_modes:
             progress(f"{mode}: time per token at positions {config.positions}")
             result.ms_per_token = ms_per_token_at(url, config.positions, config.window, config.repeats)
+    if mode in PAGED_MODES:
+        result.weight_mib = _shard_weights_mib(cached_log)
+        return result
     ct2_dir = _ct2_entry(cached_log) if mode == "ct2" else None
     if ct2_dir is not None:
         with contextlib.suppress(OSError, ValueError):

@@ -8,9 +8,11 @@ as they would a real checkpoint.
 
 ``--arch`` writes the same shape as another architecture, so that the step benchmark can set each
 architecture's extras beside a dense Llama of the same active size: ``mixtral`` (8 experts, top 2, each
-expert half the Llama's MLP width: the same products per token, 4x the MLP weights) and ``gemma2``
-(GeGLU, sandwich norms, soft-capping, alternating 4,096-token sliding windows). These two are made by
-transformers' own model class (its random initialization, std 0.02) and saved as it saves them.
+expert half the Llama's MLP width: the same products per token, 4x the MLP weights), ``qwen2_moe`` (8
+experts of a quarter of the width, top 2, and a shared expert of half of it behind its gate: the same
+active width) and ``gemma2`` (GeGLU, sandwich norms, soft-capping, alternating 4,096-token sliding
+windows). These are made by transformers' own model class (its random initialization, std 0.02) and
+saved as it saves them.
 """
 
 from __future__ import annotations
@@ -103,13 +105,13 @@ def write_tokenizer(path: Path) -> int:
     return vocab[END]
 
 
-ARCHS = ("llama", "mixtral", "gemma2")
-EXPERTS, TOP_K = 8, 2  # --arch mixtral
+ARCHS = ("llama", "mixtral", "qwen2_moe", "gemma2")
+EXPERTS, TOP_K = 8, 2  # --arch mixtral and qwen2_moe
 
 
 def config_of(arch: str, shape: Shape, end: int, dtype_name: str) -> Any:
     """The transformers config of ``shape`` as ``arch`` (see the module docstring)."""
-    from transformers import Gemma2Config, LlamaConfig, MixtralConfig
+    from transformers import Gemma2Config, LlamaConfig, MixtralConfig, Qwen2MoeConfig
 
     common: dict[str, Any] = dict(
         vocab_size=shape.vocab, hidden_size=shape.hidden, num_hidden_layers=shape.layers,
@@ -128,6 +130,12 @@ def config_of(arch: str, shape: Shape, end: int, dtype_name: str) -> Any:
         return MixtralConfig(
             intermediate_size=shape.intermediate // TOP_K, num_local_experts=EXPERTS, num_experts_per_tok=TOP_K,
             **common,
+        )  # fmt: skip
+    if arch == "qwen2_moe":
+        return Qwen2MoeConfig(
+            intermediate_size=shape.intermediate, moe_intermediate_size=shape.intermediate // (2 * TOP_K),
+            shared_expert_intermediate_size=shape.intermediate // 2, num_experts=EXPERTS,
+            num_experts_per_tok=TOP_K, norm_topk_prob=True, **common,
         )  # fmt: skip
     if arch == "gemma2":
         d = shape.hidden // shape.heads

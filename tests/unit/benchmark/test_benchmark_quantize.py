@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 
@@ -37,3 +38,15 @@ def test_the_shipped_text_is_long_enough() -> None:
 def test_unknown_mode_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["quantize", "--modes", "none,gptq"]) == 1
     assert "unknown modes ['gptq']" in capsys.readouterr().err
+
+
+def test_paged_modes_take_the_shards_logged_weights(tmp_path: Path) -> None:
+    """int8/int4 run in the paged backend's own kernels: their weight memory is the shard's log line."""
+    from benchmark.quantize import MODES, PAGED_MODES, _shard_weights_mib
+
+    assert set(PAGED_MODES) <= set(MODES)
+    log = tmp_path / "int4-cached.log"
+    log.write_text("... INFO Weights on rank 0/1: 104.9 MB\n")
+    assert _shard_weights_mib(log) == pytest.approx(104.9e6 / 2**20)
+    log.write_text("no such line\n")
+    assert _shard_weights_mib(log) is None
