@@ -8,7 +8,10 @@ and bytes counted from ``config.json`` and the safetensors headers, no weights l
 - the decode floor: weight bytes read per decode step / read bandwidth = the most steps/s one stream can
   make (every weight is read once per step, whatever the batch);
 - the compute ceiling: 2 x parameters FLOPs per token / the matmul rate at the largest M = the most
-  tokens/s any batch can reach.
+  tokens/s any batch can reach; with ``--ceilings float32,bfloat16,int8`` one ceiling per arithmetic (the
+  bfloat16 products run on AMX or AVX512-BF16 where the CPU has them, the int8 ones, ``torch._int_mm``, on
+  AMX-INT8 or VNNI), so that each serving mode's multi-stream figure is judged against the ceiling of the
+  arithmetic it uses (``versus_floor(..., arithmetic=...)``).
 
 ``fraction_of_floor(measured, floor)`` turns a measured rate into a fraction of such a bound.
 """
@@ -33,6 +36,9 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 DEFAULT_K, DEFAULT_N = 576, 1536  # SmolLM2-135M's hidden and intermediate sizes
 DEFAULT_M = (1, 32, 256)
 WEIGHT_BITS = (32, 16, 8, 4)
+# The arithmetics a ceiling can be measured for: the float dtypes (F.linear) and int8 x int8 -> int32
+# (torch._int_mm), the products of --dtype float32/bfloat16 and of --quantize int8/int4's integer kernels.
+ARITHMETICS = ("float32", "bfloat16", "float16", "int8")
 
 # Input embeddings are gathered (one row per token), not read whole at each step, unless the token
 # embeddings double as the LM head (tied).
@@ -218,22 +224,34 @@ def measure_matmul(
     min_time_s: float = 0.1,
 ) -> float:  # fmt: skip
     """Best-of-``repeats`` GFLOP/s of ``F.linear(x[m, k], w[n, k])`` (2 m k n FLOPs), each repeat timing
-    as many calls as fill ``min_time_s``."""
+    as many calls as fill ``min_time_s``. ``dtype`` int8: ``torch._int_mm`` of int8 x int8 into int32
+    (GOP/s; RuntimeError where torch has no such product for these sizes)."""
     import torch
     import torch.nn.functional as F
 
     dev = torch.device(device)
-    torch_dtype = getattr(torch, dtype)
-    x = torch.randn(m, k, device=dev).to(torch_dtype)
-    w = torch.randn(n, k, device=dev).to(torch_dtype)
-    F.linear(x, w)
+    if dtype == "int8":
+        xi = torch.randint(-128, 128, (m, k), dtype=torch.int8, device=dev)
+        wi = torch.randint(-128, 128, (k, n), dtype=torch.int8, device=dev)
+
+        def product() -> object:
+            return torch._int_mm(xi, wi)
+    else:
+        torch_dtype = getattr(torch, dtype)
+        x = torch.randn(m, k, device=dev).to(torch_dtype)
+        w = torch.randn(n, k, device=dev).to(torch_dtype)
+
+        def product() -> object:
+            return F.linear(x, w)
+
+    product()
     _sync(dev)
     best = math.inf
     for _ in range(repeats):
         calls = 0
         start = time.perf_counter()
         while True:
-            F.linear(x, w)
+            product()
             calls += 1
             if calls % 8 == 0 or calls < 8:
                 _sync(dev)
@@ -262,6 +280,8 @@ class FloorConfig:
     # one thread can beat several that wait for each other)
     threads: tuple[int, ...] | None = None
     output: str | None = None
+    # Arithmetics whose matmul rates give a compute ceiling each (ARITHMETICS), besides ``dtype``'s.
+    ceilings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -284,6 +304,10 @@ class FloorReport:
     floors: list[FloorRow] = field(default_factory=list)
     flops_per_token: float | None = None
     max_tokens_per_s: float | None = None
+    # --ceilings: arithmetic -> its matmul rows ("gflops" None and "error" where torch refused the product)
+    ceiling_matmul: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    # arithmetic -> {"m", "gflops", "max_tokens_per_s"}: its rate at the largest M it measured
+    compute_ceilings: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
     def floor(self) -> FloorRow | None:
@@ -306,6 +330,8 @@ class FloorReport:
                 if self.max_tokens_per_s is not None
                 else None
             ),
+            "ceiling_matmul": self.ceiling_matmul,
+            "compute_ceilings": self.compute_ceilings,
         }
 
 
@@ -320,12 +346,26 @@ def device_name(device: str) -> str:
 
 
 def build_report(
-    config: FloorConfig, bandwidth: dict[str, float], matmul: list[dict[str, float]], model: ModelStats | None
+    config: FloorConfig,
+    bandwidth: dict[str, float],
+    matmul: list[dict[str, float]],
+    model: ModelStats | None,
+    ceiling_matmul: dict[str, list[dict[str, Any]]] | None = None,
 ) -> FloorReport:
-    """The bounds from measured figures (no measuring here, so the arithmetic can be checked alone)."""
-    report = FloorReport(config, "", bandwidth, matmul, model)
+    """The bounds from measured figures (no measuring here, so the arithmetic can be checked alone).
+    ``ceiling_matmul``: each --ceilings arithmetic's matmul rows, a ceiling each from its largest M."""
+    report = FloorReport(config, "", bandwidth, matmul, model, ceiling_matmul=dict(ceiling_matmul or {}))
     if model is None:
         return report
+    for arithmetic, rows in report.ceiling_matmul.items():
+        measured = [r for r in rows if r.get("gflops")]
+        if measured:
+            large = max(measured, key=lambda r: r["m"])
+            report.compute_ceilings[arithmetic] = {
+                "m": large["m"],
+                "gflops": large["gflops"],
+                "max_tokens_per_s": compute_ceiling_tokens_per_s(model.params_per_token, large["gflops"]),
+            }
     formats: list[int | None] = [None, *WEIGHT_BITS]
     if config.weight_bits is not None and config.weight_bits not in WEIGHT_BITS:
         formats.append(config.weight_bits)
@@ -378,18 +418,42 @@ def run_floor(config: FloorConfig, *, progress: Any = None) -> FloorReport:
             measured = measure_bandwidth(config.device, config.bandwidth_mib, config.repeats)
         if measured["read_gbps"] > bandwidth.get("read_gbps", 0):
             bandwidth = {**measured, "threads": count}
-    matmul = []
+    matmul = measure_matmuls(config, config.dtype, k, n, counts, say)
+    ceiling_matmul = {}
+    for arithmetic in config.ceilings:
+        rows = (
+            matmul if arithmetic == config.dtype else measure_matmuls(config, arithmetic, k, n, counts, say)
+        )
+        ceiling_matmul[arithmetic] = rows
+    report = build_report(config, bandwidth, matmul, model, ceiling_matmul)
+    report.device_name = device_name(config.device)
+    return report
+
+
+def measure_matmuls(
+    config: FloorConfig, arithmetic: str, k: int, n: int, counts: list[int | None], say: Any
+) -> list[dict[str, Any]]:
+    """One row per M of ``config.m_values``: the best rate over the thread ``counts``. An int8 product
+    torch refuses (``torch._int_mm``'s size rules) gives a row with ``gflops`` None and the error."""
+    rows: list[dict[str, Any]] = []
     for m in config.m_values:
         by_threads: dict[int | None, float] = {}
-        for count in counts:
-            say(f"matmul: {m} x {k} x {n} {config.dtype}, threads {count}")
-            with torch_threads(count):
-                by_threads[count] = measure_matmul(
-                    m, k, n, device=config.device, dtype=config.dtype, repeats=min(config.repeats, 3),
-                    min_time_s=config.matmul_min_time_s,
-                )  # fmt: skip
+        try:
+            for count in counts:
+                say(f"matmul: {m} x {k} x {n} {arithmetic}, threads {count}")
+                with torch_threads(count):
+                    by_threads[count] = measure_matmul(
+                        m, k, n, device=config.device, dtype=arithmetic, repeats=min(config.repeats, 3),
+                        min_time_s=config.matmul_min_time_s,
+                    )  # fmt: skip
+        except RuntimeError as e:
+            if arithmetic != "int8":
+                raise
+            say(f"matmul: {m} x {k} x {n} int8 refused: {e}")
+            rows.append({"m": m, "k": k, "n": n, "gflops": None, "error": str(e).splitlines()[0]})
+            continue
         best = max(by_threads, key=by_threads.__getitem__)
-        matmul.append(
+        rows.append(
             {
                 "m": m,
                 "k": k,
@@ -399,9 +463,7 @@ def run_floor(config: FloorConfig, *, progress: Any = None) -> FloorReport:
                 "gflops_by_threads": {str(c): g for c, g in by_threads.items()},
             }
         )
-    report = build_report(config, bandwidth, matmul, model)
-    report.device_name = device_name(config.device)
-    return report
+    return rows
 
 
 def _threads_note(figure: dict[str, Any]) -> str:
@@ -448,6 +510,15 @@ def format_summary(report: FloorReport) -> str:
             f"at {large['gflops']:.1f} GFLOP/s "
             f"(M={large['m']}) -> {report.max_tokens_per_s:.0f} tokens/s at most",
         ]
+    for arithmetic, rows in report.ceiling_matmul.items():
+        unit = "GOP/s" if arithmetic == "int8" else "GFLOP/s"
+        rates = ", ".join(
+            f"M={r['m']}: {r['gflops']:.1f}" if r.get("gflops") else f"M={r['m']}: refused ({r.get('error')})"
+            for r in rows
+        )
+        ceiling = report.compute_ceilings.get(arithmetic)
+        bound = f" -> {ceiling['max_tokens_per_s']:.0f} tokens/s at most" if ceiling else ""
+        lines.append(f"{arithmetic} products: {rates} {unit}{bound}")
     return "\n".join(lines)
 
 
@@ -471,11 +542,16 @@ def load_floor(path: str | Path) -> dict[str, Any]:
 
 
 def versus_floor(
-    floor: dict[str, Any], batch_size: int, steps_per_s: float, tokens_per_s: float
+    floor: dict[str, Any],
+    batch_size: int,
+    steps_per_s: float,
+    tokens_per_s: float,
+    arithmetic: str | None = None,
 ) -> dict[str, Any]:
     """One batch size's decode figures as fractions of the floor file's bounds: steps/s of the decode floor
-    (weights read once per step), tokens/s of the compute ceiling (None without one)."""
-    ceiling = (floor.get("compute_ceiling") or {}).get("max_tokens_per_s")
+    (weights read once per step), tokens/s of the compute ceiling (None without one): the ceiling of
+    ``arithmetic`` where the file measured one (``--ceilings``), else that of its ``--dtype``."""
+    ceiling = ceiling_of(floor, arithmetic)
     return {
         "batch_size": batch_size,
         "steps_per_s": steps_per_s,
@@ -485,14 +561,24 @@ def versus_floor(
     }
 
 
-def format_versus(floor: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+def ceiling_of(floor: dict[str, Any], arithmetic: str | None = None) -> float | None:
+    """A floor file's compute ceiling in tokens/s: ``arithmetic``'s (``--ceilings``) where it has one,
+    else the one of its ``--dtype``; None without either."""
+    measured = (floor.get("compute_ceilings") or {}).get(arithmetic or "")
+    if measured:
+        return measured["max_tokens_per_s"]
+    return (floor.get("compute_ceiling") or {}).get("max_tokens_per_s")
+
+
+def format_versus(floor: dict[str, Any], rows: list[dict[str, Any]], arithmetic: str | None = None) -> str:
     decode = floor["decode_floor"]
-    ceiling = (floor.get("compute_ceiling") or {}).get("max_tokens_per_s")
+    ceiling = ceiling_of(floor, arithmetic)
     bits = decode["weight_bits"]
     lines = [
         f"versus the floor ({'as stored' if bits is None else f'{bits}-bit'} weights: "
         f"{decode['max_steps_per_s']:.1f} steps/s"
         + (f", compute ceiling {ceiling:.0f} tokens/s" if ceiling else "")
+        + (f" ({arithmetic} products)" if (arithmetic or "") in (floor.get("compute_ceilings") or {}) else "")
         + ")",
         f"{'batch':>5} {'steps/s':>10} {'of floor':>9} {'tokens/s':>10} {'of ceiling':>11}",
     ]
@@ -554,9 +640,26 @@ def register(commands: Any) -> None:
         default=None,
         help="CPU thread counts to measure at, the best kept (default: torch's default and 1)",
     )
+    p.add_argument(
+        "--ceilings",
+        metavar="A1,A2,...",
+        type=arithmetic_list,
+        default=(),
+        help=f"arithmetics to measure a compute ceiling each for, of {', '.join(ARITHMETICS)} (int8: "
+        "torch._int_mm, int8 x int8 -> int32), e.g. float32,bfloat16,int8 (default: only --dtype's)",
+    )
     p.add_argument("--output", metavar="PATH", default=None, help="write the figures as JSON here")
     p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
     p.set_defaults(handler=run_command)
+
+
+def arithmetic_list(text: str) -> tuple[str, ...]:
+    """--ceilings' comma-separated names, each one of ARITHMETICS."""
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    unknown = [name for name in names if name not in ARITHMETICS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"expected names from {', '.join(ARITHMETICS)}, got {text!r}")
+    return names
 
 
 def config_from_args(args: argparse.Namespace) -> FloorConfig:
@@ -571,6 +674,7 @@ def config_from_args(args: argparse.Namespace) -> FloorConfig:
         matmul_min_time_s=args.matmul_min_time,
         threads=args.threads,
         output=args.output,
+        ceilings=args.ceilings,
     )
 
 

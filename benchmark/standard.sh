@@ -21,7 +21,10 @@ wait_healthy() {  # url
 MODEL_DIR=$($BIN/python -c "from launcher.weights import WeightsConfig, resolve; print(resolve(WeightsConfig()).path)")
 GGUF=$($BIN/python -c "from launcher.weights import find_default_gguf; print(find_default_gguf()[0])")
 
-$BIN/text-generation-benchmark floor --model-dir "$MODEL_DIR" --output "$OUT/floor.json"
+# The ceilings of the three arithmetics the modes below use: float32 and bfloat16 products, and int8 ones
+# (AMX-INT8 / VNNI) for --quantize int8/int4.
+$BIN/text-generation-benchmark floor --model-dir "$MODEL_DIR" --ceilings float32,bfloat16,int8 \
+  --output "$OUT/floor.json"
 $BIN/text-generation-benchmark baseline --model-dir "$MODEL_DIR" --batch-sizes "$LEVELS" \
   --max-new-tokens "$TOKENS" --floor "$OUT/floor.json" --output "$OUT/baseline.json"
 
@@ -43,10 +46,11 @@ run_ours() {  # label, output file, extra launcher flags...
 }
 
 files=()
+# What `make run` serves: no --dtype, so bfloat16 on CPUs with AVX512-BF16 or AMX (half the bytes per decode
+# step, and about twice float32's matrix-multiply rate or more), float32 elsewhere (shard/dtypes.py); the
+# launcher's log says which.
 run_ours ours "$OUT/serve-ours.json"
-# bfloat16 weights and activations: half the bytes per decode step, and on CPUs with AVX512-BF16 or AMX
-# about twice float32's matrix-multiply rate (docs/benchmarks.md).
-run_ours "ours bf16" "$OUT/serve-ours-bf16.json" --dtype bfloat16
+run_ours "ours float32" "$OUT/serve-ours-float32.json" --dtype float32
 # int4 weights (GGUF Q4_1's layout, on int8 activations): about as many bytes per step as llama-server's.
 run_ours "ours int4" "$OUT/serve-ours-int4.json" --quantize int4
 

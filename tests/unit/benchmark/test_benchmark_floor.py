@@ -266,3 +266,64 @@ def test_baseline_on_tiny_model(tiny_model_dir: Path, tmp_path: Path, capsys: py
     assert data["versus_floor"][0]["fraction_of_decode_floor"] > 0
     assert main(["baseline", "--model-dir", str(tiny_model_dir), "--max-new-tokens", "1"]) == 2
     assert main(["baseline", "--model-dir", str(tmp_path / "missing"), "--no-progress"]) == 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A ceiling per arithmetic (--ceilings)
+
+
+@pytest.mark.timeout(10)
+def test_each_arithmetic_gets_its_own_ceiling_from_its_largest_measured_m() -> None:
+    model = synthetic_model()
+    bandwidth = {"read_gbps": 21.0, "copy_gbps": 15.0, "bytes": 1}
+    shape = {"k": 576, "n": 1536}
+    float32 = [{"m": 1, "gflops": 20.0, **shape}, {"m": 256, "gflops": 2 * 134_515_008 * 1000 / 1e9, **shape}]
+    ceiling_matmul = {
+        "float32": float32,
+        "bfloat16": [{"m": 1, "gflops": 30.0}, {"m": 256, "gflops": 4 * 134_515_008 * 1000 / 1e9}],
+        # torch refused the int8 product at the largest M: the ceiling comes from the largest that ran
+        "int8": [{"m": 32, "gflops": 3 * 134_515_008 * 1000 / 1e9}, {"m": 256, "gflops": None, "error": "x"}],
+    }
+    report = build_report(FloorConfig(ceilings=("float32", "bfloat16", "int8")), bandwidth, float32, model,
+                          ceiling_matmul)  # fmt: skip
+    ceilings = report.compute_ceilings
+    assert ceilings["float32"]["max_tokens_per_s"] == pytest.approx(1000.0)
+    assert ceilings["bfloat16"]["max_tokens_per_s"] == pytest.approx(2000.0)
+    assert ceilings["int8"]["m"] == 32 and ceilings["int8"]["max_tokens_per_s"] == pytest.approx(1500.0)
+    summary = format_summary(report)
+    assert "bfloat16 products: M=1: 30.0, M=256" in summary and "-> 2000 tokens/s at most" in summary
+    assert "int8 products: M=32" in summary and "M=256: refused (x) GOP/s" in summary
+
+    floor = report.to_json()
+    # a multi-stream figure against the ceiling of the arithmetic it used, else the --dtype one
+    assert versus_floor(floor, 32, 10.0, 500.0, "bfloat16")["fraction_of_compute_ceiling"] == pytest.approx(
+        0.25
+    )
+    assert versus_floor(floor, 32, 10.0, 500.0, "int8")["fraction_of_compute_ceiling"] == pytest.approx(1 / 3)
+    assert versus_floor(floor, 32, 10.0, 500.0)["fraction_of_compute_ceiling"] == pytest.approx(0.5)
+    assert versus_floor(floor, 32, 10.0, 500.0, "float16")["fraction_of_compute_ceiling"] == pytest.approx(
+        0.5
+    )
+    row = versus_floor(floor, 32, 10.0, 500.0, "bfloat16")
+    assert "compute ceiling 2000 tokens/s (bfloat16 products)" in format_versus(floor, [row], "bfloat16")
+
+
+@pytest.mark.timeout(120)
+def test_floor_cli_measures_the_bfloat16_and_int8_ceilings(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "floor.json"
+    argv = ["floor", "--model-dir", str(tiny_model_dir), "--m-values", "1,32", "--threads", "1",
+            "--ceilings", "float32,bfloat16,int8", "--output", str(out)]  # fmt: skip
+    assert main([*argv, *FAST]) == 0
+    stdout = capsys.readouterr().out
+    assert "bfloat16 products:" in stdout and "int8 products:" in stdout
+    data = json.loads(out.read_text())
+    assert set(data["ceiling_matmul"]) == {"float32", "bfloat16", "int8"}
+    assert data["ceiling_matmul"]["float32"] == data["matmul"]  # --dtype's rows, measured once
+    for arithmetic in ("float32", "bfloat16"):
+        assert [r["m"] for r in data["ceiling_matmul"][arithmetic]] == [1, 32]
+        assert data["compute_ceilings"][arithmetic]["max_tokens_per_s"] > 0
+    int8 = data["ceiling_matmul"]["int8"]
+    assert all((r["gflops"] or 0) > 0 or r["error"] for r in int8)
+    assert main(["floor", "--ceilings", "float32,int3", *FAST]) == 2
