@@ -189,11 +189,14 @@ class Scheduler(Generic[W]):
         # Shares whose prompt is being computed: their other members wait for its blocks.
         computing = {w.share for w in self.waiting if w.opened and w.num_computed < w.num_tokens}
         adapters = self._adapters_in_use()
+        # The first work waiting for an adapter's place: later work may not keep the places busy past it.
+        blocked: tuple[int, int, int] | None = None
         for work in list(self.waiting):
             if budget is not None and budget <= 0:
                 break
-            if not self._adapter_fits(work, adapters):
-                continue  # its adapter waits for a free place (work of the adapters in use goes on)
+            if not self._adapter_fits(work, adapters, blocked):
+                blocked = blocked or work.key
+                continue  # its adapter waits for a place (see _adapter_fits)
             if self._never_fits(work):
                 self._fail(work, plan)
                 continue
@@ -222,26 +225,43 @@ class Scheduler(Generic[W]):
                 break
             plan.chunks.append((work, take))
             if self.adapter_of is not None and self.adapter_of(work):
-                adapters.add(self.adapter_of(work))
+                adapter = self.adapter_of(work)
+                adapters[adapter] = min(adapters.get(adapter, work.key), work.key)
             if budget is not None:
                 budget -= take
         if not plan.chunks and not self.running and self.waiting:
             self._unblock(plan)
         return plan
 
-    def _adapters_in_use(self) -> set[str]:
-        """The adapters of the work holding the step's places: running, and prompts part-way through."""
+    def _adapters_in_use(self) -> dict[str, tuple[int, int, int]]:
+        """The adapters of the work holding the step's places (running, and prompts part-way through),
+        each with the key of its oldest holder."""
+        oldest: dict[str, tuple[int, int, int]] = {}
         if self.adapter_of is None or self.max_adapters is None:
-            return set()
-        holders = [*self.running.values(), *(w for w in self.waiting if w.opened)]
-        return {a for a in map(self.adapter_of, holders) if a}
+            return oldest
+        for w in [*self.running.values(), *(w for w in self.waiting if w.opened)]:
+            adapter = self.adapter_of(w)
+            if adapter and (adapter not in oldest or w.key < oldest[adapter]):
+                oldest[adapter] = w.key
+        return oldest
 
-    def _adapter_fits(self, work: W, adapters: set[str]) -> bool:
-        """Whether ``work`` may run now under ``max_adapters`` (its adapter is in use, or a place is free)."""
+    def _adapter_fits(
+        self, work: W, adapters: dict[str, tuple[int, int, int]], blocked: tuple[int, int, int] | None
+    ) -> bool:
+        """Whether ``work`` may run now under ``max_adapters``: a place is free, or its adapter holds one
+        and no earlier work waits for a place (``blocked``: the first such work's key), or the adapter's
+        oldest holder came before that work. So later requests join an adapter in use only while work
+        older than the waiting one holds it: once that has left, the adapter's holders drain, and the
+        places go to the waiting work in priority (arrival) order. No request starves because its adapter
+        is not on the device. Work holding blocks (``opened``) always goes on: it holds its place."""
         if self.adapter_of is None or self.max_adapters is None:
             return True
         adapter = self.adapter_of(work)
-        return not adapter or adapter in adapters or len(adapters) < self.max_adapters
+        if not adapter or work.opened:
+            return True
+        if adapter in adapters:
+            return blocked is None or adapters[adapter] < blocked
+        return len(adapters) < self.max_adapters
 
     def _never_fits(self, work: W) -> bool:
         """Whether ``work`` needs more blocks than the whole pool at its smallest: all its tokens' blocks, or
