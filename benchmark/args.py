@@ -81,3 +81,11 @@ def int_list(text: str) -> tuple[int, ...]:
     if not values or any(v < 1 for v in values):
         raise argparse.ArgumentTypeError(f"every value must be >= 1, got {text!r}")
     return values
+
+
+def name_list(text: str) -> tuple[str, ...]:
+    """``"a,b"`` -> ``("a", "b")``: names separated by commas, none empty (argparse type)."""
+    names = tuple(part.strip() for part in text.split(","))
+    if not names or any(not name for name in names):
+        raise argparse.ArgumentTypeError(f"expected comma-separated non-empty names, got {text!r}")
+    return names

@@ -11,6 +11,7 @@ from benchmark.args import (
     concurrency_list,
     json_object,
     label_list,
+    name_list,
     non_negative_int,
     positive_float,
     positive_int,
@@ -147,6 +148,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="OpenAI APIs: the model to name (default: the first id of GET /v1/models)",
     )
     serve.add_argument(
+        "--models",
+        metavar="NAME1,NAME2,...",
+        type=name_list,
+        default=(),
+        help="spread the requests over these models, request i naming the (i mod N)-th: OpenAI's `model`, "
+        "TGI's `parameters.adapter_id` (e.g. a server's LoRA adapters; not with --model)",
+    )
+    serve.add_argument(
         "--api-key", metavar="KEY", default=None, help="send 'Authorization: Bearer KEY' with every request"
     )
     serve.add_argument(
@@ -209,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     from benchmark import (
         baseline,
         floor,
+        lora,
         quantize,
         random_model,
         router_bench,
@@ -228,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
         quantize,
         random_model,
         upcycle,
+        lora,
     ):  # subcommands
         module.register(commands)
     return parser
@@ -254,6 +265,7 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         output=args.output,
         label=args.label,
         model=args.model,
+        models=args.models,
         api_key=args.api_key,
         stream_usage=not args.no_stream_usage,
         extra_body=args.extra_body,

@@ -81,6 +81,9 @@ class ServeConfig:
     # OpenAI APIs: the model name (None: the first id of GET /v1/models), a bearer token, whether to ask
     # for usage in the stream, and fields merged into every request body.
     model: str | None = None
+    # Models spread over the requests, request i naming models[i % len(models)]: OpenAI's ``model``, TGI's
+    # ``parameters.adapter_id`` (LoRA adapters of one server); empty: every request names ``model``.
+    models: tuple[str, ...] = ()
     api_key: str | None = field(default=None, repr=False)
     stream_usage: bool = True
     extra_body: dict[str, Any] | None = None
@@ -104,6 +107,10 @@ class ServeConfig:
                 raise ValueError(f"{name} must be in [0, 1], got {ratio}")
         if self.random_input_range_ratio and self.input_tokens is None:
             raise ValueError("random_input_range_ratio needs input_tokens (a synthetic prompt length)")
+        if self.models and self.model is not None:
+            raise ValueError("give model or models, not both (models spreads the requests over several)")
+        if any(not name for name in self.models):
+            raise ValueError(f"models: every name must be non-empty, got {self.models}")
         if self.warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
         if self.request_timeout_s <= 0 or self.level_timeout_s <= 0:

@@ -22,7 +22,8 @@ class RequestRecord:
     one (``usage``). ``server_output_tokens`` is the server's own count (TGI's ``details.generated_tokens``,
     OpenAI's ``usage.completion_tokens``) when it sent one; ``prompt_tokens`` likewise from OpenAI usage.
     ``max_new_tokens`` and ``input_tokens`` are what the request asked for (``input_tokens``: the synthetic
-    prompt's target length).
+    prompt's target length); ``model`` the model or LoRA adapter it named when the run spread its requests
+    over several (``serve --models``), else None.
     """
 
     index: int
@@ -44,6 +45,7 @@ class RequestRecord:
     input_tokens: int | None = None
     prompt_tokens: int | None = None
     token_count_source: str = "stream"
+    model: str | None = None
 
     def add_tokens(self, n: int, at_s: float) -> None:
         """Records ``n`` tokens that arrived ``at_s`` seconds after the request was sent."""
@@ -111,6 +113,7 @@ class RequestRecord:
             "max_new_tokens": self.max_new_tokens,
             "input_tokens": self.input_tokens,
             "prompt_tokens": self.prompt_tokens,
+            "model": self.model,
             "ttft_s": self.ttft_s,
             "tpot_s": self.tpot_s,
             "e2e_s": self.e2e_s,

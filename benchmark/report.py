@@ -57,6 +57,8 @@ def describe_workload(result: ServeResult) -> str:
             out += f" (range ratio {config.random_input_range_ratio:g})"
     else:
         out += f" | prompt {len(result.prompt)} chars"
+    if config.models:
+        out += f" | spread over {len(config.models)} models: {', '.join(config.models)}"
     return out
 
 

@@ -54,7 +54,13 @@ def as_specs(requests: Sequence[RequestSpec | str]) -> list[RequestSpec]:
 
 
 async def _consume(client: StreamingClient, spec: RequestSpec, record: RequestRecord, sent: float) -> None:
-    async with aclosing(client.stream(spec.prompt, spec.max_new_tokens)) as events:
+    # ``model`` only when the request names one: a client need not take it otherwise.
+    stream = (
+        client.stream(spec.prompt, spec.max_new_tokens)
+        if spec.model is None
+        else client.stream(spec.prompt, spec.max_new_tokens, model=spec.model)
+    )
+    async with aclosing(stream) as events:
         async for event in events:
             now = time.perf_counter() - sent
             record.add_tokens(event.num_tokens, now)
@@ -80,6 +86,7 @@ async def measure_request(
     (spec,) = as_specs([request])
     record.max_new_tokens = spec.max_new_tokens
     record.input_tokens = spec.input_tokens
+    record.model = spec.model
     sent = time.perf_counter()
     try:
         await asyncio.wait_for(_consume(client, spec, record, sent), timeout_s)

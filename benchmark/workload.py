@@ -24,12 +24,14 @@ class RequestSpec:
     """One request to send: its prompt and how many tokens it asks for.
 
     ``max_new_tokens`` None means the client's default (GenerationParams); ``input_tokens`` is the
-    synthetic prompt's target length in tokens (None for a user-given prompt).
+    synthetic prompt's target length in tokens (None for a user-given prompt); ``model`` the model (LoRA
+    adapter) it names (None: the client's, see ``ServeConfig.models``).
     """
 
     prompt: str
     max_new_tokens: int | None = None
     input_tokens: int | None = None
+    model: str | None = None
 
 
 def length_range(n: int, ratio: float) -> tuple[int, int]:
@@ -52,11 +54,13 @@ def make_requests(config: ServeConfig, count: int, stream: str = "requests") -> 
     Without ``input_tokens`` every request sends ``config.prompt``. With it, each request gets its own
     synthetic prompt (random words: no shared prefix for a prefix cache to reuse) of a length drawn in
     [N(1 - r), N], r the input range ratio. ``max_new_tokens`` is drawn likewise with the output ratio.
+    With ``config.models``, request i names ``models[i % len(models)]`` (it draws nothing: the prompts and
+    lengths are those of a run without it).
     """
     rng = random.Random(f"{config.seed}/{stream}")
     n_out = config.params.max_new_tokens
     specs = []
-    for _ in range(count):
+    for i in range(count):
         input_tokens = prompt = None
         if config.input_tokens is not None:
             input_tokens = draw_length(config.input_tokens, config.random_input_range_ratio, rng)
@@ -67,6 +71,7 @@ def make_requests(config: ServeConfig, count: int, stream: str = "requests") -> 
                 prompt=prompt if prompt is not None else config.prompt,
                 max_new_tokens=max_new_tokens,
                 input_tokens=input_tokens,
+                model=config.models[i % len(config.models)] if config.models else None,
             )
         )
     return specs

@@ -82,7 +82,9 @@ class StreamingClient(Protocol):
     the client's GenerationParams) and yields each event as soon as it has been received and parsed, in
     arrival order (the caller timestamps them on arrival). It ends normally only after having yielded a
     ``final`` event and read the response to its end; every failure is raised as a RequestError.
-    Cancellation (timeouts) propagates and releases the connection.
+    Cancellation (timeouts) propagates and releases the connection. ``model`` (given only when the request
+    names one, ``serve --models``) is the model or LoRA adapter this request names instead of the
+    client's.
     """
 
     api: str
@@ -91,7 +93,9 @@ class StreamingClient(Protocol):
 
     async def prepare(self) -> None: ...
 
-    def stream(self, prompt: str, max_new_tokens: int | None = None) -> AsyncIterator[StreamEvent]: ...
+    def stream(
+        self, prompt: str, max_new_tokens: int | None = None, model: str | None = None
+    ) -> AsyncIterator[StreamEvent]: ...
 
     async def close(self) -> None: ...
 

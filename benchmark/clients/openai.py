@@ -152,11 +152,13 @@ class OpenAIClient(HttpStreamClient):
     def prompt_fields(self, prompt: str) -> dict[str, Any]:
         raise NotImplementedError
 
-    def payload(self, prompt: str, max_new_tokens: int | None = None) -> dict[str, Any]:
-        """The JSON body of one request."""
+    def payload(
+        self, prompt: str, max_new_tokens: int | None = None, model: str | None = None
+    ) -> dict[str, Any]:
+        """The JSON body of one request; ``model`` replaces the client's model (a LoRA adapter's name)."""
         max_tokens = max_new_tokens or self.params.max_new_tokens
         body: dict[str, Any] = {
-            "model": self.model,
+            "model": self.model if model is None else model,
             **self.prompt_fields(prompt),
             "max_tokens": max_tokens,
             "temperature": 0,
@@ -171,9 +173,12 @@ class OpenAIClient(HttpStreamClient):
             body.update(self.options.extra_body)
         return body
 
-    async def stream(self, prompt: str, max_new_tokens: int | None = None) -> AsyncIterator[StreamEvent]:
+    async def stream(
+        self, prompt: str, max_new_tokens: int | None = None, model: str | None = None
+    ) -> AsyncIterator[StreamEvent]:
         parser = ChunkParser(self.chat)
-        async for data in self.post_sse(self.endpoint, self.payload(prompt, max_new_tokens), http_error):
+        body = self.payload(prompt, max_new_tokens, model)
+        async for data in self.post_sse(self.endpoint, body, http_error):
             if parser.done:
                 continue  # nothing may follow [DONE]; drain to keep the connection
             event = parser.feed(data)

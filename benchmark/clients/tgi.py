@@ -59,8 +59,10 @@ class TgiStreamClient(HttpStreamClient):
     def endpoint(self) -> str:
         return self.base_url + "/generate_stream"
 
-    def payload(self, prompt: str, max_new_tokens: int | None = None) -> dict[str, Any]:
-        """The JSON body of one request."""
+    def payload(
+        self, prompt: str, max_new_tokens: int | None = None, model: str | None = None
+    ) -> dict[str, Any]:
+        """The JSON body of one request; ``model`` is TGI's ``parameters.adapter_id`` (a LoRA adapter)."""
         parameters: dict[str, Any] = {
             "max_new_tokens": max_new_tokens or self.params.max_new_tokens,
             "details": True,
@@ -68,13 +70,18 @@ class TgiStreamClient(HttpStreamClient):
         }
         if self.params.ignore_eos:
             parameters["ignore_eos"] = True
+        if model is not None:
+            parameters["adapter_id"] = model
         if self.options.extra_body:  # TGI's generation fields all live in "parameters"
             parameters.update(self.options.extra_body)
         return {"inputs": prompt, "parameters": parameters}
 
-    async def stream(self, prompt: str, max_new_tokens: int | None = None) -> AsyncIterator[StreamEvent]:
+    async def stream(
+        self, prompt: str, max_new_tokens: int | None = None, model: str | None = None
+    ) -> AsyncIterator[StreamEvent]:
         final_seen = False
-        async for data in self.post_sse(self.endpoint, self.payload(prompt, max_new_tokens), http_error):
+        body = self.payload(prompt, max_new_tokens, model)
+        async for data in self.post_sse(self.endpoint, body, http_error):
             if final_seen:
                 continue  # nothing may follow the final event; drain to keep the connection
             event = parse_event(data)
