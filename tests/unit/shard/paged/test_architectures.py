@@ -387,7 +387,12 @@ class ThreadGroup:
         def all_gather(t: torch.Tensor) -> torch.Tensor:
             return torch.cat(self._exchange(rank, t), dim=-1)
 
-        return Parallel(rank, self.world_size, all_reduce, all_gather)
+        def agree(value: int) -> int:
+            """The smallest rank's value, as shard/dist.py's: step budgets and drafts come from each rank's
+            own timings, and without it the ranks' steps could differ in shape."""
+            return int(torch.stack(self._exchange(rank, torch.tensor([value]))).min())
+
+        return Parallel(rank, self.world_size, all_reduce, all_gather, agree)
 
 
 @pytest.mark.parametrize(
