@@ -355,3 +355,74 @@ def test_a_backend_without_adapters_refuses_lora_adapters(lora_model) -> None:
     config = ShardConfig(model_path=base, backend="transformers", lora_adapters=(f"qv={adapters['qv']}",))
     with pytest.raises(ConfigError, match="`--lora-adapters` needs the paged backend \\(transformers runs"):
         load_backend(config, CPU)
+
+
+def zero_b(adapter: Path, out: Path) -> Path:
+    """A copy of ``adapter`` whose B matrices are zero: an adapter that changes nothing."""
+    from safetensors.torch import load_file, save_file
+
+    out.mkdir()
+    (out / "adapter_config.json").write_text((adapter / "adapter_config.json").read_text())
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    assert any(".lora_B." in k for k in tensors)
+    save_file({k: v.zero_() if ".lora_B." in k else v for k, v in tensors.items()},
+              str(out / "adapter_model.safetensors"))  # fmt: skip
+    return out
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_adapters_on_an_int8_or_int4_base(lora_model, tmp_path: Path, mode: str) -> None:
+    """QLoRA-style serving (--quantize int8|int4): the base products are the quantized ones, each adapter's
+    float delta is added on its rows. An adapter whose B is zero gives exactly the quantized base model's
+    tokens (its path adds nothing else), each random adapter changes them, and every request gets the same
+    tokens alone as when the adapters and the base model share the steps (chunked, prefix-cache hits)."""
+    base, adapters = lora_model
+    zero = zero_b(adapters["all"], tmp_path / "zero")
+    entries = (*(f"{name}={path}" for name, path in adapters.items()), f"zero={zero}")
+    paged = PagedBackend(base, CPU, "float32", kv_cache_bytes=8 * 2**20, block_size=16, quantize=mode,
+                         lora_adapters=entries)  # fmt: skip
+    assert paged.quantize == mode
+    names = ["", *ADAPTERS, "zero"]
+
+    def short(rid: int, adapter: str, prompt: int) -> RequestSpec:
+        return RequestSpec(rid, PROMPTS[prompt], max_new_tokens=8, ignore_eos=True, adapter_id=adapter)
+
+    engine = make_engine(paged, speculate=0)
+    alone = {}
+    for name in names:
+        for i in range(len(PROMPTS)):
+            alone[name, i] = run_engine(engine, {0: [short(1, name, i)]})[1]
+            engine.clear()
+    for i in range(len(PROMPTS)):
+        assert alone["zero", i] == alone["", i], i
+    for name in ADAPTERS:
+        assert any(alone[name, i] != alone["", i] for i in range(len(PROMPTS))), name
+    requests = [short(k * 10 + i, name, i) for k, name in enumerate(names) for i in range(len(PROMPTS))]
+    engine = make_engine(paged, prefill_tokens=16, speculate=0)
+    out = run_engine(engine, {0: requests[:6], 1: requests[6:11], 3: requests[11:]})
+    for k, name in enumerate(names):
+        for i in range(len(PROMPTS)):
+            assert out[k * 10 + i] == alone[name, i], (mode, name, i)
+
+
+def test_evicted_device_copies_are_freed(lora_model) -> None:
+    """--max-loras keeps no copy it evicted: after many loads and evictions only `capacity` device copies
+    are alive (on a device other than the host's, here `meta`, a load makes new tensors)."""
+    import gc
+    import weakref
+
+    from shard.paged.lora import Resident
+
+    base, adapters = lora_model
+    paged = PagedBackend(base, CPU, "float32", kv_cache_bytes=8 * 2**20, block_size=16, max_loras=2,
+                         lora_adapters=tuple(f"{n}={p}" for n, p in adapters.items()))  # fmt: skip
+    resident = Resident(2, torch.device("meta"))
+    copies: list[weakref.ref] = []
+    for turn in range(30):
+        step = [paged.adapters[name] for name in list(ADAPTERS)[turn % 3 : turn % 3 + 2]]
+        for copy in resident.use(step).values():
+            copies.append(weakref.ref(copy.layers[0][next(iter(copy.layers[0]))].a))
+    gc.collect()
+    assert resident.loads > 20 and resident.evictions == resident.loads - 2
+    live = {id(t) for t in (ref() for ref in copies) if t is not None}
+    assert len(live) == len(resident.on_device) == 2
