@@ -26,7 +26,7 @@ from ..paged.attention import PrefillChunk, StepMeta, decode_meta
 from ..paged.graphs import DEFAULT_BATCH_SIZES, DecodeGraphs
 from ..paged.kv_cache import PagedKVCache, Sequence
 from ..paged.layers import LONG_ROPE_SALT, rotates_long
-from ..paged.lora import Adapter, AdapterError, AdapterNotLoaded, LoraStep, Resident, load_adapter
+from ..paged.lora import Adapter, AdapterError, AdapterNotLoaded, LoraStep, Resident, Stacks, load_adapter
 from ..paged.model import PagedModel, Weights, quantize_model, use_cpu_kernels
 from .base import BackendInfo, PrefillOutput
 
@@ -141,6 +141,7 @@ class PagedBackend:
         # --max-loras: every adapter's weights on the host, at most max_loras of them on the device at once.
         self.max_loras = max_loras
         self.resident = None if max_loras is None else Resident(max_loras, device)
+        self.lora_stacks = Stacks()
         self.adapters = self._load_adapters(lora_adapters, torch_dtype, max_lora_rank)
         layer = self.model.decoder_layers[0]
         per_token = 2 * spec.num_layers * layer.num_kv_heads * spec.head_dim * torch_dtype.itemsize
@@ -368,7 +369,7 @@ class PagedBackend:
             live = {a.name: a for a in step} if self.resident is None else self.resident.use(step)
             runs = [(live.get(s.adapter), 1) for s in seqs]
             runs += [(live.get(c.seq.adapter), c.length) for c in chunks]
-            meta.lora = LoraStep.of(runs, dev)
+            meta.lora = LoraStep.of(runs, dev, self.lora_stacks)
         logits = self.model(
             torch.cat(parts_ids),
             torch.cat(parts_pos),

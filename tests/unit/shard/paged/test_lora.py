@@ -15,7 +15,7 @@ import torch
 from shard.backends.paged import PagedBackend
 from shard.chunked import ChunkedEngine
 from shard.engines import make_engine
-from shard.paged.lora import AdapterError, AdapterNotLoaded, LoraStep, load_adapter
+from shard.paged.lora import Adapter, AdapterError, AdapterNotLoaded, LoraStep, Stacks, load_adapter
 from shard.types import RequestSpec
 from tests.conftest import build_tiny_model
 from tests.e2e.harness import free_port
@@ -211,6 +211,30 @@ def test_segments_gather_rows_of_one_adapter(lora_model) -> None:
     assert g1 is qv and isinstance(rows1, torch.Tensor) and rows1.tolist() == [0, 2, 3, 4]
     assert g2 is a and rows2 == slice(5, 7)
     assert LoraStep.of([(None, 5)], CPU) is None
+
+
+def test_several_adapters_run_stacked_as_each_alone(lora_model) -> None:
+    """With several adapters in a step each fused product runs once over their pairs side by side, each
+    row masked to its own adapter: the same deltas as each adapter's own pair on its rows, base rows
+    untouched; the stacks are kept while the next step holds the same adapters."""
+    paged = backend(lora_model)
+    qv, a = paged.adapters["qv"], paged.adapters["all"]
+    runs: list[tuple[Adapter | None, int]] = [(qv, 1), (None, 1), (qv, 3), (a, 2), (None, 4)]
+    stacks = Stacks()
+    stacked = LoraStep.of(runs, CPU, stacks)
+    assert stacked is not None and stacked.row_owner is not None
+    alone = LoraStep(stacked.groups)  # the per-adapter products
+    torch.manual_seed(0)
+    for product, pair in a.layers[0].items():
+        x = torch.randn(11, pair.a.shape[1])
+        base = torch.randn(11, pair.b.shape[0])
+        got = stacked.add(0, product, x, base.clone())
+        want = alone.add(0, product, x, base.clone())
+        torch.testing.assert_close(got, want)
+        assert torch.equal(got[[1, 7, 8, 9, 10]], base[[1, 7, 8, 9, 10]])
+    again = LoraStep.of(runs, CPU, stacks)
+    assert again is not None and again.stacks is stacked.stacks
+    assert LoraStep.of([(qv, 2), (None, 1)], CPU, stacks).row_owner is None  # one adapter: its own pair
 
 
 def rewrite_config(src: Path, dst: Path, **changes: object) -> Path:
